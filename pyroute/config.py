@@ -1,0 +1,336 @@
+"""Runtime settings.
+
+Precedence, per setting: CLI flag > environment variable > TOML file
+(``--config FILE`` or ``PYROUTE_CONFIG``) > built-in default.
+
+The environment names are Docker Flow Proxy's, so an existing DFP service
+definition keeps working when the image is swapped. Every setting is declared
+once, as a field of :class:`Settings` whose metadata holds its parser and help
+text; the env name (UPPER_CASE), TOML key (lower_case) and flag (--kebab-case)
+all derive from the field name, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+RESOLV_CONF = "/etc/resolv.conf"  # module constant so tests can point it elsewhere
+DOCKER_DNS = "127.0.0.11"  # Docker's embedded resolver, present on every user network
+CONFIG_ENV = "PYROUTE_CONFIG"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(Exception):
+    """A bad setting; the message is one line naming the setting and the problem,
+    e.g. "TIMEOUT_CONNECT: expected a number of seconds > 0, got 'abc'"."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSpec:
+    """One public listener in DFP's DEFAULT_PORTS syntax: ``PORT[:ssl] [option ...]``."""
+
+    port: int
+    ssl: bool = False
+    options: tuple[str, ...] = ()  # extra bind words, e.g. "80 accept-proxy" -> ("accept-proxy",)
+
+
+# --- parsers: (raw value, setting label) -> typed value ---------------------
+# Raw values are strings from the environment and the CLI, or native TOML
+# types from the file; each parser accepts both so all sources validate alike.
+
+Parser = Callable[[Any, str], Any]
+
+
+def _bad(setting: str, expected: str, value: Any) -> SettingsError:
+    return SettingsError(f"{setting}: expected {expected}, got {value!r}")
+
+
+def _port_number(text: str, lowest: int = 0) -> int | None:
+    """The port in `text`, or None; plain ASCII digits only (int() would take "+8" or "8_0")."""
+    if text.isascii() and text.isdigit() and lowest <= int(text) <= 65535:
+        return int(text)
+    return None
+
+
+def _integer(lowest: int, highest: int | None = None) -> Parser:
+    expected = f"an integer {lowest}..{highest}" if highest is not None else f"an integer >= {lowest}"
+
+    def parse(value: Any, setting: str) -> int:
+        number: int | None = None
+        if isinstance(value, str):
+            try:
+                number = int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        if number is None or number < lowest or (highest is not None and number > highest):
+            raise _bad(setting, expected, value)
+        return number
+
+    return parse
+
+
+def _seconds(value: Any, setting: str) -> float:
+    number: float | None = None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not (math.isfinite(number) and number > 0):
+        raise _bad(setting, "a number of seconds > 0", value)
+    return number
+
+
+def _text(value: Any, setting: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(setting, "a non-empty string", value)
+    return value.strip()
+
+
+def _separator(value: Any, setting: str) -> str:
+    """Not stripped: the separator is used verbatim to split reconfigure parameters."""
+    if not isinstance(value, str) or not value:
+        raise _bad(setting, "a non-empty string", value)
+    return value
+
+
+def _log_level(value: Any, setting: str) -> str:
+    level = value.strip().lower() if isinstance(value, str) else None
+    if level not in LOG_LEVELS:
+        raise _bad(setting, "one of " + ", ".join(LOG_LEVELS), value)
+    return level
+
+
+def parse_listen_specs(text: str, setting: str) -> tuple[ListenSpec, ...]:
+    """Parse DFP's port list: "80,443:ssl", "8080 accept-proxy", or "" for none.
+
+    Port 0 is accepted (an ephemeral port, for tests) and may repeat; any other
+    port listed twice is an error because the second bind would fail anyway.
+    """
+    if not text.strip():
+        return ()
+    specs: list[ListenSpec] = []
+    for item in text.split(","):
+        words = item.split()
+        if not words:
+            raise SettingsError(f"{setting}: empty entry in {text!r}")
+        port_text, colon, suffix = words[0].partition(":")
+        if colon and suffix != "ssl":
+            raise SettingsError(f"{setting}: unknown suffix ':{suffix}' in {item.strip()!r} (only ':ssl' is known)")
+        port = _port_number(port_text)
+        if port is None:
+            raise SettingsError(f"{setting}: {port_text!r} is not a port number 0..65535")
+        if port and any(spec.port == port for spec in specs):
+            raise SettingsError(f"{setting}: port {port} is listed twice")
+        specs.append(ListenSpec(port, ssl=bool(colon), options=tuple(words[1:])))
+    return tuple(specs)
+
+
+def _listen_specs(value: Any, setting: str) -> tuple[ListenSpec, ...]:
+    """TOML may give "80,443:ssl", a bare port number, or a list of entries."""
+    if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        value = ",".join(str(v) for v in value) if value else ""
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise _bad(setting, "a port list like '80,443:ssl'", value)
+    return parse_listen_specs(value, setting)
+
+
+def _check_nameserver(entry: str, setting: str) -> None:
+    """host, host:port, or [ipv6]:port; a bare IPv6 address (several colons) has no port."""
+    port_text: str | None = None
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise SettingsError(f"{setting}: malformed entry {entry!r}, expected host[:port]")
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") == 1:
+        host, _, port_text = entry.partition(":")
+    else:
+        host = entry
+    if not host or any(c.isspace() for c in host):
+        raise SettingsError(f"{setting}: malformed host in {entry!r}, expected host[:port]")
+    if port_text is not None and _port_number(port_text, lowest=1) is None:
+        raise SettingsError(f"{setting}: {port_text!r} in {entry!r} is not a port number 1..65535")
+
+
+def _nameservers(value: Any, setting: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        entries = [e.strip() for e in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(e, str) for e in value):
+        entries = [e.strip() for e in value]
+    else:
+        entries = []
+    if not entries or not all(entries):
+        raise _bad(setting, "a comma list of host[:port]", value)
+    for entry in entries:
+        _check_nameserver(entry, setting)
+    return tuple(entries)
+
+
+# --- defaults computed at load time -----------------------------------------
+
+
+def _resolv_conf_nameservers() -> tuple[str, ...]:
+    """The container's own resolvers (Docker writes 127.0.0.11 there on user
+    networks); Docker's resolver if the file is unreadable or lists none."""
+    try:
+        with open(RESOLV_CONF, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return (DOCKER_DNS,)
+    found = tuple(words[1] for line in lines if len(words := line.split()) > 1 and words[0] == "nameserver")
+    return found or (DOCKER_DNS,)
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+def _setting(default: Any = None, *, parse: Parser, help: str, factory: Callable[[], Any] | None = None,
+             shown: str | None = None) -> Any:
+    """A Settings field carrying its parser, help text and the default as shown to users."""
+    if shown is None:
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+    metadata = {"parse": parse, "help": help, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_PORT = _integer(0, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every runtime setting. Field = TOML key; ENV NAME = field upper-cased; flag = --kebab-case."""
+
+    port: int = _setting(8080, parse=_PORT, help="admin API port")
+    ip: str = _setting("0.0.0.0", parse=_text, help="admin API bind address")
+    bind_address: str = _setting("0.0.0.0", parse=_text, help="address the public listeners bind to")
+    default_ports: tuple[ListenSpec, ...] = _setting(
+        (ListenSpec(80), ListenSpec(443, ssl=True)), parse=_listen_specs, shown="80,443:ssl",
+        help="public listeners: PORT[:ssl] [option ...], comma separated")
+    bind_ports: tuple[ListenSpec, ...] = _setting(
+        (), parse=_listen_specs, shown='""', help="extra public HTTP listeners, same syntax as DEFAULT_PORTS")
+    service_name: str = _setting("proxy", parse=_text,
+                                 help="this proxy's own Swarm service name; peers are found as tasks.<name>")
+    separator: str = _setting(",", parse=_separator, shown='","', help="list separator inside reconfigure parameters")
+    timeout_connect: float = _setting(5.0, parse=_seconds, help="seconds to establish an upstream connection")
+    timeout_client: float = _setting(20.0, parse=_seconds, help="seconds of client inactivity allowed")
+    timeout_server: float = _setting(20.0, parse=_seconds, help="seconds of upstream inactivity allowed")
+    timeout_queue: float = _setting(30.0, parse=_seconds, help="seconds a request may wait for an upstream slot")
+    timeout_tunnel: float = _setting(3600.0, parse=_seconds,
+                                     help="seconds of inactivity on a tunnel (WebSocket, CONNECT)")
+    timeout_http_request: float = _setting(5.0, parse=_seconds, help="seconds to receive a full request head")
+    timeout_http_keep_alive: float = _setting(15.0, parse=_seconds,
+                                              help="seconds an idle client keep-alive connection stays open")
+    dns_nameservers: tuple[str, ...] = _setting(
+        parse=_nameservers, factory=_resolv_conf_nameservers, shown=f"nameservers in {RESOLV_CONF}, else {DOCKER_DNS}",
+        help="DNS servers for service lookups, comma list of host[:port]")
+    dns_ttl_cap: float = _setting(5.0, parse=_seconds,
+                                  help="cache DNS answers at most this many seconds (Docker's DNS says 600)")
+    dns_timeout: float = _setting(2.0, parse=_seconds, help="seconds per DNS lookup")
+    upstream_max_idle: int = _setting(64, parse=_integer(0),
+                                      help="idle keep-alive connections kept per upstream address")
+    upstream_idle_timeout: float = _setting(30.0, parse=_seconds,
+                                            help="seconds before an idle pooled upstream connection is closed")
+    workers: int = _setting(parse=_integer(1), factory=_cpu_count, shown="number of CPUs",
+                            help="processes serving the public listeners")
+    log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
+    config_file: str | None = None  # where the TOML came from, for display only
+    # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
+    sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+
+
+_SETTINGS = tuple(f for f in fields(Settings) if "parse" in f.metadata)
+_NAMES = frozenset(f.name for f in _SETTINGS)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Add --config and a --kebab-name flag per setting (dest = field name).
+
+    Flags default to None so "not given" is distinguishable, and keep their
+    string value so settings_from_args validates them like env values.
+    """
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help=f"TOML settings file (env {CONFIG_ENV})")
+    for f in _SETTINGS:
+        parser.add_argument(_flag(f.name), dest=f.name, default=None,
+                            help=f"{f.metadata['help']} (env {f.name.upper()}, default {f.metadata['shown']})"
+                            .replace("%", "%%"))
+
+
+def _read_toml(path: str, label: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"{label}: cannot read {path!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{label}: {path!r} is not valid TOML: {exc}") from None
+    for key in sorted(data):
+        if key not in _NAMES:
+            close = difflib.get_close_matches(key.lower().replace("-", "_"), _NAMES, n=1)
+            hint = f", did you mean {close[0]!r}?" if close else ""
+            raise SettingsError(f"{key} (in {path}): unknown setting{hint}")
+    return data
+
+
+def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from flags added by add_setting_flags, the environment
+    (default os.environ) and the TOML file named by --config or PYROUTE_CONFIG."""
+    environ = os.environ if environ is None else environ
+    config_file = getattr(namespace, "config", None)
+    label = "--config"
+    if not config_file:
+        config_file, label = environ.get(CONFIG_ENV) or None, CONFIG_ENV
+    file_values = _read_toml(config_file, label) if config_file else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in _SETTINGS:
+        env_name = f.name.upper()
+        if getattr(namespace, f.name, None) is not None:
+            raw, source, where = getattr(namespace, f.name), "cli", _flag(f.name)
+        elif env_name in environ:
+            raw, source, where = environ[env_name], "env", env_name
+        elif f.name in file_values:
+            raw, source, where = file_values[f.name], "file", f"{f.name} (in {config_file})"
+        else:
+            sources[f.name] = "default"
+            continue
+        values[f.name] = f.metadata["parse"](raw, where)
+        sources[f.name] = source
+    return Settings(**values, config_file=config_file, sources=MappingProxyType(sources))
+
+
+def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from option flags only (e.g. ["--port", "9000", "--config", "x.toml"]);
+    environ defaults to os.environ. Bad or unknown flags raise SettingsError, not SystemExit."""
+    parser = argparse.ArgumentParser(prog="pyroute", add_help=False, allow_abbrev=False, exit_on_error=False)
+    add_setting_flags(parser)
+    try:
+        namespace, extra = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError as exc:
+        raise SettingsError(str(exc)) from None
+    if extra:
+        raise SettingsError(f"{extra[0]}: unknown option")
+    return settings_from_args(namespace, environ)
