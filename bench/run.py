@@ -51,6 +51,7 @@ UPLOAD_REPLY = b"ok"
 UPSTREAM_SERVICE = "bench-upstream"  # the Swarm service name pyroute resolves via our DNS
 DNS_TTL = 600  # what Docker's embedded DNS answers with
 EXTRA_ROUTES = 1000  # the "1,000 routes vs 1 route" variant
+PYROUTE_CMD = [sys.executable, "-m", "pyroute"]  # from the working tree (PYTHONPATH below)
 
 # --- cores: the load generator never shares a core with the server side ----------
 LOAD_CPUS = "0"
@@ -494,7 +495,7 @@ def start_pyroute(procs: Processes, tmp: Path, upstream_port: int, dns_port: int
     work.mkdir()
     cpus = SERVER_CPUS if workers == 1 else ALL_CPUS
     target = Target(name, port, cpus, log=work / "out.log")
-    target.proc = procs.start([sys.executable, "-m", "pyroute"], cpus, target.log,
+    target.proc = procs.start(PYROUTE_CMD, cpus, target.log,
                               env={**pyroute_env(admin_port, port, dns_port, workers), **(env or {})},
                               cwd=work)
     wait_pyroute_ready(admin_port, target.proc)
@@ -739,9 +740,13 @@ def cpu_model() -> str:
 
 
 def git_revision() -> str:
-    out = subprocess.run(["git", "-C", str(REPO_DIR), "log", "-1", "--format=%h %s"],
-                         capture_output=True, text=True)
-    return out.stdout.strip() or "no commits"
+    """The last commit touching pyroute/, and whether the tree under test differs from it
+    (other people edit the working tree while benchmarks run)."""
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(REPO_DIR), *args], capture_output=True, text=True).stdout.strip()
+    commit = git("log", "-1", "--format=%h %s", "--", "pyroute") or "no commit yet"
+    dirty = git("status", "--porcelain", "--", "pyroute")
+    return commit + (" + uncommitted changes" if dirty else "")
 
 
 def render_report(targets: list[Target], workloads: list[Workload], args, upstream_kind: str,
@@ -751,7 +756,7 @@ def render_report(targets: list[Target], workloads: list[Workload], args, upstre
         f"- machine: {os.cpu_count()} cpus ({cpu_model()}), kernel {platform.release()}",
         f"- versions: {command_version(['haproxy', '-v'])}; {command_version(['nginx', '-v'])}; "
         f"{command_version(['wrk', '-v'])}; Python {platform.python_version()}",
-        f"- pyroute: {git_revision()}",
+        f"- pyroute under test: {git_revision()}",
         f"- command: `{shlex.join(['python', *sys.argv])}`",
         f"- upstream: {upstream_kind} on cpu {SERVER_CPUS}; wrk -t1 on cpu {LOAD_CPUS}; "
         f"targets on the cpus shown (cpus 0,1 = pyroute workers share cpu 0 with wrk)",
@@ -810,8 +815,10 @@ def target_plan(args) -> list[tuple[str, int, int]]:
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every child."""
+    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every child. SIGINT is
+    re-armed because a shell starting us in the background (`&`) sets it to ignored."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def keep_logs(tmp: Path, targets: list[Target]) -> None:
@@ -873,4 +880,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; every started process was stopped")
+        sys.exit(130)
