@@ -750,7 +750,7 @@ def git_revision() -> str:
 
 
 def render_report(targets: list[Target], workloads: list[Workload], args, upstream_kind: str,
-                  dns_queries: int) -> str:
+                  dns_note: str) -> str:
     notes = [
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- machine: {os.cpu_count()} cpus ({cpu_model()}), kernel {platform.release()}",
@@ -766,8 +766,8 @@ def render_report(targets: list[Target], workloads: list[Workload], args, upstre
         "- workloads: " + "; ".join(
             f"{w.name} = {w.method} {w.path} -c{w.connections}"
             + (f" ({w.upload // 1048576} MiB body)" if w.upload else "") for w in workloads),
-        f"- DNS queries answered during the run (pyroute resolves {UPSTREAM_SERVICE} through "
-        f"the harness DNS, TTL {DNS_TTL}): {dns_queries}",
+        f"- DNS queries answered by the harness DNS (pyroute resolves {UPSTREAM_SERVICE} "
+        f"through it, TTL {DNS_TTL}; all pyroute targets together): {dns_note}",
     ]
     notes += [f"- FAILED {t.name}: {t.failed}" for t in targets if t.failed]
     notes += [f"- FAILED {t.name} {w}: {why}" for t in targets for w, why in t.broken.items()]
@@ -864,10 +864,13 @@ def main(argv=None) -> int:
         log(f"upstream: {upstream_kind} on port {upstream_port}; files in {tmp}")
         targets = start_targets(args, workloads, procs, tmp, upstream_port, dns_port)
         upload_script = write_upload_script(tmp, UPLOAD_SIZE)
+        queries_before, started = resolver.queries, time.monotonic()
         run_rounds(targets, workloads, args.rounds, args.duration, args.warmup, upload_script)
+        dns_note = (f"{queries_before} while starting and registering, {resolver.queries - queries_before} "
+                    f"during the {time.monotonic() - started:.0f} s of measuring")
         for target in targets:
             alive(target)
-        report = render_report(targets, workloads, args, upstream_kind, resolver.queries)
+        report = render_report(targets, workloads, args, upstream_kind, dns_note)
     finally:
         procs.stop_all()
         dns.stop()
