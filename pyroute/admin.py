@@ -1,0 +1,198 @@
+"""The admin listener: Docker Flow Proxy's HTTP API on PORT (default 8080).
+
+Requests are small and rare, so this side favours plainness over speed: each request is
+read whole (bounded), dispatched by path, and answered with DFP's JSON envelope
+``{"Status": "OK"|"NOK", "Message": ..., ...}`` and DFP's status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from urllib.parse import parse_qsl, urlsplit
+
+import httptools
+import orjson
+
+from .routing import precedence_key
+from .services import Service, ServiceError
+from .state import ServiceRegistry
+
+log = logging.getLogger("pyroute.admin")
+
+PREFIX = "/v1/docker-flow-proxy/"
+MAX_ADMIN_BODY = 1024 * 1024
+MAX_ADMIN_HEAD = 64 * 1024
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+               413: "Payload Too Large", 500: "Internal Server Error"}
+
+
+class Request:
+    __slots__ = ("method", "path", "params", "body")
+
+    def __init__(self, method: str, target: str, body: bytes):
+        parts = urlsplit(target)
+        self.method = method
+        self.path = parts.path
+        self.params: dict[str, str] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            self.params.setdefault(key, value)  # first value wins, as gorilla/schema does
+        self.body = body
+
+
+class Response:
+    __slots__ = ("status", "body", "content_type")
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json"):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+def json_response(status: int, message: str = "", **fields) -> Response:
+    envelope = {"Status": "OK" if status < 400 else "NOK", "Message": message, **fields}
+    return Response(status, orjson.dumps(envelope))
+
+
+class AdminApi:
+    """The endpoints, independent of the socket handling."""
+
+    def __init__(self, registry: ServiceRegistry, is_ready: Callable[[], bool] = lambda: True):
+        self.registry = registry
+        self.is_ready = is_ready
+        self.routes: dict[str, Callable[[Request], Response]] = {
+            "reconfigure": self.reconfigure,
+            "remove": self.remove,
+            "config": self.config,
+            "ping": self.ping,
+            "reload": self.reload,
+            "successfulinitreload": self.successful_init_reload,
+        }
+
+    def handle(self, request: Request) -> Response:
+        path = request.path.rstrip("/") + "/" if request.path.endswith("/") else request.path
+        if path.startswith(PREFIX):
+            handler = self.routes.get(path[len(PREFIX) :].strip("/"))
+            if handler is not None:
+                try:
+                    return handler(request)
+                except ServiceError as exc:
+                    return json_response(exc.status, exc.message, ServiceName=request.params.get("serviceName", ""))
+        return json_response(404, f"no such endpoint: {request.path}")
+
+    def reconfigure(self, request: Request) -> Response:
+        service = self.registry.reconfigure(request.params)
+        if service is None:
+            return json_response(200, "", ServiceName=request.params.get("serviceName", ""))
+        return json_response(200, "", **service.to_json())
+
+    def remove(self, request: Request) -> Response:
+        name = request.params.get("serviceName", "").strip()
+        if not name:
+            return json_response(400, "serviceName parameter is mandatory")
+        removed = self.registry.remove(name)
+        return json_response(200, "" if removed else f"{name} was not configured", ServiceName=name)
+
+    def config(self, request: Request) -> Response:
+        services = sorted(self.registry.services(), key=precedence_key)
+        if request.params.get("type", "").lower() == "json":
+            return Response(200, orjson.dumps({s.name: s.to_json() for s in services}))
+        return Response(200, render_config(services, self.registry.revision).encode(), "text/plain; charset=utf-8")
+
+    def ping(self, request: Request) -> Response:
+        return json_response(200, "", Revision=self.registry.revision)
+
+    def reload(self, request: Request) -> Response:
+        # Routes are applied in-process on every change, so there is nothing to reload:
+        # answered as DFP does so that scripts calling it keep working.
+        return json_response(200, "")
+
+    def successful_init_reload(self, request: Request) -> Response:
+        return Response(200 if self.is_ready() else 500, b"")
+
+
+def render_config(services: list[Service], revision: int) -> str:
+    """The effective routes in HAProxy's vocabulary, in the order they are matched."""
+    lines = [f"# pyroute routes, revision {revision}; first matching use_backend wins", "frontend services"]
+    backends = []
+    for service in services:
+        for d in service.destinations:
+            acl = f"{service.acl_name}{d.index}"
+            backend = f"{service.acl_name}-be{d.port}_{d.index}"
+            conditions = []
+            if d.paths:
+                lines.append(f"    acl url_{acl} path_beg {' '.join(d.paths)}")
+                conditions.append(f"url_{acl}")
+            if d.domains:
+                lines.append(f"    acl domain_{acl} {service.domain_algo}(host) -i {' '.join(d.domains)}")
+                conditions.append(f"domain_{acl}")
+            lines.append(f"    use_backend {backend} if {' '.join(conditions)}")
+            backends += ["", f"backend {backend}", f"    server {service.name} {d.outbound_hostname or service.name}:{d.port}"]
+    return "\n".join(lines + backends) + "\n"
+
+
+class AdminConnection(asyncio.Protocol):
+    """HTTP/1.1 with keep-alive, one request at a time, each read whole."""
+
+    def __init__(self, api: AdminApi):
+        self.api = api
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport = None
+        self.url = b""
+        self.body: list[bytes] = []
+        self.size = 0
+        self.keep_alive = True
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._send(json_response(400, "upgrade is not supported here"), close=True)
+        except httptools.HttpParserError as exc:
+            self._send(json_response(400, f"bad request: {exc}"), close=True)
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.body = []
+        self.size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_ADMIN_HEAD:
+            raise ValueError("URL too long")
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > MAX_ADMIN_BODY:
+            raise ValueError("body too large")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body))
+        try:
+            response = self.api.handle(request)
+        except Exception:
+            log.exception("admin request %s %s failed", request.method, request.path)
+            response = json_response(500, "internal error, see the proxy log")
+        self._send(response, close=not self.keep_alive)
+
+    def _send(self, response: Response, close: bool) -> None:
+        if self.transport.is_closing():
+            return
+        head = (
+            f"HTTP/1.1 {response.status} {STATUS_TEXT.get(response.status, 'Error')}\r\n"
+            f"Content-Type: {response.content_type}\r\n"
+            f"Content-Length: {len(response.body)}\r\n"
+            + ("Connection: close\r\n" if close else "")
+            + "\r\n"
+        )
+        self.transport.write(head.encode() + response.body)
+        if close:
+            self.transport.close()

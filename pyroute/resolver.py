@@ -1,0 +1,144 @@
+"""Service name -> addresses, through Docker's DNS, with pyroute's own cache.
+
+Docker's embedded DNS answers with TTL 600 and c-ares caches answers per channel for
+the full TTL, which would hide a redeploy or a scale change for ten minutes. So every
+lookup runs on a fresh c-ares channel and pyroute caches the answer itself, for the
+record TTL capped by DNS_TTL_CAP (default 5 s).
+
+The hot path only calls :meth:`Resolver.cached`, a dict lookup. An entry is refreshed
+in the background once 3/4 of its life has passed and a request used it, so busy
+routes never wait on DNS; a request that finds no fresh entry awaits
+:meth:`Resolver.resolve`, shared by every request that asks for the same name at once.
+When a refresh fails the last good answer is kept (stale-on-error) so a DNS hiccup
+never takes a working route down; a name that never resolved fails fast, for that
+route only, and is looked up again by a later request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+
+import aiodns
+
+log = logging.getLogger("pyroute.resolver")
+
+REFRESH_AT = 0.75  # fraction of an entry's life after which a use triggers a background refresh
+MIN_TTL = 1.0  # a record TTL below this (e.g. 0) is treated as this, so one name is not looked up per request
+NEGATIVE_TTL = 1.0  # how long a failed lookup is remembered before a request may try again
+
+
+class ResolveError(Exception):
+    """The name has no usable address (NXDOMAIN, no A record, DNS unreachable) and none is cached."""
+
+
+class _Entry:
+    __slots__ = ("addresses", "refresh_at", "expires", "error")
+
+    def __init__(self, addresses: tuple[str, ...], life: float, error: str = ""):
+        now = time.monotonic()
+        self.addresses = addresses
+        self.refresh_at = now + life * REFRESH_AT
+        self.expires = now + life
+        self.error = error
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class Resolver:
+    def __init__(self, nameservers: tuple[str, ...], ttl_cap: float, timeout: float = 2.0):
+        self.nameservers = list(nameservers)
+        self.ttl_cap = ttl_cap
+        self.timeout = timeout
+        self._cache: dict[str, _Entry] = {}
+        self._inflight: dict[str, asyncio.Future] = {}
+        self.lookups = 0
+        self.failures = 0
+
+    def cached(self, host: str) -> tuple[str, ...] | None:
+        """Usable addresses for `host` without waiting, or None: then await resolve()."""
+        entry = self._cache.get(host)
+        if entry is None or not entry.addresses:
+            return None
+        now = time.monotonic()
+        if now < entry.refresh_at:
+            return entry.addresses
+        if now < entry.expires:
+            if host not in self._inflight:
+                self._start_lookup(host)
+            return entry.addresses
+        return None
+
+    async def resolve(self, host: str) -> tuple[str, ...]:
+        """Addresses for `host`, looking them up if the cache has none fresh."""
+        entry = self._cache.get(host)
+        now = time.monotonic()
+        if entry is not None and now < entry.expires:
+            if entry.addresses:
+                return entry.addresses
+            raise ResolveError(entry.error)
+        future = self._inflight.get(host) or self._start_lookup(host)
+        return await asyncio.shield(future)
+
+    def _start_lookup(self, host: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[host] = future
+        task = asyncio.ensure_future(self._lookup(host, future))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception never retrieved"
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+    async def _lookup(self, host: str, future: asyncio.Future) -> None:
+        self.lookups += 1
+        try:
+            addresses, ttl = await self._query(host)
+        except Exception as exc:  # any DNS failure: keep the stale answer if there is one
+            self.failures += 1
+            reason = _describe(host, exc)
+            stale = self._cache.get(host)
+            if stale is not None and stale.addresses:
+                log.warning("%s; keeping the last good answer %s", reason, ",".join(stale.addresses))
+                self._cache[host] = _Entry(stale.addresses, min(self.ttl_cap, NEGATIVE_TTL))
+                future.set_result(stale.addresses)
+            else:
+                self._cache[host] = _Entry((), min(self.ttl_cap, NEGATIVE_TTL), reason)
+                future.set_exception(ResolveError(reason))
+        else:
+            self._cache[host] = _Entry(addresses, min(self.ttl_cap, max(ttl, MIN_TTL)))
+            future.set_result(addresses)
+        finally:
+            self._inflight.pop(host, None)
+
+    async def _query(self, host: str) -> tuple[tuple[str, ...], float]:
+        # A fresh channel per lookup: the only way to bypass c-ares' answer cache (see module doc).
+        channel = aiodns.DNSResolver(nameservers=self.nameservers, timeout=self.timeout, tries=2)
+        try:
+            result = await channel.query_dns(host, "A")
+        finally:
+            await channel.close()
+        records = [rr for rr in result.answer if hasattr(rr.data, "addr")]
+        if not records:
+            raise ResolveError(f"{host}: no A record")
+        addresses = tuple(sorted({rr.data.addr for rr in records}))
+        return addresses, float(min(rr.ttl for rr in records))
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop cached names no route uses any more (called when the route table changes)."""
+        for host in [h for h in self._cache if h not in keep]:
+            del self._cache[host]
+
+
+def _describe(host: str, exc: Exception) -> str:
+    if isinstance(exc, ResolveError):
+        return str(exc)
+    if isinstance(exc, aiodns.error.DNSError) and len(exc.args) > 1:
+        return f"{host}: DNS lookup failed: {exc.args[1]}"
+    return f"{host}: DNS lookup failed: {exc!r}"
