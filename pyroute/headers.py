@@ -14,6 +14,8 @@ detected with a few substring tests), else rebuilt line by line.
 
 from __future__ import annotations
 
+import re
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -26,8 +28,8 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-# Substrings whose absence from a lower-cased response head proves it needs no edit.
-_RESPONSE_MARKERS = (b"\nconnection:", b"\nkeep-alive:", b"\nproxy-", b"\ntrailer:", b"\nupgrade:", b"\nte:")
+# A response head in which this finds nothing needs no edit (one C-level scan, ~0.3 us).
+_HOP_BY_HOP_LINE = re.compile(rb"\n(?:connection|keep-alive|proxy-[!#$%&'*+.^_`|~0-9a-z-]*|trailer|upgrade|te)[ \t]*:", re.I)
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 
@@ -74,13 +76,7 @@ def request_head(
 
 def response_head_as_is(head: bytes) -> bool:
     """True when an HTTP/1.1 response head carries no hop-by-hop header to remove."""
-    if not head.startswith(b"HTTP/1.1 "):
-        return False
-    lower = head.lower()
-    for marker in _RESPONSE_MARKERS:
-        if marker in lower:
-            return False
-    return True
+    return head.startswith(b"HTTP/1.1 ") and _HOP_BY_HOP_LINE.search(head) is None
 
 
 def rewrite_response_head(head: bytes, connection: bytes | None, drop_chunked: bool = False) -> bytes:
