@@ -129,15 +129,16 @@ def stream_upload(port: int, size: int) -> str:
             sock.sendall(SEND_CHUNK[:n] if n < len(SEND_CHUNK) else SEND_CHUNK)
             remaining -= n
         status, received = read_response(sock)
-    return f"{status.decode()} ({received} body bytes)"
+    return status.endswith(b" 200 OK"), f"{status.decode()} ({received} body bytes)"
 
 
 def stream_download(port: int, size: int) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
         sock.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: bench\r\n\r\n" % size)
         status, received = read_response(sock)
-    ok = "complete" if received == size else f"INCOMPLETE: {received} of {size} bytes"
-    return f"{status.decode()} ({ok})"
+    complete = received == size
+    return status.endswith(b" 200 OK") and complete, \
+        f"{status.decode()} ({'complete' if complete else f'INCOMPLETE: {received} of {size} bytes'})"
 
 
 def measure_stream(label: str, transfer, port: int, size: int, root: int) -> tuple[str, int, int, str]:
@@ -146,11 +147,12 @@ def measure_stream(label: str, transfer, port: int, size: int, root: int) -> tup
     started = time.monotonic()
     with PeakSampler(root) as sampler:
         try:
-            outcome = transfer(port, size)
+            ok, outcome = transfer(port, size)
         except (OSError, RuntimeError) as err:
-            outcome = f"FAILED: {err!r}"
+            ok, outcome = False, repr(err)
     elapsed = time.monotonic() - started
-    return label, before, max(sampler.peak, before), f"{outcome}, {size / MIB / elapsed:,.0f} MiB/s"
+    note = f"{outcome}, {size / MIB / elapsed:,.0f} MiB/s" if ok else f"FAILED: {outcome}"
+    return label, before, max(sampler.peak, before), note
 
 
 # --- main ---------------------------------------------------------------------------
@@ -199,8 +201,12 @@ def main(argv=None) -> int:
         dns.stop()
     table = render(rows)
     print(f"pyroute memory ({bench.git_revision()}; Python {sys.version.split()[0]})\n\n{table}")
-    bench.shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    failed = any("FAILED" in note or label == "pyroute exited" for label, _, _, note in rows)
+    if failed:
+        bench.log(f"something failed: pyroute's log is in {target.log}")
+    else:
+        bench.shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

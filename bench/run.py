@@ -842,7 +842,8 @@ def start_targets(args, workloads, procs, tmp, upstream_port, dns_port) -> list[
         if not target.failed:
             target.broken = check_target(target, workloads)
         problems = [target.failed] if target.failed else [f"{w}: {why}" for w, why in target.broken.items()]
-        log(f"target {target.name}: " + ("FAILED " + "; ".join(problems) if problems else "ok"))
+        processes = f" ({len(tree_pids(target.proc.pid))} processes)" if target.proc else ""
+        log(f"target {target.name}{processes}: " + ("FAILED " + "; ".join(problems) if problems else "ok"))
         targets.append(target)
     return targets
 
