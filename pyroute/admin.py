@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
 
 import httptools
@@ -24,6 +25,7 @@ log = logging.getLogger("pyroute.admin")
 PREFIX = "/v1/docker-flow-proxy/"
 MAX_ADMIN_BODY = 1024 * 1024
 MAX_ADMIN_HEAD = 64 * 1024
+MAX_ADMIN_PIPELINE = 8  # queued requests per connection before reading pauses
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
                413: "Payload Too Large", 500: "Internal Server Error"}
 
@@ -58,8 +60,14 @@ def json_response(status: int, message: str = "", **fields) -> Response:
 class AdminApi:
     """The endpoints, independent of the socket handling."""
 
-    def __init__(self, registry: ServiceRegistry, is_ready: Callable[[], bool] = lambda: True):
+    def __init__(
+        self,
+        registry: ServiceRegistry,
+        wait_applied: Callable[[int], Awaitable[list[str]]],
+        is_ready: Callable[[], bool] = lambda: True,
+    ):
         self.registry = registry
+        self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
         self.is_ready = is_ready
         self.routes: dict[str, Callable[[Request], Response]] = {
             "reconfigure": self.reconfigure,
@@ -70,29 +78,36 @@ class AdminApi:
             "successfulinitreload": self.successful_init_reload,
         }
 
-    def handle(self, request: Request) -> Response:
-        path = request.path.rstrip("/") + "/" if request.path.endswith("/") else request.path
-        if path.startswith(PREFIX):
-            handler = self.routes.get(path[len(PREFIX) :].strip("/"))
+    async def handle(self, request: Request) -> Response:
+        if request.path.startswith(PREFIX):
+            handler = self.routes.get(request.path[len(PREFIX) :].strip("/"))
             if handler is not None:
                 try:
-                    return handler(request)
+                    response = handler(request)
+                    return await response if asyncio.iscoroutine(response) else response
                 except ServiceError as exc:
                     return json_response(exc.status, exc.message, ServiceName=request.params.get("serviceName", ""))
         return json_response(404, f"no such endpoint: {request.path}")
 
-    def reconfigure(self, request: Request) -> Response:
+    async def _applied(self, ok: Response) -> Response:
+        """`ok` once every data plane serves the current revision (DFP answers 500 otherwise)."""
+        failed = await self.wait_applied(self.registry.revision)
+        if failed:
+            return json_response(500, f"the change is saved but these workers did not apply it: {', '.join(failed)}")
+        return ok
+
+    async def reconfigure(self, request: Request) -> Response:
         service = self.registry.reconfigure(request.params)
         if service is None:
-            return json_response(200, "", ServiceName=request.params.get("serviceName", ""))
-        return json_response(200, "", **service.to_json())
+            return await self._applied(json_response(200, "", ServiceName=request.params.get("serviceName", "")))
+        return await self._applied(json_response(200, "", **service.to_json()))
 
-    def remove(self, request: Request) -> Response:
+    async def remove(self, request: Request) -> Response:
         name = request.params.get("serviceName", "").strip()
         if not name:
             return json_response(400, "serviceName parameter is mandatory")
         removed = self.registry.remove(name)
-        return json_response(200, "" if removed else f"{name} was not configured", ServiceName=name)
+        return await self._applied(json_response(200, "" if removed else f"{name} was not configured", ServiceName=name))
 
     def config(self, request: Request) -> Response:
         services = sorted(self.registry.services(), key=precedence_key)
@@ -139,6 +154,8 @@ class AdminConnection(asyncio.Protocol):
         self.api = api
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
+        self.requests: deque[tuple[Request, bool]] = deque()  # pipelined requests, answered in order
+        self.busy: asyncio.Task | None = None
         self.url = b""
         self.body: list[bytes] = []
         self.size = 0
@@ -176,12 +193,23 @@ class AdminConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body))
-        try:
-            response = self.api.handle(request)
-        except Exception:
-            log.exception("admin request %s %s failed", request.method, request.path)
-            response = json_response(500, "internal error, see the proxy log")
-        self._send(response, close=not self.keep_alive)
+        self.requests.append((request, not self.keep_alive))
+        if len(self.requests) >= MAX_ADMIN_PIPELINE:
+            self.transport.pause_reading()
+        if self.busy is None or self.busy.done():
+            self.busy = asyncio.ensure_future(self._answer_in_order())
+
+    async def _answer_in_order(self) -> None:
+        while self.requests and not self.transport.is_closing():
+            request, close = self.requests.popleft()
+            try:
+                response = await self.api.handle(request)
+            except Exception:
+                log.exception("admin request %s %s failed", request.method, request.path)
+                response = json_response(500, "internal error, see the proxy log")
+            self._send(response, close)
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def _send(self, response: Response, close: bool) -> None:
         if self.transport.is_closing():

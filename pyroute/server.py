@@ -1,8 +1,9 @@
-"""Wiring: one pyroute process with its listeners, admin API, resolver and pool.
+"""Wiring: the data plane (public listeners) and the control plane (admin API, registry).
 
-The control plane (ServiceRegistry + admin API) publishes snapshots; this module turns
-each into a compiled RouteTable and swaps it into the data plane (ProxyServer) by one
-reference assignment.
+With WORKERS=1 both run in one process. With more, the control plane runs in the main
+process and supervises that many worker processes, each a DataPlane on the same ports
+(SO_REUSEPORT); see workers.py. Either way the control plane publishes each snapshot to
+every data plane and answers a change only once all of them serve it.
 """
 
 from __future__ import annotations
@@ -17,94 +18,107 @@ from .config import Settings
 from .proxy import ProxyServer
 from .resolver import Resolver
 from .routing import RouteTable
-from .state import ServiceRegistry
+from .services import Service
+from .state import ServiceRegistry, Snapshot
 from .upstream import Backend, UpstreamPool
 
 log = logging.getLogger("pyroute")
 
 LISTEN_BACKLOG = 1024
+DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 
 
 class StartupError(Exception):
     """A problem that stops pyroute from starting, phrased as what to do about it."""
 
 
-class Pyroute:
+async def listen(factory, host: str, port: int, what: str, reuse_port: bool = False) -> asyncio.AbstractServer:
+    """create_server with errors people can act on."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"{what} port {host}:{port} is already in use: stop what holds it or choose another port") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(
+                f"no permission to listen on {host}:{port} ({what}): use a port above 1023, "
+                "or grant the capability (setcap cap_net_bind_service=+ep on the python binary, "
+                "or run the container as root)"
+            ) from None
+        raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from None
+
+
+def addresses(servers: list[asyncio.AbstractServer]) -> str:
+    out = []
+    for server in servers:
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            out.append(f"{host}:{port}")
+    return ", ".join(out) or "(none)"
+
+
+class DataPlane:
+    """The public side of one process: listeners, proxy, resolver, pool, housekeeping tick."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.registry = ServiceRegistry(settings.separator)
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
-        self.servers: list[asyncio.AbstractServer] = []
         self.proxy: ProxyServer | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.revision = 0
         self._tick_handle: asyncio.TimerHandle | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------
-    async def start(self) -> None:
+    def _backend(self, host: str, port: int) -> Backend:
+        return Backend(host, port, self.resolver)
+
+    def prepare(self) -> None:
+        """Create the proxy (without listening yet) so a snapshot can be applied first."""
         s = self.settings
         loop = asyncio.get_running_loop()
         pool = UpstreamPool(loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend))
-        self.registry.subscribe(self._apply)
-        api = AdminApi(self.registry)
-        self.servers.append(await self._listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
+
+    async def start(self) -> None:
+        if self.proxy is None:
+            self.prepare()
+        s = self.settings
         for spec in s.default_ports + s.bind_ports:
             if spec.ssl:
                 log.warning("port %d is marked :ssl; TLS termination is not available yet, so it is not opened", spec.port)
                 continue
-            self.servers.append(await self._listen(self.proxy.factory, s.bind_address, spec.port, "HTTP", reuse_port=True))
-        self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
-        log.info(
-            "pyroute ready: http on %s, admin API on %s, DNS %s",
-            ", ".join(self._addresses(self.servers[1:])) or "(none)",
-            ", ".join(self._addresses(self.servers[:1])),
-            ",".join(s.dns_nameservers),
-        )
+            self.servers.append(await listen(self.proxy.factory, s.bind_address, spec.port, "HTTP", reuse_port=True))
+        self._tick_handle = asyncio.get_running_loop().call_later(self._tick_interval(), self._tick)
 
-    async def _listen(self, factory, host: str, port: int, what: str, reuse_port: bool = False):
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise StartupError(f"{what} port {host}:{port} is already in use: stop what holds it or choose another port") from None
-            if exc.errno == errno.EACCES:
-                raise StartupError(
-                    f"no permission to listen on {host}:{port} ({what}): use a port above 1023, "
-                    "or grant the capability (setcap cap_net_bind_service=+ep on the python binary, "
-                    "or run the container as root)"
-                ) from None
-            raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from None
+    def apply(self, revision: int, services: tuple[Service, ...]) -> None:
+        """Compile and swap in a new route table: requests in flight keep the one they matched on."""
+        table = RouteTable(services, self._backend, revision)
+        self.proxy.table = table
+        self.revision = revision
+        self.resolver.forget({route.backend.host for route in table.routes})
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, let requests in flight finish (up to `grace` s), then close."""
+    async def drain(self, grace: float) -> None:
+        """Stop accepting, close idle connections, let requests in flight finish (up to `grace` s)."""
         for server in self.servers:
             server.close()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         proxy = self.proxy
-        if proxy is not None:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + grace
+        if proxy is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
             for conn in list(proxy.connections):
                 if not conn.queue and not conn.in_head:
                     conn.transport.close()
-            while any(c.queue for c in proxy.connections) and loop.time() < deadline:
-                await asyncio.sleep(0.05)
-            for conn in list(proxy.connections):
-                conn.transport.close()
-            proxy.pool.close_all()
+            if not proxy.connections or loop.time() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        for conn in list(proxy.connections):
+            conn.transport.abort()
+        proxy.pool.close_all()
 
-    # -- control plane -> data plane ---------------------------------------------------------
-    def _backend(self, host: str, port: int) -> Backend:
-        return Backend(host, port, self.resolver)
-
-    def _apply(self, snapshot) -> None:
-        revision, services = snapshot
-        table = RouteTable(services, self._backend, revision)
-        self.proxy.table = table  # the swap: requests in flight keep the table they matched on
-        self.resolver.forget({route.backend.host for route in table.routes})
-
-    # -- periodic housekeeping --------------------------------------------------------------
     def _tick_interval(self) -> float:
         s = self.settings
         shortest = min(s.timeout_client, s.timeout_server, s.timeout_http_request, s.timeout_http_keep_alive)
@@ -117,24 +131,82 @@ class Pyroute:
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
 
-    @staticmethod
-    def _addresses(servers) -> list[str]:
-        out = []
-        for server in servers:
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                out.append(f"{host}:{port}")
-        return out
+
+class LocalPlanes:
+    """The data plane in this very process (WORKERS=1): applying is immediate."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    def publish(self, snapshot: Snapshot) -> None:
+        self.plane.apply(*snapshot)
+
+    async def wait_applied(self, revision: int) -> list[str]:
+        return []
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    app = Pyroute(settings)
-    await app.start()
+class ControlPlane:
+    """Registry and admin API; hands every snapshot to the data planes."""
+
+    def __init__(self, settings: Settings, planes):
+        self.settings = settings
+        self.planes = planes
+        self.registry = ServiceRegistry(settings.separator)
+        self.servers: list[asyncio.AbstractServer] = []
+
+    async def start(self) -> None:
+        self.registry.subscribe(self.planes.publish)
+        api = AdminApi(self.registry, self.planes.wait_applied)
+        s = self.settings
+        self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+class Pyroute:
+    """Both planes in one process (WORKERS=1; also what the demo and tests embed)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.data = DataPlane(settings)
+        self.control = ControlPlane(settings, LocalPlanes(self.data))
+
+    @property
+    def registry(self) -> ServiceRegistry:
+        return self.control.registry
+
+    async def start(self) -> None:
+        self.data.prepare()
+        await self.control.start()
+        await self.data.start()
+        log.info(
+            "pyroute ready: http on %s, admin API on %s, DNS %s",
+            addresses(self.data.servers), addresses(self.control.servers), ",".join(self.settings.dns_nameservers),
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.control.close()
+        await self.data.drain(grace)
+
+
+async def wait_for_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    if settings.workers > 1:
+        from .workers import serve_with_workers
+
+        return await serve_with_workers(settings)
+    app = Pyroute(settings)
+    await app.start()
+    await wait_for_signal()
     log.info("stopping: draining connections")
     await app.stop()

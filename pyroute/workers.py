@@ -1,0 +1,258 @@
+"""WORKERS > 1: one control process supervising N data-plane worker processes.
+
+Every worker binds the public ports itself with SO_REUSEPORT, so the kernel spreads
+connections across them and the control process never touches a request. Each worker
+has a socketpair to the control process carrying newline-delimited JSON messages:
+
+    control -> worker   {"settings": {...}}              once, first
+                        {"revision": N, "services": [...]}  every snapshot (raw DFP params)
+    worker -> control   {"ready": true}  after its listeners are bound (it has a table by then)
+                        {"applied": N}   after it swapped in revision N
+                        {"error": "..."} a start-up problem; the worker then exits
+
+A reconfigure answers only once every live worker acknowledged its revision. A worker
+that dies is started again at once and gets the current snapshot before it binds, so it
+never serves an empty table. SIGTERM to the control process drains every worker.
+If the control process dies, the workers see their socket close and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+
+import orjson
+
+from .config import ListenSpec, Settings
+from .server import ControlPlane, DataPlane, StartupError, wait_for_signal
+from .services import parse_service
+from .state import Snapshot
+
+log = logging.getLogger("pyroute.workers")
+
+FD_ENV = "PYROUTE_WORKER_FD"
+APPLY_TIMEOUT = 5.0  # a worker that has not applied a revision by then is restarted
+RESTART_BACKOFF = 1.0  # pause before restarting a worker that died right after starting
+DRAIN_GRACE = 10.0
+
+
+def settings_to_json(settings: Settings) -> dict:
+    out = {}
+    for f in dataclasses.fields(settings):
+        if f.name == "sources":
+            continue
+        value = getattr(settings, f.name)
+        if f.name in ("default_ports", "bind_ports"):
+            value = [dataclasses.asdict(spec) for spec in value]
+        out[f.name] = value
+    return out
+
+
+def settings_from_json(data: dict) -> Settings:
+    values = dict(data)
+    for key in ("default_ports", "bind_ports"):
+        values[key] = tuple(ListenSpec(d["port"], d["ssl"], tuple(d["options"])) for d in values[key])
+    values["dns_nameservers"] = tuple(values["dns_nameservers"])
+    return Settings(**values)
+
+
+def _snapshot_message(snapshot: Snapshot) -> bytes:
+    revision, services = snapshot
+    return orjson.dumps({"revision": revision, "services": [list(s.params) for s in services]}) + b"\n"
+
+
+class Worker:
+    """The control process's handle on one worker process."""
+
+    def __init__(self, number: int):
+        self.number = number
+        self.process: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.applied = 0
+        self.ready: asyncio.Future | None = None
+        self.started_at = 0.0
+        self.changed = asyncio.Event()  # set whenever `applied` moves or the worker goes away
+
+    @property
+    def name(self) -> str:
+        pid = self.process.pid if self.process else "-"
+        return f"worker {self.number} (pid {pid})"
+
+    def send(self, message: bytes) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(message)
+
+
+class Supervisor:
+    """Starts, feeds, watches and restarts the workers; the control plane's `planes`."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.workers = [Worker(n) for n in range(settings.workers)]
+        self.snapshot: Snapshot = (0, ())
+        self.stopping = False
+        self._watchers: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._spawn(w) for w in self.workers))
+        await asyncio.gather(*(w.ready for w in self.workers))
+
+    async def _spawn(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        worker.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pyroute.workers",
+            pass_fds=(theirs.fileno(),),
+            env={**os.environ, FD_ENV: str(theirs.fileno())},
+        )
+        theirs.close()
+        reader, worker.writer = await asyncio.open_unix_connection(sock=ours)
+        worker.applied = 0
+        worker.ready = loop.create_future()
+        worker.started_at = loop.time()
+        worker.send(orjson.dumps({"settings": settings_to_json(self.settings)}) + b"\n")
+        worker.send(_snapshot_message(self.snapshot))
+        task = asyncio.ensure_future(self._watch(worker, reader))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, worker: Worker, reader: asyncio.StreamReader) -> None:
+        """Read the worker's messages until it goes away, then restart it."""
+        error = ""
+        while line := await reader.readline():
+            message = orjson.loads(line)
+            if "applied" in message:
+                worker.applied = message["applied"]
+                worker.changed.set()
+            elif "ready" in message and not worker.ready.done():
+                worker.ready.set_result(None)
+            elif "error" in message:
+                error = message["error"]
+        code = await worker.process.wait()
+        worker.writer.close()
+        worker.writer = None
+        worker.changed.set()
+        if not worker.ready.done():
+            worker.ready.set_exception(StartupError(error or f"{worker.name} exited with status {code} while starting"))
+            return
+        if self.stopping:
+            return
+        loop = asyncio.get_running_loop()
+        log.error("%s exited with status %s; starting a new one", worker.name, code)
+        if loop.time() - worker.started_at < RESTART_BACKOFF:
+            await asyncio.sleep(RESTART_BACKOFF)
+        await self._spawn(worker)
+        worker.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    # -- the `planes` interface the control plane uses -------------------------------------
+    def publish(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        message = _snapshot_message(snapshot)
+        for worker in self.workers:
+            worker.send(message)
+
+    async def wait_applied(self, revision: int) -> list[str]:
+        """Wait until every live worker serves `revision`; restart those that don't in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APPLY_TIMEOUT
+        for worker in self.workers:
+            while worker.writer is not None and worker.applied < revision and loop.time() < deadline:
+                worker.changed.clear()
+                try:
+                    await asyncio.wait_for(worker.changed.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+        late = [w for w in self.workers if w.writer is not None and w.applied < revision]
+        for worker in late:  # its replacement starts from the current snapshot
+            log.error("%s did not apply revision %d in %.0f s; restarting it", worker.name, revision, APPLY_TIMEOUT)
+            worker.process.kill()
+        return []  # every worker serving traffic now has it (or is being replaced by one that will)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for worker in self.workers:
+            if worker.process and worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGTERM)
+        await asyncio.gather(*(w.process.wait() for w in self.workers if w.process))
+
+
+async def serve_with_workers(settings: Settings) -> None:
+    supervisor = Supervisor(settings)
+    control = ControlPlane(settings, supervisor)
+    try:
+        await supervisor.start()
+        await control.start()
+    except BaseException:
+        await supervisor.stop()
+        raise
+    log.info("pyroute ready: %d workers on %s, admin API on %s:%d",
+             settings.workers, ",".join(str(s.port) for s in settings.default_ports + settings.bind_ports),
+             settings.ip, settings.port)
+    await wait_for_signal()
+    log.info("stopping: draining %d workers", settings.workers)
+    control.close()
+    await supervisor.stop()
+
+
+# -- the worker process --------------------------------------------------------------------
+async def _worker_main(fd: int) -> int:
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
+    plane: DataPlane | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def follow() -> None:
+        nonlocal plane
+        while line := await reader.readline():
+            message = orjson.loads(line)
+            if "settings" in message:
+                settings = settings_from_json(message["settings"])
+                logging.getLogger().setLevel(settings.log_level.upper())
+                plane = DataPlane(settings)
+                plane.prepare()
+            elif "revision" in message:
+                separator = plane.settings.separator
+                services = tuple(parse_service(dict(params), separator) for params in message["services"])
+                plane.apply(message["revision"], services)
+                writer.write(orjson.dumps({"applied": message["revision"]}) + b"\n")
+                if not plane.servers:  # first table in hand: now accept traffic
+                    try:
+                        await plane.start()
+                    except StartupError as exc:
+                        writer.write(orjson.dumps({"error": str(exc)}) + b"\n")
+                        await writer.drain()
+                        raise
+                    writer.write(b'{"ready": true}\n')
+        stop.set()  # the control process is gone
+
+    follower = asyncio.ensure_future(follow())
+    await asyncio.wait([follower, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if follower.done() and follower.exception() is not None:
+        return 2
+    if plane is not None:
+        await plane.drain(DRAIN_GRACE)
+    return 0
+
+
+def main() -> int:
+    from .cli import run
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s", stream=sys.stderr)
+    result = []
+
+    async def go() -> None:
+        result.append(await _worker_main(int(os.environ[FD_ENV])))
+
+    run(go())
+    return result[0] if result else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
