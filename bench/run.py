@@ -842,7 +842,8 @@ def start_targets(args, workloads, procs, tmp, upstream_port, dns_port) -> list[
         if not target.failed:
             target.broken = check_target(target, workloads)
         problems = [target.failed] if target.failed else [f"{w}: {why}" for w, why in target.broken.items()]
-        processes = f" ({len(tree_pids(target.proc.pid))} processes)" if target.proc else ""
+        count = len(tree_pids(target.proc.pid)) if target.proc else 0
+        processes = f" ({count} process{'es' if count > 1 else ''})" if count else ""
         log(f"target {target.name}{processes}: " + ("FAILED " + "; ".join(problems) if problems else "ok"))
         targets.append(target)
     return targets
