@@ -719,7 +719,7 @@ def render_table(targets: list[Target], workloads: list[Workload]) -> str:
                 f"| {row.p50:.2f} | {row.p99:.2f} | {row.cpu:.1f} "
                 f"| {mib(row.rss_before)}→{mib(row.rss_after)} "
                 f"| {ratio(row.rps, ref and ref.rps)} | {ratio(row.cpu, ref and ref.cpu)} "
-                f"| {ratio(row.p99, ref and ref.p99)} | {row.errors} |")
+                f"| {ratio(row.p99, ref and ref.p99)} | {row.errors}{' ⚠' if row.errors else ''} |")
     return "\n".join(lines)
 
 
@@ -769,6 +769,8 @@ def render_report(targets: list[Target], workloads: list[Workload], args, upstre
         f"- DNS queries answered by the harness DNS (pyroute resolves {UPSTREAM_SERVICE} "
         f"through it, TTL {DNS_TTL}; all pyroute targets together): {dns_note}",
     ]
+    notes.append("- errors ⚠: wrk counts an error answer (e.g. 502) as a completed request, so "
+                 "req/s, latency and CPU/request of such a row are not comparable")
     notes += [f"- FAILED {t.name}: {t.failed}" for t in targets if t.failed]
     notes += [f"- FAILED {t.name} {w}: {why}" for t in targets for w, why in t.broken.items()]
     return "# pyroute benchmark\n\n" + "\n".join(notes) + "\n\n" + render_table(targets, workloads) + "\n"
