@@ -34,9 +34,16 @@ class SwarmDNS:
         self.queries: list[tuple[float, str, str, str]] = []  # (time, name, qtype, rcode)
         quiet = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
         res = _Resolver(self)
-        self._udp = DNSServer(res, port=0, address="127.0.0.1", logger=quiet)
-        self.port = self._udp.server.server_address[1]
-        self._tcp = DNSServer(res, port=self.port, address="127.0.0.1", tcp=True, logger=quiet)
+        for _ in range(50):  # UDP port 0, then TCP on the same number (may be taken)
+            self._udp = DNSServer(res, port=0, address="127.0.0.1", logger=quiet)
+            self.port = self._udp.server.server_address[1]
+            try:
+                self._tcp = DNSServer(res, port=self.port, address="127.0.0.1", tcp=True, logger=quiet)
+                break
+            except OSError:
+                self._udp.server.server_close()
+        else:
+            raise RuntimeError("no port free for both UDP and TCP")
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> "SwarmDNS":
