@@ -211,12 +211,14 @@ class H11Client:
     def send_raw(self, data: bytes):
         self.sock.sendall(data)
 
-    def _expect(self, method: str, target: str, headers: list[tuple[str, str]]):
+    def expect(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes = b""):
+        """Tell the parser a request went out (its bytes are discarded: the caller sent its own)."""
         if self._started:
             self.conn.start_next_cycle()
         self._started = True
-        req = h11.Request(method=method, target=target, headers=headers)
-        self.conn.send(req)  # bytes discarded: the caller sent its own
+        self.conn.send(h11.Request(method=method, target=target, headers=headers))
+        if body:
+            self.conn.send(h11.Data(data=body))
         self.conn.send(h11.EndOfMessage())
 
     def request(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
@@ -225,7 +227,7 @@ class H11Client:
         if body:
             headers.append(("Content-Length", str(len(body))))
         wire = self.request_bytes(method, target, headers, body)
-        self._expect(method, target, headers)
+        self.expect(method, target, headers, body)
         if send:
             self.send_raw(wire)
         return wire
@@ -243,6 +245,9 @@ class H11Client:
                 self.conn.receive_data(data)
                 continue
             return ev
+
+    def next_event(self):
+        return self._next()
 
     def read_response(self, informational: list | None = None):
         """-> (h11.Response, body bytes). 1xx responses are appended to `informational`."""
