@@ -154,14 +154,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_io = self.pool.loop.time()
         if self.in_head:
             self.head_buf += data
-            if len(self.head_buf) > MAX_RESPONSE_HEAD:
-                return self._fail("response head too large")
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             return self._fail(f"invalid response: {exc}")
         if self.extra:
             return self._fail("data after the end of the response")
+        if self.in_head and len(self.head_buf) > MAX_RESPONSE_HEAD:
+            return self._fail("response head too large")
         if self.skip_body:  # response to HEAD: complete at the end of its head
             self.skip_body = False
             self.parser = httptools.HttpResponseParser(self)
