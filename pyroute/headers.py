@@ -43,11 +43,24 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
+REQUEST_LINE_END_11 = b" HTTP/1.1\r\n"
+REQUEST_LINE_END_10 = b" HTTP/1.0\r\n"
+
+
 def request_head(
-    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], client_ip: bytes, proto: bytes
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    client_ip: bytes,
+    proto: bytes,
+    line_end: bytes = REQUEST_LINE_END_11,
 ) -> bytes:
-    """The head to send upstream (always HTTP/1.1: the upstream connection is ours)."""
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    """The head to send upstream, in the client's HTTP version (`line_end`).
+
+    An HTTP/1.0 request stays HTTP/1.0 so that the upstream answers in a form an
+    HTTP/1.0 client can read (never chunked); such an upstream connection is not reused.
+    """
+    parts = [method, b" ", target, line_end]
     forwarded_for = b""
     named: set[bytes] | None = None
     for name, value in headers:

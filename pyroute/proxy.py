@@ -4,9 +4,9 @@ Each request becomes an Exchange. Exchanges queue in arrival order (pipelining) 
 only the head of the queue talks to an upstream, so responses leave in request order.
 The request head is routed and rewritten once, at the end of the head; body chunks are
 streamed to the upstream as they arrive (buffered, bounded, only while the upstream
-connection is being opened). Responses stream back through ``flush()``, one write per
-upstream read. Backpressure pauses reading on the opposite side; nothing is buffered
-whole.
+connection is being opened). Response bytes come back through ``out``/``flush()``, one
+write per upstream read. Backpressure pauses reading on the opposite side; nothing is
+buffered whole.
 
 No Task is created unless a request must wait (DNS miss, pool empty). Timeouts are
 checked by the server's periodic tick against timestamps the hot path merely stores.
@@ -21,7 +21,7 @@ from collections import deque
 import httptools
 
 from .errors import error_head_only, error_response
-from .headers import request_head, response_head_as_is, rewrite_response_head
+from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, response_head_as_is, rewrite_response_head
 from .resolver import ResolveError
 from .routing import RouteTable
 from .upstream import CHUNK_END, UpstreamConnection, UpstreamPool
@@ -48,10 +48,16 @@ class Exchange:
         "close_after",
     )
 
-    def __init__(self):
+    def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self.is_head = is_head
+        self.chunked = chunked
+        self.has_body = has_body
         self.route = None
+        self.idempotent = False
         self.head = b""
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | None = None  # body chunks waiting for the upstream connection
         self.pending_size = 0
         self.request_done = False
         self.upstream: UpstreamConnection | None = None
@@ -90,7 +96,7 @@ class ProxyServer:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "server", "loop", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
+        "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
         "out", "served", "closed",
     )
@@ -98,6 +104,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server: ProxyServer):
         self.server = server
         self.loop = server.loop
+        self.pool = server.pool
         self.transport = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
@@ -107,12 +114,9 @@ class ClientConnection(asyncio.Protocol):
         self.head_started = 0.0
         self.last_io = 0.0
         self.paused = 0
-        self.out: list[bytes] = []
+        self.out: list[bytes] = []  # response bytes to write at the next flush()
         self.served = 0
         self.closed = False
-        self._reset_head()
-
-    def _reset_head(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.host: bytes | None = None
@@ -160,6 +164,12 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_head = True
         self.head_started = self.last_io
+        self.url = b""
+        self.headers = []
+        self.host = None
+        self.chunked = False
+        self.length = 0
+        self.head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -176,20 +186,19 @@ class ClientConnection(asyncio.Protocol):
             self.length = int(value)
         self.headers.append((name, value))
         self.head_size += size + len(value)
-        if len(self.headers) > MAX_HEADERS or self.head_size > MAX_HEAD_BYTES:
+        if self.head_size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADERS:
             raise _Refused(431)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         parser = self.parser
-        ex = Exchange()
-        ex.keep_alive = parser.should_keep_alive()
-        ex.http11 = parser.get_http_version() == "1.1"
         method = parser.get_method()
-        ex.is_head = method == b"HEAD"
-        ex.idempotent = method in IDEMPOTENT
-        ex.chunked = self.chunked
-        ex.has_body = self.chunked or self.length > 0
+        http11 = parser.get_http_version() == "1.1"
+        ex = Exchange(parser.should_keep_alive(), http11, method == b"HEAD", self.chunked, self.chunked or self.length > 0)
+        self.reading = ex
+        queue = self.queue
+        queue.append(ex)
+
         url = self.url
         host = self.host
         if url[:1] != b"/":
@@ -205,15 +214,26 @@ class ClientConnection(asyncio.Protocol):
                 ex.local = 503
             else:
                 ex.route = route
-                ex.head = request_head(method, url, self.headers, self.client_ip, self.server.proto)
-        self._reset_head()
-        self.reading = ex
-        queue = self.queue
-        queue.append(ex)
-        if len(queue) == 1:
-            self._start(ex)
-        else:
+                ex.idempotent = method in IDEMPOTENT
+                ex.head = request_head(
+                    method, url, self.headers, self.client_ip, self.server.proto,
+                    REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10,
+                )
+        if len(queue) > 1:
             self._pause(PAUSE_PIPELINE)
+            return
+        if ex.local:
+            return self._respond_locally(ex, ex.local)
+        # The fast path, inline: a cached address and a pooled connection.
+        address = ex.route.backend.address()
+        if address is not None:
+            upstream = self.pool.acquire(address)
+            if upstream is not None:
+                ex.upstream = upstream
+                upstream.bind(self, ex.is_head, self.last_io)
+                upstream.transport.write(ex.head)
+                return
+        self.loop.create_task(self._connect(ex, address))
 
     def on_body(self, body: bytes) -> None:
         ex = self.reading
@@ -226,10 +246,7 @@ class ClientConnection(asyncio.Protocol):
             upstream.last_io = self.last_io
             upstream.transport.write(body)
         else:
-            ex.pending.append(body)
-            ex.pending_size += len(body)
-            if ex.pending_size > MAX_PENDING_BODY:
-                self._pause(PAUSE_BUFFER)
+            self._buffer(ex, body)
 
     def on_message_complete(self) -> None:
         ex = self.reading
@@ -239,17 +256,24 @@ class ClientConnection(asyncio.Protocol):
             if ex.upstream is not None:
                 ex.upstream.transport.write(CHUNK_END)
             else:
-                ex.pending.append(CHUNK_END)
+                self._buffer(ex, CHUNK_END)
 
     # -- forwarding ------------------------------------------------------------------------
+    def _buffer(self, ex: Exchange, body: bytes) -> None:
+        if ex.pending is None:
+            ex.pending = []
+        ex.pending.append(body)
+        ex.pending_size += len(body)
+        if ex.pending_size > MAX_PENDING_BODY:
+            self._pause(PAUSE_BUFFER)
+
     def _start(self, ex: Exchange) -> None:
-        """Begin the exchange at the head of the queue: answer it, or find it an upstream."""
+        """Begin the exchange now at the head of the queue (it waited behind another)."""
         if ex.local:
             return self._respond_locally(ex, ex.local)
-        backend = ex.route.backend
-        address = backend.address()
+        address = ex.route.backend.address()
         if address is not None:
-            upstream = self.server.pool.acquire(address)
+            upstream = self.pool.acquire(address)
             if upstream is not None:
                 return self._attach(ex, upstream)
         self.loop.create_task(self._connect(ex, address))
@@ -258,7 +282,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             if address is None:
                 address = await ex.route.backend.resolve()
-            upstream = await self.server.pool.connect(address)
+            upstream = await self.pool.connect(address)
         except ResolveError as exc:
             log.info("%s: %s", ex.route.service.name, exc)
             return self._fail(ex, 503)
@@ -266,16 +290,16 @@ class ClientConnection(asyncio.Protocol):
             log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, exc or "timeout")
             return self._fail(ex, 503)
         if self.closed or not self.queue or self.queue[0] is not ex:
-            self.server.pool.release(upstream)  # the client went away meanwhile; keep the connection
+            self.pool.release(upstream)  # the client went away meanwhile; keep the connection
             return
         self._attach(ex, upstream)
 
     def _attach(self, ex: Exchange, upstream: UpstreamConnection) -> None:
         ex.upstream = upstream
-        upstream.bind(self, ex.is_head)
+        upstream.bind(self, ex.is_head, self.loop.time())
         if ex.pending:
             upstream.transport.writelines([ex.head, *ex.pending])
-            ex.pending = []
+            ex.pending = None
             ex.pending_size = 0
             self._resume(PAUSE_BUFFER)
         else:
@@ -309,36 +333,30 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             return
         self.served += 1
-        self.last_io = self.loop.time()
+        self.last_io = self.loop.time()  # the keep-alive idle time starts now
         if queue:
             self._start(queue[0])
-        if len(queue) <= 1:
-            self._resume(PAUSE_PIPELINE)
+            if len(queue) == 1:
+                self._resume(PAUSE_PIPELINE)
 
     # -- callbacks from UpstreamConnection ---------------------------------------------------
     def response_interim(self, head: bytes) -> None:
         if self.queue[0].http11:  # 1xx (e.g. 100 Continue) means nothing to an HTTP/1.0 client
             self.out.append(head)
 
-    def response_head(self, head: bytes, status: int, chunked: bool) -> bool:
-        """Forward the response head; returns whether the body keeps chunked framing."""
+    def response_head(self, head: bytes, status: int, close_delimited: bool) -> bool:
+        """Queue the response head; True when it goes out exactly as received."""
         ex = self.queue[0]
         ex.responded = True
-        close = not ex.keep_alive or not ex.request_done or ex.upstream.close_delimited
+        close = not ex.keep_alive or not ex.request_done or close_delimited
         ex.close_after = close
         if ex.http11:
             if not close and response_head_as_is(head):
-                self.out.append(head)
-            else:
-                self.out.append(rewrite_response_head(head, b"close" if close else None))
-            return chunked
-        if chunked:  # an HTTP/1.0 client cannot read chunks: send the body plain, end it by closing
-            ex.close_after = close = True
-        self.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive", drop_chunked=chunked))
+                return True
+            self.out.append(rewrite_response_head(head, b"close" if close else None))
+        else:
+            self.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive"))
         return False
-
-    def response_data(self, data: bytes) -> None:
-        self.out.append(data)
 
     def flush(self) -> None:
         out = self.out
@@ -349,9 +367,8 @@ class ClientConnection(asyncio.Protocol):
     def response_complete(self, upstream: UpstreamConnection, upstream_keep_alive: bool) -> None:
         ex = self.queue[0]
         ex.upstream = None
-        if upstream_keep_alive and ex.request_done:
-            upstream.transport.resume_reading()
-            self.server.pool.release(upstream)
+        if upstream_keep_alive and ex.request_done and ex.http11:
+            self.pool.release(upstream)
         else:
             upstream.close()
         self._finish(ex)
@@ -385,6 +402,7 @@ class ClientConnection(asyncio.Protocol):
         if self.paused & reason:
             self.paused &= ~reason
             if not self.paused and not self.closed:
+                self.last_io = self.loop.time()  # the client was not idle while we did not read
                 self.transport.resume_reading()
 
     def _after_upgrade(self, rest: bytes) -> None:
@@ -414,7 +432,7 @@ class ClientConnection(asyncio.Protocol):
         if self.in_head:
             if now - self.head_started > settings.timeout_http_request:
                 self._refuse(408, "request head timeout")
-        elif self.reading is not None and not self.reading.request_done:
+        elif self.reading is not None and not self.paused:
             if now - self.last_io > settings.timeout_client:
                 self._refuse(408, "client timeout while sending the body")
         elif not self.queue:

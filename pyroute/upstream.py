@@ -1,18 +1,19 @@
 """Connections to the services: the backend address choice, the keep-alive pool, and the
 response side of the forwarding state machine (one UpstreamConnection per TCP connection).
 
-An UpstreamConnection parses responses with httptools but registers no per-header
-callback: the response head is forwarded as the raw bytes received (the owner edits it
-only when a hop-by-hop header is present). Content-Length and close-delimited bodies are
-passed through as received; chunked bodies are re-framed from the parser's chunks, so
-exactly the bytes of this response reach the client and nothing an upstream sends past
-its end can desynchronise the client connection.
+An UpstreamConnection parses responses with httptools but registers no per-header or
+body callback: llhttp validates the bytes and finds where each message ends, and the
+bytes themselves are forwarded as received, head included unless a hop-by-hop header or
+the client's connection semantics need it edited. Bytes an upstream sends past the end
+of a response fail the exchange (502) instead of reaching the client, so a broken
+upstream cannot desynchronise a client connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import httptools
 
@@ -21,7 +22,7 @@ from .resolver import Resolver, is_ip
 log = logging.getLogger("pyroute.upstream")
 
 MAX_RESPONSE_HEAD = 64 * 1024  # a response head larger than this is refused (502)
-CHUNK_END = b"0\r\n\r\n"
+CHUNK_END = b"0\r\n\r\n"  # the last chunk of a chunked body (no trailers)
 
 
 class Backend:
@@ -78,17 +79,19 @@ class Backend:
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to an upstream address, bound to one exchange at a time.
 
-    The owner (the client side, proxy.ClientConnection) receives:
-    ``response_head(raw_head, status) -> bool`` (True: keep chunked framing),
-    ``response_data(bytes)``, ``response_complete(upstream_keep_alive)``,
-    ``response_failed(conn, reason, retryable)``, ``flush()``, and flow control
-    ``upstream_writable(bool)``.
+    Response bytes are forwarded as received: llhttp validates them and finds the end of
+    each message, and the bytes of one read go to the client in one write (head edited
+    only when needed). The owner (proxy.ClientConnection) gets ``response_interim(head)``,
+    ``response_head(head, status, close_delimited) -> bool`` (True: head goes out
+    unchanged), ``out`` (the list of bytes to write), ``flush()``,
+    ``response_complete(conn, reusable)``, ``response_failed(conn, reason, retryable)``
+    and ``upstream_writable(bool)``.
     """
 
     __slots__ = (
-        "pool", "address", "transport", "parser", "owner", "head_buf", "in_head", "chunked",
-        "rechunk", "head_request", "skip_body", "keep_alive", "responded", "closed", "reused",
-        "idle_since", "last_io", "extra", "close_delimited",
+        "pool", "address", "transport", "parser", "owner", "partial", "view", "emit_from", "scan_from",
+        "in_head", "head_request", "keep_alive", "done", "responded", "closed", "reused", "idle_since",
+        "last_io", "extra", "close_delimited",
     )
 
     def __init__(self, pool: UpstreamPool, address: tuple[str, int]):
@@ -97,13 +100,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.owner = None
-        self.head_buf = bytearray()
+        self.partial = b""  # head bytes from earlier reads, not yet forwarded
+        self.view = b""  # partial + the current read, while a head is being parsed
+        self.emit_from = 0  # offset in view from which bytes are forwarded raw
+        self.scan_from = 0  # offset in view from which to look for the end of a head
         self.in_head = True
-        self.chunked = False
-        self.rechunk = False
         self.head_request = False
-        self.skip_body = False
         self.keep_alive = False
+        self.done = False
         self.responded = False  # any response byte seen for the current exchange
         self.closed = False
         self.reused = False
@@ -113,17 +117,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_delimited = False
 
     # -- binding to an exchange -------------------------------------------------------
-    def bind(self, owner, head_request: bool) -> None:
+    def bind(self, owner, head_request: bool, now: float) -> None:
         self.owner = owner
         self.head_request = head_request
-        self.in_head = True
         self.responded = False
         self.close_delimited = False
+        self.last_io = now
         self.pool.busy.add(self)
-        self.last_io = self.pool.loop.time()
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(data)
 
     def close(self) -> None:
         self.owner = None
@@ -151,23 +151,39 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.responded = True
-        self.last_io = self.pool.loop.time()
-        if self.in_head:
-            self.head_buf += data
+        self.last_io = owner.loop.time()
+        in_head = self.in_head
+        if in_head:
+            partial = self.partial
+            self.view = partial + data if partial else data
+            self.emit_from = 0
+            self.scan_from = len(partial) - 3 if len(partial) > 3 else 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             return self._fail(f"invalid response: {exc}")
         if self.extra:
             return self._fail("data after the end of the response")
-        if self.in_head and len(self.head_buf) > MAX_RESPONSE_HEAD:
-            return self._fail("response head too large")
-        if self.skip_body:  # response to HEAD: complete at the end of its head
-            self.skip_body = False
-            self.parser = httptools.HttpResponseParser(self)
-            self._complete()
-        if self.owner is not None:
-            self.owner.flush()
+        if in_head:
+            view = self.view
+            self.view = b""
+            if self.in_head:  # the head is not complete yet (or only 1xx heads were)
+                self.partial = view[self.emit_from :]
+                if len(self.partial) > MAX_RESPONSE_HEAD:
+                    return self._fail("response head too large")
+                if owner.out:
+                    owner.flush()
+                return
+            self.partial = b""
+            if self.emit_from < len(view):
+                owner.out.append(view[self.emit_from :] if self.emit_from else view)
+            if self.head_request:  # no body follows a response to HEAD, whatever its headers say
+                self.parser = httptools.HttpResponseParser(self)
+                self.done = True
+        else:
+            owner.out.append(data)
+        if self.done:
+            self._complete(self.keep_alive)
         else:
             owner.flush()
 
@@ -184,8 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pool.discard(self)
             return
         if self.close_delimited and not self.in_head:
-            self._complete(keep_alive=False)
-            owner.flush()
+            self._complete(False)
             return
         self.owner = None
         owner.response_failed(self, "upstream closed the connection", retryable=self.reused and not self.responded)
@@ -198,60 +213,46 @@ class UpstreamConnection(asyncio.Protocol):
         if self.owner is not None:
             self.owner.upstream_writable(True)
 
-    # -- httptools callbacks ------------------------------------------------------------
+    # -- httptools callbacks (no per-header or body callback: bytes pass through raw) ----------
     def on_message_begin(self) -> None:
         if not self.in_head:
             self.extra = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        buf = self.head_buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            self.extra = True  # bare-LF heads: llhttp refuses them already; never forward a head we cannot delimit
+        view = self.view
+        start = self.emit_from
+        end = view.find(b"\r\n\r\n", self.scan_from)
+        if end < 0:  # llhttp accepted a head we cannot delimit: never forward it
+            self.extra = True
             return
         end += 4
-        head = bytes(buf[:end])
-        del buf[:end]
+        head = view[start:end] if start or end < len(view) else view
+        self.emit_from = self.scan_from = end
         if status < 200 and status != 101:
             self.owner.response_interim(head)
             return
         self.in_head = False
-        self.head_buf = bytearray()
-        self.keep_alive = self.parser.should_keep_alive()
-        self.chunked, has_length = _framing(head)
-        if self.head_request:
-            self.skip_body = True
-        elif not self.chunked and not has_length and status not in (204, 304):
+        self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
+        if not self.head_request and status not in (204, 304) and _close_delimited(head):
             self.close_delimited = True
             self.keep_alive = False
-        self.rechunk = self.owner.response_head(head, status, self.chunked)
-
-    def on_body(self, body: bytes) -> None:
-        if self.skip_body or self.owner is None:
-            return
-        if self.rechunk:
-            self.owner.response_data(b"%x\r\n%b\r\n" % (len(body), body))
-        else:
-            self.owner.response_data(body)
+        if self.owner.response_head(head, status, self.close_delimited):
+            self.emit_from = start  # forwarded unchanged: as part of the raw bytes of this read
 
     def on_message_complete(self) -> None:
-        if self.in_head or self.skip_body:
-            return  # interim 1xx, or HEAD (completed after the feed)
-        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
-        self._complete()
+        if not self.in_head:  # (1xx heads complete as messages of their own)
+            self.done = True
+            self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
 
     # -- internals -------------------------------------------------------------------
-    def _complete(self, keep_alive: bool | None = None) -> None:
+    def _complete(self, reusable: bool) -> None:
         owner = self.owner
-        if owner is None:
-            return
-        if self.rechunk:
-            owner.response_data(CHUNK_END)
         self.owner = None
-        self.pool.busy.discard(self)
+        self.done = False
         self.in_head = True
-        owner.response_complete(self, self.keep_alive if keep_alive is None else keep_alive)
+        self.pool.busy.discard(self)
+        owner.response_complete(self, reusable)
 
     def _fail(self, reason: str) -> None:
         owner = self.owner
@@ -260,15 +261,24 @@ class UpstreamConnection(asyncio.Protocol):
             owner.response_failed(self, reason, retryable=False)
 
 
-def _framing(head: bytes) -> tuple[bool, bool]:
-    """(chunked, has Content-Length) of a response head; llhttp already refused conflicts."""
+_FRAMING_HEADER = re.compile(rb"\n(content-length|transfer-encoding)[ \t]*:", re.I)
+
+
+def _close_delimited(head: bytes) -> bool:
+    """A response with neither Content-Length nor Transfer-Encoding ends when the upstream closes.
+
+    (A Transfer-Encoding whose last coding is not chunked is close-delimited too; llhttp
+    refuses such a response together with a Content-Length.)
+    """
+    match = _FRAMING_HEADER.search(head)
+    if match is None:
+        return True
+    if match.group(1).lower() == b"content-length":
+        return False
     lower = head.lower()
     at = lower.find(b"\ntransfer-encoding:")
-    if at >= 0:
-        line_end = lower.find(b"\r\n", at + 1)
-        if lower[at:line_end].rstrip().endswith(b"chunked"):
-            return True, False
-    return False, b"\ncontent-length:" in lower
+    line = lower[at : lower.find(b"\r\n", at)]
+    return not line.rstrip().endswith(b"chunked")
 
 
 class UpstreamPool:
