@@ -42,6 +42,7 @@ BLOCK = bytes(range(256)) * 256  # 64 KiB pattern for generated bodies
 
 def generated(n: int, chunk: int = len(BLOCK)):
     """Yield n bytes of the pattern (never holds more than one block)."""
+    chunk = min(chunk, len(BLOCK))
     left = n
     while left > 0:
         k = min(left, chunk)
