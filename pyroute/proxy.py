@@ -21,7 +21,7 @@ from collections import deque
 import httptools
 
 from .errors import error_head_only, error_response
-from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, response_head_as_is, rewrite_response_head
+from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
 from .resolver import ResolveError
 from .routing import RouteTable
 from .upstream import CHUNK_END, UpstreamConnection, UpstreamPool
@@ -133,7 +133,10 @@ class ClientConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_io = self.loop.time()
+        self.last_io = now = self.loop.time()
+        if not self.in_head and self.reading is None:  # these bytes start a request head
+            self.in_head = True
+            self.head_started = now
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -161,16 +164,6 @@ class ClientConnection(asyncio.Protocol):
             self.queue[0].upstream.transport.resume_reading()
 
     # -- httptools request callbacks ---------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.in_head = True
-        self.head_started = self.last_io
-        self.url = b""
-        self.headers = []
-        self.host = None
-        self.chunked = False
-        self.length = 0
-        self.head_size = 0
-
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > MAX_HEAD_BYTES:
@@ -198,9 +191,15 @@ class ClientConnection(asyncio.Protocol):
         self.reading = ex
         queue = self.queue
         queue.append(ex)
-
         url = self.url
         host = self.host
+        headers = self.headers
+        self.url = b""  # ready for the next head (no on_message_begin callback: it costs a call per request)
+        self.headers = []
+        self.host = None
+        self.chunked = False
+        self.length = 0
+        self.head_size = 0
         if url[:1] != b"/":
             url, host = _origin_form(url, host)
         if method == b"CONNECT":
@@ -216,7 +215,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.route = route
                 ex.idempotent = method in IDEMPOTENT
                 ex.head = request_head(
-                    method, url, self.headers, self.client_ip, self.server.proto,
+                    method, url, headers, self.client_ip, self.server.proto,
                     REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10,
                 )
         if len(queue) > 1:
@@ -324,7 +323,10 @@ class ClientConnection(asyncio.Protocol):
         self._finish(ex)
 
     def _finish(self, ex: Exchange) -> None:
-        self.flush()
+        out = self.out
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
@@ -344,14 +346,14 @@ class ClientConnection(asyncio.Protocol):
         if self.queue[0].http11:  # 1xx (e.g. 100 Continue) means nothing to an HTTP/1.0 client
             self.out.append(head)
 
-    def response_head(self, head: bytes, status: int, close_delimited: bool) -> bool:
+    def response_head(self, head: bytes, as_is: bool, close_delimited: bool) -> bool:
         """Queue the response head; True when it goes out exactly as received."""
         ex = self.queue[0]
         ex.responded = True
         close = not ex.keep_alive or not ex.request_done or close_delimited
         ex.close_after = close
         if ex.http11:
-            if not close and response_head_as_is(head):
+            if as_is and not close:
                 return True
             self.out.append(rewrite_response_head(head, b"close" if close else None))
         else:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 import httptools
 
+from .headers import inspect_response_head
 from .resolver import Resolver, is_ip
 
 log = logging.getLogger("pyroute.upstream")
@@ -82,7 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
     Response bytes are forwarded as received: llhttp validates them and finds the end of
     each message, and the bytes of one read go to the client in one write (head edited
     only when needed). The owner (proxy.ClientConnection) gets ``response_interim(head)``,
-    ``response_head(head, status, close_delimited) -> bool`` (True: head goes out
+    ``response_head(head, as_is, close_delimited) -> bool`` (True: head goes out
     unchanged), ``out`` (the list of bytes to write), ``flush()``,
     ``response_complete(conn, reusable)``, ``response_failed(conn, reason, retryable)``
     and ``upstream_writable(bool)``.
@@ -234,10 +234,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.in_head = False
         self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
-        if not self.head_request and status not in (204, 304) and _close_delimited(head):
+        close_delimited, as_is = inspect_response_head(head)
+        if close_delimited and not self.head_request and status not in (204, 304):
             self.close_delimited = True
             self.keep_alive = False
-        if self.owner.response_head(head, status, self.close_delimited):
+        if self.owner.response_head(head, as_is, self.close_delimited):
             self.emit_from = start  # forwarded unchanged: as part of the raw bytes of this read
 
     def on_message_complete(self) -> None:
@@ -259,26 +260,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.abort()
         if owner is not None:
             owner.response_failed(self, reason, retryable=False)
-
-
-_FRAMING_HEADER = re.compile(rb"\n(content-length|transfer-encoding)[ \t]*:", re.I)
-
-
-def _close_delimited(head: bytes) -> bool:
-    """A response with neither Content-Length nor Transfer-Encoding ends when the upstream closes.
-
-    (A Transfer-Encoding whose last coding is not chunked is close-delimited too; llhttp
-    refuses such a response together with a Content-Length.)
-    """
-    match = _FRAMING_HEADER.search(head)
-    if match is None:
-        return True
-    if match.group(1).lower() == b"content-length":
-        return False
-    lower = head.lower()
-    at = lower.find(b"\ntransfer-encoding:")
-    line = lower[at : lower.find(b"\r\n", at)]
-    return not line.rstrip().endswith(b"chunked")
 
 
 class UpstreamPool:
