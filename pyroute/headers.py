@@ -33,7 +33,7 @@ _RESPONSE_HEADER = re.compile(
     rb"\n(content-length|transfer-encoding|connection|keep-alive|proxy-[!#$%&'*+.^_`|~0-9a-z-]*|trailer|upgrade|te)[ \t]*:",
     re.I,
 )
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_CONTENT_LENGTH = (b"Content-Length", b"content-length")
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 
@@ -91,26 +91,49 @@ def request_head(
     return b"".join(parts)
 
 
-def inspect_response_head(head: bytes) -> tuple[bool, bool]:
-    """(close_delimited, as_is) for a final response head.
+def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
+    """(close_delimited, forwardable) for a final response head, from one scan.
 
     close_delimited: neither Content-Length nor a chunked Transfer-Encoding, so the body
     ends when the upstream closes (the caller rules out HEAD, 204 and 304).
-    as_is: an HTTP/1.1 head with no hop-by-hop header, fit to forward unchanged.
+    forwardable: the head fit to go to an HTTP/1.1 keep-alive client: `head` itself when
+    nothing needs removing (the common case), else a copy with the hop-by-hop lines cut
+    out (e.g. nginx's "Connection: keep-alive"); None when only a full rewrite will do
+    (not HTTP/1.1, or a Connection header naming other headers).
     """
     names = _RESPONSE_HEADER.findall(head)
-    http11 = head.startswith(b"HTTP/1.1 ")
-    if len(names) == 1 and names[0] in (b"Content-Length", b"content-length"):  # the common case
-        return False, http11
-    lowered = [name.lower() for name in names]
-    as_is = http11 and all(name in _FRAMING for name in lowered)
-    if b"content-length" in lowered:
-        return False, as_is
-    if b"transfer-encoding" in lowered:
-        lower = head.lower()
-        at = lower.rfind(b"\ntransfer-encoding:")
-        return not lower[at : lower.find(b"\r\n", at)].rstrip().endswith(b"chunked"), as_is
-    return True, as_is
+    if head.startswith(b"HTTP/1.1 "):  # the common cases, decided without match objects
+        if len(names) == 1 and names[0] in _CONTENT_LENGTH:
+            return False, head
+        if len(names) == 2 and names[0] in _CONTENT_LENGTH and names[1] == b"Connection":  # nginx
+            cut = head.replace(b"\r\nConnection: keep-alive\r\n", b"\r\n", 1)
+            if len(cut) < len(head):
+                return False, cut
+    close_delimited = True
+    cuts: list[tuple[int, int]] = []
+    rewrite = not head.startswith(b"HTTP/1.1 ")
+    for match in _RESPONSE_HEADER.finditer(head):
+        name = match.group(1).lower()
+        line_end = head.find(b"\r\n", match.end())
+        if name == b"content-length":
+            close_delimited = False
+        elif name == b"transfer-encoding":
+            close_delimited = not head[match.end() : line_end].rstrip().lower().endswith(b"chunked")
+        else:
+            if name == b"connection" and head[match.end() : line_end].strip().lower() not in (b"keep-alive", b"close"):
+                rewrite = True
+            cuts.append((match.start() - 1, line_end))  # from the CR before the line to its CR
+    if rewrite:
+        return close_delimited, None
+    if not cuts:
+        return close_delimited, head
+    pieces = []
+    previous = 0
+    for start, end in cuts:
+        pieces.append(head[previous:start])
+        previous = end
+    pieces.append(head[previous:])
+    return close_delimited, b"".join(pieces)
 
 
 def rewrite_response_head(head: bytes, connection: bytes | None, drop_chunked: bool = False) -> bytes:

@@ -346,15 +346,21 @@ class ClientConnection(asyncio.Protocol):
         if self.queue[0].http11:  # 1xx (e.g. 100 Continue) means nothing to an HTTP/1.0 client
             self.out.append(head)
 
-    def response_head(self, head: bytes, as_is: bool, close_delimited: bool) -> bool:
-        """Queue the response head; True when it goes out exactly as received."""
+    def response_head(self, head: bytes, forwardable: bytes | None, close_delimited: bool) -> bool:
+        """Queue the response head; True when it goes out exactly as received.
+
+        `forwardable` is headers.inspect_response_head's verdict for a keep-alive HTTP/1.1 client.
+        """
         ex = self.queue[0]
         ex.responded = True
         close = not ex.keep_alive or not ex.request_done or close_delimited
         ex.close_after = close
         if ex.http11:
-            if as_is and not close:
-                return True
+            if forwardable is not None and not close:
+                if forwardable is head:
+                    return True
+                self.out.append(forwardable)
+                return False
             self.out.append(rewrite_response_head(head, b"close" if close else None))
         else:
             self.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive"))

@@ -82,7 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
     Response bytes are forwarded as received: llhttp validates them and finds the end of
     each message, and the bytes of one read go to the client in one write (head edited
     only when needed). The owner (proxy.ClientConnection) gets ``response_interim(head)``,
-    ``response_head(head, as_is, close_delimited) -> bool`` (True: head goes out
+    ``response_head(head, forwardable, close_delimited) -> bool`` (True: head goes out
     unchanged), ``out`` (the list of bytes to write), ``flush()``,
     ``response_complete(conn, reusable)``, ``response_failed(conn, reason, retryable)``
     and ``upstream_writable(bool)``.
@@ -234,11 +234,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.in_head = False
         self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
-        close_delimited, as_is = inspect_response_head(head)
+        close_delimited, forwardable = inspect_response_head(head)
         if close_delimited and not self.head_request and status not in (204, 304):
             self.close_delimited = True
             self.keep_alive = False
-        if self.owner.response_head(head, as_is, self.close_delimited):
+        if self.owner.response_head(head, forwardable, self.close_delimited):
             self.emit_from = start  # forwarded unchanged: as part of the raw bytes of this read
 
     def on_message_complete(self) -> None:
