@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import signal
 
@@ -181,6 +182,7 @@ class Pyroute:
         self.data.prepare()
         await self.control.start()
         await self.data.start()
+        settle_memory()
         log.info(
             "pyroute ready: http on %s, admin API on %s, DNS %s",
             addresses(self.data.servers), addresses(self.control.servers), ",".join(self.settings.dns_nameservers),
@@ -189,6 +191,18 @@ class Pyroute:
     async def stop(self, grace: float = 5.0) -> None:
         self.control.close()
         await self.data.drain(grace)
+
+
+def settle_memory() -> None:
+    """Once started: move every object made so far out of the garbage collector's view.
+
+    A proxy's per-request objects die by reference counting; what the cyclic collector
+    would otherwise rescan on every full collection is the ~100k long-lived objects of
+    the interpreter, uvloop and pyroute itself, a pause of milliseconds that lands on
+    whichever requests are in flight. Freezing them keeps collections short.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def wait_for_signal() -> None:

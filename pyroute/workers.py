@@ -29,7 +29,7 @@ import sys
 import orjson
 
 from .config import ListenSpec, Settings
-from .server import ControlPlane, DataPlane, StartupError, wait_for_signal
+from .server import ControlPlane, DataPlane, StartupError, settle_memory, wait_for_signal
 from .services import parse_service
 from .state import Snapshot
 
@@ -229,6 +229,7 @@ async def _worker_main(fd: int) -> int:
                         writer.write(orjson.dumps({"error": str(exc)}) + b"\n")
                         await writer.drain()
                         raise
+                    settle_memory()
                     writer.write(b'{"ready": true}\n')
         stop.set()  # the control process is gone
 

@@ -1,7 +1,6 @@
 """50 MiB streamed through pyroute both ways, generated and hashed on the fly, with
 pyroute's RSS (process tree, from /proc) growing by no more than 8 MiB."""
 import hashlib
-import http.client
 import json
 
 import pytest

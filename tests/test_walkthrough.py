@@ -1,5 +1,4 @@
 """The Docker Flow Proxy walkthrough: reconfigure go-demo, then curl the proxy."""
-import json
 import shutil
 import subprocess
 
