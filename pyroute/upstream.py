@@ -31,17 +31,16 @@ class Backend:
     Addresses come from the shared resolver cache; several A records are used in turn.
     """
 
-    __slots__ = ("host", "port", "resolver", "_ips", "_addresses", "_turn")
+    __slots__ = ("host", "port", "resolver", "fixed", "_ips", "_addresses", "_turn")
 
     def __init__(self, host: str, port: int, resolver: Resolver):
         self.host = host
         self.port = port
         self.resolver = resolver
+        self.fixed: tuple[str, int] | None = (host, port) if is_ip(host) else None  # an IP needs no DNS
         self._ips: tuple[str, ...] | None = None
         self._addresses: tuple[tuple[str, int], ...] = ()
         self._turn = 0
-        if is_ip(host):
-            self._use((host,))
 
     def _use(self, ips: tuple[str, ...]) -> None:
         self._ips = ips
@@ -49,7 +48,9 @@ class Backend:
 
     def address(self) -> tuple[str, int] | None:
         """An address to dial now, or None when the name must be resolved first."""
-        ips = self._ips if self._fixed else self.resolver.cached(self.host)
+        if self.fixed is not None:
+            return self.fixed
+        ips = self.resolver.cached(self.host)
         if ips is None:
             return None
         if ips is not self._ips:
@@ -60,12 +61,10 @@ class Backend:
         self._turn += 1
         return addresses[self._turn % len(addresses)]
 
-    @property
-    def _fixed(self) -> bool:
-        return self._ips is not None and self._ips == (self.host,)
-
     async def resolve(self) -> tuple[str, int]:
         """Resolve (or wait for the lookup in flight) and pick an address; ResolveError if none."""
+        if self.fixed is not None:
+            return self.fixed
         ips = await self.resolver.resolve(self.host)
         if ips is not self._ips:
             self._use(ips)
