@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 
 from .admin import AdminApi, AdminConnection
-from .config import Settings
+from .config import Settings, raw_haproxy_warnings
+from .envservices import env_services
 from .proxy import ProxyServer
 from .resolver import Resolver
 from .routing import RouteTable
-from .services import Service
+from .services import Service, ServiceDefaults, ServiceError
 from .state import ServiceRegistry, Snapshot
 from .upstream import Backend, UpstreamPool
 
@@ -92,7 +94,7 @@ class DataPlane:
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
-        table = RouteTable(services, self._backend, revision)
+        table = RouteTable(services, self._backend, revision, self.settings.longest_match)
         self.proxy.table = table
         self.revision = revision
         self.resolver.forget({route.backend.host for route in table.routes})
@@ -151,10 +153,18 @@ class ControlPlane:
     def __init__(self, settings: Settings, planes):
         self.settings = settings
         self.planes = planes
-        self.registry = ServiceRegistry(settings.separator)
+        instance = settings.proxy_instance_name if settings.filter_proxy_instance_name else None
+        self.registry = ServiceRegistry(settings.separator, ServiceDefaults.from_settings(settings), instance)
         self.servers: list[asyncio.AbstractServer] = []
 
     async def start(self) -> None:
+        for warning in raw_haproxy_warnings():
+            log.warning("%s", warning)
+        for params in env_services(os.environ):
+            try:
+                self.registry.reconfigure(params)
+            except ServiceError as exc:
+                raise StartupError(f"DFP_SERVICE_* service {params.get('servicename', '?')!r}: {exc.message}") from None
         self.registry.subscribe(self.planes.publish)
         api = AdminApi(self.registry, self.planes.wait_applied)
         s = self.settings
