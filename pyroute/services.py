@@ -374,16 +374,23 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         for domain in _split(value("servicedomain", index), separator):
             if domain.startswith("*"):
                 wildcard, domain = True, domain.lstrip("*")
-            domains.append(_check_host(domain.lower(), "serviceDomain" + suffix))
-        paths = tuple(_check_path(p, "servicePath" + suffix) for p in _split(value("servicepath", index), separator))
+            _check_host(domain.lower().lstrip(".") if wildcard else domain.lower(), "serviceDomain" + suffix)
+            domains.append(domain.lower())  # "*.a.com" keeps its dot: a suffix match on ".a.com"
+        path_type = (value("pathtype", index) or "").strip().lower() or "path_beg"
+        if path_type not in PATH_TYPES:
+            raise ServiceError(400, f"pathType{suffix} must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
+        paths = _split(value("servicepath", index), separator)
+        if path_type in ("path_end", "path_reg"):  # suffixes and regexes need not start with "/"
+            for pattern in paths:
+                if any(c.isspace() or ord(c) < 0x20 for c in pattern):
+                    raise ServiceError(400, f"servicePath{suffix} entries hold no spaces, got {pattern!r}")
+        else:
+            paths = tuple(_check_path(p, "servicePath" + suffix) for p in paths)
         if not paths and not domains:
             raise ServiceError(409, "When using reqMode http, servicePath or serviceDomain or both must be set")
         outbound = (value("outboundhostname", index) or "").strip() or None
         if outbound:
             _check_host(outbound, "outboundHostname" + suffix)
-        path_type = (value("pathtype", index) or "").strip().lower() or "path_beg"
-        if path_type not in PATH_TYPES:
-            raise ServiceError(400, f"pathType{suffix} must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
         if path_type == "path_reg":
             for pattern in paths:
                 try:
