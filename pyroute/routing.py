@@ -197,7 +197,7 @@ class RouteTable:
         # DFP's default_backend: the first destination of the first isDefaultBackend service
         self.default = next((r for r in routes if r.service.is_default_backend), None)
         self._hostless = PathIndex((r for r in routes if not _host_names(r)), longest_match, self.default)
-        self._has_domains = any(_host_names(r) for r in routes)
+        self._has_domains = any(_host_names(r) or r.destination.redirect_from for r in routes)
         self._by_host: dict[bytes | None, PathIndex] = {}
 
     def match(self, host: bytes | None, path: bytes, headers: list | None = None, conn: Any = None) -> Route | None:
@@ -210,14 +210,17 @@ class RouteTable:
             index = self._index_for(host)
         return index.match(path, headers, conn)
 
-    def _index_for(self, raw_host: bytes | None) -> PathIndex:
+    def _index_for(self, raw_host: bytes | None) -> PathIndex | RedirectIndex:
         host = normalize_host(raw_host) if raw_host else ""
         reachable = [
             r
             for r in self.routes
             if not _host_names(r) or any(_host_matches(r.service.domain_algo, d, host) for d in _host_names(r))
         ]
-        index = PathIndex(reachable, self.longest_match, self.default)
+        redirecting = next((r for r in self.routes if any(
+            _host_matches(r.service.domain_algo, d, host) for d in r.destination.redirect_from)), None)
+        # redirectFromDomain is a frontend rule in DFP: it answers for that Host whatever the path
+        index = RedirectIndex(redirecting) if redirecting else PathIndex(reachable, self.longest_match, self.default)
         if len(self._by_host) >= HOST_CACHE_LIMIT:
             self._by_host.clear()
         self._by_host[raw_host] = index
@@ -225,5 +228,16 @@ class RouteTable:
 
 
 def _host_names(route: Route) -> tuple[str, ...]:
-    """The Host values that reach a route: its domains and the ones it redirects from."""
-    return route.destination.domains + route.destination.redirect_from
+    return route.destination.domains
+
+
+class RedirectIndex:
+    """A Host named in some route's redirectFromDomain: every path goes to that route's redirect."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route: Route):
+        self.route = route
+
+    def match(self, path: bytes, headers=None, conn=None) -> Route:
+        return self.route

@@ -249,7 +249,7 @@ def _networks(value: str | None, separator: str, name: str) -> tuple[str, ...]:
 def _header_edits(value: str | None, separator: str, name: str) -> tuple[tuple[str, str], ...]:
     """DFP's "Name value" entries; the value may hold the %[...] fetches pyroute evaluates."""
     out = []
-    for item in _split(value, separator):
+    for item in _split_entries(value, separator):
         header, _, text = item.partition(" ")
         if not _HEADER_NAME.match(header):
             raise ServiceError(400, f"{name}: {header!r} is not a header name (expected 'Name value')")
@@ -258,6 +258,24 @@ def _header_edits(value: str | None, separator: str, name: str) -> tuple[tuple[s
             raise ServiceError(400, f"{name}: {problem}")
         out.append((header, text.strip()))
     return tuple(out)
+
+
+def _split_entries(value: str | None, separator: str) -> tuple[str, ...]:
+    """Like _split, but a separator inside %[...] (e.g. %[hdr(host),lower]) does not split."""
+    text = value or ""
+    out, start, depth, i = [], 0, 0, 0
+    while i < len(text):
+        if depth == 0 and text.startswith(separator, i):
+            out.append(text[start:i])
+            i = start = i + len(separator)
+            continue
+        if text.startswith("%[", i):
+            depth += 1
+        elif text[i] == "]" and depth:
+            depth -= 1
+        i += 1
+    out.append(text[start:])
+    return tuple(item.strip() for item in out if item.strip())
 
 
 def _header_names(value: str | None, separator: str, name: str) -> tuple[str, ...]:
