@@ -118,9 +118,13 @@ class AdminApi:
     def ping(self, request: Request) -> Response:
         return json_response(200, "", Revision=self.registry.revision)
 
-    def reload(self, request: Request) -> Response:
-        # Routes are applied in-process on every change, so there is nothing to reload:
-        # answered as DFP does so that scripts calling it keep working.
+    async def reload(self, request: Request) -> Response:
+        # Routes are applied in-process on every change, so a plain reload has nothing to do.
+        # recreate=true rebuilds every data plane's route table from the registry, as DFP
+        # regenerates haproxy.cfg from its in-memory services.
+        if request.params.get("recreate", "").lower() == "true":
+            self.registry.republish("recreate requested")
+            return await self._applied(json_response(200, ""))
         return json_response(200, "")
 
     def successful_init_reload(self, request: Request) -> Response:

@@ -62,6 +62,10 @@ class ServiceRegistry:
         self._publish(f"removed {name}")
         return True
 
+    def republish(self, why: str) -> None:
+        """Hand the same services out again as a new revision (reload?recreate=true)."""
+        self._publish(why)
+
     def _publish(self, what: str) -> None:
         self.revision += 1
         log.info("%s (revision %d, %d services)", what, self.revision, len(self._services))

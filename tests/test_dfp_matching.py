@@ -1,6 +1,7 @@
 """DFP matching parity: pathType, servicePathExclude, serviceDomain algorithms, serviceHeader,
 userAgent, isDefaultBackend, srcPort (BIND_PORTS and runtime listeners), indexed defaults,
 and the two precedence orders -- each sent as DFP users send it, observed through real requests."""
+import http.client
 import socket
 
 import pytest
@@ -9,7 +10,7 @@ from support.upstream import free_port, wait_until
 
 
 def who(proxy, path, headers=None, port=None):
-    c = proxy.conn() if port is None else __import__("http.client").client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c = proxy.conn() if port is None else http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         c.request("GET", path, headers=headers or {})
         r = c.getresponse()
