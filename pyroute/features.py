@@ -134,10 +134,22 @@ def _value(template, req: FeatureRequest) -> bytes:
     return template if isinstance(template, bytes) else template(req)
 
 
-def _compile_edits(delete, set_, add):
-    names = {n.lower().encode() for n in delete} | {n.lower().encode() for n, _ in set_}
-    additions = tuple((n.encode(), compile_value(v)) for n, v in (*set_, *add))
-    return frozenset(names), additions
+def _compile_edits(delete, set_, add) -> tuple:
+    """Edits in DFP's order (add-header, set-header, del-header): (drop names, additions) per op."""
+    ops = [(frozenset(), ((n.encode(), compile_value(v)),)) for n, v in add]
+    ops += [(frozenset({n.lower().encode()}), ((n.encode(), compile_value(v)),)) for n, v in set_]
+    if delete:
+        ops.append((frozenset(n.lower().encode() for n in delete), ()))
+    return tuple(ops)
+
+
+def _apply_edits(ops, headers: list, req) -> list:
+    for drop, additions in ops:
+        if drop:
+            headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        for name, template in additions:
+            headers.append((name, _value(template, req)))
+    return headers
 
 
 # -- request steps --------------------------------------------------------------------------
@@ -182,13 +194,16 @@ def _proto_header_step(code: int, redirect_when: bytes | None):
     return proto_redirect
 
 
-def _domain_redirect_step(sources: tuple[str, ...], target: str, host_matches: Callable[[str, str], bool]):
-    def domain_redirect(req: FeatureRequest) -> Reply | None:
-        from .routing import normalize_host
+def _domain_redirect_step(sources: tuple[str, ...], target: str):
+    """DFP: ``http-request redirect code 301 prefix http://<first domain> if { hdr_beg(host) -i <from> }``."""
+    from .routing import normalize_host  # (routing imports this module; by now it is loaded)
 
+    prefix = b"http://" + target.encode()
+
+    def domain_redirect(req: FeatureRequest) -> Reply | None:
         host = normalize_host(req.host or b"")
-        if any(host_matches(src, host) for src in sources):
-            return _redirect(301, req.conn.server.proto + b"://" + target.encode() + req.path + req.query)
+        if host.startswith(sources):
+            return _redirect(301, prefix + req.path + req.query)
         return None
 
     return domain_redirect
@@ -225,14 +240,7 @@ def _auth_step(users: tuple[tuple[str, str], ...], encrypted: bool, realm: str):
         return hmac.compare_digest(password, secret)
 
     def basic_auth(req: FeatureRequest) -> Reply | None:
-        credentials = None
-        kept = []
-        for name, value in req.headers:
-            if name.lower() == b"authorization":
-                credentials = value
-            else:
-                kept.append((name, value))
-        req.headers[:] = kept  # never forwarded
+        credentials = req.header(b"authorization")
         if credentials is None or credentials[:6].lower() != b"basic ":
             return challenge
         try:
@@ -244,6 +252,11 @@ def _auth_step(users: tuple[tuple[str, str], ...], encrypted: bool, realm: str):
         return None if ok and colon and secret is not None else challenge
 
     return basic_auth
+
+
+def _drop_authorization(req: FeatureRequest) -> None:
+    """Credentials checked by pyroute are not the upstream's business (DFP: del-header Authorization)."""
+    req.headers[:] = [(n, v) for n, v in req.headers if n.lower() != b"authorization"]
 
 
 def _rewrite_step(rewrites: tuple[tuple[str, str], ...]):
@@ -258,25 +271,21 @@ def _rewrite_step(rewrites: tuple[tuple[str, str], ...]):
     return rewrite_path
 
 
-def _request_headers_step(drop: frozenset[bytes], additions):
+def _request_headers_step(ops):
     def request_headers(req: FeatureRequest) -> None:
-        if drop:
-            req.headers[:] = [(n, v) for n, v in req.headers if n.lower() not in drop]
-        for name, template in additions:
-            req.headers.append((name, _value(template, req)))
+        req.headers[:] = _apply_edits(ops, list(req.headers), req)
 
     return request_headers
 
 
-def compile_request_steps(service, destination, host_matches: Callable[[str, str], bool]) -> tuple:
+def compile_request_steps(service, destination) -> tuple:
     """The request steps of one route, in phase order (empty for a plain route)."""
     d = destination
     steps: list = []
     if d.allowed_ips or d.denied_ips:
         steps.append(_ip_step(d.allowed_ips, d.denied_ips))
     if d.redirect_from and d.domains:
-        steps.append(_domain_redirect_step(d.redirect_from, d.domains[0],
-                                           lambda pattern, host: host_matches(service.domain_algo, pattern, host)))
+        steps.append(_domain_redirect_step(d.redirect_from, d.domains[0]))
     if d.https_only:
         steps.append(_https_only_step(d.https_redirect_code))
     if service.redirect_when_http_proto:
@@ -287,13 +296,18 @@ def compile_request_steps(service, destination, host_matches: Callable[[str, str
         steps.append(_deny_http_step)
     if d.allowed_methods or d.denied_methods:
         steps.append(_method_step(d.allowed_methods, d.denied_methods))
-    if service.realm and not d.ignore_authorization:
-        steps.append(_auth_step(service.users, service.users_encrypted, service.realm))
+    if not d.ignore_authorization and (service.users or service.global_users):
+        # DFP checks the service's userlist, then the global one: credentials must pass both
+        if service.users:
+            steps.append(_auth_step(service.users, service.users_encrypted, f"{service.name}Realm"))
+        if service.global_users:
+            steps.append(_auth_step(service.global_users, service.global_users_encrypted, "defaultRealm"))
+        steps.append(_drop_authorization)
     if d.path_rewrites:
         steps.append(_rewrite_step(d.path_rewrites))
-    drop, additions = _compile_edits(service.req_del, service.req_set, service.req_add)
-    if drop or additions:
-        steps.append(_request_headers_step(drop, additions))
+    ops = _compile_edits(service.req_del, service.req_set, service.req_add)
+    if ops:
+        steps.append(_request_headers_step(ops))
     return tuple(steps)
 
 
@@ -301,16 +315,16 @@ def compile_request_steps(service, destination, host_matches: Callable[[str, str
 class ResponsePlan:
     """What a route does to responses: header edits and/or gzip of some MIME types."""
 
-    __slots__ = ("drop", "additions", "dynamic", "compress", "types")
+    __slots__ = ("ops", "dynamic", "compress", "types")
 
     def __init__(self, service):
-        self.drop, self.additions = _compile_edits(service.res_del, service.res_set, service.res_add)
-        self.dynamic = any(not isinstance(t, bytes) for _, t in self.additions)
+        self.ops = _compile_edits(service.res_del, service.res_set, service.res_add)
+        self.dynamic = any(not isinstance(t, bytes) for _, additions in self.ops for _, t in additions)
         self.compress = service.compression_algo == "gzip"
         self.types = tuple(t.encode() for t in service.compression_types)
 
     def __bool__(self) -> bool:
-        return bool(self.drop or self.additions or self.compress)
+        return bool(self.ops or self.compress)
 
     def edit(self, conn, ex, head: bytes, close_delimited: bool, req: FeatureRequest | None, gzip_ok: bool) -> bool:
         """Queue the edited head (what ClientConnection.response_head does, plus the edits)."""
@@ -330,10 +344,7 @@ class ResponsePlan:
             if compressing:
                 fields = [(n, v) for n, v in fields if n.lower() not in (b"content-length", b"transfer-encoding")]
                 fields += [(b"Content-Encoding", b"gzip"), (b"Transfer-Encoding", b"chunked")]
-        if self.drop:
-            fields = [(n, v) for n, v in fields if n.lower() not in self.drop]
-        for name, template in self.additions:
-            fields.append((name, _value(template, req)))
+        fields = _apply_edits(self.ops, fields, req)
         head = b"\r\n".join([lines[0], *(n + b": " + v for n, v in fields)]) + b"\r\n\r\n"
         ex.responded = True
         close = not ex.keep_alive or not ex.request_done or close_delimited

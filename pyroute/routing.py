@@ -37,7 +37,7 @@ class Route:
         self.destination = destination
         self.backend = backend
         self.priority = priority
-        self.request_steps = compile_request_steps(service, destination, _host_matches)
+        self.request_steps = compile_request_steps(service, destination)
         self.response_plan = ResponsePlan(service)
         self.features = bool(self.request_steps or self.response_plan)  # False: the proxy's plain path
 
@@ -96,9 +96,9 @@ def _condition(d: Destination, path_type: str, pattern: str) -> Callable[[bytes,
     tests: list[Callable[[bytes, list, Any], bool]] = []
     path_ok = _path_test(path_type, pattern)
     tests.append(lambda path, headers, conn: bool(path_ok(path)))
-    if d.path_excludes:
-        excludes = tuple(x.encode() for x in d.path_excludes)
-        tests.append(lambda path, headers, conn: not path.startswith(excludes))
+    if d.path_excludes:  # DFP matches excludes with the destination's pathType too
+        excluded = tuple(_path_test(path_type, x) for x in d.path_excludes)
+        tests.append(lambda path, headers, conn: not any(t(path) for t in excluded))
     if d.header_match:
         wanted = tuple((n.encode(), v.encode()) for n, v in d.header_match)
         tests.append(lambda path, headers, conn: all(
@@ -218,7 +218,7 @@ class RouteTable:
             if not _host_names(r) or any(_host_matches(r.service.domain_algo, d, host) for d in _host_names(r))
         ]
         redirecting = next((r for r in self.routes if any(
-            _host_matches(r.service.domain_algo, d, host) for d in r.destination.redirect_from)), None)
+            host.startswith(d) for d in r.destination.redirect_from)), None)  # DFP: hdr_beg(host) -i
         # redirectFromDomain is a frontend rule in DFP: it answers for that Host whatever the path
         index = RedirectIndex(redirecting) if redirecting else PathIndex(reachable, self.longest_match, self.default)
         if len(self._by_host) >= HOST_CACHE_LIMIT:

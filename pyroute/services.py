@@ -107,9 +107,10 @@ class Service:
     res_add: tuple[tuple[str, str], ...] = ()
     res_set: tuple[tuple[str, str], ...] = ()
     res_del: tuple[str, ...] = ()
-    users: tuple[tuple[str, str], ...] = ()  # (user, password or crypt hash)
+    users: tuple[tuple[str, str], ...] = ()  # (user, password or crypt hash); realm <serviceName>Realm
     users_encrypted: bool = False
-    realm: str = ""  # "" = no auth; "<serviceName>Realm" or "defaultRealm" (global USERS)
+    global_users: tuple[tuple[str, str], ...] = ()  # USERS, checked too; realm defaultRealm
+    global_users_encrypted: bool = False
     redirect_when_http_proto: bool = False
     redirect_unless_https_proto: bool = False
     compression_algo: str = ""  # "" or "gzip"
@@ -160,6 +161,7 @@ class Service:
             "DelResHeader": list(self.res_del),
             "Users": [{"Username": u, "Password": "***"} for u, _ in self.users],
             "UsersPassEncrypted": self.users_encrypted,
+            "UseGlobalUsers": bool(self.global_users),
             "RedirectWhenHttpProto": self.redirect_when_http_proto,
             "RedirectUnlessHttpsProto": self.redirect_unless_https_proto,
             "CompressionAlgo": self.compression_algo,
@@ -325,16 +327,14 @@ def _read_users_secret(defaults: ServiceDefaults, suffix: str) -> list[tuple[str
         raise ServiceError(400, f"usersSecret {suffix!r}: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _auth(params: dict[str, str], name: str, separator: str, defaults: ServiceDefaults):
-    """(users, encrypted, realm) as DFP builds its userlists."""
+def _auth(params: dict[str, str], separator: str, defaults: ServiceDefaults):
+    """(users, encrypted) of the service's own userlist, as DFP builds it."""
     global_users = [(u, p) for u, p in _user_list(defaults.users, ",") if u and p]
     secret = params.get("userssecret", "").strip()
     secret_users = _read_users_secret(defaults, secret) if secret else []
     requested = _user_list(params.get("users", ""), separator) if params.get("users", "").strip() else secret_users
     if not requested and not secret:
-        if global_users:
-            return tuple(global_users), defaults.users_pass_encrypted, "defaultRealm"
-        return (), False, ""
+        return (), False
     fallback = dict(secret_users)
     fallback_global = dict(global_users)
     users = []
@@ -345,7 +345,7 @@ def _auth(params: dict[str, str], name: str, separator: str, defaults: ServiceDe
             users.append((user, password))
     if not users:  # DFP: users asked for but none usable -> a random user nobody knows locks everyone out
         users.append((secrets.token_hex(8), secrets.token_hex(16)))
-    return tuple(users), _bool(params.get("userspassencrypted"), "usersPassEncrypted"), f"{name}Realm"
+    return tuple(users), _bool(params.get("userspassencrypted"), "usersPassEncrypted")
 
 
 def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: ServiceDefaults | None = None) -> Service:
@@ -451,7 +451,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
     if wildcard:
         domain_algo = "hdr_end"  # DFP: a leading "*" switches the whole service to suffix matching
     acl_name = params.get("aclname", "").strip() or name
-    users, users_encrypted, realm = _auth(params, name, separator, defaults)
+    users, users_encrypted = _auth(params, separator, defaults)
     compression_algo = (params.get("compressionalgo", "").strip() or defaults.compression_algo).lower()
     if compression_algo not in ("", "gzip"):
         raise ServiceError(400, f"compressionAlgo {compression_algo!r} is not supported (pyroute compresses with gzip)")
@@ -471,7 +471,8 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         res_del=_header_names(params.get("delresheader"), separator, "delResHeader"),
         users=users,
         users_encrypted=users_encrypted,
-        realm=realm,
+        global_users=tuple((u, p) for u, p in _user_list(defaults.users, ",") if u and p),
+        global_users_encrypted=defaults.users_pass_encrypted,
         redirect_when_http_proto=_bool(params.get("redirectwhenhttpproto"), "redirectWhenHttpProto"),
         redirect_unless_https_proto=_bool(params.get("redirectunlesshttpsproto"), "redirectUnlessHttpsProto"),
         compression_algo=compression_algo,

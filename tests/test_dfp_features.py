@@ -63,7 +63,7 @@ def test_deprecated_req_path_search_replace(proxy, dns, up):
 
 def test_redirect_from_domain(proxy, dns, up):
     register(proxy, dns, up, serviceName="f-rfd", serviceDomain="new.example", redirectFromDomain="old.example",
-             serviceDomainAlgo="hdr")
+             serviceDomainAlgo="hdr")  # the redirect matches hdr_beg(host) whatever the algo (DFP's template)
     st, h, _ = proxy.get("/page?a=1", headers={"Host": "old.example"})
     assert st == 301 and h["Location"] == "http://new.example/page?a=1"
     assert echo(proxy, "/f-rfd/page", {"Host": "new.example"})["target"] == "/f-rfd/page"
@@ -337,3 +337,21 @@ def test_compression_global(make_pyroute, dns, replicas):
     assert h["Content-Encoding"] == "gzip" and gzip.decompress(body) == b"hello, world!"
     st, h, body = get_gzip(p, "/f-gz-glob/echo")  # application/json is not in COMPRESSION_TYPE
     assert h.get("Content-Encoding") is None
+
+
+def test_service_and_global_users_both_apply(make_pyroute, dns, replicas):
+    # DFP's backend template checks the service userlist, then the global one, in turn
+    p = make_pyroute(USERS="same:pw")
+    dns.set_service("f-both", replicas[0].ip)
+    p.reconfigure(serviceName="f-both", servicePath="/f-both", port=replicas[0].port, users="same:pw,solo:pw")
+    assert p.get("/f-both", headers=basic("same", "pw"))[0] == 200
+    st, h, _ = p.get("/f-both", headers=basic("solo", "pw"))
+    assert st == 401 and h["WWW-Authenticate"] == 'Basic realm="defaultRealm"'
+
+
+def test_header_edits_run_in_dfp_order(proxy, dns, up):
+    # add-header, then set-header, then del-header, as DFP's template writes them
+    register(proxy, dns, up, serviceName="f-order", addReqHeader="X-Gone a,X-Kept b", setReqHeader="X-Kept c",
+             delReqHeader="X-Gone")
+    data = echo(proxy, "/f-order")
+    assert received(data, "X-Gone") == [] and received(data, "X-Kept") == ["c"]

@@ -203,3 +203,14 @@ def test_precedence_longest_match(make_pyroute, dns, replicas):
     p.reconfigure(serviceName="prec-exact", servicePath="/m-prec/deep/exact", pathType="path", port=replicas[2].port)
     assert who(p, "/m-prec/deep/exact") == (200, replicas[2].addr)
     assert who(p, "/m-prec/deep/exact2") == (200, replicas[1].addr)
+
+
+def test_exclude_uses_the_path_type(proxy, dns, two):
+    # DFP writes the exclude ACL with the destination's pathType
+    register(proxy, dns, two[0], serviceName="ex-type", servicePath="/m-ext", pathType="path_beg",
+             servicePathExclude="/m-ext/hidden")
+    register(proxy, dns, two[0], serviceName="ex-end", servicePath=".m-jpg", pathType="path_end",
+             servicePathExclude="/secret.m-jpg")
+    assert who(proxy, "/m-ext/hidden/x")[0] == 503
+    assert who(proxy, "/a/b.m-jpg") == (200, two[0].addr)
+    assert who(proxy, "/a/secret.m-jpg")[0] == 503
