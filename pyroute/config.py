@@ -131,10 +131,10 @@ def _domain_algo(value: Any, setting: str) -> str:
 
 
 def _compression_algo(value: Any, setting: str) -> str:
-    algo = value.strip().lower() if isinstance(value, str) else None
-    if algo not in ("", "gzip"):
-        raise _bad(setting, "gzip or empty (pyroute compresses with gzip only)", value)
-    return algo
+    algos = value.lower().split() if isinstance(value, str) else None
+    if algos is None or any(a not in ("gzip", "deflate", "identity") for a in algos):
+        raise _bad(setting, "a space-separated list of gzip, deflate, identity (or empty)", value)
+    return " ".join(algos)
 
 
 def _log_level(value: Any, setting: str) -> str:
@@ -292,7 +292,7 @@ class Settings:
     users_pass_encrypted: bool = _setting(False, parse=_flag_value,
                                           help="USERS passwords are crypt(3) hashes (mkpasswd -m sha-512)")
     compression_algo: str = _setting("", parse=_compression_algo, shown='""',
-                                     help="gzip every service's responses (unless a service sets its own)")
+                                     help="compress every service's responses: gzip and/or deflate (unless a service sets its own)")
     compression_type: str = _setting("", parse=_optional_text, shown='""',
                                      help="MIME types COMPRESSION_ALGO applies to, space separated (empty: all)")
     filter_proxy_instance_name: bool = _setting(False, parse=_flag_value,

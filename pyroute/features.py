@@ -7,7 +7,7 @@ for it. A route with features runs its request steps in DESIGN.md's fixed phase 
              method rules (403), basic auth (401; Authorization is not forwarded)
     rewrite  reqPathSearchReplace on the path, request header del/set/add
     forward  the upstream head is built from the edited target and headers
-    response response header del/set/add, gzip compression (a separate body path)
+    response response header add/set/del, gzip/deflate compression (a separate body path)
 
 A request step is ``step(req) -> Reply | None``: a Reply answers the request locally,
 None lets the next step run. Steps see one ``FeatureRequest`` and may edit its target
@@ -316,17 +316,18 @@ class ResponsePlan:
     """What a route does to responses: header edits and/or gzip of some MIME types."""
 
     __slots__ = ("ops", "dynamic", "compress", "types")
+    WBITS = {b"gzip": 31, b"deflate": 15}  # zlib window bits: gzip wrapper, zlib wrapper (HTTP "deflate")
 
     def __init__(self, service):
         self.ops = _compile_edits(service.res_del, service.res_set, service.res_add)
         self.dynamic = any(not isinstance(t, bytes) for _, additions in self.ops for _, t in additions)
-        self.compress = service.compression_algo == "gzip"
+        self.compress = tuple(a.encode() for a in service.compression_algo.split() if a != "identity")
         self.types = tuple(t.encode() for t in service.compression_types)
 
     def __bool__(self) -> bool:
         return bool(self.ops or self.compress)
 
-    def edit(self, conn, ex, head: bytes, close_delimited: bool, req: FeatureRequest | None, gzip_ok: bool) -> bool:
+    def edit(self, conn, ex, head: bytes, close_delimited: bool, req: FeatureRequest | None, coding: bytes | None) -> bool:
         """Queue the edited head (what ClientConnection.response_head does, plus the edits)."""
         lines = head[:-4].split(b"\r\n")
         fields = []
@@ -340,10 +341,10 @@ class ResponsePlan:
             if compressing or self._type_matches(fields):
                 fields = [(n, v) for n, v in fields if n.lower() != b"vary" or b"accept-encoding" not in v.lower()]
                 fields.append((b"Vary", b"Accept-Encoding"))
-            compressing = compressing and gzip_ok
+            compressing = compressing and coding is not None
             if compressing:
                 fields = [(n, v) for n, v in fields if n.lower() not in (b"content-length", b"transfer-encoding")]
-                fields += [(b"Content-Encoding", b"gzip"), (b"Transfer-Encoding", b"chunked")]
+                fields += [(b"Content-Encoding", coding), (b"Transfer-Encoding", b"chunked")]
         fields = _apply_edits(self.ops, fields, req)
         head = b"\r\n".join([lines[0], *(n + b": " + v for n, v in fields)]) + b"\r\n\r\n"
         ex.responded = True
@@ -354,7 +355,9 @@ class ResponsePlan:
         else:
             conn.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive"))
         if compressing:
-            conn.out = GzipOut(conn, conn.out, original)
+            out = CompressedOut(conn, conn.out, original, self.WBITS[coding])
+            if not out.done:  # (an empty body completes at once and restores conn.out itself)
+                conn.out = out
         return False
 
     def _type_matches(self, fields) -> bool:
@@ -374,27 +377,30 @@ class ResponsePlan:
         return self._type_matches(fields)
 
 
-def _accepts_gzip(value: bytes | None) -> bool:
-    """Accept-Encoding names gzip (or *) with a q-value above 0."""
+def _accepted(value: bytes | None, offered: tuple[bytes, ...]) -> bytes | None:
+    """The first of `offered` that Accept-Encoding names (or covers with *) with a q-value above 0."""
+    accepted = {}
     for item in (value or b"").lower().split(b","):
         coding, _, params = item.strip().partition(b";")
-        if coding.strip() in (b"gzip", b"*"):
-            q = params.strip()
-            try:
-                return not q.startswith(b"q=") or float(q[2:]) > 0
-            except ValueError:
-                return False
-    return False
+        q = params.strip()
+        try:
+            accepted[coding.strip()] = not q.startswith(b"q=") or float(q[2:]) > 0
+        except ValueError:
+            accepted[coding.strip()] = False
+    for coding in offered:
+        if accepted.get(coding, accepted.get(b"*", False)):
+            return coding
+    return None
 
 
-class GzipOut(list):
+class CompressedOut(list):
     """The client's output list while a compressed body streams: raw upstream body bytes
-    appended here are de-framed (a second llhttp parser) and go out gzip'd in chunks."""
+    appended here are de-framed (a second llhttp parser) and go out compressed in chunks."""
 
-    def __init__(self, conn, queued: list[bytes], head: bytes):
+    def __init__(self, conn, queued: list[bytes], head: bytes, wbits: int):
         super().__init__(queued)
         self.conn = conn
-        self.zip = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self.zip = zlib.compressobj(6, zlib.DEFLATED, wbits)
         self.parser = httptools.HttpResponseParser(self)
         self.done = False
         self.parser.feed_data(head)
@@ -432,6 +438,6 @@ def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers,
                            REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10)
     plan = route.response_plan
     if plan:
-        gzip_ok = plan.compress and _accepts_gzip(req.header(b"accept-encoding"))
+        coding = _accepted(req.header(b"accept-encoding"), plan.compress) if plan.compress else None
         keep = req if plan.dynamic else None
-        ex.on_response = lambda c, e, h, cd: plan.edit(c, e, h, cd, keep, gzip_ok)
+        ex.on_response = lambda c, e, h, cd: plan.edit(c, e, h, cd, keep, coding)

@@ -24,6 +24,7 @@ DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")
 DEFAULT_DOMAIN_ALGO = "hdr_beg"
 PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-deflate (no HTTP client asks for it)
 # DFP parameters that carry raw HAProxy configuration: pyroute has no HAProxy to hand them to.
 RAW_HAPROXY_PARAMS = {"templatefepath": "templateFePath", "templatebepath": "templateBePath",
                       "backendextra": "backendExtra"}
@@ -113,7 +114,7 @@ class Service:
     global_users_encrypted: bool = False
     redirect_when_http_proto: bool = False
     redirect_unless_https_proto: bool = False
-    compression_algo: str = ""  # "" or "gzip"
+    compression_algo: str = ""  # space-separated COMPRESSION_ALGOS, in preference order ("" = off)
     compression_types: tuple[str, ...] = ()
 
     @property
@@ -452,9 +453,10 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         domain_algo = "hdr_end"  # DFP: a leading "*" switches the whole service to suffix matching
     acl_name = params.get("aclname", "").strip() or name
     users, users_encrypted = _auth(params, separator, defaults)
-    compression_algo = (params.get("compressionalgo", "").strip() or defaults.compression_algo).lower()
-    if compression_algo not in ("", "gzip"):
-        raise ServiceError(400, f"compressionAlgo {compression_algo!r} is not supported (pyroute compresses with gzip)")
+    compression_algo = " ".join((params.get("compressionalgo", "").strip() or defaults.compression_algo).lower().split())
+    for algo in compression_algo.split():
+        if algo not in COMPRESSION_ALGOS:
+            raise ServiceError(400, f"compressionAlgo {algo!r} is not supported (one of {', '.join(COMPRESSION_ALGOS)})")
     compression_type = params.get("compressiontype", "").strip() or defaults.compression_type
     return Service(
         name=name,

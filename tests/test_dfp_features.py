@@ -355,3 +355,19 @@ def test_header_edits_run_in_dfp_order(proxy, dns, up):
              delReqHeader="X-Gone")
     data = echo(proxy, "/f-order")
     assert received(data, "X-Gone") == [] and received(data, "X-Kept") == ["c"]
+
+
+def test_compression_deflate_and_preference_order(proxy, dns, up):
+    import zlib
+    register(proxy, dns, up, serviceName="f-defl", compressionAlgo="deflate gzip", compressionType="text/plain")
+    st, h, body = get_gzip(proxy, "/f-defl/hello", "gzip, deflate")
+    assert h["Content-Encoding"] == "deflate" and zlib.decompress(body) == b"hello, world!"
+    st, h, body = get_gzip(proxy, "/f-defl/hello", "gzip")
+    assert h["Content-Encoding"] == "gzip" and gzip.decompress(body) == b"hello, world!"
+
+
+def test_compression_of_empty_body(proxy, dns, up):
+    register(proxy, dns, up, serviceName="f-gz-empty", compressionAlgo="gzip")
+    st, h, body = get_gzip(proxy, "/f-gz-empty/bytes/0")
+    assert st == 200 and h["Content-Encoding"] == "gzip" and gzip.decompress(body) == b""
+    assert gzip.decompress(get_gzip(proxy, "/f-gz-empty/hello")[2]) == b"hello, world!"
