@@ -395,7 +395,7 @@ def _secrets(namespace: argparse.Namespace, environ: Mapping[str, str], file_val
 
 
 # DFP env vars that carry raw HAProxy configuration: pyroute cannot use them and says so at start.
-RAW_HAPROXY_ENV = ("EXTRA_GLOBAL", "EXTRA_FRONTEND", "CFG_TEMPLATE_PATH", "CRT_LIST_PATH", "CAPTURE_REQUEST_HEADER",
+RAW_HAPROXY_ENV = ("EXTRA_GLOBAL", "EXTRA_FRONTEND", "CFG_TEMPLATE_PATH", "CAPTURE_REQUEST_HEADER",
                    "DEBUG_HTTP_FORMAT", "DEBUG_TCP_FORMAT", "RESOLVERS")
 
 
