@@ -38,7 +38,6 @@ with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(
 FETCH = re.compile(r"%\[([^\]]*)\]")
 _REQ_HDR = re.compile(r"req\.hdr\(([!#$%&'*+.^_`|~0-9A-Za-z-]+)\)\Z")
 _ENV = re.compile(r"env\(([A-Za-z_][A-Za-z0-9_]*)\)\Z")
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid user and password "
                      b"to access this content.\n</body></html>\n")
 
@@ -122,7 +121,8 @@ def compile_value(text: str) -> Callable[[FeatureRequest], bytes] | bytes:
             lname = m.group(1).lower().encode()
             parts.append(lambda req, lname=lname: req.header(lname) or b"")
         else:  # env(NAME), fixed for the life of the table
-            parts.append(os.environ.get(_ENV.match(fetch).group(1), "").encode("latin-1"))
+            value = os.environ.get(_ENV.match(fetch).group(1), "")
+            parts.append(value.replace("\r", "").replace("\n", "").encode("latin-1", "replace"))
         last = match.end()
     parts.append(text[last:].encode("latin-1"))
     if all(isinstance(p, bytes) for p in parts):
@@ -423,7 +423,7 @@ class CompressedOut(list):
         self.clear()
 
 
-def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers, http11: bool) -> None:
+def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers, http11: bool, idempotent: bool) -> None:
     """The proxy's hook for a route with request steps: answer locally or build the head."""
     req = FeatureRequest(conn, method, url, host, headers)
     for step in route.request_steps:
@@ -433,7 +433,7 @@ def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers,
             ex.reply = reply
             return
     ex.route = route
-    ex.idempotent = method in IDEMPOTENT
+    ex.idempotent = idempotent
     ex.head = request_head(method, req.path + req.query, req.headers, conn.client_ip, conn.server.proto,
                            REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10)
     plan = route.response_plan

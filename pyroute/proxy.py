@@ -215,7 +215,7 @@ class ClientConnection(asyncio.Protocol):
             if route is None:
                 ex.local = 503
             elif route.features:
-                features.run(self, ex, route, method, url, host, headers, http11)
+                features.run(self, ex, route, method, url, host, headers, http11, method in IDEMPOTENT)
             else:
                 ex.route = route
                 ex.idempotent = method in IDEMPOTENT

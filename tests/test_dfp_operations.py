@@ -108,3 +108,14 @@ def test_raw_haproxy_env_warns_at_start(make_pyroute):
     wait_until(lambda: "EXTRA_FRONTEND is set but ignored" in p.log(), what="warning logged")
     log = p.log()
     assert "EXTRA_GLOBAL is set but ignored: pyroute does not take raw HAProxy config" in log
+
+
+def test_features_in_worker_processes(make_pyroute, dns, replicas):
+    """WORKERS>1: each worker re-parses the services with the same global settings."""
+    p = make_pyroute(WORKERS="2", USERS="w:pw", COMPRESSION_ALGO="gzip")
+    dns.set_service("wk-svc", replicas[0].ip)
+    p.reconfigure(serviceName="wk-svc", servicePath="/wk-svc", port=replicas[0].port, addReqHeader="X-Wk 1")
+    for _ in range(4):  # connections land on either worker
+        assert p.get("/wk-svc/hello")[0] == 401
+        st, h, _ = p.get("/wk-svc/hello", headers={"Accept-Encoding": "gzip", **basic("w", "pw")})
+        assert st == 200 and h["Content-Encoding"] == "gzip"
