@@ -187,6 +187,16 @@ def test_users_pass_encrypted(proxy, dns, up):
     assert proxy.get("/f-crypt", headers=basic("erin", "wrong"))[0] == 401
 
 
+# Made with `mkpasswd -m sha-512 -S saltsaltsalt12 mkpasswd-secret` (Debian package whois)
+MKPASSWD_SHA512 = "$6$saltsaltsalt12$RBfZBFEguV35zVSiSrLLD/qM63UKI9lZTeakVQHktmgHBdg9ls40qgtKJpGdOA3H13PaKK7i5rcNocKtD7s8x/"
+
+
+def test_users_pass_encrypted_mkpasswd_vector(proxy, dns, up):
+    register(proxy, dns, up, serviceName="f-mkpw", users=f"frank:{MKPASSWD_SHA512}", usersPassEncrypted="true")
+    assert proxy.get("/f-mkpw", headers=basic("frank", "mkpasswd-secret"))[0] == 200
+    assert proxy.get("/f-mkpw", headers=basic("frank", "mkpasswd-secreT"))[0] == 401
+
+
 def test_users_secret_and_ignore_authorization_index(proxy, dns, replicas, alt):
     dns.set_service("f-secret", "127.0.0.11")
     proxy.reconfigure({"serviceName": "f-secret", "usersSecret": "team", "users": "carol,dave",
