@@ -5,7 +5,7 @@ for it. A route with features runs its request steps in DESIGN.md's fixed phase 
 
     access   IP allow/deny lists (403), https/domain redirects (30x), denyHttp and
              method rules (403), basic auth (401; Authorization is not forwarded)
-    rewrite  reqPathSearchReplace on the path, request header del/set/add
+    rewrite  reqPathSearchReplace on the path, request header add/set/del (DFP's order)
     forward  the upstream head is built from the edited target and headers
     response response header add/set/del, gzip/deflate compression (a separate body path)
 
@@ -313,7 +313,7 @@ def compile_request_steps(service, destination) -> tuple:
 
 # -- response side --------------------------------------------------------------------------
 class ResponsePlan:
-    """What a route does to responses: header edits and/or gzip of some MIME types."""
+    """What a route does to responses: header edits and/or compression of some MIME types."""
 
     __slots__ = ("ops", "dynamic", "compress", "types")
     WBITS = {b"gzip": 31, b"deflate": 15}  # zlib window bits: gzip wrapper, zlib wrapper (HTTP "deflate")
