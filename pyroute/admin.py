@@ -118,9 +118,13 @@ class AdminApi:
     def ping(self, request: Request) -> Response:
         return json_response(200, "", Revision=self.registry.revision)
 
-    def reload(self, request: Request) -> Response:
-        # Routes are applied in-process on every change, so there is nothing to reload:
-        # answered as DFP does so that scripts calling it keep working.
+    async def reload(self, request: Request) -> Response:
+        # Routes are applied in-process on every change, so a plain reload has nothing to do.
+        # recreate=true rebuilds every data plane's route table from the registry, as DFP
+        # regenerates haproxy.cfg from its in-memory services.
+        if request.params.get("recreate", "").lower() == "true":
+            self.registry.republish("recreate requested")
+            return await self._applied(json_response(200, ""))
         return json_response(200, "")
 
     def successful_init_reload(self, request: Request) -> Response:
@@ -128,22 +132,41 @@ class AdminApi:
 
 
 def render_config(services: list[Service], revision: int) -> str:
-    """The effective routes in HAProxy's vocabulary, in the order they are matched."""
+    """The effective routes in HAProxy's vocabulary, in the order they are matched
+    (acl / use_backend lines in the frontend, one backend with its server line per route),
+    so that scripts written against DFP's haproxy.cfg keep finding what they grep for."""
     lines = [f"# pyroute routes, revision {revision}; first matching use_backend wins", "frontend services"]
     backends = []
+    default = None
     for service in services:
         for d in service.destinations:
             acl = f"{service.acl_name}{d.index}"
             backend = f"{service.acl_name}-be{d.port}_{d.index}"
             conditions = []
             if d.paths:
-                lines.append(f"    acl url_{acl} path_beg {' '.join(d.paths)}")
+                lines.append(f"    acl url_{acl} {d.path_type} {' '.join(d.paths)}")
                 conditions.append(f"url_{acl}")
+            if d.path_excludes:
+                lines.append(f"    acl url_exclude_{acl} path_beg {' '.join(d.path_excludes)}")
+                conditions.append(f"!url_exclude_{acl}")
             if d.domains:
                 lines.append(f"    acl domain_{acl} {service.domain_algo}(host) -i {' '.join(d.domains)}")
                 conditions.append(f"domain_{acl}")
+            for n, (name, value) in enumerate(d.header_match):
+                lines.append(f"    acl hdr_{acl}_{n} hdr({name}) {value}")
+                conditions.append(f"hdr_{acl}_{n}")
+            if d.user_agents:
+                lines.append(f"    acl user_agent_{acl} hdr_sub(User-Agent) -i {' '.join(d.user_agents)}")
+                conditions.append(f"user_agent_{acl}")
+            if d.src_port:
+                lines.append(f"    acl srcPort_{acl} dst_port {d.src_port}")
+                conditions.append(f"srcPort_{acl}")
             lines.append(f"    use_backend {backend} if {' '.join(conditions)}")
+            if service.is_default_backend and default is None:
+                default = backend
             backends += ["", f"backend {backend}", f"    server {service.name} {d.outbound_hostname or service.name}:{d.port}"]
+    if default:
+        lines.append(f"    default_backend {default}")
     return "\n".join(lines + backends) + "\n"
 
 

@@ -106,6 +106,37 @@ def _separator(value: Any, setting: str) -> str:
     return value
 
 
+def _flag_value(value: Any, setting: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise _bad(setting, "true or false", value)
+
+
+def _optional_text(value: Any, setting: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(setting, "a string", value)
+    return value.strip()
+
+
+def _domain_algo(value: Any, setting: str) -> str:
+    algo = value.strip().lower().removesuffix("(host)") if isinstance(value, str) else None
+    if algo not in ("hdr", "hdr_beg", "hdr_dom", "hdr_end"):
+        raise _bad(setting, "one of hdr, hdr_beg, hdr_dom, hdr_end (optionally with '(host)')", value)
+    return algo
+
+
+def _compression_algo(value: Any, setting: str) -> str:
+    algos = value.lower().split() if isinstance(value, str) else None
+    if algos is None or any(a not in ("gzip", "deflate", "identity") for a in algos):
+        raise _bad(setting, "a space-separated list of gzip, deflate, identity (or empty)", value)
+    return " ".join(algos)
+
+
 def _log_level(value: Any, setting: str) -> str:
     level = value.strip().lower() if isinstance(value, str) else None
     if level not in LOG_LEVELS:
@@ -251,6 +282,24 @@ class Settings:
     workers: int = _setting(parse=_integer(1), factory=_cpu_count, shown="number of CPUs",
                             help="processes serving the public listeners")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
+    service_domain_algo: str = _setting("hdr_beg", parse=_domain_algo,
+                                        help="default serviceDomainAlgo: hdr, hdr_beg, hdr_dom or hdr_end")
+    longest_match: bool = _setting(False, parse=_flag_value,
+                                   help="route by longest matching path first instead of DFP's aclName order")
+    https_only: bool = _setting(False, parse=_flag_value, help="redirect every service's plain HTTP to HTTPS")
+    users: str = _setting("", parse=_optional_text, shown='""',
+                          help="global basic auth for every service, user:pass comma list (realm defaultRealm)")
+    users_pass_encrypted: bool = _setting(False, parse=_flag_value,
+                                          help="USERS passwords are crypt(3) hashes (mkpasswd -m sha-512)")
+    compression_algo: str = _setting("", parse=_compression_algo, shown='""',
+                                     help="compress every service's responses: gzip and/or deflate (unless a service sets its own)")
+    compression_type: str = _setting("", parse=_optional_text, shown='""',
+                                     help="MIME types COMPRESSION_ALGO applies to, space separated (empty: all)")
+    filter_proxy_instance_name: bool = _setting(False, parse=_flag_value,
+                                                help="only accept services whose proxyInstanceName is PROXY_INSTANCE_NAME")
+    proxy_instance_name: str = _setting("docker-flow", parse=_text, help="this proxy's instance name")
+    secrets_dir: str = _setting("/run/secrets", parse=_text,
+                                help="Docker secrets directory: dfp_<setting> files override env, dfp_users_<x> for usersSecret")
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
@@ -306,10 +355,13 @@ def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str]
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    secrets = _secrets(namespace, environ, file_values)
     for f in _SETTINGS:
         env_name = f.name.upper()
         if getattr(namespace, f.name, None) is not None:
             raw, source, where = getattr(namespace, f.name), "cli", _flag(f.name)
+        elif f.name in secrets:
+            raw, source, where = secrets[f.name], "secret", f"secret dfp_{f.name}"
         elif env_name in environ:
             raw, source, where = environ[env_name], "env", env_name
         elif f.name in file_values:
@@ -320,6 +372,38 @@ def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str]
         values[f.name] = f.metadata["parse"](raw, where)
         sources[f.name] = source
     return Settings(**values, config_file=config_file, sources=MappingProxyType(sources))
+
+
+# DFP reads these from the environment only, never from a dfp_<name> secret.
+SECRET_EXEMPT = frozenset({"compression_algo", "compression_type", "https_only", "separator", "secrets_dir"})
+
+
+def _secrets(namespace: argparse.Namespace, environ: Mapping[str, str], file_values: Mapping[str, Any]) -> dict[str, str]:
+    """Docker secrets /run/secrets/dfp_<lower-case name>: each wins over its env var (DFP's rule)."""
+    directory = (getattr(namespace, "secrets_dir", None) or environ.get("SECRETS_DIR")
+                 or file_values.get("secrets_dir") or "/run/secrets")
+    found = {}
+    for f in _SETTINGS:
+        if f.name in SECRET_EXEMPT:
+            continue
+        try:
+            with open(os.path.join(str(directory), f"dfp_{f.name}"), encoding="utf-8") as fh:
+                found[f.name] = fh.read().strip()
+        except OSError:
+            continue
+    return found
+
+
+# DFP env vars that carry raw HAProxy configuration: pyroute cannot use them and says so at start.
+RAW_HAPROXY_ENV = ("EXTRA_GLOBAL", "EXTRA_FRONTEND", "CFG_TEMPLATE_PATH", "CAPTURE_REQUEST_HEADER",
+                   "DEBUG_HTTP_FORMAT", "DEBUG_TCP_FORMAT", "RESOLVERS")
+
+
+def raw_haproxy_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per raw-HAProxy env var that is set."""
+    environ = os.environ if environ is None else environ
+    return [f"{name} is set but ignored: pyroute does not take raw HAProxy config (see docs/dfp-compatibility.md)"
+            for name in RAW_HAPROXY_ENV if environ.get(name, "").strip()]
 
 
 def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:

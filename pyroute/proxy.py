@@ -20,6 +20,7 @@ from collections import deque
 
 import httptools
 
+from . import features
 from .errors import error_head_only, error_response
 from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
 from .resolver import ResolveError
@@ -45,7 +46,7 @@ class Exchange:
     __slots__ = (
         "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
-        "close_after",
+        "close_after", "reply", "on_response",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -65,6 +66,8 @@ class Exchange:
         self.retried = False
         self.local = 0  # status pyroute answers itself, 0 = forward
         self.close_after = False
+        self.reply = None  # features.Reply when a route feature answers (401, 403, 30x)
+        self.on_response = None  # a route's response edits (features.ResponsePlan), bound per request
 
 
 class ProxyServer:
@@ -208,9 +211,11 @@ class ClientConnection(asyncio.Protocol):
             ex.local, ex.keep_alive = 400, False
         else:
             query = url.find(b"?")
-            route = self.server.table.match(host, url if query < 0 else url[:query])
+            route = self.server.table.match(host, url if query < 0 else url[:query], headers, self)
             if route is None:
                 ex.local = 503
+            elif route.features:
+                features.run(self, ex, route, method, url, host, headers, http11, method in IDEMPOTENT)
             else:
                 ex.route = route
                 ex.idempotent = method in IDEMPOTENT
@@ -319,7 +324,10 @@ class ClientConnection(asyncio.Protocol):
         ex.local = status
         ex.responded = True
         ex.close_after = close
-        self.out.append(error_head_only(status, close) if ex.is_head else error_response(status, close))
+        if ex.reply is not None:
+            self.out.append(ex.reply.encode(close, ex.is_head))
+        else:
+            self.out.append(error_head_only(status, close) if ex.is_head else error_response(status, close))
         self._finish(ex)
 
     def _finish(self, ex: Exchange) -> None:
@@ -352,6 +360,8 @@ class ClientConnection(asyncio.Protocol):
         `forwardable` is headers.inspect_response_head's verdict for a keep-alive HTTP/1.1 client.
         """
         ex = self.queue[0]
+        if ex.on_response is not None:
+            return ex.on_response(self, ex, head, close_delimited)
         ex.responded = True
         close = not ex.keep_alive or not ex.request_done or close_delimited
         ex.close_after = close

@@ -12,14 +12,16 @@ import asyncio
 import errno
 import gc
 import logging
+import os
 import signal
 
 from .admin import AdminApi, AdminConnection
-from .config import Settings
+from .config import Settings, raw_haproxy_warnings
+from .envservices import env_services
 from .proxy import ProxyServer
 from .resolver import Resolver
 from .routing import RouteTable
-from .services import Service
+from .services import Service, ServiceDefaults, ServiceError
 from .state import ServiceRegistry, Snapshot
 from .upstream import Backend, UpstreamPool
 
@@ -69,6 +71,8 @@ class DataPlane:
         self.servers: list[asyncio.AbstractServer] = []
         self.revision = 0
         self._tick_handle: asyncio.TimerHandle | None = None
+        self.src_port_servers: dict[int, asyncio.AbstractServer] = {}  # srcPort listeners opened at runtime
+        self._listeners_lock = asyncio.Lock()
 
     def _backend(self, host: str, port: int) -> Backend:
         return Backend(host, port, self.resolver)
@@ -90,17 +94,38 @@ class DataPlane:
                 continue
             self.servers.append(await listen(self.proxy.factory, s.bind_address, spec.port, "HTTP", reuse_port=True))
         self._tick_handle = asyncio.get_running_loop().call_later(self._tick_interval(), self._tick)
+        await self.sync_src_ports()
+
+    async def sync_src_ports(self) -> None:
+        """Open an HTTP listener for every srcPort the routes use that no listener covers yet,
+        and close the ones no route uses any more (BIND_PORTS are opened at start and kept)."""
+        async with self._listeners_lock:
+            s = self.settings
+            static = {spec.port for spec in s.default_ports + s.bind_ports}
+            wanted = {r.destination.src_port for r in self.proxy.table.routes if r.destination.src_port} - static
+            for port in sorted(set(self.src_port_servers) - wanted):
+                self.src_port_servers.pop(port).close()
+                log.info("closed the srcPort listener on port %d", port)
+            for port in sorted(wanted - set(self.src_port_servers)):
+                try:
+                    self.src_port_servers[port] = await listen(
+                        self.proxy.factory, s.bind_address, port, "srcPort HTTP", reuse_port=True)
+                    log.info("opened an HTTP listener on port %d for srcPort", port)
+                except StartupError as exc:
+                    log.error("%s", exc)
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
-        table = RouteTable(services, self._backend, revision)
+        table = RouteTable(services, self._backend, revision, self.settings.longest_match)
         self.proxy.table = table
         self.revision = revision
         self.resolver.forget({route.backend.host for route in table.routes})
+        if self._tick_handle is not None:  # started already: bring the srcPort listeners in line with the new table
+            asyncio.get_running_loop().create_task(self.sync_src_ports())
 
     async def drain(self, grace: float) -> None:
         """Stop accepting, close idle connections, let requests in flight finish (up to `grace` s)."""
-        for server in self.servers:
+        for server in [*self.servers, *self.src_port_servers.values()]:
             server.close()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
@@ -152,10 +177,18 @@ class ControlPlane:
     def __init__(self, settings: Settings, planes):
         self.settings = settings
         self.planes = planes
-        self.registry = ServiceRegistry(settings.separator)
+        instance = settings.proxy_instance_name if settings.filter_proxy_instance_name else None
+        self.registry = ServiceRegistry(settings.separator, ServiceDefaults.from_settings(settings), instance)
         self.servers: list[asyncio.AbstractServer] = []
 
     async def start(self) -> None:
+        for warning in raw_haproxy_warnings():
+            log.warning("%s", warning)
+        for params in env_services(os.environ):
+            try:
+                self.registry.reconfigure(params)
+            except ServiceError as exc:
+                raise StartupError(f"DFP_SERVICE_* service {params.get('servicename', '?')!r}: {exc.message}") from None
         self.registry.subscribe(self.planes.publish)
         api = AdminApi(self.registry, self.planes.wait_applied)
         s = self.settings

@@ -9,14 +9,48 @@ with DFP's status codes for the errors, and nothing else: no I/O, no routing.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from .features import check_header_value
 
 MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 # A destination exists at index N when any of these carries the ".N" suffix (DFP's rule).
 _INDEX_MARKERS = ("servicepath", "port", "servicedomain", "httpsport")
 DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")
 DEFAULT_DOMAIN_ALGO = "hdr_beg"
+PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir")
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-deflate (no HTTP client asks for it)
+# DFP parameters that carry raw HAProxy configuration: pyroute has no HAProxy to hand them to.
+RAW_HAPROXY_PARAMS = {"templatefepath": "templateFePath", "templatebepath": "templateBePath",
+                      "backendextra": "backendExtra"}
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_METHOD = re.compile(r"[A-Z]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDefaults:
+    """Process-wide settings that shape how parameters are read (DFP's global env vars)."""
+
+    domain_algo: str = DEFAULT_DOMAIN_ALGO  # SERVICE_DOMAIN_ALGO
+    https_only: bool = False  # HTTPS_ONLY forces httpsOnly on every destination
+    users: str = ""  # USERS: global basic auth, realm defaultRealm
+    users_pass_encrypted: bool = False
+    compression_algo: str = ""  # COMPRESSION_ALGO / COMPRESSION_TYPE when a service sets none
+    compression_type: str = ""
+    secrets_dir: str = "/run/secrets"  # where usersSecret files live (dfp_users_<suffix>)
+
+    @classmethod
+    def from_settings(cls, settings) -> ServiceDefaults:
+        return cls(
+            domain_algo=settings.service_domain_algo, https_only=settings.https_only, users=settings.users,
+            users_pass_encrypted=settings.users_pass_encrypted, compression_algo=settings.compression_algo,
+            compression_type=settings.compression_type, secrets_dir=settings.secrets_dir,
+        )
 
 
 class ServiceError(Exception):
@@ -37,6 +71,27 @@ class Destination:
     domains: tuple[str, ...]  # lower-case, without the leading "*"
     port: int
     outbound_hostname: str | None  # dial this host instead of the service name
+    path_type: str = "path_beg"  # how `paths` match: one of PATH_TYPES
+    path_excludes: tuple[str, ...] = ()  # servicePathExclude: prefixes that never match
+    header_match: tuple[tuple[str, str], ...] = ()  # serviceHeader: (lower name, exact value), all must match
+    user_agents: tuple[str, ...] = ()  # userAgent: lower-case substrings, any may match
+    src_port: int = 0  # only requests arriving on this proxy port (0: any)
+    redirect_from: tuple[str, ...] = ()  # redirectFromDomain: hosts sent 301 to the first domain
+    path_rewrites: tuple[tuple[str, str], ...] = ()  # reqPathSearchReplace: (regex, replacement)
+    https_only: bool = False
+    https_redirect_code: int = 302
+    deny_http: bool = False
+    allowed_methods: tuple[str, ...] = ()
+    denied_methods: tuple[str, ...] = ()
+    ignore_authorization: bool = False
+    allowed_ips: tuple[str, ...] = ()  # CIDR networks, normalised
+    denied_ips: tuple[str, ...] = ()
+
+    @property
+    def conditional(self) -> bool:
+        """Whether matching needs more than a path prefix and the Host."""
+        return bool(self.path_type != "path_beg" or self.path_excludes or self.header_match
+                    or self.user_agents or self.src_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +101,21 @@ class Service:
     domain_algo: str  # one of DOMAIN_ALGOS, for every destination of the service
     destinations: tuple[Destination, ...]
     params: tuple[tuple[str, str], ...]  # the accepted parameters, as given (for /config and state)
+    is_default_backend: bool = False
+    req_add: tuple[tuple[str, str], ...] = ()  # (name, value template)
+    req_set: tuple[tuple[str, str], ...] = ()
+    req_del: tuple[str, ...] = ()
+    res_add: tuple[tuple[str, str], ...] = ()
+    res_set: tuple[tuple[str, str], ...] = ()
+    res_del: tuple[str, ...] = ()
+    users: tuple[tuple[str, str], ...] = ()  # (user, password or crypt hash); realm <serviceName>Realm
+    users_encrypted: bool = False
+    global_users: tuple[tuple[str, str], ...] = ()  # USERS, checked too; realm defaultRealm
+    global_users_encrypted: bool = False
+    redirect_when_http_proto: bool = False
+    redirect_unless_https_proto: bool = False
+    compression_algo: str = ""  # space-separated COMPRESSION_ALGOS, in preference order ("" = off)
+    compression_types: tuple[str, ...] = ()
 
     @property
     def dial_hosts(self) -> tuple[str, ...]:
@@ -65,9 +135,38 @@ class Service:
                     "Port": str(d.port),
                     "OutboundHostname": d.outbound_hostname or "",
                     "ReqMode": "http",
+                    "PathType": d.path_type,
+                    "ServicePathExclude": list(d.path_excludes),
+                    "ServiceHeader": dict(d.header_match),
+                    "UserAgent": {"Value": list(d.user_agents)},
+                    "SrcPort": d.src_port,
+                    "RedirectFromDomain": list(d.redirect_from),
+                    "ReqPathSearchReplaceFormatted": [f"{a},{b}" for a, b in d.path_rewrites],
+                    "HttpsOnly": d.https_only,
+                    "HttpsRedirectCode": str(d.https_redirect_code),
+                    "DenyHttp": d.deny_http,
+                    "AllowedMethods": list(d.allowed_methods),
+                    "DeniedMethods": list(d.denied_methods),
+                    "IgnoreAuthorization": d.ignore_authorization,
+                    "AllowedIPs": list(d.allowed_ips),
+                    "DeniedIPs": list(d.denied_ips),
                 }
                 for d in self.destinations
             ],
+            "IsDefaultBackend": self.is_default_backend,
+            "AddReqHeader": [f"{n} {v}" for n, v in self.req_add],
+            "SetReqHeader": [f"{n} {v}" for n, v in self.req_set],
+            "DelReqHeader": list(self.req_del),
+            "AddResHeader": [f"{n} {v}" for n, v in self.res_add],
+            "SetResHeader": [f"{n} {v}" for n, v in self.res_set],
+            "DelResHeader": list(self.res_del),
+            "Users": [{"Username": u, "Password": "***"} for u, _ in self.users],
+            "UsersPassEncrypted": self.users_encrypted,
+            "UseGlobalUsers": bool(self.global_users),
+            "RedirectWhenHttpProto": self.redirect_when_http_proto,
+            "RedirectUnlessHttpsProto": self.redirect_unless_https_proto,
+            "CompressionAlgo": self.compression_algo,
+            "CompressionType": " ".join(self.compression_types),
         }
 
 
@@ -123,19 +222,151 @@ def _indexes(params: Mapping[str, str]) -> list[int]:
     return found
 
 
-def parse_service(raw: Mapping[str, str], separator: str = ",") -> Service:
+def _bool(value: str | None, name: str) -> bool:
+    text = (value or "").strip().lower()
+    if text in ("", "false", "0", "no"):
+        return False
+    if text in ("true", "1", "yes"):
+        return True
+    raise ServiceError(400, f"{name} must be true or false, got {value!r}")
+
+
+def _methods(value: str | None, separator: str, name: str) -> tuple[str, ...]:
+    methods = tuple(m.upper() for m in _split(value, separator))
+    for method in methods:
+        if not _METHOD.match(method):
+            raise ServiceError(400, f"{name} holds an invalid method {method!r}")
+    return methods
+
+
+def _networks(value: str | None, separator: str, name: str) -> tuple[str, ...]:
+    out = []
+    for item in _split(value, separator):
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ServiceError(400, f"{name} holds {item!r}, which is not an IP address or CIDR network") from None
+    return tuple(out)
+
+
+def _header_edits(value: str | None, separator: str, name: str) -> tuple[tuple[str, str], ...]:
+    """DFP's "Name value" entries; the value may hold the %[...] fetches pyroute evaluates."""
+    out = []
+    for item in _split_entries(value, separator):
+        header, _, text = item.partition(" ")
+        if not _HEADER_NAME.match(header):
+            raise ServiceError(400, f"{name}: {header!r} is not a header name (expected 'Name value')")
+        problem = check_header_value(text.strip())
+        if problem:
+            raise ServiceError(400, f"{name}: {problem}")
+        out.append((header, text.strip()))
+    return tuple(out)
+
+
+def _split_entries(value: str | None, separator: str) -> tuple[str, ...]:
+    """Like _split, but a separator inside %[...] (e.g. %[hdr(host),lower]) does not split."""
+    text = value or ""
+    out, start, depth, i = [], 0, 0, 0
+    while i < len(text):
+        if depth == 0 and text.startswith(separator, i):
+            out.append(text[start:i])
+            i = start = i + len(separator)
+            continue
+        if text.startswith("%[", i):
+            depth += 1
+        elif text[i] == "]" and depth:
+            depth -= 1
+        i += 1
+    out.append(text[start:])
+    return tuple(item.strip() for item in out if item.strip())
+
+
+def _header_names(value: str | None, separator: str, name: str) -> tuple[str, ...]:
+    names = _split(value, separator)
+    for header in names:
+        if not _HEADER_NAME.match(header):
+            raise ServiceError(400, f"{name}: {header!r} is not a header name")
+    return names
+
+
+def _path_rewrites(value: str | None, name: str) -> tuple[tuple[str, str], ...]:
+    """'search,replace' pairs joined with ':' (DFP's reqPathSearchReplace)."""
+    out = []
+    for pair in (value or "").split(":"):
+        if not pair.strip():
+            continue
+        search, comma, replace = pair.partition(",")
+        if not comma or not search:
+            raise ServiceError(400, f"{name} expects 'search,replace' pairs joined with ':', got {pair!r}")
+        try:
+            re.compile(search).sub(replace, "/")
+        except (re.error, IndexError) as exc:
+            raise ServiceError(400, f"{name}: bad regex or replacement in {pair!r}: {exc}") from None
+        out.append((search, replace))
+    return tuple(out)
+
+
+def _user_list(text: str, separator: str) -> list[tuple[str, str | None]]:
+    """'user:pass' entries separated by the separator or new lines; a user may lack a password."""
+    out = []
+    for line in text.replace("\n", separator).split(separator):
+        entry = line.strip()
+        if entry:
+            user, colon, password = entry.partition(":")
+            out.append((user.strip(), password.strip() if colon else None))
+    return out
+
+
+def _read_users_secret(defaults: ServiceDefaults, suffix: str) -> list[tuple[str, str | None]]:
+    if not suffix.replace("-", "").replace("_", "").isalnum():
+        raise ServiceError(400, f"usersSecret must be a plain secret name suffix, got {suffix!r}")
+    path = os.path.join(defaults.secrets_dir, f"dfp_users_{suffix}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return _user_list(fh.read(), ",")
+    except OSError as exc:
+        raise ServiceError(400, f"usersSecret {suffix!r}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _auth(params: dict[str, str], separator: str, defaults: ServiceDefaults):
+    """(users, encrypted) of the service's own userlist, as DFP builds it."""
+    global_users = [(u, p) for u, p in _user_list(defaults.users, ",") if u and p]
+    secret = params.get("userssecret", "").strip()
+    secret_users = _read_users_secret(defaults, secret) if secret else []
+    requested = _user_list(params.get("users", ""), separator) if params.get("users", "").strip() else secret_users
+    if not requested and not secret:
+        return (), False
+    fallback = dict(secret_users)
+    fallback_global = dict(global_users)
+    users = []
+    for user, password in requested:
+        if not password:
+            password = fallback.get(user) or fallback_global.get(user)
+        if user and password:
+            users.append((user, password))
+    if not users:  # DFP: users asked for but none usable -> a random user nobody knows locks everyone out
+        users.append((secrets.token_hex(8), secrets.token_hex(16)))
+    return tuple(users), _bool(params.get("userspassencrypted"), "usersPassEncrypted")
+
+
+def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: ServiceDefaults | None = None) -> Service:
     """Validate DFP reconfigure parameters into a Service, or raise ServiceError.
 
     Status codes follow DFP: 400 for a missing serviceName or port (or a malformed
     value), 409 for an http service with neither servicePath nor serviceDomain.
     """
+    defaults = defaults or ServiceDefaults()
     params = _lower_keys(raw)
+    for key, spelled in RAW_HAPROXY_PARAMS.items():
+        if params.get(key, "").strip():
+            raise ServiceError(400, f"{spelled} is not supported: pyroute does not take raw HAProxy config "
+                               "(see docs/dfp-compatibility.md for the parameters that replace it)")
     name = params.get("servicename", "").strip()
     if not name:
         raise ServiceError(400, "serviceName parameter is mandatory")
     _check_host(name, "serviceName")
 
-    domain_algo = params.get("servicedomainalgo", "").strip().lower() or DEFAULT_DOMAIN_ALGO
+    domain_algo = params.get("servicedomainalgo", "").strip().lower() or defaults.domain_algo
     domain_algo = domain_algo.removesuffix("(host)")
     if params.get("servicedomainmatchall", "").lower() == "true":
         domain_algo = "hdr_dom"
@@ -162,25 +393,101 @@ def parse_service(raw: Mapping[str, str], separator: str = ",") -> Service:
         for domain in _split(value("servicedomain", index), separator):
             if domain.startswith("*"):
                 wildcard, domain = True, domain.lstrip("*")
-            domains.append(_check_host(domain.lower(), "serviceDomain" + suffix))
-        paths = tuple(_check_path(p, "servicePath" + suffix) for p in _split(value("servicepath", index), separator))
+            _check_host(domain.lower().lstrip(".") if wildcard else domain.lower(), "serviceDomain" + suffix)
+            domains.append(domain.lower())  # "*.a.com" keeps its dot: a suffix match on ".a.com"
+        path_type = (value("pathtype", index) or "").strip().lower() or "path_beg"
+        if path_type not in PATH_TYPES:
+            raise ServiceError(400, f"pathType{suffix} must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
+        paths = _split(value("servicepath", index), separator)
+        if path_type in ("path_end", "path_reg"):  # suffixes and regexes need not start with "/"
+            for pattern in paths:
+                if any(c.isspace() or ord(c) < 0x20 for c in pattern):
+                    raise ServiceError(400, f"servicePath{suffix} entries hold no spaces, got {pattern!r}")
+        else:
+            paths = tuple(_check_path(p, "servicePath" + suffix) for p in paths)
         if not paths and not domains:
             raise ServiceError(409, "When using reqMode http, servicePath or serviceDomain or both must be set")
         outbound = (value("outboundhostname", index) or "").strip() or None
         if outbound:
             _check_host(outbound, "outboundHostname" + suffix)
-        destinations.append(Destination(index, paths or ("/",), tuple(domains), port, outbound))
+        if path_type == "path_reg":
+            for pattern in paths:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ServiceError(400, f"servicePath{suffix} is not a valid regex for path_reg: {exc}") from None
+        header_match = []
+        for item in _split(value("serviceheader", index), separator):
+            header, colon, expected = item.partition(":")
+            if not colon or not _HEADER_NAME.match(header.strip()):
+                raise ServiceError(400, f"serviceHeader{suffix} expects 'Name:value' entries, got {item!r}")
+            header_match.append((header.strip().lower(), expected.strip()))
+        src_port_text = (value("srcport", index) or "").strip()
+        src_port = _parse_port(src_port_text, "srcPort" + suffix) if src_port_text not in ("", "0") else 0
+        code_text = (value("httpsredirectcode", index) or "").strip() or "302"
+        if not code_text.isdigit() or int(code_text) not in REDIRECT_CODES:
+            raise ServiceError(400, f"httpsRedirectCode{suffix} must be one of {REDIRECT_CODES}, got {code_text!r}")
+        destinations.append(Destination(
+            index, paths or ("/",), tuple(domains), port, outbound,
+            path_type=path_type,
+            path_excludes=tuple(_check_path(p, "servicePathExclude" + suffix)
+                                for p in _split(value("servicepathexclude", index), separator)),
+            header_match=tuple(header_match),
+            user_agents=tuple(u.lower() for u in _split(value("useragent", index), separator)),
+            src_port=src_port,
+            redirect_from=tuple(_check_host(d.lower(), "redirectFromDomain" + suffix)
+                                for d in _split(value("redirectfromdomain", index), separator)),
+            path_rewrites=_path_rewrites(value("reqpathsearchreplace", index), "reqPathSearchReplace" + suffix)
+            or _deprecated_rewrite(params),
+            https_only=defaults.https_only or _bool(value("httpsonly", index), "httpsOnly" + suffix),
+            https_redirect_code=int(code_text),
+            deny_http=_bool(value("denyhttp", index), "denyHttp" + suffix),
+            allowed_methods=_methods(value("allowedmethods", index), separator, "allowedMethods" + suffix),
+            denied_methods=_methods(value("deniedmethods", index), separator, "deniedMethods" + suffix),
+            ignore_authorization=_bool(value("ignoreauthorization", index), "ignoreAuthorization" + suffix),
+            allowed_ips=_networks(value("allowedips", index), separator, "allowedIPs" + suffix),
+            denied_ips=_networks(value("deniedips", index), separator, "deniedIPs" + suffix),
+        ))
 
     if wildcard:
         domain_algo = "hdr_end"  # DFP: a leading "*" switches the whole service to suffix matching
     acl_name = params.get("aclname", "").strip() or name
+    users, users_encrypted = _auth(params, separator, defaults)
+    compression_algo = " ".join((params.get("compressionalgo", "").strip() or defaults.compression_algo).lower().split())
+    for algo in compression_algo.split():
+        if algo not in COMPRESSION_ALGOS:
+            raise ServiceError(400, f"compressionAlgo {algo!r} is not supported (one of {', '.join(COMPRESSION_ALGOS)})")
+    compression_type = params.get("compressiontype", "").strip() or defaults.compression_type
     return Service(
         name=name,
         acl_name=acl_name,
         domain_algo=domain_algo,
         destinations=tuple(destinations),
         params=tuple(raw.items()),
+        is_default_backend=_bool(params.get("isdefaultbackend"), "isDefaultBackend"),
+        req_add=_header_edits(params.get("addreqheader") or params.get("addheader"), separator, "addReqHeader"),
+        req_set=_header_edits(params.get("setreqheader") or params.get("setheader"), separator, "setReqHeader"),
+        req_del=_header_names(params.get("delreqheader"), separator, "delReqHeader"),
+        res_add=_header_edits(params.get("addresheader"), separator, "addResHeader"),
+        res_set=_header_edits(params.get("setresheader"), separator, "setResHeader"),
+        res_del=_header_names(params.get("delresheader"), separator, "delResHeader"),
+        users=users,
+        users_encrypted=users_encrypted,
+        global_users=tuple((u, p) for u, p in _user_list(defaults.users, ",") if u and p),
+        global_users_encrypted=defaults.users_pass_encrypted,
+        redirect_when_http_proto=_bool(params.get("redirectwhenhttpproto"), "redirectWhenHttpProto"),
+        redirect_unless_https_proto=_bool(params.get("redirectunlesshttpsproto"), "redirectUnlessHttpsProto"),
+        compression_algo=compression_algo,
+        compression_types=tuple(t.lower() for t in compression_type.replace(",", " ").split()) if compression_algo else (),
     )
+
+
+def _deprecated_rewrite(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """reqPathSearch/reqPathReplace, the pair reqPathSearchReplace replaced."""
+    search = params.get("reqpathsearch", "")
+    if not search:
+        return ()
+    return _path_rewrites(f"{search},{params.get('reqpathreplace', '')}", "reqPathSearch")
 
 
 def is_removal(raw: Mapping[str, str]) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from .services import Service, is_removal, parse_service
+from .services import Service, ServiceDefaults, is_removal, parse_service
 
 log = logging.getLogger("pyroute.state")
 
@@ -18,8 +18,10 @@ Snapshot = tuple[int, tuple[Service, ...]]
 
 
 class ServiceRegistry:
-    def __init__(self, separator: str = ","):
+    def __init__(self, separator: str = ",", defaults: ServiceDefaults | None = None, instance: str | None = None):
         self.separator = separator
+        self.defaults = defaults or ServiceDefaults()
+        self.instance = instance  # FILTER_PROXY_INSTANCE_NAME: only services naming this instance apply
         self.revision = 0
         self._services: dict[str, Service] = {}
         self._subscribers: list[Callable[[Snapshot], None]] = []
@@ -42,11 +44,14 @@ class ServiceRegistry:
 
         Raises services.ServiceError, leaving everything as it was.
         """
+        if self.instance is not None and _param(params, "proxyinstancename").strip() != self.instance:
+            log.info("ignored %s: proxyInstanceName is not %s", _param(params, "servicename"), self.instance)
+            return None
         if is_removal(params):
             name = params.get("serviceName") or next((v for k, v in params.items() if k.lower() == "servicename"), "")
             self.remove(name)
             return None
-        service = parse_service(params, self.separator)
+        service = parse_service(params, self.separator, self.defaults)
         self._services[service.name] = service
         self._publish(f"reconfigured {service.name}")
         return service
@@ -57,9 +62,17 @@ class ServiceRegistry:
         self._publish(f"removed {name}")
         return True
 
+    def republish(self, why: str) -> None:
+        """Hand the same services out again as a new revision (reload?recreate=true)."""
+        self._publish(why)
+
     def _publish(self, what: str) -> None:
         self.revision += 1
         log.info("%s (revision %d, %d services)", what, self.revision, len(self._services))
         snapshot = self.snapshot()
         for callback in self._subscribers:
             callback(snapshot)
+
+
+def _param(params: Mapping[str, str], lname: str) -> str:
+    return next((v for k, v in params.items() if k.lower() == lname), "")

@@ -30,7 +30,7 @@ import orjson
 
 from .config import ListenSpec, Settings
 from .server import ControlPlane, DataPlane, StartupError, settle_memory, wait_for_signal
-from .services import parse_service
+from .services import ServiceDefaults, parse_service
 from .state import Snapshot
 
 log = logging.getLogger("pyroute.workers")
@@ -218,8 +218,8 @@ async def _worker_main(fd: int) -> int:
                 plane = DataPlane(settings)
                 plane.prepare()
             elif "revision" in message:
-                separator = plane.settings.separator
-                services = tuple(parse_service(dict(params), separator) for params in message["services"])
+                separator, defaults = plane.settings.separator, ServiceDefaults.from_settings(plane.settings)
+                services = tuple(parse_service(dict(params), separator, defaults) for params in message["services"])
                 plane.apply(message["revision"], services)
                 writer.write(orjson.dumps({"applied": message["revision"]}) + b"\n")
                 if not plane.servers:  # first table in hand: now accept traffic

@@ -45,6 +45,25 @@ def test_route_match_1_service(benchmark):
     assert route.service.name == "go-demo"
 
 
+def test_route_match_1000_services_with_conditional_routes(benchmark):
+    """Conditional routes (here: header and userAgent matches) only cost when they outrank the plain match."""
+    services = [parse_service({"serviceName": f"svc-{i}", "servicePath": f"/svc-{i}/", "port": "8080"}) for i in range(1000)]
+    services.append(parse_service({"serviceName": "zz-canary", "servicePath": "/svc-737/", "port": "8080",
+                                   "serviceHeader": "X-Canary:1"}))
+    services.append(parse_service({"serviceName": "aa-mobile", "servicePath": "/m/", "port": "8080",
+                                   "userAgent": "iPhone"}))
+    table = RouteTable(services, lambda host, port: (host, port))
+    route = benchmark(table.match, b"127.0.0.1:8000", b"/svc-737/items/42", BROWSER_HEADERS, None)
+    assert route.service.name == "svc-737"
+
+
+def test_route_match_longest_1000_services(benchmark):
+    services = [parse_service({"serviceName": f"svc-{i}", "servicePath": f"/svc-{i}/", "port": "8080"}) for i in range(1000)]
+    table = RouteTable(services, lambda host, port: (host, port), longest_match=True)
+    route = benchmark(table.match, b"127.0.0.1:8000", b"/svc-737/items/42")
+    assert route.service.name == "svc-737"
+
+
 def test_request_head_rewrite_small(benchmark):
     head = benchmark(request_head, b"GET", b"/demo/hello", [(b"Host", b"127.0.0.1:8000")], b"127.0.0.1", b"http")
     assert head == (

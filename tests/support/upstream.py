@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gzip
 import hashlib
 import itertools
 import re
@@ -308,6 +309,11 @@ class Fleet:
             writer.write(b"this is not HTTP at all\r\n\x00\x01\x02\r\n\r\n")
             await writer.drain()
             return False
+        if path.endswith("/encoded"):  # already gzip'd by the upstream: a proxy must not compress it again
+            body = gzip.compress(b'{"already": "compressed"}')
+            await send(200, [("Content-Type", "application/json"), ("Content-Encoding", "gzip"),
+                             ("Content-Length", str(len(body)))], body)
+            return True
         if path.endswith("/upload"):
             body = orjson.dumps({"len": rec.body_len, "sha256": rec.body_sha256, "upstream": u.addr})
             await send(200, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body)

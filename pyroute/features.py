@@ -1,0 +1,443 @@
+"""Per-route features, compiled into request and response steps when a route table is built.
+
+A route with no feature has empty step tuples and the proxy never calls into this module
+for it. A route with features runs its request steps in DESIGN.md's fixed phase order:
+
+    access   IP allow/deny lists (403), https/domain redirects (30x), denyHttp and
+             method rules (403), basic auth (401; Authorization is not forwarded)
+    rewrite  reqPathSearchReplace on the path, request header add/set/del (DFP's order)
+    forward  the upstream head is built from the edited target and headers
+    response response header add/set/del, gzip/deflate compression (a separate body path)
+
+A request step is ``step(req) -> Reply | None``: a Reply answers the request locally,
+None lets the next step run. Steps see one ``FeatureRequest`` and may edit its target
+and header list.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import os
+import re
+import warnings
+import zlib
+from collections.abc import Callable
+
+import httptools
+
+from .errors import PAGES, error_response
+from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
+
+with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(3) (SHA-512 "$6$")
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import crypt
+
+FETCH = re.compile(r"%\[([^\]]*)\]")
+_REQ_HDR = re.compile(r"req\.hdr\(([!#$%&'*+.^_`|~0-9A-Za-z-]+)\)\Z")
+_ENV = re.compile(r"env\(([A-Za-z_][A-Za-z0-9_]*)\)\Z")
+UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid user and password "
+                     b"to access this content.\n</body></html>\n")
+
+
+def check_header_value(text: str) -> str:
+    """'' when a header value is usable, else what is wrong (named for the 400 answer)."""
+    if any(c in text for c in "\r\n\0"):
+        return "header values cannot hold CR, LF or NUL"
+    for match in FETCH.finditer(text):
+        fetch = match.group(1)
+        if fetch not in ("src", "dst_port") and not _REQ_HDR.match(fetch) and not _ENV.match(fetch):
+            return (f"%[{fetch}] is not supported: pyroute evaluates %[src], %[dst_port], "
+                    "%[req.hdr(Name)] and %[env(NAME)] only")
+    return ""
+
+
+class FeatureRequest:
+    """The request as the steps see and edit it."""
+
+    __slots__ = ("conn", "method", "path", "query", "host", "headers")
+
+    def __init__(self, conn, method: bytes, url: bytes, host: bytes | None, headers: list[tuple[bytes, bytes]]):
+        self.conn = conn
+        self.method = method
+        q = url.find(b"?")
+        self.path, self.query = (url, b"") if q < 0 else (url[:q], url[q:])
+        self.host = host
+        self.headers = headers
+
+    def header(self, lname: bytes) -> bytes | None:
+        for name, value in self.headers:
+            if name.lower() == lname:
+                return value
+        return None
+
+    def local_port(self) -> int:
+        sockname = self.conn.transport.get_extra_info("sockname")
+        return sockname[1] if sockname else 0
+
+
+class Reply:
+    """A response pyroute gives itself for a feature (401, 403, 30x)."""
+
+    __slots__ = ("status", "extra", "body")
+
+    def __init__(self, status: int, extra: bytes = b"", body: bytes | None = None):
+        self.status = status
+        self.extra = extra  # complete header lines, CRLF-terminated
+        self.body = body
+
+    def encode(self, close: bool, head_only: bool) -> bytes:
+        if self.body is None:
+            page = error_response(self.status, False) if self.status in PAGES else b"\r\n\r\n"
+            body = page[page.index(b"\r\n\r\n") + 4 :]
+        else:
+            body = self.body
+        title = {401: "Unauthorized", 301: "Moved Permanently", 302: "Found", 303: "See Other",
+                 307: "Temporary Redirect", 308: "Permanent Redirect"}.get(self.status) or PAGES[self.status][0]
+        head = (b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\nCache-Control: no-cache\r\n" % (self.status, title.encode(), len(body))
+                + (b"Content-Type: text/html\r\n" if body else b"") + self.extra
+                + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+        return head if head_only else head + body
+
+
+FORBIDDEN = Reply(403)
+
+
+# -- header value templates ---------------------------------------------------------------
+def compile_value(text: str) -> Callable[[FeatureRequest], bytes] | bytes:
+    """A header value: constant bytes, or a function of the request for %[...] fetches."""
+    parts: list = []
+    last = 0
+    for match in FETCH.finditer(text):
+        parts.append(text[last : match.start()].encode("latin-1"))
+        fetch = match.group(1)
+        if fetch == "src":
+            parts.append(lambda req: req.conn.client_ip)
+        elif fetch == "dst_port":
+            parts.append(lambda req: str(req.local_port()).encode())
+        elif m := _REQ_HDR.match(fetch):
+            lname = m.group(1).lower().encode()
+            parts.append(lambda req, lname=lname: req.header(lname) or b"")
+        else:  # env(NAME), fixed for the life of the table
+            value = os.environ.get(_ENV.match(fetch).group(1), "")
+            parts.append(value.replace("\r", "").replace("\n", "").encode("latin-1", "replace"))
+        last = match.end()
+    parts.append(text[last:].encode("latin-1"))
+    if all(isinstance(p, bytes) for p in parts):
+        return b"".join(parts)
+    return lambda req: b"".join(p if isinstance(p, bytes) else p(req) for p in parts)
+
+
+def _value(template, req: FeatureRequest) -> bytes:
+    return template if isinstance(template, bytes) else template(req)
+
+
+def _compile_edits(delete, set_, add) -> tuple:
+    """Edits in DFP's order (add-header, set-header, del-header): (drop names, additions) per op."""
+    ops = [(frozenset(), ((n.encode(), compile_value(v)),)) for n, v in add]
+    ops += [(frozenset({n.lower().encode()}), ((n.encode(), compile_value(v)),)) for n, v in set_]
+    if delete:
+        ops.append((frozenset(n.lower().encode() for n in delete), ()))
+    return tuple(ops)
+
+
+def _apply_edits(ops, headers: list, req) -> list:
+    for drop, additions in ops:
+        if drop:
+            headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        for name, template in additions:
+            headers.append((name, _value(template, req)))
+    return headers
+
+
+# -- request steps --------------------------------------------------------------------------
+def _ip_step(allowed: tuple[str, ...], denied: tuple[str, ...]):
+    allow = tuple(ipaddress.ip_network(n) for n in allowed)
+    deny = tuple(ipaddress.ip_network(n) for n in denied)
+
+    def ip_rules(req: FeatureRequest) -> Reply | None:
+        try:
+            ip = ipaddress.ip_address(req.conn.client_ip.decode())
+        except ValueError:
+            return FORBIDDEN
+        if any(ip in n for n in deny) or (allow and not any(ip in n for n in allow)):
+            return FORBIDDEN
+        return None
+
+    return ip_rules
+
+
+def _redirect(code: int, location: bytes) -> Reply:
+    return Reply(code, b"Location: " + location + b"\r\n", b"")
+
+
+def _https_only_step(code: int):
+    def https_only(req: FeatureRequest) -> Reply | None:
+        if req.conn.server.proto == b"http":
+            return _redirect(code, b"https://" + (req.host or b"") + req.path + req.query)
+        return None
+
+    return https_only
+
+
+def _proto_header_step(code: int, redirect_when: bytes | None):
+    """redirectWhenHttpProto (X-Forwarded-Proto is http) / redirectUnlessHttpsProto (is not https)."""
+
+    def proto_redirect(req: FeatureRequest) -> Reply | None:
+        proto = (req.header(b"x-forwarded-proto") or b"").strip().lower()
+        if (proto == b"http") if redirect_when else (proto != b"https"):
+            return _redirect(code, b"https://" + (req.host or b"") + req.path + req.query)
+        return None
+
+    return proto_redirect
+
+
+def _domain_redirect_step(sources: tuple[str, ...], target: str):
+    """DFP: ``http-request redirect code 301 prefix http://<first domain> if { hdr_beg(host) -i <from> }``."""
+    from .routing import normalize_host  # (routing imports this module; by now it is loaded)
+
+    prefix = b"http://" + target.encode()
+
+    def domain_redirect(req: FeatureRequest) -> Reply | None:
+        host = normalize_host(req.host or b"")
+        if host.startswith(sources):
+            return _redirect(301, prefix + req.path + req.query)
+        return None
+
+    return domain_redirect
+
+
+def _deny_http_step(req: FeatureRequest) -> Reply | None:
+    return FORBIDDEN if req.conn.server.proto == b"http" else None
+
+
+def _method_step(allowed: tuple[str, ...], denied: tuple[str, ...]):
+    allow = frozenset(m.encode() for m in allowed)
+    deny = frozenset(m.encode() for m in denied)
+
+    def methods(req: FeatureRequest) -> Reply | None:
+        if req.method in deny or (allow and req.method not in allow):
+            return FORBIDDEN
+        return None
+
+    return methods
+
+
+def _auth_step(users: tuple[tuple[str, str], ...], encrypted: bool, realm: str):
+    table = {u.encode(): p.encode() for u, p in users}
+    challenge = Reply(401, b'WWW-Authenticate: Basic realm="' + realm.encode() + b'"\r\n', UNAUTHORIZED_BODY)
+    decoy = next(iter(table.values()))  # unknown users cost a comparison too
+
+    def verify(password: bytes, secret: bytes) -> bool:
+        if encrypted:
+            try:
+                hashed = crypt.crypt(password.decode("utf-8", "replace"), secret.decode("latin-1")) or ""
+            except (ValueError, OSError):
+                return False
+            return hmac.compare_digest(hashed.encode(), secret)
+        return hmac.compare_digest(password, secret)
+
+    def basic_auth(req: FeatureRequest) -> Reply | None:
+        credentials = req.header(b"authorization")
+        if credentials is None or credentials[:6].lower() != b"basic ":
+            return challenge
+        try:
+            user, colon, password = base64.b64decode(credentials[6:].strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return challenge
+        secret = table.get(user)
+        ok = verify(password, secret if secret is not None else decoy)
+        return None if ok and colon and secret is not None else challenge
+
+    return basic_auth
+
+
+def _drop_authorization(req: FeatureRequest) -> None:
+    """Credentials checked by pyroute are not the upstream's business (DFP: del-header Authorization)."""
+    req.headers[:] = [(n, v) for n, v in req.headers if n.lower() != b"authorization"]
+
+
+def _rewrite_step(rewrites: tuple[tuple[str, str], ...]):
+    compiled = tuple((re.compile(s), r) for s, r in rewrites)
+
+    def rewrite_path(req: FeatureRequest) -> None:
+        path = req.path.decode("latin-1")
+        for pattern, replacement in compiled:
+            path = pattern.sub(replacement, path, count=1)
+        req.path = path.encode("latin-1")
+
+    return rewrite_path
+
+
+def _request_headers_step(ops):
+    def request_headers(req: FeatureRequest) -> None:
+        req.headers[:] = _apply_edits(ops, list(req.headers), req)
+
+    return request_headers
+
+
+def compile_request_steps(service, destination) -> tuple:
+    """The request steps of one route, in phase order (empty for a plain route)."""
+    d = destination
+    steps: list = []
+    if d.allowed_ips or d.denied_ips:
+        steps.append(_ip_step(d.allowed_ips, d.denied_ips))
+    if d.redirect_from and d.domains:
+        steps.append(_domain_redirect_step(d.redirect_from, d.domains[0]))
+    if d.https_only:
+        steps.append(_https_only_step(d.https_redirect_code))
+    if service.redirect_when_http_proto:
+        steps.append(_proto_header_step(d.https_redirect_code, b"http"))
+    elif service.redirect_unless_https_proto:
+        steps.append(_proto_header_step(d.https_redirect_code, None))
+    if d.deny_http:
+        steps.append(_deny_http_step)
+    if d.allowed_methods or d.denied_methods:
+        steps.append(_method_step(d.allowed_methods, d.denied_methods))
+    if not d.ignore_authorization and (service.users or service.global_users):
+        # DFP checks the service's userlist, then the global one: credentials must pass both
+        if service.users:
+            steps.append(_auth_step(service.users, service.users_encrypted, f"{service.name}Realm"))
+        if service.global_users:
+            steps.append(_auth_step(service.global_users, service.global_users_encrypted, "defaultRealm"))
+        steps.append(_drop_authorization)
+    if d.path_rewrites:
+        steps.append(_rewrite_step(d.path_rewrites))
+    ops = _compile_edits(service.req_del, service.req_set, service.req_add)
+    if ops:
+        steps.append(_request_headers_step(ops))
+    return tuple(steps)
+
+
+# -- response side --------------------------------------------------------------------------
+class ResponsePlan:
+    """What a route does to responses: header edits and/or compression of some MIME types."""
+
+    __slots__ = ("ops", "dynamic", "compress", "types")
+    WBITS = {b"gzip": 31, b"deflate": 15}  # zlib window bits: gzip wrapper, zlib wrapper (HTTP "deflate")
+
+    def __init__(self, service):
+        self.ops = _compile_edits(service.res_del, service.res_set, service.res_add)
+        self.dynamic = any(not isinstance(t, bytes) for _, additions in self.ops for _, t in additions)
+        self.compress = tuple(a.encode() for a in service.compression_algo.split() if a != "identity")
+        self.types = tuple(t.encode() for t in service.compression_types)
+
+    def __bool__(self) -> bool:
+        return bool(self.ops or self.compress)
+
+    def edit(self, conn, ex, head: bytes, close_delimited: bool, req: FeatureRequest | None, coding: bytes | None) -> bool:
+        """Queue the edited head (what ClientConnection.response_head does, plus the edits)."""
+        lines = head[:-4].split(b"\r\n")
+        fields = []
+        for line in lines[1:]:
+            colon = line.find(b":")
+            fields.append((line[:colon], line[colon + 1 :].strip(b" \t")))
+        original = head
+        compressing = False
+        if self.compress:
+            compressing = self._compressible(lines[0], fields, ex) and not close_delimited
+            if compressing or self._type_matches(fields):
+                fields = [(n, v) for n, v in fields if n.lower() != b"vary" or b"accept-encoding" not in v.lower()]
+                fields.append((b"Vary", b"Accept-Encoding"))
+            compressing = compressing and coding is not None
+            if compressing:
+                fields = [(n, v) for n, v in fields if n.lower() not in (b"content-length", b"transfer-encoding")]
+                fields += [(b"Content-Encoding", coding), (b"Transfer-Encoding", b"chunked")]
+        fields = _apply_edits(self.ops, fields, req)
+        head = b"\r\n".join([lines[0], *(n + b": " + v for n, v in fields)]) + b"\r\n\r\n"
+        ex.responded = True
+        close = not ex.keep_alive or not ex.request_done or close_delimited
+        ex.close_after = close
+        if ex.http11:
+            conn.out.append(rewrite_response_head(head, b"close" if close else None))
+        else:
+            conn.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive"))
+        if compressing:
+            out = CompressedOut(conn, conn.out, original, self.WBITS[coding])
+            if not out.done:  # (an empty body completes at once and restores conn.out itself)
+                conn.out = out
+        return False
+
+    def _type_matches(self, fields) -> bool:
+        ctype = next((v for n, v in fields if n.lower() == b"content-type"), None)
+        if ctype is None:
+            return False
+        mime = ctype.split(b";")[0].strip().lower()
+        return not self.types or mime in self.types
+
+    def _compressible(self, status_line: bytes, fields, ex) -> bool:
+        if ex.is_head or not ex.http11 or status_line[9:12] != b"200":
+            return False
+        for name, value in fields:
+            lname = name.lower()
+            if lname == b"content-encoding" or (lname == b"cache-control" and b"no-transform" in value.lower()):
+                return False
+        return self._type_matches(fields)
+
+
+def _accepted(value: bytes | None, offered: tuple[bytes, ...]) -> bytes | None:
+    """The first of `offered` that Accept-Encoding names (or covers with *) with a q-value above 0."""
+    accepted = {}
+    for item in (value or b"").lower().split(b","):
+        coding, _, params = item.strip().partition(b";")
+        q = params.strip()
+        try:
+            accepted[coding.strip()] = not q.startswith(b"q=") or float(q[2:]) > 0
+        except ValueError:
+            accepted[coding.strip()] = False
+    for coding in offered:
+        if accepted.get(coding, accepted.get(b"*", False)):
+            return coding
+    return None
+
+
+class CompressedOut(list):
+    """The client's output list while a compressed body streams: raw upstream body bytes
+    appended here are de-framed (a second llhttp parser) and go out compressed in chunks."""
+
+    def __init__(self, conn, queued: list[bytes], head: bytes, wbits: int):
+        super().__init__(queued)
+        self.conn = conn
+        self.zip = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        self.parser = httptools.HttpResponseParser(self)
+        self.done = False
+        self.parser.feed_data(head)
+
+    def append(self, data: bytes) -> None:
+        if self.done:
+            return super().append(data)
+        self.parser.feed_data(data)
+
+    def on_body(self, body: bytes) -> None:
+        chunk = self.zip.compress(body) + self.zip.flush(zlib.Z_SYNC_FLUSH)
+        if chunk:
+            super().append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+
+    def on_message_complete(self) -> None:
+        tail = self.zip.flush()
+        super().append(b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail))
+        self.done = True
+        self.conn.out = list(self)  # later exchanges use a plain list again
+        self.clear()
+
+
+def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers, http11: bool, idempotent: bool) -> None:
+    """The proxy's hook for a route with request steps: answer locally or build the head."""
+    req = FeatureRequest(conn, method, url, host, headers)
+    for step in route.request_steps:
+        reply = step(req)
+        if reply is not None:
+            ex.local = reply.status
+            ex.reply = reply
+            return
+    ex.route = route
+    ex.idempotent = idempotent
+    ex.head = request_head(method, req.path + req.query, req.headers, conn.client_ip, conn.server.proto,
+                           REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10)
+    plan = route.response_plan
+    if plan:
+        coding = _accepted(req.header(b"accept-encoding"), plan.compress) if plan.compress else None
+        keep = req if plan.dynamic else None
+        ex.on_response = lambda c, e, h, cd: plan.edit(c, e, h, cd, keep, coding)
