@@ -106,6 +106,38 @@ def _separator(value: Any, setting: str) -> str:
     return value
 
 
+def _optional_text(value: Any, setting: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(setting, "a string", value)
+    return value.strip()
+
+
+def _boolean(value: Any, setting: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise _bad(setting, "true or false", value)
+
+
+def _address_list(value: Any, setting: str) -> tuple[str, ...]:
+    """A comma list (or TOML list) of host[:port]; empty for none."""
+    if isinstance(value, list) and all(isinstance(e, str) for e in value):
+        entries = [e.strip() for e in value]
+    elif isinstance(value, str):
+        entries = [e.strip() for e in value.split(",")] if value.strip() else []
+    else:
+        raise _bad(setting, "a comma list of host[:port]", value)
+    for entry in entries:
+        if not entry:
+            raise _bad(setting, "a comma list of host[:port] without empty entries", value)
+        _check_nameserver(entry, setting)
+    return tuple(entries)
+
+
 def _log_level(value: Any, setting: str) -> str:
     level = value.strip().lower() if isinstance(value, str) else None
     if level not in LOG_LEVELS:
@@ -250,6 +282,16 @@ class Settings:
                                             help="seconds before an idle pooled upstream connection is closed")
     workers: int = _setting(parse=_integer(1), factory=_cpu_count, shown="number of CPUs",
                             help="processes serving the public listeners")
+    state_dir: str = _setting("", parse=_optional_text, shown='""',
+                              help="directory for the durable state file; empty keeps state in memory only")
+    repair_interval: float = _setting(10.0, parse=_seconds,
+                                      help="seconds between comparisons of this replica's state with its peers")
+    listener_address: tuple[str, ...] = _setting((), parse=_address_list, shown='""',
+                                                 help="Swarm Listener address(es) host[:port] (port 8080 if omitted), comma list")
+    reload_interval: int = _setting(5000, parse=_integer(1),
+                                    help="milliseconds between fetches from the Swarm Listener")
+    repeat_reload: bool = _setting(False, parse=_boolean,
+                                   help="keep fetching from the Swarm Listener every RELOAD_INTERVAL")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args

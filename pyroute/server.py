@@ -16,6 +16,7 @@ import signal
 from .admin import AdminApi, AdminConnection
 from .config import Settings
 from .proxy import ProxyServer
+from .replication import Replication
 from .resolver import Resolver
 from .routing import RouteTable
 from .services import Service
@@ -152,15 +153,22 @@ class ControlPlane:
         self.settings = settings
         self.planes = planes
         self.registry = ServiceRegistry(settings.separator)
+        self.replication = Replication(settings, self.registry)
         self.servers: list[asyncio.AbstractServer] = []
 
     async def start(self) -> None:
+        try:
+            self.replication.load()  # the saved state goes into the first table the data planes get
+        except OSError as exc:
+            raise StartupError(f"STATE_DIR {self.settings.state_dir!r} is not usable: {exc.strerror or exc}") from None
         self.registry.subscribe(self.planes.publish)
-        api = AdminApi(self.registry, self.planes.wait_applied)
+        api = AdminApi(self.registry, self.planes.wait_applied, self.replication.is_ready, self.replication)
         s = self.settings
         self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
+        self.replication.start()  # join (pull from peers), then repair; the listener fetch
 
     def close(self) -> None:
+        self.replication.close()
         for server in self.servers:
             server.close()
 

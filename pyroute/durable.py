@@ -1,0 +1,89 @@
+"""The state file in STATE_DIR: written atomically before a change is answered, read at start.
+
+A save writes ``state.json.tmp``, fsyncs it, moves the current ``state.json`` to
+``state.prev.json`` (the last good copy), renames the temp file over ``state.json`` and
+fsyncs the directory, so after a crash at any point one of the two files holds every
+change that was acknowledged. Loading checks each file's content hash; a corrupt or
+partial file is logged and the other one used, and with neither pyroute starts empty
+(and then copies from its peers) rather than not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import orjson
+
+from .state import StateError, read_document
+
+log = logging.getLogger("pyroute.durable")
+
+CURRENT = "state.json"
+PREVIOUS = "state.prev.json"
+TEMP = "state.json.tmp"
+
+
+class StateFile:
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._lock = asyncio.Lock()
+        self.saves = 0
+
+    def prepare(self) -> None:
+        """Create the directory; OSError says why it cannot be used."""
+        os.makedirs(self.directory, exist_ok=True)
+        probe = os.path.join(self.directory, TEMP)
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+
+    def load(self) -> dict | None:
+        """The newest valid state document, or None when there is none."""
+        for name in (CURRENT, PREVIOUS):
+            path = os.path.join(self.directory, name)
+            try:
+                with open(path, "rb") as fh:
+                    document = orjson.loads(fh.read())
+                read_document(document)
+            except FileNotFoundError:
+                continue
+            except (OSError, orjson.JSONDecodeError, StateError, AttributeError) as exc:
+                log.error("state file %s is unusable (%s); trying the previous copy", path, exc)
+                continue
+            if name == PREVIOUS:
+                log.warning("using the last good state copy %s (revision %d)", path, document["revision"])
+            return document
+        return None
+
+    async def save(self, document: dict) -> None:
+        """Persist `document` durably; raises OSError if the disk refuses.
+
+        Saves are serialised; each writes the document it was given, and callers pass the
+        registry's current state, so a later save always includes every earlier change.
+        """
+        data = orjson.dumps(document)
+        async with self._lock:
+            await asyncio.to_thread(self._write, data)
+            self.saves += 1
+
+    def _write(self, data: bytes) -> None:
+        temp = os.path.join(self.directory, TEMP)
+        current = os.path.join(self.directory, CURRENT)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if os.path.exists(current):
+            os.replace(current, os.path.join(self.directory, PREVIOUS))
+        os.replace(temp, current)
+        dirfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
