@@ -96,6 +96,9 @@ class Peers:
 
     async def addresses(self) -> tuple[str, ...]:
         """Every replica's IP (this one included). Raises resolver.ResolveError."""
+        # Looked up afresh every time, as DFP does: a replica that just started or stopped
+        # must be seen by the next fan-out, not after a cache expires.
+        self.resolver.forget(set())
         return await self.resolver.resolve(f"tasks.{self.service_name}")
 
     async def request(self, address: str, method: str, target: str, body: bytes = b"") -> PeerResult:

@@ -29,15 +29,12 @@ from .state import ServiceRegistry, StateError
 
 log = logging.getLogger("pyroute.replication")
 
-PEER_DNS_TTL = 1.0  # tasks.<name> is looked up at least this often (scale changes, restarts)
-
 
 class Replication:
     def __init__(self, settings: Settings, registry: ServiceRegistry):
         self.settings = settings
         self.registry = registry
-        self.resolver = Resolver(settings.dns_nameservers, min(settings.dns_ttl_cap, PEER_DNS_TTL),
-                                 settings.dns_timeout)
+        self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
         self.peers = Peers(settings.service_name, settings.port, self.resolver)
         self.store = StateFile(settings.state_dir) if settings.state_dir else None
         self.listener = ListenerClient(settings, registry, self.resolver, self.commit) \
