@@ -156,7 +156,8 @@ class ServiceRegistry:
             what = "removed" if value is None else ("reconfigured" if kind == "services" else "stored cert")
             self._publish(f"{what} {name}")
 
-    def _store(self, kind: str, name: str, value: object, stamp: Stamp, service: Service | None) -> bool:
+    def _store(self, kind: str, name: str, value: object, stamp: Stamp, service: Service | None,
+               bump: bool = True) -> bool:
         current = self._entries[kind].get(name)
         if current is not None and current[0] >= stamp:
             return False
@@ -166,7 +167,8 @@ class ServiceRegistry:
                 self._services.pop(name, None)
             else:
                 self._services[name] = service or parse_service(dict(value), self.separator)
-        self.revision = max(self.revision + 1, stamp[0])
+        if bump:
+            self.revision = max(self.revision + 1, stamp[0])
         return True
 
     def _publish(self, what: str) -> None:
@@ -194,7 +196,7 @@ class ServiceRegistry:
         content; entries whose service no longer parses are skipped and logged.
         """
         entries = read_document(document)
-        adopted = 0
+        adopted, newest = 0, 0
         for kind in KINDS:
             for name, (stamp, value) in entries[kind].items():
                 service = None
@@ -204,9 +206,11 @@ class ServiceRegistry:
                     except ServiceError as exc:
                         log.error("%s: skipping service %s: %s", origin, name, exc.message)
                         continue
-                adopted += self._store(kind, name, value, stamp, service)
-        if adopted:
-            self.revision = max(self.revision, int(document["revision"]))
+                if self._store(kind, name, value, stamp, service, bump=False):
+                    adopted += 1
+                    newest = max(newest, stamp[0])
+        if adopted:  # one step for the whole merge, so a restored file keeps its revision
+            self.revision = max(self.revision + 1, newest, document["revision"])
             self._publish(f"adopted {adopted} entries from {origin}")
         return adopted
 
