@@ -142,7 +142,8 @@ class AdminApi:
 
     def ping(self, request: Request) -> Response:
         extra = self.replication.counters() if self.replication is not None else {}
-        return json_response(200, "", Revision=self.registry.revision, Hash=self.registry.hash, **extra)
+        return json_response(200, "", Revision=self.registry.revision, Hash=self.registry.hash,
+                             Replica=self.registry.replica_id, **extra)
 
     def state(self, request: Request) -> Response:
         """The whole state document (services, removals, certificates): what joining and

@@ -95,8 +95,9 @@ class Replication:
             (log.info if joining else log.debug)("no peers to compare with: %s", exc)
             return 0
         pings = await asyncio.gather(*(self.peers.request(a, "GET", PREFIX + "ping") for a in addresses))
-        differing = [p.address for p in pings if p.ok and _field(p, "Hash") not in (None, self.registry.hash)]
-        unreachable = [p.address for p in pings if not p.ok]
+        others = [p for p in pings if not p.ok or _field(p, "Replica") != self.registry.replica_id]
+        differing = [p.address for p in others if p.ok and _field(p, "Hash") not in (None, self.registry.hash)]
+        unreachable = [p.address for p in others if not p.ok]
         if unreachable and not joining:
             log.warning("repair: peers not answering: %s", ", ".join(unreachable))
         if not differing:

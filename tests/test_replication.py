@@ -264,3 +264,37 @@ def test_concurrent_reconfigures_to_different_replicas_end_in_the_same_state(clu
     shared = tables[0]["rep-conc-shared"]
     path = shared["ServiceDest"][0]["ServicePath"][0]
     assert all(served_by(p, f"{path}/hello") == (200, replicas[2].addr) for p in members)
+
+
+def test_replica_down_during_changes_catches_up_before_ready(cluster, dns, replicas):
+    c = cluster(100)
+    c.announce(0, 1)
+    members = [c.start(0), c.start(1)]
+    dns.set_service("rep-down", replicas[0].ip)
+    members[0].reconfigure(serviceName="rep-down-1", servicePath="/rep-down-1", outboundHostname="rep-down",
+                           port=replicas[0].port, distribute="true")
+    members[1].kill()
+    c.members.pop(1)
+    st, body = members[0].admin("reconfigure", serviceName="rep-down-2", servicePath="/rep-down-2",
+                                outboundHostname="rep-down", port=replicas[0].port, distribute="true")
+    assert st == 500 and c.ips[1] in body["Message"], body
+    st, _ = members[0].admin("reconfigure", serviceName="rep-down-1", servicePath="/rep-down-1b",
+                             outboundHostname="rep-down", port=replicas[0].port, distribute="true")
+    assert st == 500  # and applied on replica 0
+    again = c.start(1)  # its state dir holds only rep-down-1 at /rep-down-1
+    wait_until(lambda: ready(again), timeout=10, what="restarted replica ready")
+    assert routes(again) == routes(members[0])
+    assert served_by(again, "/rep-down-2/hello") == (200, replicas[0].addr)
+    assert served_by(again, "/rep-down-1b/hello") == (200, replicas[0].addr)
+    assert served_by(again, "/rep-down-1/hello")[0] == 503
+
+
+def test_distribute_without_swarm_dns_applies_here(cluster, dns, replicas):
+    c = cluster(110)  # tasks.<name> is not in DNS at all: NXDOMAIN
+    p = c.start(0)
+    dns.set_service("rep-solo", replicas[1].ip)
+    st, body = p.admin("reconfigure", serviceName="rep-solo", servicePath="/rep-solo", port=replicas[1].port,
+                       distribute="true")
+    assert st == 200, body
+    assert served_by(p, "/rep-solo/hello") == (200, replicas[1].addr)
+    assert "applying on this replica only" in p.log()
