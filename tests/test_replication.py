@@ -190,7 +190,8 @@ def test_corrupt_or_partial_state_file_falls_back_to_the_last_good_copy(cluster,
     for name in ("state.json", "state.prev.json"):
         (state / name).write_bytes(b"\x00garbage")
     p = c.start(0)
-    assert routes(p) == {} and ready(p)
+    wait_until(lambda: ready(p), timeout=10, what="ready without any state file")
+    assert routes(p) == {}
 
 
 def test_joining_replica_serves_the_same_routes_when_ready(cluster, dns, replicas):
@@ -225,7 +226,7 @@ def test_replica_that_missed_changes_converges_within_the_repair_interval(cluste
     c.announce(0, 1)
     members[0].reconfigure(serviceName="rep-heal", servicePath="/rep-heal", port=replicas[1].port,
                            distribute="true")
-    assert served_by(members[2], "/rep-heal/hello")[0] == 503
+    assert "reconfigured rep-heal" not in members[2].log()  # the fan-out did not reach it
     # a change only one replica received (distribute=false) must spread too
     members[1].reconfigure(serviceName="rep-heal-b", servicePath="/rep-heal-b", outboundHostname="rep-heal",
                            port=replicas[1].port)
