@@ -152,7 +152,8 @@ class AdminApi:
 
     async def reload(self, request: Request) -> Response:
         # Routes are applied in-process on every change, so there is nothing to reload:
-        # answered as DFP does so that scripts calling it keep working.
+        # answered as DFP does so that scripts calling it keep working. fromListener=true
+        # asks the Swarm Listener to re-send every service (they arrive as reconfigures).
         if request.params.get("fromListener", "").lower() == "true":
             listener = self.replication.listener if self.replication is not None else None
             if listener is None:

@@ -9,7 +9,9 @@ conflicting) changes sent to different replicas ending in the same state everywh
 """
 from __future__ import annotations
 
+import http.client
 import itertools
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import start_pyroute, stop_pyroute
+from support.proxy import PyrouteDied
 from support.upstream import free_port, wait_until
 
 _names = itertools.count()
@@ -299,3 +302,27 @@ def test_distribute_without_swarm_dns_applies_here(cluster, dns, replicas):
     assert st == 200, body
     assert served_by(p, "/rep-solo/hello") == (200, replicas[1].addr)
     assert "applying on this replica only" in p.log()
+
+
+def test_unusable_state_dir_stops_start_with_a_clear_message(dns, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    with pytest.raises(PyrouteDied) as exc:
+        start_pyroute(dns, STATE_DIR=str(blocker / "state"))
+    assert "STATE_DIR" in str(exc.value) and "is not usable" in str(exc.value)
+
+
+def test_config_json_carries_revision_and_hash(cluster, dns, replicas):
+    c = cluster(120)
+    p = c.start(0)
+    dns.set_service("rep-hdr", replicas[0].ip)
+    p.reconfigure(serviceName="rep-hdr", servicePath="/rep-hdr", port=replicas[0].port)
+    conn = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
+    conn.request("GET", "/v1/docker-flow-proxy/config?type=json")
+    r = conn.getresponse()
+    assert r.status == 200 and "rep-hdr" in json.loads(r.read())
+    conn.close()
+    revision, digest = state_of(p)
+    assert r.headers["X-Pyroute-Revision"] == str(revision) and r.headers["X-Pyroute-Hash"] == digest
+    saved = json.loads((c.tmp / "state0" / "state.json").read_text())
+    assert (saved["revision"], saved["hash"]) == (revision, digest)
