@@ -2,7 +2,7 @@
 
 A save writes ``state.json.tmp``, fsyncs it, moves the current ``state.json`` to
 ``state.prev.json`` (the last good copy), renames the temp file over ``state.json`` and
-fsyncs the directory, so after a crash at any point one of the two files holds every
+fsyncs the directory, so after a crash at any point one of the files holds every
 change that was acknowledged. Loading checks each file's content hash; a corrupt or
 partial file is logged and the other one used, and with neither pyroute starts empty
 (and then copies from its peers) rather than not at all.
@@ -23,6 +23,7 @@ log = logging.getLogger("pyroute.durable")
 CURRENT = "state.json"
 PREVIOUS = "state.prev.json"
 TEMP = "state.json.tmp"
+PROBE = ".writable"  # created and removed at start to fail early on a read-only STATE_DIR
 
 
 class StateFile:
@@ -34,14 +35,18 @@ class StateFile:
     def prepare(self) -> None:
         """Create the directory; OSError says why it cannot be used."""
         os.makedirs(self.directory, exist_ok=True)
-        probe = os.path.join(self.directory, TEMP)
+        probe = os.path.join(self.directory, PROBE)
         with open(probe, "wb"):
             pass
         os.unlink(probe)
 
     def load(self) -> dict | None:
-        """The newest valid state document, or None when there is none."""
-        for name in (CURRENT, PREVIOUS):
+        """The newest valid state document, or None when there is none.
+
+        A complete temp file is newer than the previous copy: it is what a save that was
+        cut between its two renames left (its change was not answered yet).
+        """
+        for name in (CURRENT, TEMP, PREVIOUS):
             path = os.path.join(self.directory, name)
             try:
                 with open(path, "rb") as fh:
@@ -52,7 +57,7 @@ class StateFile:
             except (OSError, orjson.JSONDecodeError, StateError, AttributeError) as exc:
                 log.error("state file %s is unusable (%s); trying the previous copy", path, exc)
                 continue
-            if name == PREVIOUS:
+            if name != CURRENT:
                 log.warning("using the last good state copy %s (revision %d)", path, document["revision"])
             return document
         return None

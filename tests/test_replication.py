@@ -189,8 +189,15 @@ def test_corrupt_or_partial_state_file_falls_back_to_the_last_good_copy(cluster,
     assert "does not match its hash" in p.log()
     c.stop(0)
 
-    # neither file usable: it still starts (empty) and says why
-    for name in ("state.json", "state.prev.json"):
+    # a crash between the two renames of a save: no state.json, a complete temp file
+    (state / "state.json").unlink()
+    (state / "state.json.tmp").write_bytes(current)
+    p = c.start(0)
+    assert served_by(p, "/rep-disk-2/hello") == (200, replicas[2].addr)
+    c.stop(0)
+
+    # nothing usable: it still starts (empty) and says why
+    for name in ("state.json", "state.json.tmp", "state.prev.json"):
         (state / name).write_bytes(b"\x00garbage")
     p = c.start(0)
     wait_until(lambda: ready(p), timeout=10, what="ready without any state file")
