@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import orjson
 
@@ -30,7 +31,9 @@ class StateFile:
     def __init__(self, directory: str):
         self.directory = directory
         self._lock = asyncio.Lock()
-        self.saves = 0
+        self._requested = 0  # saves asked for
+        self._covered = 0  # saves whose change is in a file already on disk
+        self.writes = 0
 
     def prepare(self) -> None:
         """Create the directory; OSError says why it cannot be used."""
@@ -62,16 +65,23 @@ class StateFile:
             return document
         return None
 
-    async def save(self, document: dict) -> None:
-        """Persist `document` durably; raises OSError if the disk refuses.
+    async def save(self, export: Callable[[], dict]) -> None:
+        """Persist the state `export()` gives, durably; raises OSError if the disk refuses.
 
-        Saves are serialised; each writes the document it was given, and callers pass the
-        registry's current state, so a later save always includes every earlier change.
+        Callers change the state, then save. Writes are serialised and take the state as
+        it is when the write starts, so one write covers every save asked for before it
+        (group commit): a burst of changes costs a few fsyncs, not one each.
         """
-        data = orjson.dumps(document)
+        self._requested += 1
+        mine = self._requested
         async with self._lock:
+            if self._covered >= mine:
+                return
+            covers = self._requested
+            data = orjson.dumps(export())
             await asyncio.to_thread(self._write, data)
-            self.saves += 1
+            self._covered = covers
+            self.writes += 1
 
     def _write(self, data: bytes) -> None:
         temp = os.path.join(self.directory, TEMP)

@@ -59,7 +59,7 @@ class Replication:
     async def commit(self) -> None:
         """Make the registry's current state durable (raises OSError when the disk fails)."""
         if self.store is not None:
-            await self.store.save(self.registry.export())
+            await self.store.save(self.registry.export)
 
     def is_ready(self) -> bool:
         return self.joined and (self.listener is None or self.listener.fetched)
