@@ -47,7 +47,6 @@ class ListenerClient:
         self.resolver = resolver
         self.commit = commit
         self.fetched = False  # the first list has been applied (readiness)
-        self.fetches = 0
 
     async def run(self) -> None:
         while True:
@@ -74,7 +73,6 @@ class ListenerClient:
                 log.error("swarm listener %s: service refused: %s", address, error)
             if changed:
                 await self.commit()
-            self.fetches += 1
             if not self.fetched:
                 log.info("swarm listener %s: applied %d services (%d changed)", address, len(items), changed)
             self.fetched = True

@@ -65,7 +65,8 @@ class Replication:
         return self.joined and (self.listener is None or self.listener.fetched)
 
     def counters(self) -> dict:
-        return {"Drift": self.drift, "Repairs": self.repairs, "Joined": self.joined}
+        return {"Drift": self.drift, "Repairs": self.repairs, "Joined": self.joined,
+                "StateWrites": self.store.writes if self.store is not None else 0}
 
     def start(self) -> None:
         self._tasks.append(asyncio.ensure_future(self._join_then_repair()))
