@@ -16,9 +16,10 @@ from urllib.parse import parse_qsl, urlsplit
 import httptools
 import orjson
 
+from .resolver import ResolveError
 from .routing import precedence_key
-from .services import Service, ServiceError
-from .state import ServiceRegistry
+from .services import Service, ServiceError, is_removal, parse_service
+from .state import ServiceRegistry, format_stamp, parse_stamp
 
 log = logging.getLogger("pyroute.admin")
 
@@ -42,14 +43,21 @@ class Request:
             self.params.setdefault(key, value)  # first value wins, as gorilla/schema does
         self.body = body
 
+    @classmethod
+    def of(cls, method: str, path: str, params: dict[str, str], body: bytes) -> "Request":
+        request = cls(method, path, body)
+        request.params = params
+        return request
+
 
 class Response:
-    __slots__ = ("status", "body", "content_type")
+    __slots__ = ("status", "body", "content_type", "headers")
 
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json"):
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json", headers: str = ""):
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.headers = headers  # extra header lines, each ending in CRLF
 
 
 def json_response(status: int, message: str = "", **fields) -> Response:
@@ -65,10 +73,12 @@ class AdminApi:
         registry: ServiceRegistry,
         wait_applied: Callable[[int], Awaitable[list[str]]],
         is_ready: Callable[[], bool] = lambda: True,
+        replication=None,
     ):
         self.registry = registry
         self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
         self.is_ready = is_ready
+        self.replication = replication  # replication.Replication: durability, peers, listener
         self.routes: dict[str, Callable[[Request], Response]] = {
             "reconfigure": self.reconfigure,
             "remove": self.remove,
@@ -76,6 +86,7 @@ class AdminApi:
             "ping": self.ping,
             "reload": self.reload,
             "successfulinitreload": self.successful_init_reload,
+            "state": self.state,
         }
 
     async def handle(self, request: Request) -> Response:
@@ -90,14 +101,25 @@ class AdminApi:
         return json_response(404, f"no such endpoint: {request.path}")
 
     async def _applied(self, ok: Response) -> Response:
-        """`ok` once every data plane serves the current revision (DFP answers 500 otherwise)."""
+        """`ok` once the change is on disk and every data plane serves the current revision
+        (DFP answers 500 otherwise)."""
+        if self.replication is not None:
+            try:
+                await self.replication.commit()
+            except OSError as exc:
+                log.error("could not save the state: %s", exc)
+                return json_response(500, f"the change is applied but could not be saved to STATE_DIR: {exc}")
         failed = await self.wait_applied(self.registry.revision)
         if failed:
             return json_response(500, f"the change is saved but these workers did not apply it: {', '.join(failed)}")
         return ok
 
     async def reconfigure(self, request: Request) -> Response:
-        service = self.registry.reconfigure(request.params)
+        if self._distributing(request):
+            if not is_removal(request.params):
+                parse_service(request.params, self.registry.separator)  # refuse bad input before fanning out
+            return await self.distribute(request, self.reconfigure)
+        service = self.registry.reconfigure(request.params, _stamp(request))
         if service is None:
             return await self._applied(json_response(200, "", ServiceName=request.params.get("serviceName", "")))
         return await self._applied(json_response(200, "", **service.to_json()))
@@ -106,29 +128,87 @@ class AdminApi:
         name = request.params.get("serviceName", "").strip()
         if not name:
             return json_response(400, "serviceName parameter is mandatory")
-        removed = self.registry.remove(name)
+        if self._distributing(request):
+            return await self.distribute(request, self.remove)
+        removed = self.registry.remove(name, _stamp(request))
         return await self._applied(json_response(200, "" if removed else f"{name} was not configured", ServiceName=name))
 
     def config(self, request: Request) -> Response:
         services = sorted(self.registry.services(), key=precedence_key)
         if request.params.get("type", "").lower() == "json":
-            return Response(200, orjson.dumps({s.name: s.to_json() for s in services}))
+            state = f"X-Pyroute-Revision: {self.registry.revision}\r\nX-Pyroute-Hash: {self.registry.hash}\r\n"
+            return Response(200, orjson.dumps({s.name: s.to_json() for s in services}), headers=state)
         return Response(200, render_config(services, self.registry.revision).encode(), "text/plain; charset=utf-8")
 
     def ping(self, request: Request) -> Response:
-        return json_response(200, "", Revision=self.registry.revision)
+        extra = self.replication.counters() if self.replication is not None else {}
+        return json_response(200, "", Revision=self.registry.revision, Hash=self.registry.hash,
+                             Replica=self.registry.replica_id, **extra)
+
+    def state(self, request: Request) -> Response:
+        """The whole state document (services, removals, certificates): what joining and
+        repairing peers pull."""
+        return Response(200, orjson.dumps(self.registry.export()))
 
     async def reload(self, request: Request) -> Response:
         # Routes are applied in-process on every change, so a plain reload has nothing to do.
         # recreate=true rebuilds every data plane's route table from the registry, as DFP
-        # regenerates haproxy.cfg from its in-memory services.
+        # regenerates haproxy.cfg from its in-memory services. fromListener=true asks the
+        # Swarm Listener to re-send every service (they arrive as reconfigures).
+        if request.params.get("fromListener", "").lower() == "true":
+            listener = self.replication.listener if self.replication is not None else None
+            if listener is None:
+                return json_response(400, "fromListener=true needs LISTENER_ADDRESS")
+            failed = await listener.notify()
+            if failed:
+                return json_response(500, f"could not reach the swarm listener: {', '.join(failed)}")
         if request.params.get("recreate", "").lower() == "true":
             self.registry.republish("recreate requested")
             return await self._applied(json_response(200, ""))
         return json_response(200, "")
 
+    # -- distribute=true: one fan-out for every endpoint ---------------------------------
+    def _distributing(self, request: Request) -> bool:
+        return request.params.get("distribute", "").lower() == "true" and self.replication is not None
+
+    async def distribute(self, request: Request, local: Callable[[Request], Awaitable[Response]] | None) -> Response:
+        """Send `request` (method, path, query, body) to every replica in parallel with
+        distribute=false, as DFP does, and answer which replicas failed.
+
+        State changes pass `local`, the endpoint's own handler: the call is stamped once
+        here so every replica stores it identically (see state.py), and it is applied on
+        this replica too even when DNS does not list it yet. The DNS lookup failing (no
+        Swarm, or a hiccup) applies it here only; the peers' repair pulls it later.
+        """
+        params = {k: v for k, v in request.params.items() if k.lower() != "distribute"}
+        if local is not None:
+            params.setdefault("pyrouteStamp", format_stamp(self.registry.new_stamp()))
+        try:
+            results = await self.replication.peers.fan_out(request.method, request.path, params, request.body)
+        except ResolveError as exc:
+            if local is None:
+                return json_response(500, f"could not list the replicas: {exc}")
+            log.warning("distribute: %s; applying on this replica only, peers will pull it", exc)
+            results = []
+        answer = None
+        if local is not None:
+            answer = await local(Request.of(request.method, request.path, params, request.body))
+        failed = [r for r in results if not r.ok]
+        if failed:
+            listed = ", ".join(f"{r.address} ({r.error or r.status})" for r in failed)
+            log.error("distribute %s failed on %s", request.path, listed)
+            return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]",
+                                 ServiceName=request.params.get("serviceName", ""))
+        return answer if answer is not None else json_response(200, "", Replicas=[r.address for r in results])
+
     def successful_init_reload(self, request: Request) -> Response:
         return Response(200 if self.is_ready() else 500, b"")
+
+
+def _stamp(request: Request):
+    """The stamp a distributing replica gave this call, or None (a local change)."""
+    text = request.params.pop("pyrouteStamp", None)
+    return parse_stamp(text) if text else None
 
 
 def render_config(services: list[Service], revision: int) -> str:
@@ -241,6 +321,7 @@ class AdminConnection(asyncio.Protocol):
             f"HTTP/1.1 {response.status} {STATUS_TEXT.get(response.status, 'Error')}\r\n"
             f"Content-Type: {response.content_type}\r\n"
             f"Content-Length: {len(response.body)}\r\n"
+            + response.headers
             + ("Connection: close\r\n" if close else "")
             + "\r\n"
         )

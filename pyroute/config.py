@@ -106,7 +106,7 @@ def _separator(value: Any, setting: str) -> str:
     return value
 
 
-def _flag_value(value: Any, setting: str) -> bool:
+def _boolean(value: Any, setting: str) -> bool:
     if isinstance(value, bool):
         return value
     text = value.strip().lower() if isinstance(value, str) else None
@@ -135,6 +135,21 @@ def _compression_algo(value: Any, setting: str) -> str:
     if algos is None or any(a not in ("gzip", "deflate", "identity") for a in algos):
         raise _bad(setting, "a space-separated list of gzip, deflate, identity (or empty)", value)
     return " ".join(algos)
+
+
+def _address_list(value: Any, setting: str) -> tuple[str, ...]:
+    """A comma list (or TOML list) of host[:port]; empty for none."""
+    if isinstance(value, list) and all(isinstance(e, str) for e in value):
+        entries = [e.strip() for e in value]
+    elif isinstance(value, str):
+        entries = [e.strip() for e in value.split(",")] if value.strip() else []
+    else:
+        raise _bad(setting, "a comma list of host[:port]", value)
+    for entry in entries:
+        if not entry:
+            raise _bad(setting, "a comma list of host[:port] without empty entries", value)
+        _check_nameserver(entry, setting)
+    return tuple(entries)
 
 
 def _log_level(value: Any, setting: str) -> str:
@@ -281,21 +296,31 @@ class Settings:
                                             help="seconds before an idle pooled upstream connection is closed")
     workers: int = _setting(parse=_integer(1), factory=_cpu_count, shown="number of CPUs",
                             help="processes serving the public listeners")
+    state_dir: str = _setting("", parse=_optional_text, shown='""',
+                              help="directory for the durable state file; empty keeps state in memory only")
+    repair_interval: float = _setting(10.0, parse=_seconds,
+                                      help="seconds between comparisons of this replica's state with its peers")
+    listener_address: tuple[str, ...] = _setting((), parse=_address_list, shown='""',
+                                                 help="Swarm Listener address(es) host[:port] (port 8080 if omitted), comma list")
+    reload_interval: int = _setting(5000, parse=_integer(1),
+                                    help="milliseconds between fetches from the Swarm Listener")
+    repeat_reload: bool = _setting(False, parse=_boolean,
+                                   help="keep fetching from the Swarm Listener every RELOAD_INTERVAL")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
     service_domain_algo: str = _setting("hdr_beg", parse=_domain_algo,
                                         help="default serviceDomainAlgo: hdr, hdr_beg, hdr_dom or hdr_end")
-    longest_match: bool = _setting(False, parse=_flag_value,
+    longest_match: bool = _setting(False, parse=_boolean,
                                    help="route by longest matching path first instead of DFP's aclName order")
-    https_only: bool = _setting(False, parse=_flag_value, help="redirect every service's plain HTTP to HTTPS")
+    https_only: bool = _setting(False, parse=_boolean, help="redirect every service's plain HTTP to HTTPS")
     users: str = _setting("", parse=_optional_text, shown='""',
                           help="global basic auth for every service, user:pass comma list (realm defaultRealm)")
-    users_pass_encrypted: bool = _setting(False, parse=_flag_value,
+    users_pass_encrypted: bool = _setting(False, parse=_boolean,
                                           help="USERS passwords are crypt(3) hashes (mkpasswd -m sha-512)")
     compression_algo: str = _setting("", parse=_compression_algo, shown='""',
                                      help="compress every service's responses: gzip and/or deflate (unless a service sets its own)")
     compression_type: str = _setting("", parse=_optional_text, shown='""',
                                      help="MIME types COMPRESSION_ALGO applies to, space separated (empty: all)")
-    filter_proxy_instance_name: bool = _setting(False, parse=_flag_value,
+    filter_proxy_instance_name: bool = _setting(False, parse=_boolean,
                                                 help="only accept services whose proxyInstanceName is PROXY_INSTANCE_NAME")
     proxy_instance_name: str = _setting("docker-flow", parse=_text, help="this proxy's instance name")
     secrets_dir: str = _setting("/run/secrets", parse=_text,

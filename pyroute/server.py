@@ -19,6 +19,7 @@ from .admin import AdminApi, AdminConnection
 from .config import Settings, raw_haproxy_warnings
 from .envservices import env_services
 from .proxy import ProxyServer
+from .replication import Replication
 from .resolver import Resolver
 from .routing import RouteTable
 from .services import Service, ServiceDefaults, ServiceError
@@ -179,22 +180,29 @@ class ControlPlane:
         self.planes = planes
         instance = settings.proxy_instance_name if settings.filter_proxy_instance_name else None
         self.registry = ServiceRegistry(settings.separator, ServiceDefaults.from_settings(settings), instance)
+        self.replication = Replication(settings, self.registry)
         self.servers: list[asyncio.AbstractServer] = []
 
     async def start(self) -> None:
         for warning in raw_haproxy_warnings():
             log.warning("%s", warning)
+        try:
+            self.replication.load()  # the saved state goes into the first table the data planes get
+        except OSError as exc:
+            raise StartupError(f"STATE_DIR {self.settings.state_dir!r} is not usable: {exc.strerror or exc}") from None
         for params in env_services(os.environ):
             try:
                 self.registry.reconfigure(params)
             except ServiceError as exc:
                 raise StartupError(f"DFP_SERVICE_* service {params.get('servicename', '?')!r}: {exc.message}") from None
         self.registry.subscribe(self.planes.publish)
-        api = AdminApi(self.registry, self.planes.wait_applied)
+        api = AdminApi(self.registry, self.planes.wait_applied, self.replication.is_ready, self.replication)
         s = self.settings
         self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
+        self.replication.start()  # join (pull from peers), then repair; the listener fetch
 
     def close(self) -> None:
+        self.replication.close()
         for server in self.servers:
             server.close()
 

@@ -1,20 +1,64 @@
-"""The accepted services: the one place configuration changes, and what it publishes.
+"""The accepted configuration: the one place it changes, what it publishes, how it merges.
 
 Every change builds a new immutable snapshot (revision, services) and hands it to the
-subscribers (the data plane), which compile their own route table from it. Durability
-and replica sync belong here too as they land.
+subscribers (the data plane), which compile their own route table from it.
+
+Replicas converge without a consensus protocol because the state is a last-writer-wins
+map: each entry (a service's reconfigure params, a certificate's PEM, or a tombstone for
+a removal) carries a stamp ``(counter, tag)``. A change only replaces an entry with an
+older stamp, so applying the same changes in any order, any number of times, and merging
+another replica's state (:meth:`ServiceRegistry.merge`) all end in the same content.
+A distributed change is stamped once by the replica that fans it out, so every replica
+stores it identically. ``revision`` is a Lamport clock: it grows with every change and
+jumps to a peer's when a newer stamp arrives, so it orders replicas roughly by freshness;
+``hash`` is a digest of the content alone, equal on two replicas exactly when they agree.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 
-from .services import Service, ServiceDefaults, is_removal, parse_service
+import orjson
+
+from .services import Service, ServiceDefaults, ServiceError, is_removal, parse_service
 
 log = logging.getLogger("pyroute.state")
 
 Snapshot = tuple[int, tuple[Service, ...]]
+Stamp = tuple[int, str]  # (Lamport counter, "<replica id>.<sequence>"): unique per change
+KINDS = ("services", "certs")  # services: name -> params pairs; certs: name -> PEM; None = removed
+STATE_FORMAT = 1
+NOT_STORED = ("distribute", "pyroutestamp")  # request-only parameters, never part of a service
+
+
+class StateError(ValueError):
+    """A state document (file or peer answer) that is malformed."""
+
+
+def content_hash(entries: Mapping[str, Mapping[str, tuple[Stamp, object]]]) -> str:
+    """sha256 over the canonical JSON of the entries (stamps included, revision excluded)."""
+    canonical = {kind: {name: [list(stamp), value] for name, (stamp, value) in entries.get(kind, {}).items()}
+                 for kind in KINDS}
+    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def stored_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in params.items() if k.lower() not in NOT_STORED)
+
+
+def parse_stamp(text: str) -> Stamp:
+    """"<counter>-<tag>" as sent between replicas (the pyrouteStamp parameter)."""
+    counter, dash, tag = text.partition("-")
+    if not dash or not counter.isdigit() or not tag:
+        raise ServiceError(400, f"malformed pyrouteStamp {text!r}")
+    return int(counter), tag
+
+
+def format_stamp(stamp: Stamp) -> str:
+    return f"{stamp[0]}-{stamp[1]}"
 
 
 class ServiceRegistry:
@@ -23,7 +67,11 @@ class ServiceRegistry:
         self.defaults = defaults or ServiceDefaults()
         self.instance = instance  # FILTER_PROXY_INSTANCE_NAME: only services naming this instance apply
         self.revision = 0
+        self.replica_id = secrets.token_hex(6)  # fresh per process: stamps never repeat
+        self._sequence = 0
         self._services: dict[str, Service] = {}
+        self._entries: dict[str, dict[str, tuple[Stamp, object]]] = {kind: {} for kind in KINDS}
+        self.hash = content_hash(self._entries)
         self._subscribers: list[Callable[[Snapshot], None]] = []
 
     def subscribe(self, callback: Callable[[Snapshot], None]) -> None:
@@ -39,39 +87,175 @@ class ServiceRegistry:
     def services(self) -> tuple[Service, ...]:
         return tuple(self._services.values())
 
-    def reconfigure(self, params: Mapping[str, str]) -> Service | None:
+    def certs(self) -> dict[str, str]:
+        """Certificate name -> PEM (cert + key), for the TLS side."""
+        return {name: pem for name, (_, pem) in self._entries["certs"].items() if pem is not None}
+
+    def new_stamp(self) -> Stamp:
+        """A stamp newer than everything this replica has seen."""
+        self._sequence += 1
+        return self.revision + 1, f"{self.replica_id}.{self._sequence:010d}"
+
+    # -- changes --------------------------------------------------------------------------
+    def reconfigure(self, params: Mapping[str, str], stamp: Stamp | None = None) -> Service | None:
         """Add or replace the service the params describe (None: it was a replicas=0 removal).
 
-        Raises services.ServiceError, leaving everything as it was.
+        Raises services.ServiceError, leaving everything as it was. A change whose stamp is
+        older than the stored entry's (a late duplicate of a distributed call) is a no-op.
         """
         if self.instance is not None and _param(params, "proxyinstancename").strip() != self.instance:
             log.info("ignored %s: proxyInstanceName is not %s", _param(params, "servicename"), self.instance)
             return None
         if is_removal(params):
-            name = params.get("serviceName") or next((v for k, v in params.items() if k.lower() == "servicename"), "")
-            self.remove(name)
+            self.remove(_param(params, "servicename"), stamp)
             return None
-        service = parse_service(params, self.separator, self.defaults)
-        self._services[service.name] = service
-        self._publish(f"reconfigured {service.name}")
+        service = self._parse(params)
+        self._change("services", service.name, stored_params(params), stamp or self.new_stamp(), service)
         return service
 
-    def remove(self, name: str) -> bool:
-        if self._services.pop(name, None) is None:
-            return False
-        self._publish(f"removed {name}")
-        return True
+    def remove(self, name: str, stamp: Stamp | None = None) -> bool:
+        """Remove a service; True if it was configured. The tombstone is kept so that an
+        older reconfigure arriving later (or from a peer) cannot bring it back."""
+        existed = name in self._services
+        self._change("services", name, None, stamp or self.new_stamp(), None)
+        return existed
+
+    def put_cert(self, name: str, pem: str, stamp: Stamp | None = None) -> None:
+        self._change("certs", name, pem, stamp or self.new_stamp(), None)
+
+    def remove_cert(self, name: str, stamp: Stamp | None = None) -> bool:
+        existed = name in self.certs()
+        self._change("certs", name, None, stamp or self.new_stamp(), None)
+        return existed
+
+    def upsert_many(self, items: list[Mapping[str, str]]) -> tuple[int, list[str]]:
+        """Apply a whole list of reconfigure params as one publication (one table swap).
+
+        Entries equal to what is stored are skipped, so an unchanged list publishes
+        nothing. Returns (entries changed, error messages of the entries refused).
+        """
+        changed, errors = 0, []
+        for params in items:
+            if self.instance is not None and _param(params, "proxyinstancename").strip() != self.instance:
+                continue
+            try:
+                if is_removal(params):
+                    name = next((v for k, v in params.items() if k.lower() == "servicename"), "")
+                    if name in self._services and self._store("services", name, None, self.new_stamp(), None):
+                        changed += 1
+                    continue
+                service = self._parse(params)
+            except ServiceError as exc:
+                errors.append(f"{dict(params).get('serviceName', '?')}: {exc.message}")
+                continue
+            current = self._entries["services"].get(service.name)
+            value = stored_params(params)
+            if current is not None and current[1] is not None and dict(current[1]) == dict(value):
+                continue
+            changed += self._store("services", service.name, value, self.new_stamp(), service)
+        if changed:
+            self._publish(f"applied {changed} services from a list")
+        return changed, errors
 
     def republish(self, why: str) -> None:
         """Hand the same services out again as a new revision (reload?recreate=true)."""
+        self.revision += 1
         self._publish(why)
 
+    def _parse(self, params: Mapping[str, str]) -> Service:
+        return parse_service(params, self.separator, self.defaults)
+
+    def _change(self, kind: str, name: str, value: object, stamp: Stamp, service: Service | None) -> None:
+        if self._store(kind, name, value, stamp, service):
+            what = "removed" if value is None else ("reconfigured" if kind == "services" else "stored cert")
+            self._publish(f"{what} {name}")
+
+    def _store(self, kind: str, name: str, value: object, stamp: Stamp, service: Service | None,
+               bump: bool = True) -> bool:
+        current = self._entries[kind].get(name)
+        if current is not None and current[0] >= stamp:
+            return False
+        self._entries[kind][name] = (stamp, value)
+        if kind == "services":
+            if value is None:
+                self._services.pop(name, None)
+            else:
+                self._services[name] = service or self._parse(dict(value))
+        if bump:
+            self.revision = max(self.revision + 1, stamp[0])
+        return True
+
     def _publish(self, what: str) -> None:
-        self.revision += 1
-        log.info("%s (revision %d, %d services)", what, self.revision, len(self._services))
+        self.hash = content_hash(self._entries)
+        log.info("%s (revision %d, %d services, hash %s)", what, self.revision, len(self._services), self.hash[:12])
         snapshot = self.snapshot()
         for callback in self._subscribers:
             callback(snapshot)
+
+    # -- whole-state exchange (state file, peers) --------------------------------------
+    def export(self) -> dict:
+        """The state document: what the state file holds and what peers pull."""
+        return {
+            "format": STATE_FORMAT,
+            "revision": self.revision,
+            "hash": self.hash,
+            **{kind: {name: {"stamp": list(stamp), "value": value} for name, (stamp, value) in entries.items()}
+               for kind, entries in self._entries.items()},
+        }
+
+    def merge(self, document: Mapping, origin: str) -> int:
+        """Adopt every entry of `document` newer than ours (one publication); -> entries adopted.
+
+        Raises StateError if the document is malformed or its hash does not match its
+        content; entries whose service no longer parses are skipped and logged.
+        """
+        entries = read_document(document)
+        adopted, newest = 0, 0
+        for kind in KINDS:
+            for name, (stamp, value) in entries[kind].items():
+                service = None
+                if kind == "services" and value is not None:
+                    try:
+                        service = self._parse(dict(value))
+                    except ServiceError as exc:
+                        log.error("%s: skipping service %s: %s", origin, name, exc.message)
+                        continue
+                if self._store(kind, name, value, stamp, service, bump=False):
+                    adopted += 1
+                    newest = max(newest, stamp[0])
+        if adopted:  # one step for the whole merge, so a restored file keeps its revision
+            self.revision = max(self.revision + 1, newest, document["revision"])
+            self._publish(f"adopted {adopted} entries from {origin}")
+        return adopted
+
+
+def read_document(document: Mapping) -> dict[str, dict[str, tuple[Stamp, object]]]:
+    """Validate a state document; -> its entries. Raises StateError."""
+    try:
+        if document.get("format") != STATE_FORMAT:
+            raise StateError(f"unknown state format {document.get('format')!r}")
+        if not isinstance(document.get("revision"), int) or document["revision"] < 0:
+            raise StateError("revision is missing or not a non-negative integer")
+        entries: dict[str, dict[str, tuple[Stamp, object]]] = {}
+        for kind in KINDS:
+            entries[kind] = {}
+            for name, entry in document.get(kind, {}).items():
+                counter, tag = entry["stamp"]
+                value = entry["value"]
+                if not (isinstance(counter, int) and isinstance(tag, str) and isinstance(name, str)):
+                    raise StateError(f"{kind}/{name}: malformed stamp")
+                if kind == "services" and value is not None:
+                    value = tuple((str(k), str(v)) for k, v in value)
+                elif kind == "certs" and value is not None and not isinstance(value, str):
+                    raise StateError(f"certs/{name}: PEM is not a string")
+                entries[kind][name] = ((counter, tag), value)
+    except StateError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"malformed state document: {exc!r}") from None
+    if content_hash(entries) != document.get("hash"):
+        raise StateError("content does not match its hash (partial or corrupt)")
+    return entries
 
 
 def _param(params: Mapping[str, str], lname: str) -> str:

@@ -58,6 +58,7 @@ def settings_from_json(data: dict) -> Settings:
     for key in ("default_ports", "bind_ports"):
         values[key] = tuple(ListenSpec(d["port"], d["ssl"], tuple(d["options"])) for d in values[key])
     values["dns_nameservers"] = tuple(values["dns_nameservers"])
+    values["listener_address"] = tuple(values["listener_address"])
     return Settings(**values)
 
 

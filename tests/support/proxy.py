@@ -38,6 +38,8 @@ class Pyroute:
             "WORKERS": "1",
         }
         self.env.update({k: str(v) for k, v in env.items()})
+        self.admin_port = int(self.env["PORT"])  # a test may give one PORT to several replicas
+        self.admin_host = self.env["IP"]  # replicas bind 127.0.0.N on one shared PORT
         self._logdir = tempfile.mkdtemp(prefix="pyroute-test-")
         self.stderr_path = os.path.join(self._logdir, "stderr.log")
         self.proc: subprocess.Popen | None = None
@@ -66,6 +68,13 @@ class Pyroute:
                 raise PyrouteDied(f"pyroute not ready after {timeout}s:\n{self.log()}")
             time.sleep(0.02)
         return self
+
+    def kill(self) -> int:
+        """SIGKILL: no draining, no final save; what is on disk is all that survives."""
+        self.proc.kill()
+        code = self.proc.wait(5)
+        self._stderr.close()
+        return code
 
     def stop(self, timeout: float = 5.0) -> int | None:
         if self.proc is None:
@@ -97,7 +106,7 @@ class Pyroute:
         path = f"{API}/{endpoint}"
         if q:
             path += "?" + urllib.parse.urlencode(q)
-        c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=timeout)
+        c = http.client.HTTPConnection(self.admin_host, self.admin_port, timeout=timeout)
         try:
             c.request("GET", path)
             r = c.getresponse()

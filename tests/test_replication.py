@@ -1,0 +1,335 @@
+"""Replicas and durability: several real pyroute processes on 127.0.0.N sharing one admin
+PORT, found through `tasks.<SERVICE_NAME>` in the test DNS, each with its own STATE_DIR.
+
+Covers: distribute=true reaching every replica (and naming a dead one), SIGKILL in the
+middle of a stream of changes losing none that was answered 200, corrupt and partial
+state files, a joining replica serving the same routes by the time it is ready, a replica
+that missed changes converging within the repair interval, and concurrent (even
+conflicting) changes sent to different replicas ending in the same state everywhere.
+"""
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import start_pyroute, stop_pyroute
+from support.proxy import PyrouteDied
+from support.upstream import free_port, wait_until
+
+_names = itertools.count()
+
+
+class Cluster:
+    """Replicas of one proxy service: 127.0.0.<base+i>, one admin PORT, one state dir each."""
+
+    def __init__(self, dns, tmp_path: Path, base: int, **env):
+        self.dns = dns
+        self.tmp = tmp_path
+        self.name = f"proxy-r{next(_names)}-{os.getpid()}"
+        self.ips = [f"127.0.0.{base + i}" for i in range(8)]
+        self.port = free_port(self.ips[0])
+        self.env = {"SERVICE_NAME": self.name, "REPAIR_INTERVAL": "0.3", **env}
+        self.members: dict[int, object] = {}
+
+    def announce(self, *indexes: int, extra: tuple[str, ...] = ()) -> None:
+        """What tasks.<name> answers (Swarm's DNS view of the running tasks)."""
+        self.dns.set(f"tasks.{self.name}", [self.ips[i] for i in indexes] + list(extra))
+
+    def start(self, i: int, **env):
+        p = start_pyroute(self.dns, PORT=self.port, IP=self.ips[i], STATE_DIR=str(self.tmp / f"state{i}"),
+                          **{**self.env, **env})
+        self.members[i] = p
+        return p
+
+    def stop(self, i: int) -> None:
+        stop_pyroute(self.members.pop(i))
+
+    def close(self) -> None:
+        for i in list(self.members):
+            self.stop(i)
+
+
+@pytest.fixture
+def cluster(dns, tmp_path):
+    made = []
+
+    def make(base: int, **env) -> Cluster:
+        c = Cluster(dns, tmp_path, base, **env)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+        c.dns.remove(f"tasks.{c.name}")
+
+
+def state_of(p) -> tuple[int, str]:
+    st, body = p.admin("ping")
+    assert st == 200, body
+    return body["Revision"], body["Hash"]
+
+
+def routes(p) -> dict:
+    st, body = p.admin("config", type="json")
+    assert st == 200
+    return body
+
+
+def served_by(p, path: str):
+    st, headers, _ = p.get(path)
+    return st, headers.get("X-Upstream")
+
+
+def ready(p) -> bool:
+    return p.admin("successfulinitreload")[0] == 200
+
+
+def test_distribute_reaches_every_replica_and_reports_a_dead_one(cluster, dns, replicas):
+    c = cluster(40)
+    c.announce(0, 1, 2)
+    members = [c.start(i) for i in range(3)]
+    dns.set_service("rep-dist", replicas[0].ip)
+
+    st, body = members[0].admin("reconfigure", serviceName="rep-dist", servicePath="/rep-dist",
+                                port=replicas[0].port, distribute="true")
+    assert st == 200 and body["Status"] == "OK" and body["ServiceName"] == "rep-dist", body
+    for p in members:
+        assert served_by(p, "/rep-dist/hello") == (200, replicas[0].addr)
+    assert len({state_of(p)[1] for p in members}) == 1
+
+    # bad input is refused before any replica sees it
+    st, body = members[1].admin("reconfigure", serviceName="rep-bad", port="80", distribute="true")
+    assert st == 409 and body["Status"] == "NOK", body
+    assert all("rep-bad" not in routes(p) for p in members)
+
+    # a replica DNS still lists but that is gone: named in DFP's message, the others applied it
+    c.announce(0, 1, 2, extra=("127.0.0.99",))
+    st, body = members[2].admin("reconfigure", serviceName="rep-dist", servicePath="/rep-moved",
+                                port=replicas[0].port, distribute="true")
+    assert st == 500 and body["Status"] == "NOK", body
+    assert "Could not send distribute request to the following addresses" in body["Message"]
+    assert "127.0.0.99" in body["Message"] and c.ips[0] not in body["Message"], body
+    for p in members:
+        assert served_by(p, "/rep-moved/hello") == (200, replicas[0].addr)
+        assert served_by(p, "/rep-dist/hello")[0] == 503
+
+    c.announce(0, 1, 2)
+    st, body = members[1].admin("remove", serviceName="rep-dist", distribute="true")
+    assert st == 200, body
+    assert all("rep-dist" not in routes(p) for p in members)
+    assert all(served_by(p, "/rep-moved/hello")[0] == 503 for p in members)
+
+
+def test_sigkill_mid_changes_keeps_every_acknowledged_change(cluster, dns, replicas):
+    c = cluster(50)
+    c.announce(0)
+    p = c.start(0)
+    dns.set_service("rep-kill", replicas[1].ip)
+    acked: set[str] = set()
+    lock = threading.Lock()
+    enough = threading.Event()
+
+    def change(n: int) -> None:
+        name = f"rep-kill-{n}"
+        try:
+            st, _ = p.admin("reconfigure", serviceName=name, servicePath=f"/{name}",
+                            outboundHostname="rep-kill", port=replicas[1].port)
+        except OSError:
+            return  # in flight when the process died: never acknowledged
+        if st == 200:
+            with lock:
+                acked.add(name)
+                if len(acked) >= 40:
+                    enough.set()
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(change, n) for n in range(400)]
+        assert enough.wait(30), "40 changes were not acknowledged"
+        p.kill()
+        for f in futures:
+            f.result()
+    assert 40 <= len(acked) < 400
+
+    c.members.pop(0)
+    again = c.start(0)
+    present = set(routes(again))
+    assert acked <= present, f"lost acknowledged changes: {sorted(acked - present)}"
+    some = sorted(acked)[0]
+    assert served_by(again, f"/{some}/hello") == (200, replicas[1].addr)
+
+
+def test_corrupt_or_partial_state_file_falls_back_to_the_last_good_copy(cluster, dns, replicas):
+    c = cluster(60)
+    c.announce(0)
+    p = c.start(0)
+    dns.set_service("rep-disk", replicas[2].ip)
+    p.reconfigure(serviceName="rep-disk", servicePath="/rep-disk-1", port=replicas[2].port)
+    p.reconfigure(serviceName="rep-disk", servicePath="/rep-disk-2", port=replicas[2].port)
+    c.stop(0)
+
+    state = c.tmp / "state0"
+    current = (state / "state.json").read_bytes()
+    (state / "state.json").write_bytes(current[: len(current) // 2])  # a torn write
+    p = c.start(0)
+    assert served_by(p, "/rep-disk-1/hello") == (200, replicas[2].addr)  # the previous copy
+    assert "unusable" in p.log() and "last good state copy" in p.log()
+    c.stop(0)
+
+    # a well-formed file whose content does not match its hash is refused the same way
+    (state / "state.json").write_bytes(current.replace(b"/rep-disk-2", b"/rep-disk-X"))
+    p = c.start(0)
+    assert served_by(p, "/rep-disk-X/hello")[0] == 503
+    assert "does not match its hash" in p.log()
+    c.stop(0)
+
+    # a crash between the two renames of a save: no state.json, a complete temp file
+    (state / "state.json").unlink()
+    (state / "state.json.tmp").write_bytes(current)
+    p = c.start(0)
+    assert served_by(p, "/rep-disk-2/hello") == (200, replicas[2].addr)
+    c.stop(0)
+
+    # nothing usable: it still starts (empty) and says why
+    for name in ("state.json", "state.json.tmp", "state.prev.json"):
+        (state / name).write_bytes(b"\x00garbage")
+    p = c.start(0)
+    wait_until(lambda: ready(p), timeout=10, what="ready without any state file")
+    assert routes(p) == {}
+
+
+def test_joining_replica_serves_the_same_routes_when_ready(cluster, dns, replicas):
+    c = cluster(70)
+    c.announce(0, 1)
+    members = [c.start(0), c.start(1)]
+    dns.set_service("rep-join", replicas[0].ip)
+    for n in range(5):
+        members[n % 2].admin("reconfigure", serviceName=f"rep-join-{n}", servicePath=f"/rep-join-{n}",
+                             outboundHostname="rep-join", port=replicas[0].port, distribute="true")
+    members[0].admin("remove", serviceName="rep-join-4", distribute="true")
+    expected = routes(members[0])
+    assert len(expected) == 4
+
+    c.announce(0, 1, 2)
+    new = c.start(2)  # empty state dir
+    wait_until(lambda: ready(new), timeout=10, what="the new replica ready")
+    assert routes(new) == expected
+    assert state_of(new)[1] == state_of(members[0])[1]
+    for n in range(4):
+        assert served_by(new, f"/rep-join-{n}/hello") == (200, replicas[0].addr)
+    assert served_by(new, "/rep-join-4/hello")[0] == 503
+
+
+def test_replica_that_missed_changes_converges_within_the_repair_interval(cluster, dns, replicas):
+    c = cluster(80)
+    c.announce(0, 1, 2)
+    members = [c.start(i) for i in range(3)]
+    dns.set_service("rep-heal", replicas[1].ip)
+
+    # replica 2 drops out of tasks.<name> (down, or DNS lag): the fan-out misses it
+    c.announce(0, 1)
+    members[0].reconfigure(serviceName="rep-heal", servicePath="/rep-heal", port=replicas[1].port,
+                           distribute="true")
+    assert "reconfigured rep-heal" not in members[2].log()  # the fan-out did not reach it
+    # a change only one replica received (distribute=false) must spread too
+    members[1].reconfigure(serviceName="rep-heal-b", servicePath="/rep-heal-b", outboundHostname="rep-heal",
+                           port=replicas[1].port)
+
+    c.announce(0, 1, 2)
+    wait_until(lambda: len({state_of(p)[1] for p in members}) == 1, timeout=10, what="equal hashes")
+    for p in members:
+        assert served_by(p, "/rep-heal/hello") == (200, replicas[1].addr)
+        assert served_by(p, "/rep-heal-b/hello") == (200, replicas[1].addr)
+    st, body = members[2].admin("ping")
+    assert body["Drift"] >= 1 and body["Repairs"] >= 1, body
+    assert "drift:" in members[2].log() and "repair: adopted" in members[2].log()
+
+
+def test_concurrent_reconfigures_to_different_replicas_end_in_the_same_state(cluster, dns, replicas):
+    c = cluster(90)
+    c.announce(0, 1, 2)
+    members = [c.start(i) for i in range(3)]
+    dns.set_service("rep-conc", replicas[2].ip)
+
+    def send(n: int):
+        p = members[n % 3]
+        # every replica also fights over one shared service, with different paths
+        name = "rep-conc-shared" if n % 4 == 0 else f"rep-conc-{n}"
+        return p.admin("reconfigure", serviceName=name, servicePath=f"/rep-conc-{n}", outboundHostname="rep-conc",
+                       port=replicas[2].port, distribute="true")
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(send, range(36)))
+    assert all(st == 200 for st, _ in results), [r for r in results if r[0] != 200]
+    hashes = {state_of(p)[1] for p in members}
+    assert len(hashes) == 1, hashes
+    tables = [routes(p) for p in members]
+    assert tables[0] == tables[1] == tables[2]
+    assert len(tables[0]) == 1 + 27
+    shared = tables[0]["rep-conc-shared"]
+    path = shared["ServiceDest"][0]["ServicePath"][0]
+    assert all(served_by(p, f"{path}/hello") == (200, replicas[2].addr) for p in members)
+
+
+def test_replica_down_during_changes_catches_up_before_ready(cluster, dns, replicas):
+    c = cluster(100)
+    c.announce(0, 1)
+    members = [c.start(0), c.start(1)]
+    dns.set_service("rep-down", replicas[0].ip)
+    members[0].reconfigure(serviceName="rep-down-1", servicePath="/rep-down-1", outboundHostname="rep-down",
+                           port=replicas[0].port, distribute="true")
+    members[1].kill()
+    c.members.pop(1)
+    st, body = members[0].admin("reconfigure", serviceName="rep-down-2", servicePath="/rep-down-2",
+                                outboundHostname="rep-down", port=replicas[0].port, distribute="true")
+    assert st == 500 and c.ips[1] in body["Message"], body
+    st, _ = members[0].admin("reconfigure", serviceName="rep-down-1", servicePath="/rep-down-1b",
+                             outboundHostname="rep-down", port=replicas[0].port, distribute="true")
+    assert st == 500  # and applied on replica 0
+    again = c.start(1)  # its state dir holds only rep-down-1 at /rep-down-1
+    wait_until(lambda: ready(again), timeout=10, what="restarted replica ready")
+    assert routes(again) == routes(members[0])
+    assert served_by(again, "/rep-down-2/hello") == (200, replicas[0].addr)
+    assert served_by(again, "/rep-down-1b/hello") == (200, replicas[0].addr)
+    assert served_by(again, "/rep-down-1/hello")[0] == 503
+
+
+def test_distribute_without_swarm_dns_applies_here(cluster, dns, replicas):
+    c = cluster(110)  # tasks.<name> is not in DNS at all: NXDOMAIN
+    p = c.start(0)
+    dns.set_service("rep-solo", replicas[1].ip)
+    st, body = p.admin("reconfigure", serviceName="rep-solo", servicePath="/rep-solo", port=replicas[1].port,
+                       distribute="true")
+    assert st == 200, body
+    assert served_by(p, "/rep-solo/hello") == (200, replicas[1].addr)
+    assert "applying on this replica only" in p.log()
+
+
+def test_unusable_state_dir_stops_start_with_a_clear_message(dns, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    with pytest.raises(PyrouteDied) as exc:
+        start_pyroute(dns, STATE_DIR=str(blocker / "state"))
+    assert "STATE_DIR" in str(exc.value) and "is not usable" in str(exc.value)
+
+
+def test_config_json_carries_revision_and_hash(cluster, dns, replicas):
+    c = cluster(120)
+    p = c.start(0)
+    dns.set_service("rep-hdr", replicas[0].ip)
+    p.reconfigure(serviceName="rep-hdr", servicePath="/rep-hdr", port=replicas[0].port)
+    conn = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
+    conn.request("GET", "/v1/docker-flow-proxy/config?type=json")
+    r = conn.getresponse()
+    assert r.status == 200 and "rep-hdr" in json.loads(r.read())
+    conn.close()
+    revision, digest = state_of(p)
+    assert r.headers["X-Pyroute-Revision"] == str(revision) and r.headers["X-Pyroute-Hash"] == digest
+    saved = json.loads((c.tmp / "state0" / "state.json").read_text())
+    assert (saved["revision"], saved["hash"]) == (revision, digest)
