@@ -27,13 +27,14 @@ HOST_CACHE_LIMIT = 4096  # distinct Host values indexed per table; a flood of ju
 class Route:
     """A destination made ready for the data plane."""
 
-    __slots__ = ("service", "destination", "backend", "priority")
+    __slots__ = ("service", "destination", "backend", "priority", "stats")
 
-    def __init__(self, service: Service, destination: Destination, backend: Any, priority: int):
+    def __init__(self, service: Service, destination: Destination, backend: Any, priority: int, stats: Any = None):
         self.service = service
         self.destination = destination
         self.backend = backend
         self.priority = priority
+        self.stats = stats  # metrics.ServiceStats, shared by every route of the service and kept across tables
 
     def __repr__(self) -> str:
         return f"Route({self.service.name}#{self.destination.index} -> {self.backend!r})"
@@ -98,14 +99,16 @@ class PathIndex:
 class RouteTable:
     """An immutable snapshot of every route, in DFP precedence order."""
 
-    def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int], Any], revision: int = 0):
+    def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int], Any], revision: int = 0,
+                 make_stats: Callable[[str], Any] = lambda name: None, first: Iterable[Service] = ()):
+        """`first`: pyroute's own services (the stats page), matched before every other one."""
         self.revision = revision
         self.services = tuple(sorted(services, key=precedence_key))
         routes = []
-        for service in self.services:
+        for service in (*first, *self.services):
             for destination in service.destinations:
                 backend = make_backend(destination.outbound_hostname or service.name, destination.port)
-                routes.append(Route(service, destination, backend, len(routes)))
+                routes.append(Route(service, destination, backend, len(routes), make_stats(service.name)))
         self.routes = tuple(routes)
         self._hostless = PathIndex(r for r in routes if not r.destination.domains)
         self._has_domains = any(r.destination.domains for r in routes)
