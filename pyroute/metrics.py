@@ -20,6 +20,7 @@ from bisect import bisect_left
 
 import orjson
 
+from .eventlog import event
 from .resolver import is_ip
 
 log = logging.getLogger("pyroute.health")
@@ -64,10 +65,7 @@ class AddressStats:
         before = self.health
         self.health = health
         self.changed = time.time()
-        log.info("%s", orjson.dumps({
-            "event": "health", "service": self.service, "address": self.address,
-            "from": before, "to": health, "reason": reason, "pid": os.getpid(),
-        }).decode())
+        event(log, "health", service=self.service, address=self.address, to=health, before=before, reason=reason)
 
     def to_json(self) -> dict:
         return {"connects": self.connects, "reuses": self.reuses, "failures": self.failures,

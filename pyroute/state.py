@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+from .eventlog import event
 from .services import Service, is_removal, parse_service
 
 log = logging.getLogger("pyroute.state")
@@ -48,18 +49,18 @@ class ServiceRegistry:
             return None
         service = parse_service(params, self.separator)
         self._services[service.name] = service
-        self._publish(f"reconfigured {service.name}")
+        self._publish("reconfigure", service.name)
         return service
 
     def remove(self, name: str) -> bool:
         if self._services.pop(name, None) is None:
             return False
-        self._publish(f"removed {name}")
+        self._publish("remove", name)
         return True
 
-    def _publish(self, what: str) -> None:
+    def _publish(self, what: str, name: str) -> None:
         self.revision += 1
-        log.info("%s (revision %d, %d services)", what, self.revision, len(self._services))
+        event(log, what, service=name, revision=self.revision, services=len(self._services))
         snapshot = self.snapshot()
         for callback in self._subscribers:
             callback(snapshot)
