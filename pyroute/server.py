@@ -140,6 +140,8 @@ class DataPlane:
         for conn in list(proxy.connections):
             conn.transport.abort()
         proxy.pool.close_all()
+        if proxy.access_log is not None:
+            proxy.access_log.flush()
 
     def _tick_interval(self) -> float:
         s = self.settings
