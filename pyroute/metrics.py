@@ -80,7 +80,7 @@ class ServiceStats:
 
     def __init__(self, name: str):
         self.name = name
-        self.responses: dict[tuple[bytes, int], int] = {}  # (method, status) -> count; status 0 = no response
+        self.responses: dict[bytes, dict[int, int]] = {}  # method -> status -> count; status 0 = no response
         self.total = [0] * (len(DURATION_BOUNDS) + 1)  # histogram buckets (not cumulative), last = +Inf
         self.total_sum = 0.0
         self.upstream = [0] * (len(DURATION_BOUNDS) + 1)
@@ -97,9 +97,11 @@ class ServiceStats:
 
     def count(self, method: bytes, status: int, took: float, upstream_took: float, received: int, sent: int) -> None:
         """One finished (or abandoned) exchange; upstream_took < 0 when no upstream answered."""
-        key = (method, status)
-        responses = self.responses
-        responses[key] = responses.get(key, 0) + 1
+        try:
+            codes = self.responses[method]
+        except KeyError:
+            codes = self.responses[method] = {}
+        codes[status] = codes.get(status, 0) + 1
         self.total[bisect_left(DURATION_BOUNDS, took)] += 1
         self.total_sum += took
         if upstream_took >= 0:
@@ -110,7 +112,7 @@ class ServiceStats:
 
     def to_json(self) -> dict:
         return {
-            "responses": [[m.decode("latin-1"), s, n] for (m, s), n in self.responses.items()],
+            "responses": [[m.decode("latin-1"), s, n] for m, codes in self.responses.items() for s, n in codes.items()],
             "total": self.total, "total_sum": self.total_sum,
             "upstream": self.upstream, "upstream_sum": self.upstream_sum,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
