@@ -486,14 +486,16 @@ class ClientConnection(asyncio.Protocol):
                 ex.upstream.abort()
         responded = any(ex.responded for ex in self.queue)
         now = self.loop.time()
-        for ex in self.queue:
-            self._account(ex, ex.status, "PR", now)
-        self.queue.clear()
+        termination = "cR" if status == 408 else "PR"
+        for ex in self.queue:  # the one whose body was being read gets the refusal; the others are cut off
+            self._account(ex, status if ex is self.reading and not responded else ex.status, termination, now)
         if not responded:
             self.transport.write(error_response(status, True))
-            self.server.unrouted.count(b"", status, 0.0, -1.0, 0, 0)
-            if self.server.access_log is not None:
-                self.server.access_log.refused(self, status)
+            if self.reading is None:  # the refused request never became an exchange
+                self.server.unrouted.count(b"", status, 0.0, -1.0, 0, 0)
+                if self.server.access_log is not None:
+                    self.server.access_log.refused(self, status)
+        self.queue.clear()
         self.transport.close()
 
     def check_timeouts(self, now: float) -> None:

@@ -235,3 +235,55 @@ def test_workers_are_aggregated(make_pyroute, dns, replicas):
     assert all(served.values()), served
     st, _, body = p.get("/admin?stats")
     assert st == 200 and b"obs-w" in body
+
+
+def test_refused_request_is_logged_and_counted(proxy, svc):
+    before = samples(proxy)
+    with socket.create_connection(("127.0.0.1", proxy.http_port)) as s:
+        s.sendall(b"GET /obs/hello HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 400")
+    after = samples(proxy)
+    assert value(after, "pyroute_requests_total", service="", method="other", code=400) - \
+        value(before, "pyroute_requests_total", service="", method="other", code=400) == 1
+    wait_until(lambda: any(e.get("status") == 400 and e.get("termination") == "PR" for e in log_lines(proxy)),
+               what="an access log line for the refused request")
+
+
+def test_errors_only_and_sampling(make_pyroute, dns, replicas):
+    up = replicas[0]
+    dns.set_service("obs-s", up.ip)
+    errors_only = make_pyroute(DEBUG="true", DEBUG_ERRORS_ONLY="true")
+    errors_only.reconfigure(serviceName="obs-s", servicePath="/s", port=up.port)
+    assert errors_only.get("/s/hello?ok")[0] == 200
+    assert errors_only.get("/s/status/500?err")[0] == 500
+    access_line(errors_only, "/s/status/500?err", status=500)
+    assert not [e for e in log_lines(errors_only) if e.get("path") == "/s/hello?ok"]
+
+    sampled = make_pyroute(DEBUG="true", ACCESS_LOG_SAMPLE="0.5")
+    sampled.reconfigure(serviceName="obs-s", servicePath="/s", port=up.port)
+    n = 200
+    with sampled.raw() as c:
+        for i in range(n):
+            c.request("GET", f"/s/hello?sample={i}", [("Host", "t")])
+            assert c.read_response()[0].status_code == 200
+    samples(sampled)  # a scrape: by its answer every line of earlier requests was flushed
+    logged = [e for e in log_lines(sampled) if "sample=" in e.get("path", "")]
+    assert 50 < len(logged) < 150, len(logged)  # binomial(200, 0.5): outside this is ~1e-12
+
+
+def test_disabled_log_writes_nothing(make_pyroute, dns, replicas):
+    up = replicas[0]
+    dns.set_service("obs-q", up.ip)
+    quiet = make_pyroute()
+    quiet.reconfigure(serviceName="obs-q", servicePath="/q", port=up.port)
+    assert quiet.get("/q/hello")[0] == 200
+    assert value(samples(quiet), "pyroute_requests_total", service="obs-q", method="GET", code=200) == 1
+    assert not [e for e in log_lines(quiet) if "termination" in e]
+
+
+def test_stats_uri_may_not_cover_the_admin_api():
+    from pyroute.config import SettingsError, load_settings
+    for uri in ("/", "/v1", "/metrics?x", "/v1/docker-flow-proxy/config"):
+        with pytest.raises(SettingsError, match="STATS_URI"):
+            load_settings([], {"STATS_URI": uri})
+    assert load_settings([], {"STATS_URI_ENV": "X", "X": "/_stats"}).stats_uri == "/_stats"
