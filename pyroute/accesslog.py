@@ -2,7 +2,9 @@
 
 Off by default, and then it costs nothing: the proxy holds no AccessLog and skips the
 call. When on, lines are encoded with orjson, collected, and written in one go at the
-end of the event loop iteration (one write per batch, not per request).
+end of the event loop iteration (one write per batch, not per request). The lines of
+one batch share one timestamp; timings are whole milliseconds (as HAProxy's), which is
+the resolution of the event loop's clock the hot path stamps requests with.
 
 The ``termination`` field plays the part of HAProxy's termination flags:
 
@@ -32,8 +34,6 @@ import orjson
 LOCAL_TERMINATION = {503: "SC", 502: "SH", 504: "sH"}
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
 
 
 class AccessLog:
@@ -43,6 +43,7 @@ class AccessLog:
         self.sample = sample
         self.fd = fd
         self.lines: list[bytes] = []
+        self.stamp = ""  # ISO 8601 time of the current batch
 
     def exchange(self, conn, ex, status: int, termination: str, now: float, received: int, sent: int) -> None:
         """Log one finished or abandoned exchange (see proxy.ClientConnection._account)."""
@@ -58,11 +59,16 @@ class AccessLog:
         if self.sample < 1.0 and random.random() >= self.sample:
             return
         started = ex.started
+        head_done = ex.head_done
         sent_at = ex.sent_at
+        response_at = ex.response_at
         route = ex.route
         address = ex.address
-        self._write({
-            "time": datetime.now(timezone.utc),
+        lines = self.lines
+        if not lines:
+            self._start_batch()
+        lines.append(orjson.dumps({
+            "time": self.stamp,
             "client": conn.client_ip.decode("latin-1"),
             "method": ex.method.decode("latin-1"),
             "path": ex.url.decode("latin-1"),
@@ -71,30 +77,31 @@ class AccessLog:
             "bytes_in": received,
             "service": route.service.name if route is not None else "",
             "upstream": f"{address[0]}:{address[1]}" if address is not None else "",
-            "request_ms": _ms(ex.head_done - started),
-            "connect_ms": _ms(sent_at - ex.head_done) if sent_at else None,
-            "response_ms": _ms(ex.response_at - sent_at) if ex.response_at else None,
-            "total_ms": _ms(now - started),
+            "request_ms": int((head_done - started) * 1000.0 + 0.5),
+            "connect_ms": int((sent_at - head_done) * 1000.0 + 0.5) if sent_at else None,
+            "response_ms": int((response_at - sent_at) * 1000.0 + 0.5) if response_at else None,
+            "total_ms": int((now - started) * 1000.0 + 0.5),
             "termination": termination,
             "retried": ex.retried,
-        })
+        }))
 
     def refused(self, conn, status: int) -> None:
         """A request refused before it was parsed whole (no route, method or path known)."""
         if self.sample < 1.0 and random.random() >= self.sample:
             return
-        self._write({
-            "time": datetime.now(timezone.utc), "client": conn.client_ip.decode("latin-1"), "method": "", "path": "",
+        if not self.lines:
+            self._start_batch()
+        self.lines.append(orjson.dumps({
+            "time": self.stamp, "client": conn.client_ip.decode("latin-1"), "method": "", "path": "",
             "status": status, "bytes": 0, "bytes_in": 0, "service": "", "upstream": "",
             "request_ms": None, "connect_ms": None, "response_ms": None, "total_ms": None,
             "termination": "cR" if status == 408 else "PR", "retried": False,
-        })
+        }))
 
-    def _write(self, entry: dict) -> None:
-        lines = self.lines
-        if not lines:
-            self.loop.call_soon(self.flush)
-        lines.append(orjson.dumps(entry))
+    def _start_batch(self) -> None:
+        """First line of this loop iteration: schedule the write, take the timestamp."""
+        self.loop.call_soon(self.flush)
+        self.stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
     def flush(self) -> None:
         if not self.lines:
