@@ -172,8 +172,15 @@ def snapshot(plane, name: str) -> dict:
         })
     process = process_info(name)
     process.update(revision=plane.revision, reloads=stats.reloads)
+    services = {s.name: s.to_json() for s in [stats.unrouted, *stats.services.values()]}
+    resolved: dict[str, set[str]] = {}
+    for route in routes:
+        resolved.setdefault(route["service"], set()).update(route["addresses"])
+    for name, svc in services.items():  # a task no longer in DNS keeps its counters but has no health
+        for address, a in svc["addresses"].items():
+            a["resolved"] = address in resolved.get(name, ())
     return {
-        "services": {s.name: s.to_json() for s in [stats.unrouted, *stats.services.values()]},
+        "services": services,
         "connections": {
             "active": len(connections),
             "total": proxy.accepted,
@@ -226,6 +233,7 @@ def merge(snapshots: list[dict]) -> dict:
                     mine[key] += a[key]
                 if a["changed"] > mine["changed"]:
                     mine["health"], mine["changed"] = a["health"], a["changed"]
+                mine["resolved"] = mine.get("resolved", True) or a.get("resolved", True)
     out["routes"] = list(routes.values())
     return out
 
@@ -309,10 +317,10 @@ def render_prometheus(snap: dict) -> bytes:
             for address, a in sorted(svc["addresses"].items()):
                 w.sample(metric, a[key], service=name, address=address)
     w.family("pyroute_upstream_up", "gauge",
-             "Passive health per task address: 1 after a successful connect, 0 after a failed one")
+             "Passive health per task address in DNS now: 1 after a successful connect, 0 after a failed one")
     for name, svc in services.items():
         for address, a in sorted(svc["addresses"].items()):
-            if a["health"] != "unknown":
+            if a["health"] != "unknown" and a.get("resolved", True):
                 w.sample("pyroute_upstream_up", 1 if a["health"] == "up" else 0, service=name, address=address)
     w.family("pyroute_dns_lookups_total", "counter", "DNS lookups made")
     w.sample("pyroute_dns_lookups_total", snap["dns"]["lookups"])

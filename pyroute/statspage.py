@@ -59,7 +59,7 @@ table { border-collapse: collapse; margin: .8em 0 1.5em; width: 100%; }
 th, td { border: 1px solid #999; padding: .25em .5em; text-align: left; font-size: .9em; }
 th { background: #2b4a6f; color: #fff; }
 tr.service td { background: #dde6f0; font-weight: bold; }
-td.up { background: #6c6; } td.down { background: #e55; color: #fff; } td.unknown { background: #ccc; }
+td.up { background: #6c6; } td.down { background: #e55; color: #fff; } td.unknown, td.gone { background: #ccc; }
 td.num { text-align: right; font-family: monospace; }
 p.meta { color: #555; font-size: .9em; }
 """
@@ -104,7 +104,7 @@ def render(snap: dict, registry_revision: int) -> bytes:
             + f"<td class=\"num\">{svc['bytes_in']}</td><td class=\"num\">{svc['bytes_out']}</td>"
             + "<td></td>" * 5 + "</tr>")
         for address, a in sorted(svc["addresses"].items()):
-            health = a["health"]
+            health = a["health"] if a.get("resolved", True) else "gone"  # no longer in DNS
             out.append(
                 f"<tr><td>&nbsp;&nbsp;{escape(address)}</td><td class=\"{health}\">{health}</td>"
                 + "<td></td>" * 8

@@ -287,3 +287,23 @@ def test_stats_uri_may_not_cover_the_admin_api():
         with pytest.raises(SettingsError, match="STATS_URI"):
             load_settings([], {"STATS_URI": uri})
     assert load_settings([], {"STATS_URI_ENV": "X", "X": "/_stats"}).stats_uri == "/_stats"
+
+
+def test_task_gone_from_dns_has_no_health(proxy, dns, replicas):
+    first, second = replicas[0], replicas[1]
+    dns.set_service("obs-m", first.ip)
+    proxy.reconfigure(serviceName="obs-m", servicePath="/m", port=first.port)
+    assert proxy.get("/m/hello")[0] == 200
+    old, new = f"{first.ip}:{first.port}", f"{second.ip}:{second.port}"
+    assert value(samples(proxy), "pyroute_upstream_up", service="obs-m", address=old) == 1
+    dns.set_service("obs-m", second.ip)  # the task moved (DNS_TTL_CAP is 0.5 s in these tests)
+
+    def moved():
+        return proxy.get("/m/hello")[1]["X-Upstream"] == new
+    wait_until(moved, what="requests reach the new task")
+    snap = samples(proxy)
+    assert value(snap, "pyroute_upstream_up", service="obs-m", address=new) == 1
+    assert ("pyroute_upstream_up", frozenset({"service": "obs-m", "address": old}.items())) not in snap
+    assert value(snap, "pyroute_upstream_connects_total", service="obs-m", address=old) == 1  # counters stay
+    page = proxy.get("/admin?stats", headers=AUTH)[2].decode()
+    assert f'{old}</td><td class="gone">gone' in page.replace("&nbsp;", "")
