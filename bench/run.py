@@ -1,7 +1,7 @@
 """Load harness: pyroute side by side with HAProxy, nginx and a naive aiohttp proxy.
 
     python bench/run.py [--rounds 5] [--duration 10] [--workloads small,c1,64k,upload]
-                        [--targets pyroute,haproxy,nginx,aiohttp] [--workers 1,2]
+                        [--targets pyroute,pyroute-log,haproxy,nginx,aiohttp] [--workers 1,2]
                         [--out bench/out/results.md]
 
 Every target proxies to the same upstream over keep-alive connections and is driven
@@ -484,11 +484,11 @@ def pyroute_env(admin_port: int, port: int, dns_port: int, workers: int) -> dict
 
 
 def start_pyroute(procs: Processes, tmp: Path, upstream_port: int, dns_port: int,
-                  workers: int, extra_routes: int = 0, env: dict | None = None) -> Target:
+                  workers: int, extra_routes: int = 0, env: dict | None = None, suffix: str = "") -> Target:
     """pyroute from the working tree; its workers share cpu 1 with the upstream, or
     spread over both cpus (sharing cpu 0 with wrk) when WORKERS > 1."""
     name = "pyroute" + (f" w={workers}" if workers > 1 else "") + \
-        (f" +{extra_routes} routes" if extra_routes else "")
+        (f" +{extra_routes} routes" if extra_routes else "") + suffix
     port, admin_port = free_port(), free_port()
     work = tmp / re.sub(r"\W+", "-", name)
     work.mkdir()
@@ -511,6 +511,9 @@ def start_target(kind: str, workers: int, extra_routes: int, procs: Processes, t
     try:
         if kind == "pyroute":
             return start_pyroute(procs, tmp, upstream_port, dns_port, workers, extra_routes)
+        if kind == "pyroute-log":  # DEBUG=true: a JSON access log line per request, into its log file
+            return start_pyroute(procs, tmp, upstream_port, dns_port, workers, env={"DEBUG": "true"},
+                                 suffix=" +access log")
         starters = {"haproxy": start_haproxy, "nginx": start_nginx_proxy, "aiohttp": start_aiohttp}
         return starters[kind](procs, tmp, upstream_port)
     except (RuntimeError, OSError) as err:
@@ -787,7 +790,8 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     p.add_argument("--warmup", type=int, default=WARMUP_SECONDS, help="seconds of warm-up per target and workload")
     p.add_argument("--workloads", type=csv_list, default=list(WORKLOADS))
-    p.add_argument("--targets", type=csv_list, default=["pyroute", "haproxy", "nginx", "aiohttp"])
+    p.add_argument("--targets", type=csv_list, default=["pyroute", "haproxy", "nginx", "aiohttp"],
+                   help="also: pyroute-log = pyroute (first --workers value) with the access log on (DEBUG=true)")
     p.add_argument("--workers", type=lambda s: [int(w) for w in csv_list(s)], default=[1, 2],
                    help="pyroute WORKERS values, one target each")
     p.add_argument("--extra-routes", type=int, default=EXTRA_ROUTES,
@@ -810,6 +814,8 @@ def target_plan(args) -> list[tuple[str, int, int]]:
             plan += [("pyroute", w, 0) for w in args.workers]
             if args.extra_routes:
                 plan.append(("pyroute", args.workers[0], args.extra_routes))
+        elif kind == "pyroute-log":
+            plan.append((kind, args.workers[0], 0))
         else:
             plan.append((kind, 1, 0))
     return plan

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httptools
 import orjson
 
+from . import metrics, statspage
 from .resolver import ResolveError
 from .routing import precedence_key
 from .services import Service, ServiceError, is_removal, parse_service
@@ -27,16 +28,18 @@ PREFIX = "/v1/docker-flow-proxy/"
 MAX_ADMIN_BODY = 1024 * 1024
 MAX_ADMIN_HEAD = 64 * 1024
 MAX_ADMIN_PIPELINE = 8  # queued requests per connection before reading pauses
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
                413: "Payload Too Large", 500: "Internal Server Error"}
 
 
 class Request:
-    __slots__ = ("method", "path", "params", "body")
+    __slots__ = ("method", "target", "path", "params", "body", "authorization")
 
-    def __init__(self, method: str, target: str, body: bytes):
+    def __init__(self, method: str, target: str, body: bytes, authorization: str = ""):
         parts = urlsplit(target)
         self.method = method
+        self.target = target
+        self.authorization = authorization
         self.path = parts.path
         self.params: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -74,11 +77,15 @@ class AdminApi:
         wait_applied: Callable[[int], Awaitable[list[str]]],
         is_ready: Callable[[], bool] = lambda: True,
         replication=None,
+        collect: Callable[[], Awaitable[dict]] | None = None,
+        settings=None,
     ):
         self.registry = registry
         self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
         self.is_ready = is_ready
         self.replication = replication  # replication.Replication: durability, peers, listener
+        self.collect = collect  # -> the data planes' counters, merged (metrics.merge)
+        self.settings = settings
         self.routes: dict[str, Callable[[Request], Response]] = {
             "reconfigure": self.reconfigure,
             "remove": self.remove,
@@ -87,9 +94,18 @@ class AdminApi:
             "reload": self.reload,
             "successfulinitreload": self.successful_init_reload,
             "state": self.state,
+            "metrics": self.metrics_csv,
         }
 
     async def handle(self, request: Request) -> Response:
+        if request.path == "/metrics" and self.collect is not None:
+            return Response(200, metrics.render_prometheus(await self.collect()), "text/plain; version=0.0.4")
+        settings = self.settings
+        if settings is not None and statspage.enabled(settings) and request.path.startswith(statspage.path(settings)):
+            # Requests under the stats path come from the public ports' stats route: only the page is here.
+            if request.target.startswith(settings.stats_uri):
+                return await self.stats_page(request)
+            return Response(404, b"404 Not Found\n", "text/plain")
         if request.path.startswith(PREFIX):
             handler = self.routes.get(request.path[len(PREFIX) :].strip("/"))
             if handler is not None:
@@ -201,6 +217,19 @@ class AdminApi:
                                  ServiceName=request.params.get("serviceName", ""))
         return answer if answer is not None else json_response(200, "", Replicas=[r.address for r in results])
 
+    async def metrics_csv(self, request: Request) -> Response:
+        """DFP's metrics endpoint: the counters in HAProxy's stats CSV columns."""
+        if self.collect is None:
+            return json_response(404, "metrics are not available")
+        return Response(200, metrics.render_csv(await self.collect()), "text/plain; charset=utf-8")
+
+    async def stats_page(self, request: Request) -> Response:
+        if not statspage.authorized(self.settings, request.authorization):
+            return Response(401, b"401 Unauthorized: the stats page needs STATS_USER/STATS_PASS\n",
+                            "text/plain", 'WWW-Authenticate: Basic realm="pyroute stats"\r\n')
+        return Response(200, statspage.render(await self.collect(), self.registry.revision),
+                        "text/html; charset=utf-8", "Cache-Control: no-store\r\n")
+
     def successful_init_reload(self, request: Request) -> Response:
         return Response(200 if self.is_ready() else 500, b"")
 
@@ -263,6 +292,7 @@ class AdminConnection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.size = 0
         self.keep_alive = True
+        self.authorization = ""
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -279,6 +309,11 @@ class AdminConnection(asyncio.Protocol):
         self.url = b""
         self.body = []
         self.size = 0
+        self.authorization = ""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"authorization":
+            self.authorization = value.decode("latin-1")
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -295,7 +330,8 @@ class AdminConnection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body))
+        request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body),
+                          self.authorization)
         self.requests.append((request, not self.keep_alive))
         if len(self.requests) >= MAX_ADMIN_PIPELINE:
             self.transport.pause_reading()
@@ -323,6 +359,7 @@ class AdminConnection(asyncio.Protocol):
             f"Content-Length: {len(response.body)}\r\n"
             + response.headers
             + ("Connection: close\r\n" if close else "")
+            + response.headers
             + "\r\n"
         )
         self.transport.write(head.encode() + response.body)

@@ -99,11 +99,11 @@ def _text(value: Any, setting: str) -> str:
     return value.strip()
 
 
-def _separator(value: Any, setting: str) -> str:
-    """Not stripped: the separator is used verbatim to split reconfigure parameters."""
-    if not isinstance(value, str) or not value:
-        raise _bad(setting, "a non-empty string", value)
-    return value
+def _any_text(value: Any, setting: str) -> str:
+    """A string that may be empty (e.g. STATS_USER: empty means the stats page is off)."""
+    if not isinstance(value, str):
+        raise _bad(setting, "a string", value)
+    return value.strip()
 
 
 def _boolean(value: Any, setting: str) -> bool:
@@ -115,6 +115,38 @@ def _boolean(value: Any, setting: str) -> bool:
     if text in ("false", "0", "no", "off", ""):
         return False
     raise _bad(setting, "true or false", value)
+
+
+def _fraction(value: Any, setting: str) -> float:
+    number: float | None = None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not (0 < number <= 1):
+        raise _bad(setting, "a fraction > 0 and <= 1", value)
+    return number
+
+
+def _stats_uri(value: Any, setting: str) -> str:
+    """The stats route takes every path under this one: it may not cover the admin API's own paths."""
+    if not isinstance(value, str) or not value.strip().startswith("/"):
+        raise _bad(setting, "a path starting with /", value)
+    path = value.strip().split("?", 1)[0]
+    for reserved in ("/v1/docker-flow-proxy/", "/metrics"):
+        if reserved.startswith(path) or path.startswith(reserved):
+            raise _bad(setting, f"a path that does not overlap {reserved}", value)
+    return value.strip()
+
+
+def _separator(value: Any, setting: str) -> str:
+    """Not stripped: the separator is used verbatim to split reconfigure parameters."""
+    if not isinstance(value, str) or not value:
+        raise _bad(setting, "a non-empty string", value)
+    return value
 
 
 def _optional_text(value: Any, setting: str) -> str:
@@ -247,11 +279,14 @@ def _cpu_count() -> int:
 
 
 def _setting(default: Any = None, *, parse: Parser, help: str, factory: Callable[[], Any] | None = None,
-             shown: str | None = None) -> Any:
-    """A Settings field carrying its parser, help text and the default as shown to users."""
+             shown: str | None = None, env_indirect: bool = False) -> Any:
+    """A Settings field carrying its parser, help text and the default as shown to users.
+
+    env_indirect: as DFP's STATS_USER_ENV, the env var NAME_ENV may name the variable to read instead.
+    """
     if shown is None:
         shown = f"{default:g}" if isinstance(default, float) else str(default)
-    metadata = {"parse": parse, "help": help, "shown": shown}
+    metadata = {"parse": parse, "help": help, "shown": shown, "env_indirect": env_indirect}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -325,6 +360,17 @@ class Settings:
     proxy_instance_name: str = _setting("docker-flow", parse=_text, help="this proxy's instance name")
     secrets_dir: str = _setting("/run/secrets", parse=_text,
                                 help="Docker secrets directory: dfp_<setting> files override env, dfp_users_<x> for usersSecret")
+    debug: bool = _setting(False, parse=_boolean, help="access log: one JSON line per request on stdout")
+    debug_errors_only: bool = _setting(False, parse=_boolean,
+                                       help="with DEBUG: log only errors (status >= 400, aborted requests)")
+    access_log_sample: float = _setting(1.0, parse=_fraction,
+                                        help="with DEBUG: the fraction of requests logged (0 < x <= 1)")
+    stats_user: str = _setting("", parse=_any_text, shown='""', env_indirect=True,
+                               help="stats page user; the page is off unless user and password are set "
+                                    "(none/none: no authentication)")
+    stats_pass: str = _setting("", parse=_any_text, shown='""', env_indirect=True, help="stats page password")
+    stats_uri: str = _setting("/admin?stats", parse=_stats_uri, env_indirect=True,
+                              help="where the stats page is served on the public ports")
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
@@ -383,6 +429,8 @@ def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str]
     secrets = _secrets(namespace, environ, file_values)
     for f in _SETTINGS:
         env_name = f.name.upper()
+        if f.metadata["env_indirect"]:
+            env_name = environ.get(f"{env_name}_ENV") or env_name
         if getattr(namespace, f.name, None) is not None:
             raw, source, where = getattr(namespace, f.name), "cli", _flag(f.name)
         elif f.name in secrets:

@@ -46,7 +46,8 @@ class Exchange:
     __slots__ = (
         "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
-        "close_after", "reply", "on_response",
+        "close_after", "reply", "on_response", "stats", "method", "url", "started", "head_done", "sent_at",
+        "response_at", "status", "address", "broken",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -68,18 +69,30 @@ class Exchange:
         self.close_after = False
         self.reply = None  # features.Reply when a route feature answers (401, 403, 30x)
         self.on_response = None  # a route's response edits (features.ResponsePlan), bound per request
+        # For metrics and the access log (loop.time() stamps; see metrics.py, accesslog.py):
+        self.sent_at = 0.0  # request head written upstream
+        self.response_at = 0.0  # response head arrived
+        self.status = 0  # the upstream's status
+        self.address: tuple[str, int] | None = None  # the upstream address used
+        self.broken = ""  # termination code when the exchange was cut short by pyroute's side
 
 
 class ProxyServer:
     """What every client connection shares: the current route table, the pool, settings."""
 
-    def __init__(self, settings, loop: asyncio.AbstractEventLoop, pool: UpstreamPool, table: RouteTable):
+    def __init__(self, settings, loop: asyncio.AbstractEventLoop, pool: UpstreamPool, table: RouteTable,
+                 unrouted, access_log=None):
         self.settings = settings
         self.loop = loop
         self.pool = pool
         self.table = table
         self.connections: set[ClientConnection] = set()
         self.proto = b"http"
+        self.unrouted = unrouted  # metrics.ServiceStats of requests no route took
+        self.access_log = access_log  # accesslog.AccessLog, or None when off
+        self.accepted = 0
+        self.closed_received = 0  # bytes of connections already closed
+        self.closed_sent = 0
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -91,6 +104,7 @@ class ProxyServer:
         limit = now - self.settings.timeout_server
         for upstream in [u for u in self.pool.busy if u.last_io < limit]:
             owner = upstream.owner
+            upstream.stats.timeouts += 1
             upstream.abort()
             if owner is not None:
                 owner.response_failed(upstream, "upstream timeout", retryable=False, status=504)
@@ -101,7 +115,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
-        "out", "served", "closed",
+        "out", "served", "closed", "received", "sent", "sent_mark", "received_mark",
     )
 
     def __init__(self, server: ProxyServer):
@@ -120,6 +134,10 @@ class ClientConnection(asyncio.Protocol):
         self.out: list[bytes] = []  # response bytes to write at the next flush()
         self.served = 0
         self.closed = False
+        self.received = 0  # bytes read from / written to the client, for metrics
+        self.sent = 0
+        self.received_mark = 0  # the counts when the last exchange finished
+        self.sent_mark = 0
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.host: bytes | None = None
@@ -134,9 +152,11 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = peer[0].encode() if peer else b"unknown"
         self.last_io = self.loop.time()
         self.server.connections.add(self)
+        self.server.accepted += 1
 
     def data_received(self, data: bytes) -> None:
         self.last_io = now = self.loop.time()
+        self.received += len(data)
         if not self.in_head and self.reading is None:  # these bytes start a request head
             self.in_head = True
             self.head_started = now
@@ -150,7 +170,14 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.server.connections.discard(self)
+        server = self.server
+        server.connections.discard(self)
+        if self.queue:  # requests that never got (all of) their response
+            now = self.loop.time()
+            for ex in self.queue:
+                self._account(ex, ex.status, ex.broken or "CD", now)
+        server.closed_received += self.received
+        server.closed_sent += self.sent
         for ex in self.queue:
             if ex.upstream is not None:
                 ex.upstream.abort()  # mid-exchange: the upstream connection cannot be reused
@@ -191,6 +218,10 @@ class ClientConnection(asyncio.Protocol):
         method = parser.get_method()
         http11 = parser.get_http_version() == "1.1"
         ex = Exchange(parser.should_keep_alive(), http11, method == b"HEAD", self.chunked, self.chunked or self.length > 0)
+        ex.method = method
+        ex.url = self.url
+        ex.started = self.head_started
+        ex.head_done = self.last_io
         self.reading = ex
         queue = self.queue
         queue.append(ex)
@@ -206,18 +237,20 @@ class ClientConnection(asyncio.Protocol):
         if url[:1] != b"/":
             url, host = _origin_form(url, host)
         if method == b"CONNECT":
-            ex.local, ex.keep_alive = 405, False
+            ex.local, ex.keep_alive, ex.stats = 405, False, self.server.unrouted
         elif url is None:
-            ex.local, ex.keep_alive = 400, False
+            ex.local, ex.keep_alive, ex.stats = 400, False, self.server.unrouted
         else:
             query = url.find(b"?")
             route = self.server.table.match(host, url if query < 0 else url[:query], headers, self)
             if route is None:
-                ex.local = 503
+                ex.local, ex.stats = 503, self.server.unrouted
             elif route.features:
+                ex.stats = route.stats
                 features.run(self, ex, route, method, url, host, headers, http11, method in IDEMPOTENT)
             else:
                 ex.route = route
+                ex.stats = route.stats
                 ex.idempotent = method in IDEMPOTENT
                 ex.head = request_head(
                     method, url, headers, self.client_ip, self.server.proto,
@@ -234,6 +267,8 @@ class ClientConnection(asyncio.Protocol):
             upstream = self.pool.acquire(address)
             if upstream is not None:
                 ex.upstream = upstream
+                ex.address = address
+                ex.sent_at = self.last_io
                 upstream.bind(self, ex.is_head, self.last_io)
                 upstream.transport.write(ex.head)
                 return
@@ -286,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             if address is None:
                 address = await ex.route.backend.resolve()
-            upstream = await self.pool.connect(address)
+            upstream = await self.pool.connect(address, ex.route.stats.address(address))
         except ResolveError as exc:
             log.info("%s: %s", ex.route.service.name, exc)
             return self._fail(ex, 503)
@@ -300,7 +335,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _attach(self, ex: Exchange, upstream: UpstreamConnection) -> None:
         ex.upstream = upstream
-        upstream.bind(self, ex.is_head, self.loop.time())
+        ex.address = upstream.address
+        ex.sent_at = now = self.loop.time()
+        upstream.bind(self, ex.is_head, now)
         if ex.pending:
             upstream.transport.writelines([ex.head, *ex.pending])
             ex.pending = None
@@ -313,6 +350,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or not self.queue or self.queue[0] is not ex:
             return
         if ex.responded:  # part of the response is out: only a reset tells the client it is cut short
+            ex.broken = "sD" if status == 504 else "SD"
             self.flush()
             self.transport.abort()
             return
@@ -333,11 +371,14 @@ class ClientConnection(asyncio.Protocol):
     def _finish(self, ex: Exchange) -> None:
         out = self.out
         if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.sent += len(data)
+            self.transport.write(data)
             out.clear()
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
+        self._account(ex, ex.local or ex.status, "", self.loop.time())
         if ex.close_after:
             self.transport.close()
             self.closed = True
@@ -363,6 +404,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.on_response is not None:
             return ex.on_response(self, ex, head, close_delimited)
         ex.responded = True
+        upstream = ex.upstream
+        ex.status = upstream.status
+        ex.response_at = upstream.last_io
         close = not ex.keep_alive or not ex.request_done or close_delimited
         ex.close_after = close
         if ex.http11:
@@ -379,8 +423,21 @@ class ClientConnection(asyncio.Protocol):
     def flush(self) -> None:
         out = self.out
         if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.sent += len(data)
+            self.transport.write(data)
             out.clear()
+
+    def _account(self, ex: Exchange, status: int, termination: str, now: float) -> None:
+        """Count one finished (or abandoned) exchange; write its access log line if logging is on."""
+        received = self.received - self.received_mark
+        sent = self.sent - self.sent_mark
+        self.received_mark = self.received
+        self.sent_mark = self.sent
+        sent_at = ex.sent_at
+        ex.stats.count(ex.method, status, now - ex.started, now - sent_at if sent_at else -1.0, received, sent)
+        if self.server.access_log is not None:
+            self.server.access_log.exchange(self, ex, status, termination, now, received, sent)
 
     def response_complete(self, upstream: UpstreamConnection, upstream_keep_alive: bool) -> None:
         ex = self.queue[0]
@@ -399,6 +456,7 @@ class ClientConnection(asyncio.Protocol):
         if retryable and ex.idempotent and not ex.has_body and ex.request_done and not ex.retried:
             # The pooled connection had been closed by the upstream: one new try.
             ex.retried = True
+            upstream.stats.retries += 1
             self.loop.create_task(self._connect(ex, upstream.address))
             return
         log.info("%s via %s:%s: %s", ex.route.service.name, *upstream.address, reason)
@@ -438,9 +496,17 @@ class ClientConnection(asyncio.Protocol):
             if ex.upstream is not None:
                 ex.upstream.abort()
         responded = any(ex.responded for ex in self.queue)
-        self.queue.clear()
+        now = self.loop.time()
+        termination = "cR" if status == 408 else "PR"
+        for ex in self.queue:  # the one whose body was being read gets the refusal; the others are cut off
+            self._account(ex, status if ex is self.reading and not responded else ex.status, termination, now)
         if not responded:
             self.transport.write(error_response(status, True))
+            if self.reading is None:  # the refused request never became an exchange
+                self.server.unrouted.count(b"", status, 0.0, -1.0, 0, 0)
+                if self.server.access_log is not None:
+                    self.server.access_log.refused(self, status)
+        self.queue.clear()
         self.transport.close()
 
     def check_timeouts(self, now: float) -> None:

@@ -130,6 +130,11 @@ class Resolver:
         addresses = tuple(sorted({rr.data.addr for rr in records}))
         return addresses, float(min(rr.ttl for rr in records))
 
+    def known(self, host: str) -> tuple[str, ...]:
+        """The last addresses looked up for `host`, fresh or not (for the stats page)."""
+        entry = self._cache.get(host)
+        return entry.addresses if entry is not None else ()
+
     def forget(self, keep: set[str]) -> None:
         """Drop cached names no route uses any more (called when the route table changes)."""
         for host in [h for h in self._cache if h not in keep]:

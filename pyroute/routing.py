@@ -30,9 +30,9 @@ LONGEST_RANK = 1 << 20  # rank = (LONGEST_RANK - pattern length) * LONGEST_RANK 
 class Route:
     """A destination made ready for the data plane, its features compiled into steps."""
 
-    __slots__ = ("service", "destination", "backend", "priority", "request_steps", "response_plan", "features")
+    __slots__ = ("service", "destination", "backend", "priority", "request_steps", "response_plan", "features", "stats")
 
-    def __init__(self, service: Service, destination: Destination, backend: Any, priority: int):
+    def __init__(self, service: Service, destination: Destination, backend: Any, priority: int, stats: Any = None):
         self.service = service
         self.destination = destination
         self.backend = backend
@@ -40,6 +40,7 @@ class Route:
         self.request_steps = compile_request_steps(service, destination)
         self.response_plan = ResponsePlan(service)
         self.features = bool(self.request_steps or self.response_plan)  # False: the proxy's plain path
+        self.stats = stats  # metrics.ServiceStats, shared by every route of the service and kept across tables
 
     def __repr__(self) -> str:
         return f"Route({self.service.name}#{self.destination.index} -> {self.backend!r})"
@@ -184,15 +185,17 @@ class RouteTable:
     """An immutable snapshot of every route, in DFP precedence order."""
 
     def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int], Any], revision: int = 0,
-                 longest_match: bool = False):
+                 longest_match: bool = False, make_stats: Callable[[str], Any] = lambda name: None,
+                 first: Iterable[Service] = ()):
+        """`first`: pyroute's own services (the stats page), matched before every other one."""
         self.revision = revision
         self.longest_match = longest_match
         self.services = tuple(sorted(services, key=precedence_key))
         routes = []
-        for service in self.services:
+        for service in (*first, *self.services):
             for destination in service.destinations:
                 backend = make_backend(destination.outbound_hostname or service.name, destination.port)
-                routes.append(Route(service, destination, backend, len(routes)))
+                routes.append(Route(service, destination, backend, len(routes), make_stats(service.name)))
         self.routes = tuple(routes)
         # DFP's default_backend: the first destination of the first isDefaultBackend service
         self.default = next((r for r in routes if r.service.is_default_backend), None)

@@ -15,6 +15,8 @@ import logging
 import os
 import signal
 
+from . import metrics, statspage
+from .accesslog import AccessLog
 from .admin import AdminApi, AdminConnection
 from .config import Settings, raw_haproxy_warnings
 from .envservices import env_services
@@ -22,13 +24,14 @@ from .proxy import ProxyServer
 from .replication import Replication
 from .resolver import Resolver
 from .routing import RouteTable
-from .services import Service, ServiceDefaults, ServiceError
+from .services import Service, ServiceDefaults, ServiceError, parse_service
 from .state import ServiceRegistry, Snapshot
 from .upstream import Backend, UpstreamPool
 
 log = logging.getLogger("pyroute")
 
 LISTEN_BACKLOG = 1024
+STATS_SERVICE = "pyroute-stats"  # the service name of the stats page's own route
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 
 
@@ -71,6 +74,9 @@ class DataPlane:
         self.proxy: ProxyServer | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.revision = 0
+        self.services: tuple[Service, ...] = ()
+        self.stats = metrics.DataStats()
+        self.stats_service: tuple[Service, ...] = ()  # the stats page's route, once its address is known
         self._tick_handle: asyncio.TimerHandle | None = None
         self.src_port_servers: dict[int, asyncio.AbstractServer] = {}  # srcPort listeners opened at runtime
         self._listeners_lock = asyncio.Lock()
@@ -83,7 +89,8 @@ class DataPlane:
         s = self.settings
         loop = asyncio.get_running_loop()
         pool = UpstreamPool(loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)
-        self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend))
+        access_log = AccessLog(loop, s.debug_errors_only, s.access_log_sample) if s.debug else None
+        self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log)
 
     async def start(self) -> None:
         if self.proxy is None:
@@ -117,12 +124,28 @@ class DataPlane:
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
-        table = RouteTable(services, self._backend, revision, self.settings.longest_match)
+        table = RouteTable(services, self._backend, revision, self.settings.longest_match,
+                           self.stats.service, self.stats_service)
         self.proxy.table = table
         self.revision = revision
+        self.services = services
+        self.stats.reloads += 1
+        self.stats.keep_only({route.service.name for route in table.routes})
         self.resolver.forget({route.backend.host for route in table.routes})
         if self._tick_handle is not None:  # started already: bring the srcPort listeners in line with the new table
             asyncio.get_running_loop().create_task(self.sync_src_ports())
+
+    def serve_stats_from(self, host: str, port: int) -> None:
+        """Route STATS_URI on the public ports to the stats page at host:port (the admin listener)."""
+        s = self.settings
+        if not statspage.enabled(s):
+            return
+        self.stats_service = (parse_service(
+            {"serviceName": STATS_SERVICE, "servicePath": statspage.path(s), "port": str(port), "outboundHostname": host}),)
+        self.apply(self.revision, self.services)
+
+    def stats_snapshot(self, name: str) -> dict:
+        return metrics.snapshot(self, name)
 
     async def drain(self, grace: float) -> None:
         """Stop accepting, close idle connections, let requests in flight finish (up to `grace` s)."""
@@ -145,6 +168,8 @@ class DataPlane:
         for conn in list(proxy.connections):
             conn.transport.abort()
         proxy.pool.close_all()
+        if proxy.access_log is not None:
+            proxy.access_log.flush()
 
     def _tick_interval(self) -> float:
         s = self.settings
@@ -171,6 +196,9 @@ class LocalPlanes:
     async def wait_applied(self, revision: int) -> list[str]:
         return []
 
+    async def collect(self) -> dict:
+        return metrics.merge([self.plane.stats_snapshot("pyroute")])
+
 
 class ControlPlane:
     """Registry and admin API; hands every snapshot to the data planes."""
@@ -196,10 +224,16 @@ class ControlPlane:
             except ServiceError as exc:
                 raise StartupError(f"DFP_SERVICE_* service {params.get('servicename', '?')!r}: {exc.message}") from None
         self.registry.subscribe(self.planes.publish)
-        api = AdminApi(self.registry, self.planes.wait_applied, self.replication.is_ready, self.replication)
+        api = AdminApi(self.registry, self.planes.wait_applied, self.replication.is_ready, self.replication,
+                       collect=self.planes.collect, settings=self.settings)
         s = self.settings
         self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
         self.replication.start()  # join (pull from peers), then repair; the listener fetch
+
+    def admin_address(self) -> tuple[str, int]:
+        """Where the data plane reaches the admin listener (for the stats page route)."""
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port
 
     def close(self) -> None:
         self.replication.close()
@@ -222,6 +256,7 @@ class Pyroute:
     async def start(self) -> None:
         self.data.prepare()
         await self.control.start()
+        self.data.serve_stats_from(*self.control.admin_address())
         await self.data.start()
         settle_memory()
         log.info(

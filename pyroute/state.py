@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 
 import orjson
 
+from .eventlog import event
 from .services import Service, ServiceDefaults, ServiceError, is_removal, parse_service
 
 log = logging.getLogger("pyroute.state")
@@ -154,21 +155,23 @@ class ServiceRegistry:
                 continue
             changed += self._store("services", service.name, value, self.new_stamp(), service)
         if changed:
-            self._publish(f"applied {changed} services from a list")
+            self._publish("apply-list", changed=changed)
         return changed, errors
 
     def republish(self, why: str) -> None:
         """Hand the same services out again as a new revision (reload?recreate=true)."""
         self.revision += 1
-        self._publish(why)
+        self._publish("republish", why=why)
 
     def _parse(self, params: Mapping[str, str]) -> Service:
         return parse_service(params, self.separator, self.defaults)
 
     def _change(self, kind: str, name: str, value: object, stamp: Stamp, service: Service | None) -> None:
         if self._store(kind, name, value, stamp, service):
-            what = "removed" if value is None else ("reconfigured" if kind == "services" else "stored cert")
-            self._publish(f"{what} {name}")
+            if kind == "services":
+                self._publish("remove" if value is None else "reconfigure", service=name)
+            else:
+                self._publish("cert-remove" if value is None else "cert-store", cert=name)
 
     def _store(self, kind: str, name: str, value: object, stamp: Stamp, service: Service | None,
                bump: bool = True) -> bool:
@@ -185,9 +188,11 @@ class ServiceRegistry:
             self.revision = max(self.revision + 1, stamp[0])
         return True
 
-    def _publish(self, what: str) -> None:
+    def _publish(self, what: str, **fields) -> None:
+        """Log the change as one structured event with the revision it produced, then hand
+        the new snapshot to the data planes."""
         self.hash = content_hash(self._entries)
-        log.info("%s (revision %d, %d services, hash %s)", what, self.revision, len(self._services), self.hash[:12])
+        event(log, what, **fields, revision=self.revision, services=len(self._services), hash=self.hash[:12])
         snapshot = self.snapshot()
         for callback in self._subscribers:
             callback(snapshot)
@@ -225,7 +230,7 @@ class ServiceRegistry:
                     newest = max(newest, stamp[0])
         if adopted:  # one step for the whole merge, so a restored file keeps its revision
             self.revision = max(self.revision + 1, newest, document["revision"])
-            self._publish(f"adopted {adopted} entries from {origin}")
+            self._publish("replica-sync", adopted=adopted, origin=origin)
         return adopted
 
 

@@ -90,12 +90,14 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "address", "transport", "parser", "owner", "partial", "view", "emit_from", "scan_from",
         "in_head", "head_request", "keep_alive", "done", "responded", "closed", "reused", "idle_since",
-        "last_io", "extra", "close_delimited",
+        "last_io", "extra", "close_delimited", "status", "stats",
     )
 
-    def __init__(self, pool: UpstreamPool, address: tuple[str, int]):
+    def __init__(self, pool: UpstreamPool, address: tuple[str, int], stats):
         self.pool = pool
         self.address = address
+        self.stats = stats  # metrics.AddressStats of the service and address that opened it
+        self.status = 0  # of the response being received
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.owner = None
@@ -232,6 +234,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner.response_interim(head)
             return
         self.in_head = False
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
         close_delimited, forwardable = inspect_response_head(head)
         if close_delimited and not self.head_request and status not in (204, 304):
@@ -285,16 +288,25 @@ class UpstreamPool:
             if not conn.closed and not conn.transport.is_closing():
                 conn.reused = True
                 self.reuses += 1
+                conn.stats.reuses += 1
                 return conn
         return None
 
-    async def connect(self, address: tuple[str, int]) -> UpstreamConnection:
-        """A new connection; raises OSError or asyncio.TimeoutError (after TIMEOUT_CONNECT)."""
+    async def connect(self, address: tuple[str, int], stats) -> UpstreamConnection:
+        """A new connection; raises OSError or asyncio.TimeoutError (after TIMEOUT_CONNECT).
+
+        `stats` (metrics.AddressStats) counts the attempt and tracks the address's health.
+        """
         self.connects += 1
-        _, conn = await asyncio.wait_for(
-            self.loop.create_connection(lambda: UpstreamConnection(self, address), address[0], address[1]),
-            self.connect_timeout,
-        )
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamConnection(self, address, stats), address[0], address[1]),
+                self.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            stats.connect_failed(str(exc) or "connect timeout")
+            raise
+        stats.connected()
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:

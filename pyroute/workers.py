@@ -6,8 +6,11 @@ has a socketpair to the control process carrying newline-delimited JSON messages
 
     control -> worker   {"settings": {...}}              once, first
                         {"revision": N, "services": [...]}  every snapshot (raw DFP params)
+                        {"stats_route": [host, port]}    route STATS_URI to the admin listener there
+                        {"collect": K}                   send your counters (a /metrics scrape)
     worker -> control   {"ready": true}  after its listeners are bound (it has a table by then)
                         {"applied": N}   after it swapped in revision N
+                        {"collected": K, "stats": {...}}  the answer to collect K (metrics.snapshot)
                         {"error": "..."} a start-up problem; the worker then exits
 
 A reconfigure answers only once every live worker acknowledged its revision. A worker
@@ -28,6 +31,7 @@ import sys
 
 import orjson
 
+from . import metrics
 from .config import ListenSpec, Settings
 from .server import ControlPlane, DataPlane, StartupError, settle_memory, wait_for_signal
 from .services import ServiceDefaults, parse_service
@@ -39,6 +43,7 @@ FD_ENV = "PYROUTE_WORKER_FD"
 APPLY_TIMEOUT = 5.0  # a worker that has not applied a revision by then is restarted
 RESTART_BACKOFF = 1.0  # pause before restarting a worker that died right after starting
 DRAIN_GRACE = 10.0
+COLLECT_TIMEOUT = 2.0  # a worker that has not sent its counters by then is left out of that scrape
 
 
 def settings_to_json(settings: Settings) -> dict:
@@ -78,6 +83,7 @@ class Worker:
         self.ready: asyncio.Future | None = None
         self.started_at = 0.0
         self.changed = asyncio.Event()  # set whenever `applied` moves or the worker goes away
+        self.collecting: dict[int, asyncio.Future] = {}  # collect request number -> its answer
 
     @property
     def name(self) -> str:
@@ -97,6 +103,8 @@ class Supervisor:
         self.workers = [Worker(n) for n in range(settings.workers)]
         self.snapshot: Snapshot = (0, ())
         self.stopping = False
+        self.stats_route: tuple[str, int] | None = None
+        self._collects = 0
         self._watchers: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -117,6 +125,8 @@ class Supervisor:
         worker.ready = loop.create_future()
         worker.started_at = loop.time()
         worker.send(orjson.dumps({"settings": settings_to_json(self.settings)}) + b"\n")
+        if self.stats_route is not None:
+            worker.send(orjson.dumps({"stats_route": self.stats_route}) + b"\n")
         worker.send(_snapshot_message(self.snapshot))
         task = asyncio.ensure_future(self._watch(worker, reader))
         self._watchers.add(task)
@@ -130,6 +140,10 @@ class Supervisor:
             if "applied" in message:
                 worker.applied = message["applied"]
                 worker.changed.set()
+            elif "collected" in message:
+                future = worker.collecting.pop(message["collected"], None)
+                if future is not None and not future.done():
+                    future.set_result(message["stats"])
             elif "ready" in message and not worker.ready.done():
                 worker.ready.set_result(None)
             elif "error" in message:
@@ -174,6 +188,31 @@ class Supervisor:
             worker.process.kill()
         return []  # every worker serving traffic now has it (or is being replaced by one that will)
 
+    async def collect(self) -> dict:
+        """Every live worker's counters, merged, plus this process's own size."""
+        loop = asyncio.get_running_loop()
+        self._collects += 1
+        number = self._collects
+        waiting = []
+        for worker in self.workers:
+            if worker.writer is not None:
+                future = worker.collecting[number] = loop.create_future()
+                worker.send(orjson.dumps({"collect": number}) + b"\n")
+                waiting.append(future)
+        if waiting:
+            await asyncio.wait(waiting, timeout=COLLECT_TIMEOUT)
+        for worker in self.workers:
+            worker.collecting.pop(number, None)
+        merged = metrics.merge([f.result() for f in waiting if f.done() and not f.cancelled()])
+        merged["processes"].insert(0, metrics.process_info("control"))
+        return merged
+
+    def serve_stats_from(self, host: str, port: int) -> None:
+        """Tell every worker (and every future one) to route STATS_URI to the admin listener."""
+        self.stats_route = (host, port)
+        for worker in self.workers:
+            worker.send(orjson.dumps({"stats_route": self.stats_route}) + b"\n")
+
     async def stop(self) -> None:
         self.stopping = True
         for worker in self.workers:
@@ -188,6 +227,7 @@ async def serve_with_workers(settings: Settings) -> None:
     try:
         await supervisor.start()
         await control.start()
+        supervisor.serve_stats_from(*control.admin_address())
     except BaseException:
         await supervisor.stop()
         raise
@@ -204,6 +244,7 @@ async def serve_with_workers(settings: Settings) -> None:
 async def _worker_main(fd: int) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     plane: DataPlane | None = None
+    name = f"worker pid {os.getpid()}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -218,6 +259,11 @@ async def _worker_main(fd: int) -> int:
                 logging.getLogger().setLevel(settings.log_level.upper())
                 plane = DataPlane(settings)
                 plane.prepare()
+            elif "collect" in message:
+                reply = {"collected": message["collect"], "stats": plane.stats_snapshot(name)}
+                writer.write(orjson.dumps(reply) + b"\n")
+            elif "stats_route" in message:
+                plane.serve_stats_from(*message["stats_route"])
             elif "revision" in message:
                 separator, defaults = plane.settings.separator, ServiceDefaults.from_settings(plane.settings)
                 services = tuple(parse_service(dict(params), separator, defaults) for params in message["services"])

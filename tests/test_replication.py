@@ -236,7 +236,7 @@ def test_replica_that_missed_changes_converges_within_the_repair_interval(cluste
     c.announce(0, 1)
     members[0].reconfigure(serviceName="rep-heal", servicePath="/rep-heal", port=replicas[1].port,
                            distribute="true")
-    assert "reconfigured rep-heal" not in members[2].log()  # the fan-out did not reach it
+    assert '"event":"reconfigure","service":"rep-heal"' not in members[2].log()  # the fan-out did not reach it
     # a change only one replica received (distribute=false) must spread too
     members[1].reconfigure(serviceName="rep-heal-b", servicePath="/rep-heal-b", outboundHostname="rep-heal",
                            port=replicas[1].port)

@@ -39,7 +39,7 @@ def test_initial_fetch_retries_until_the_listener_answers_then_ready(make_pyrout
         st, headers, _ = p.get(f"/{name}/hello")
         assert (st, headers["X-Upstream"]) == (200, upstream.addr)
     assert "lst-bad" not in p.admin("config", type="json")[1]
-    assert "applied 2 services from a list" in p.log()  # one publication, one table swap
+    assert '"event":"apply-list","changed":2' in p.log()  # one publication, one table swap
     assert "service refused: lst-bad" in p.log()
 
 

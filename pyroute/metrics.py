@@ -1,0 +1,390 @@
+"""Counters the data plane keeps, and what they become at scrape time.
+
+The hot path only does plain integer increments on objects it already holds: a
+ServiceStats per service (hung on every Route of that service, kept across route-table
+swaps) and an AddressStats per (service, task address) hung on each upstream
+connection. Everything else (the JSON snapshot a worker sends to the control process,
+the merge across workers, Prometheus text, HAProxy-style CSV) happens when someone asks.
+
+Health is passive: a task address is "up" after a connection to it succeeded and
+"down" after one failed (refused, unreachable, connect timeout); each change is logged
+once, as a structured line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from bisect import bisect_left
+
+import orjson
+
+from .eventlog import event
+from .resolver import is_ip
+
+log = logging.getLogger("pyroute.health")
+
+# Upper bounds (seconds) of the request duration histogram buckets; +Inf is implicit.
+DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+METHOD_CLASSES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+UNROUTED = ""  # the service label of requests no route matched (or refused before routing)
+
+
+def method_class(method: str) -> str:
+    return method if method in METHOD_CLASSES else "other"
+
+
+class AddressStats:
+    """Upstream connection counters and passive health for one task address of one service."""
+
+    __slots__ = ("service", "address", "connects", "reuses", "failures", "retries", "timeouts", "health", "changed")
+
+    def __init__(self, service: str, address: str):
+        self.service = service
+        self.address = address
+        self.connects = 0
+        self.reuses = 0
+        self.failures = 0
+        self.retries = 0
+        self.timeouts = 0
+        self.health = "unknown"
+        self.changed = 0.0  # wall-clock time of the last health change
+
+    def connected(self) -> None:
+        self.connects += 1
+        if self.health != "up":
+            self._set_health("up", "")
+
+    def connect_failed(self, reason: str) -> None:
+        self.failures += 1
+        if self.health != "down":
+            self._set_health("down", reason)
+
+    def _set_health(self, health: str, reason: str) -> None:
+        before = self.health
+        self.health = health
+        self.changed = time.time()
+        event(log, "health", service=self.service, address=self.address, to=health, before=before, reason=reason)
+
+    def to_json(self) -> dict:
+        return {"connects": self.connects, "reuses": self.reuses, "failures": self.failures,
+                "retries": self.retries, "timeouts": self.timeouts, "health": self.health, "changed": self.changed}
+
+
+class ServiceStats:
+    """Request counters of one service (or of UNROUTED requests)."""
+
+    __slots__ = ("name", "responses", "total", "total_sum", "upstream", "upstream_sum", "bytes_in", "bytes_out",
+                 "addresses")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.responses: dict[bytes, dict[int, int]] = {}  # method -> status -> count; status 0 = no response
+        self.total = [0] * (len(DURATION_BOUNDS) + 1)  # histogram buckets (not cumulative), last = +Inf
+        self.total_sum = 0.0
+        self.upstream = [0] * (len(DURATION_BOUNDS) + 1)
+        self.upstream_sum = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.addresses: dict[tuple[str, int], AddressStats] = {}
+
+    def address(self, address: tuple[str, int]) -> AddressStats:
+        stats = self.addresses.get(address)
+        if stats is None:
+            stats = self.addresses[address] = AddressStats(self.name, f"{address[0]}:{address[1]}")
+        return stats
+
+    def count(self, method: bytes, status: int, took: float, upstream_took: float, received: int, sent: int) -> None:
+        """One finished (or abandoned) exchange; upstream_took < 0 when no upstream answered."""
+        try:
+            codes = self.responses[method]
+        except KeyError:
+            codes = self.responses[method] = {}
+        codes[status] = codes.get(status, 0) + 1
+        self.total[bisect_left(DURATION_BOUNDS, took)] += 1
+        self.total_sum += took
+        if upstream_took >= 0:
+            self.upstream[bisect_left(DURATION_BOUNDS, upstream_took)] += 1
+            self.upstream_sum += upstream_took
+        self.bytes_in += received
+        self.bytes_out += sent
+
+    def to_json(self) -> dict:
+        return {
+            "responses": [[m.decode("latin-1"), s, n] for m, codes in self.responses.items() for s, n in codes.items()],
+            "total": self.total, "total_sum": self.total_sum,
+            "upstream": self.upstream, "upstream_sum": self.upstream_sum,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "addresses": {a.address: a.to_json() for a in self.addresses.values()},
+        }
+
+
+class DataStats:
+    """Every counter of one data plane process, keyed by service name."""
+
+    def __init__(self):
+        self.services: dict[str, ServiceStats] = {}
+        self.unrouted = ServiceStats(UNROUTED)
+        self.reloads = 0
+
+    def service(self, name: str) -> ServiceStats:
+        stats = self.services.get(name)
+        if stats is None:
+            stats = self.services[name] = ServiceStats(name)
+        return stats
+
+    def keep_only(self, names: set[str]) -> None:
+        """Forget the counters of services that are no longer configured."""
+        for name in [n for n in self.services if n not in names]:
+            del self.services[name]
+
+
+def process_info(name: str) -> dict:
+    """RSS and open file descriptors of this process, read from /proc."""
+    rss = 0
+    try:
+        with open("/proc/self/statm") as fh:
+            rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = 0
+    return {"name": name, "pid": os.getpid(), "rss": rss, "fds": fds}
+
+
+def snapshot(plane, name: str) -> dict:
+    """One data plane's counters and route table as plain JSON data (what a worker sends)."""
+    proxy = plane.proxy
+    stats: DataStats = plane.stats
+    connections = proxy.connections
+    routes = []
+    for route in proxy.table.routes:
+        backend = route.backend
+        d = route.destination
+        ips = (backend.host,) if is_ip(backend.host) else backend.resolver.known(backend.host)
+        routes.append({
+            "service": route.service.name, "index": d.index, "paths": list(d.paths), "domains": list(d.domains),
+            "backend": f"{backend.host}:{backend.port}",
+            "addresses": [f"{ip}:{backend.port}" for ip in ips or ()],
+        })
+    process = process_info(name)
+    process.update(revision=plane.revision, reloads=stats.reloads)
+    services = {s.name: s.to_json() for s in [stats.unrouted, *stats.services.values()]}
+    resolved: dict[str, set[str]] = {}
+    for route in routes:
+        resolved.setdefault(route["service"], set()).update(route["addresses"])
+    for name, svc in services.items():  # a task no longer in DNS keeps its counters but has no health
+        for address, a in svc["addresses"].items():
+            a["resolved"] = address in resolved.get(name, ())
+    return {
+        "services": services,
+        "connections": {
+            "active": len(connections),
+            "total": proxy.accepted,
+            "bytes_in": proxy.closed_received + sum(c.received for c in connections),
+            "bytes_out": proxy.closed_sent + sum(c.sent for c in connections),
+        },
+        "dns": {"lookups": plane.resolver.lookups, "failures": plane.resolver.failures},
+        "routes": routes,
+        "processes": [process],
+    }
+
+
+def _add_lists(a: list, b: list) -> list:
+    return [x + y for x, y in zip(a, b)]
+
+
+def merge(snapshots: list[dict]) -> dict:
+    """Sum the counters of several processes; health: the most recent change wins."""
+    out: dict = {"services": {}, "connections": {"active": 0, "total": 0, "bytes_in": 0, "bytes_out": 0},
+                 "dns": {"lookups": 0, "failures": 0}, "routes": [], "processes": []}
+    routes: dict[tuple[str, int], dict] = {}
+    for snap in snapshots:
+        for key in out["connections"]:
+            out["connections"][key] += snap["connections"][key]
+        for key in out["dns"]:
+            out["dns"][key] += snap["dns"][key]
+        out["processes"] += snap["processes"]
+        for route in snap["routes"]:
+            known = routes.setdefault((route["service"], route["index"]), {**route, "addresses": []})
+            known["addresses"] = sorted(set(known["addresses"]) | set(route["addresses"]))
+        for name, svc in snap["services"].items():
+            have = out["services"].get(name)
+            if have is None:
+                out["services"][name] = orjson.loads(orjson.dumps(svc))  # a deep copy to add into
+                continue
+            counts = {(m, s): n for m, s, n in have["responses"]}
+            for m, s, n in svc["responses"]:
+                counts[(m, s)] = counts.get((m, s), 0) + n
+            have["responses"] = [[m, s, n] for (m, s), n in counts.items()]
+            for key in ("total", "upstream"):
+                have[key] = _add_lists(have[key], svc[key])
+            for key in ("total_sum", "upstream_sum", "bytes_in", "bytes_out"):
+                have[key] += svc[key]
+            for address, a in svc["addresses"].items():
+                mine = have["addresses"].get(address)
+                if mine is None:
+                    have["addresses"][address] = dict(a)
+                    continue
+                for key in ("connects", "reuses", "failures", "retries", "timeouts"):
+                    mine[key] += a[key]
+                if a["changed"] > mine["changed"]:
+                    mine["health"], mine["changed"] = a["health"], a["changed"]
+                mine["resolved"] = mine.get("resolved", True) or a.get("resolved", True)
+    out["routes"] = list(routes.values())
+    return out
+
+
+# -- Prometheus text exposition format (version 0.0.4) ---------------------------------------
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels) -> str:
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class _Writer:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, **labels) -> None:
+        self.lines.append(f"{name}{_labels(**labels) if labels else ''} {_number(value)}")
+
+    def histogram(self, name: str, buckets: list[int], total: float, **labels) -> None:
+        running = 0
+        for bound, count in zip((*DURATION_BOUNDS, float("inf")), buckets):
+            running += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            self.sample(f"{name}_bucket", running, **labels, le=le)
+        self.sample(f"{name}_count", running, **labels)
+        self.sample(f"{name}_sum", total, **labels)
+
+
+def render_prometheus(snap: dict) -> bytes:
+    w = _Writer()
+    services = snap["services"]
+    w.family("pyroute_requests_total", "counter",
+             "Requests by service (\"\" = no route), method class and status code (0 = no response: aborted)")
+    for name, svc in services.items():
+        counts: dict[tuple[str, int], int] = {}
+        for method, status, n in svc["responses"]:
+            key = (method_class(method), status)
+            counts[key] = counts.get(key, 0) + n
+        for (method, status), n in sorted(counts.items()):
+            w.sample("pyroute_requests_total", n, service=name, method=method, code=status)
+    for key, metric, what in (("total", "pyroute_request_duration_seconds", "from the first byte of the request "
+                               "head to the last byte of the response"),
+                              ("upstream", "pyroute_upstream_duration_seconds", "from sending the request upstream "
+                               "to the end of the upstream's response")):
+        w.family(metric, "histogram", f"Request duration by service, {what}")
+        for name, svc in services.items():
+            if any(svc[key]):
+                w.histogram(metric, svc[key], svc[f"{key}_sum"], service=name)
+    for key, metric, what in (("bytes_in", "pyroute_service_received_bytes_total", "received from clients"),
+                              ("bytes_out", "pyroute_service_sent_bytes_total", "sent to clients")):
+        w.family(metric, "counter", f"Bytes {what} per service")
+        for name, svc in services.items():
+            w.sample(metric, svc[key], service=name)
+    conns = snap["connections"]
+    w.family("pyroute_client_received_bytes_total", "counter", "Bytes received from clients (all connections)")
+    w.sample("pyroute_client_received_bytes_total", conns["bytes_in"])
+    w.family("pyroute_client_sent_bytes_total", "counter", "Bytes sent to clients (all connections)")
+    w.sample("pyroute_client_sent_bytes_total", conns["bytes_out"])
+    w.family("pyroute_client_connections", "gauge", "Open client connections")
+    w.sample("pyroute_client_connections", conns["active"])
+    w.family("pyroute_client_connections_total", "counter", "Client connections accepted")
+    w.sample("pyroute_client_connections_total", conns["total"])
+    for key, help_text in (("connects", "New upstream connections opened"),
+                           ("reuses", "Requests sent on a pooled (reused) upstream connection"),
+                           ("failures", "Upstream connections that could not be opened (refused, timeout)"),
+                           ("retries", "Requests retried on a new connection after a pooled one failed"),
+                           ("timeouts", "Upstream responses that timed out (TIMEOUT_SERVER)")):
+        metric = f"pyroute_upstream_{key}_total"
+        w.family(metric, "counter", f"{help_text}, per service and task address")
+        for name, svc in services.items():
+            for address, a in sorted(svc["addresses"].items()):
+                w.sample(metric, a[key], service=name, address=address)
+    w.family("pyroute_upstream_up", "gauge",
+             "Passive health per task address in DNS now: 1 after a successful connect, 0 after a failed one")
+    for name, svc in services.items():
+        for address, a in sorted(svc["addresses"].items()):
+            if a["health"] != "unknown" and a.get("resolved", True):
+                w.sample("pyroute_upstream_up", 1 if a["health"] == "up" else 0, service=name, address=address)
+    w.family("pyroute_dns_lookups_total", "counter", "DNS lookups made")
+    w.sample("pyroute_dns_lookups_total", snap["dns"]["lookups"])
+    w.family("pyroute_dns_failures_total", "counter", "DNS lookups that failed")
+    w.sample("pyroute_dns_failures_total", snap["dns"]["failures"])
+    for key, kind, metric, help_text in (
+        ("revision", "gauge", "pyroute_route_table_revision", "Revision of the route table each process serves"),
+        ("reloads", "counter", "pyroute_route_table_reloads_total", "Route tables swapped in, per process"),
+        ("rss", "gauge", "pyroute_process_resident_memory_bytes", "Resident memory per process"),
+        ("fds", "gauge", "pyroute_process_open_fds", "Open file descriptors per process"),
+    ):
+        w.family(metric, kind, help_text)
+        for process in snap["processes"]:
+            if key in process:
+                w.sample(metric, process[key], process=process["name"])
+    return ("\n".join(w.lines) + "\n").encode()
+
+
+# -- HAProxy's stats CSV (the columns that apply) ---------------------------------------------
+CSV_COLUMNS = (
+    "pxname", "svname", "qcur", "qmax", "scur", "smax", "slim", "stot", "bin", "bout", "dreq", "dresp", "ereq",
+    "econ", "eresp", "wretr", "wredis", "status", "weight", "act", "bck", "chkfail", "chkdown", "lastchg",
+    "downtime", "qlimit", "pid", "iid", "sid", "throttle", "lbtot", "tracked", "type", "rate", "rate_lim",
+    "rate_max", "check_status", "check_code", "check_duration", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx",
+    "hrsp_5xx", "hrsp_other", "hanafail", "req_rate", "req_rate_max", "req_tot", "cli_abrt", "srv_abrt",
+)
+
+
+def render_csv(snap: dict) -> bytes:
+    """One FRONTEND row, then per service its task addresses and a BACKEND row."""
+    rows = []
+
+    def row(**values) -> None:
+        rows.append(",".join(str(values.get(c, "")) for c in CSV_COLUMNS))
+
+    def classes(responses) -> dict:
+        out = {"hrsp_1xx": 0, "hrsp_2xx": 0, "hrsp_3xx": 0, "hrsp_4xx": 0, "hrsp_5xx": 0, "hrsp_other": 0,
+               "req_tot": 0, "cli_abrt": 0}
+        for _, status, n in responses:
+            key = f"hrsp_{status // 100}xx" if 100 <= status < 600 else "hrsp_other"
+            out[key] += n
+            out["req_tot"] += n
+            if status == 0:
+                out["cli_abrt"] += n
+        return out
+
+    services = snap["services"]
+    everything = [r for svc in services.values() for r in svc["responses"]]
+    conns = snap["connections"]
+    row(pxname="services", svname="FRONTEND", scur=conns["active"], stot=conns["total"], bin=conns["bytes_in"],
+        bout=conns["bytes_out"], status="OPEN", pid=os.getpid(), type=0, **classes(everything))
+    for name, svc in services.items():
+        if name == UNROUTED:
+            continue
+        up = 0
+        for address, a in sorted(svc["addresses"].items()):
+            status = {"up": "UP", "down": "DOWN"}.get(a["health"], "no check")
+            up += a["health"] != "down"
+            row(pxname=name, svname=address, stot=a["connects"], econ=a["failures"], wretr=a["retries"],
+                eresp=a["timeouts"], status=status, weight=1, act=1, bck=0, type=2, lbtot=a["connects"] + a["reuses"],
+                lastchg=int(time.time() - a["changed"]) if a["changed"] else "")
+        counts = classes(svc["responses"])
+        row(pxname=name, svname="BACKEND", bin=svc["bytes_in"], bout=svc["bytes_out"],
+            stot=counts["req_tot"], status="UP" if up or not svc["addresses"] else "DOWN", act=up, type=1,
+            econ=sum(a["failures"] for a in svc["addresses"].values()),
+            wretr=sum(a["retries"] for a in svc["addresses"].values()), **counts)
+    return ("# " + ",".join(CSV_COLUMNS) + "\n" + "\n".join(rows) + "\n").encode()

@@ -1,0 +1,59 @@
+"""metrics.merge and the two renderings, checked with real parsers (prometheus_client's
+text parser, the csv module): sums across workers, health by the latest change, label escaping."""
+import csv
+import io
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pyroute import metrics
+
+
+def worker_snapshot(name, requests, health, changed, took=0.004):
+    stats = metrics.ServiceStats('we"ird\\svc')
+    for _ in range(requests):
+        stats.count(b"GET", 200, took, took / 2, 10, 20)
+    stats.count(b"PROPFIND", 207, took, -1.0, 0, 0)
+    address = stats.address(("10.0.0.5", 80))
+    address.connects, address.reuses, address.health, address.changed = 1, requests - 1, health, changed
+    return {
+        "services": {stats.name: stats.to_json()},
+        "connections": {"active": 1, "total": 2, "bytes_in": 3, "bytes_out": 4},
+        "dns": {"lookups": 5, "failures": 1},
+        "routes": [{"service": stats.name, "index": 0, "paths": ["/x"], "domains": [], "backend": "svc:80",
+                    "addresses": ["10.0.0.5:80"]}],
+        "processes": [{"name": name, "pid": 1, "rss": 100, "fds": 7, "revision": 3, "reloads": 4}],
+    }
+
+
+def parse(text):
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_merge_sums_and_latest_health_wins():
+    merged = metrics.merge([worker_snapshot("w1", 3, "up", 10.0), worker_snapshot("w2", 5, "down", 20.0)])
+    got = parse(metrics.render_prometheus(merged).decode())
+    svc = 'we"ird\\svc'
+    assert got[("pyroute_requests_total", (("code", "200"), ("method", "GET"), ("service", svc)))] == 8
+    assert got[("pyroute_requests_total", (("code", "207"), ("method", "other"), ("service", svc)))] == 2
+    assert got[("pyroute_request_duration_seconds_count", (("service", svc),))] == 10
+    assert got[("pyroute_request_duration_seconds_bucket", (("le", "0.0025"), ("service", svc)))] == 0
+    assert got[("pyroute_request_duration_seconds_bucket", (("le", "0.005"), ("service", svc)))] == 10
+    assert got[("pyroute_upstream_duration_seconds_count", (("service", svc),))] == 8
+    assert got[("pyroute_upstream_reuses_total", (("address", "10.0.0.5:80"), ("service", svc)))] == 6
+    assert got[("pyroute_upstream_up", (("address", "10.0.0.5:80"), ("service", svc)))] == 0  # w2's change is later
+    assert got[("pyroute_client_connections", ())] == 2
+    assert got[("pyroute_dns_failures_total", ())] == 2
+    assert got[("pyroute_route_table_revision", (("process", "w2"),))] == 3
+    assert got[("pyroute_service_sent_bytes_total", (("service", svc),))] == 160
+
+
+def test_csv_has_haproxy_columns():
+    snap = metrics.merge([worker_snapshot("w1", 3, "up", 10.0)])
+    text = metrics.render_csv(snap).decode()
+    rows = list(csv.DictReader(io.StringIO(text[2:])))
+    assert list(rows[0])[:4] == ["pxname", "svname", "qcur", "qmax"]
+    server = next(r for r in rows if r["svname"] == "10.0.0.5:80")
+    assert server["status"] == "UP" and server["lbtot"] == "3"
+    backend = next(r for r in rows if r["svname"] == "BACKEND")
+    assert backend["hrsp_2xx"] == "4" and backend["req_tot"] == "4"
