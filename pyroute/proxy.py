@@ -212,6 +212,8 @@ class ClientConnection(asyncio.Protocol):
             if route is None:
                 ex.local = 503
             else:
+                if route.sticky is not None:  # sessionType=sticky-server: the variant for this client's cookie
+                    route = route.sticky.route_for(headers)
                 ex.route = route
                 ex.idempotent = method in IDEMPOTENT
                 ex.head = request_head(
@@ -278,16 +280,23 @@ class ClientConnection(asyncio.Protocol):
         self.loop.create_task(self._connect(ex, address))
 
     async def _connect(self, ex: Exchange, address: tuple[str, int] | None) -> None:
-        try:
-            if address is None:
-                address = await ex.route.backend.resolve()
-            upstream = await self.pool.connect(address)
-        except ResolveError as exc:
-            log.info("%s: %s", ex.route.service.name, exc)
-            return self._fail(ex, 503)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, exc or "timeout")
-            return self._fail(ex, 503)
+        tried: tuple[tuple[str, int], ...] = ()
+        while True:
+            try:
+                if address is None:
+                    address = await ex.route.backend.resolve()
+                upstream = await self.pool.connect(address)
+                break
+            except ResolveError as exc:
+                log.info("%s: %s", ex.route.service.name, exc)
+                return self._fail(ex, 503)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, exc or "timeout")
+                tried += (address,)
+                other = ex.route.backend.redispatch(address, tried)  # option redispatch (task balancing)
+                if other is None or not ex.idempotent:
+                    return self._fail(ex, 503)
+                address = other
         if self.closed or not self.queue or self.queue[0] is not ex:
             self.pool.release(upstream)  # the client went away meanwhile; keep the connection
             return

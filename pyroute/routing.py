@@ -27,13 +27,14 @@ HOST_CACHE_LIMIT = 4096  # distinct Host values indexed per table; a flood of ju
 class Route:
     """A destination made ready for the data plane."""
 
-    __slots__ = ("service", "destination", "backend", "priority")
+    __slots__ = ("service", "destination", "backend", "priority", "sticky")
 
     def __init__(self, service: Service, destination: Destination, backend: Any, priority: int):
         self.service = service
         self.destination = destination
         self.backend = backend
         self.priority = priority
+        self.sticky = None  # balancer.Sticky for sessionType=sticky-server: picks the route variant per request
 
     def __repr__(self) -> str:
         return f"Route({self.service.name}#{self.destination.index} -> {self.backend!r})"
@@ -98,13 +99,13 @@ class PathIndex:
 class RouteTable:
     """An immutable snapshot of every route, in DFP precedence order."""
 
-    def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int], Any], revision: int = 0):
+    def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int, Service], Any], revision: int = 0):
         self.revision = revision
         self.services = tuple(sorted(services, key=precedence_key))
         routes = []
         for service in self.services:
             for destination in service.destinations:
-                backend = make_backend(destination.outbound_hostname or service.name, destination.port)
+                backend = make_backend(destination.outbound_hostname or service.name, destination.port, service)
                 routes.append(Route(service, destination, backend, len(routes)))
         self.routes = tuple(routes)
         self._hostless = PathIndex(r for r in routes if not r.destination.domains)

@@ -15,12 +15,15 @@ import logging
 import signal
 
 from .admin import AdminApi, AdminConnection
+from .balancer import Sticky, TaskSet
 from .config import Settings
+from .health import HealthPolicy
 from .proxy import ProxyServer
-from .resolver import Resolver
+from .resolver import Resolver, is_ip
 from .routing import RouteTable
 from .services import Service
 from .state import ServiceRegistry, Snapshot
+from .swarm import EngineClient, EngineError, SwarmListener, listener_enabled
 from .upstream import Backend, UpstreamPool
 
 log = logging.getLogger("pyroute")
@@ -68,10 +71,29 @@ class DataPlane:
         self.proxy: ProxyServer | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.revision = 0
+        self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
+        self._next_tasksets: dict[tuple, TaskSet] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
 
-    def _backend(self, host: str, port: int) -> Backend:
-        return Backend(host, port, self.resolver)
+    def _backend(self, host: str, port: int, service: Service):
+        """The service name (Overlay: the VIP balances) or, for DNS discovery and sticky
+        sessions, the TaskSet of tasks.<host> (kept across tables while its options stay)."""
+        tasksets = self._next_tasksets
+        balancing = service.balancing
+        discovery = balancing.discovery or self.settings.discovery_type
+        if is_ip(host) or (discovery != "DNS" and balancing.sticky_cookie is None):
+            return Backend(host, port, self.resolver)
+        s = self.settings
+        policy = HealthPolicy(balancing.health_path, balancing.health_interval or s.health_check_interval,
+                              balancing.health_timeout or s.health_check_timeout,
+                              balancing.health_rise or s.health_rise, balancing.health_fall or s.health_fall)
+        key = (host, port, balancing.algorithm or s.balance, policy)
+        taskset = tasksets.get(key) or self.tasksets.get(key)
+        if taskset is None:
+            taskset = TaskSet(host, port, key[2], list(s.dns_nameservers), s.dns_timeout, s.task_refresh_interval,
+                              self.proxy.pool, policy)
+        tasksets[key] = taskset
+        return taskset
 
     def prepare(self) -> None:
         """Create the proxy (without listening yet) so a snapshot can be applied first."""
@@ -93,8 +115,17 @@ class DataPlane:
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
+        self._next_tasksets = {}
         table = RouteTable(services, self._backend, revision)
+        for route in table.routes:
+            cookie = route.service.balancing.sticky_cookie
+            if cookie is not None and isinstance(route.backend, TaskSet):
+                route.sticky = Sticky(route, route.backend, cookie)
         self.proxy.table = table
+        for key, taskset in self.tasksets.items():
+            if self._next_tasksets.get(key) is not taskset:
+                taskset.close()
+        self.tasksets = self._next_tasksets
         self.revision = revision
         self.resolver.forget({route.backend.host for route in table.routes})
 
@@ -118,6 +149,8 @@ class DataPlane:
             await asyncio.sleep(DRAIN_POLL)
         for conn in list(proxy.connections):
             conn.transport.abort()
+        for taskset in self.tasksets.values():
+            taskset.close()
         proxy.pool.close_all()
 
     def _tick_interval(self) -> float:
@@ -154,14 +187,25 @@ class ControlPlane:
         self.planes = planes
         self.registry = ServiceRegistry(settings.separator)
         self.servers: list[asyncio.AbstractServer] = []
+        self.listener: SwarmListener | None = None
 
     async def start(self) -> None:
         self.registry.subscribe(self.planes.publish)
         api = AdminApi(self.registry, self.planes.wait_applied)
         s = self.settings
         self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
+        if listener_enabled(s.docker_host, s.sources.get("docker_host", "default") != "default"):
+            try:
+                client = EngineClient(s.docker_host)
+            except EngineError as exc:
+                raise StartupError(str(exc)) from None
+            self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
+            self.listener.start()
+            log.info("Swarm listener on %s: services labelled com.df.notify=true become routes", s.docker_host)
 
     def close(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
         for server in self.servers:
             server.close()
 
