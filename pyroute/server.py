@@ -191,15 +191,18 @@ class ControlPlane:
 
     async def start(self) -> None:
         self.registry.subscribe(self.planes.publish)
-        api = AdminApi(self.registry, self.planes.wait_applied)
         s = self.settings
-        self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
         if listener_enabled(s.docker_host, s.sources.get("docker_host", "default") != "default"):
             try:
                 client = EngineClient(s.docker_host)
             except EngineError as exc:
                 raise StartupError(str(exc)) from None
             self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
+        # successfulinitreload (DFP): ready once the listener's first listing is applied
+        api = AdminApi(self.registry, self.planes.wait_applied,
+                       lambda: self.listener is None or self.listener.synced.is_set())
+        self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
+        if self.listener is not None:
             self.listener.start()
             log.info("Swarm listener on %s: services labelled com.df.notify=true become routes", s.docker_host)
 
