@@ -40,6 +40,10 @@ def task_cookie(address: tuple[str, int]) -> str:
     return hashlib.blake2s(f"{address[0]}:{address[1]}".encode(), digest_size=8).hexdigest()
 
 
+def _load(task: Task) -> int:
+    return task.inflight
+
+
 class Task:
     """One task address with its load and health."""
 
@@ -262,7 +266,9 @@ class TaskSet:
         if len(tried) > MAX_REDISPATCH:
             return None
         others = [t for t in self.rotation if t.address not in tried]
-        return self._pick(others).address if others else None
+        if not others:
+            return None
+        return min(others, key=_load).address  # the least busy other task (leaves the turn order alone)
 
     def _round_robin(self, rotation) -> Task:
         self._turn += 1
@@ -348,11 +354,7 @@ class TaskSet:
             task.gone = True
             task.in_rotation = False
             self.by_cookie.pop(task.cookie, None)
-            factory = self.pool.connection_factories.get(address)
-            if getattr(factory, "taskset", None) is self:
-                del self.pool.connection_factories[address]
-            for conn in self.pool.idle.pop(address, []):
-                conn.close()
+            self._release(address)
         log.info("%s: tasks %s", self.host, ", ".join(sorted(str(t) for t in self.tasks.values())) or "none")
         self._rebuild()
 
@@ -367,9 +369,19 @@ class TaskSet:
         self._task.cancel()
         self.health.stop()
         for address in list(self.tasks):
-            factory = self.pool.connection_factories.get(address)
-            if getattr(factory, "taskset", None) is self:
-                del self.pool.connection_factories[address]
+            self._release(address)
+
+    def _release(self, address: tuple[str, int]) -> None:
+        """Stop making connections for `address` and close our idle ones (their counts are ours)."""
+        factory = self.pool.connection_factories.get(address)
+        if getattr(factory, "taskset", None) is self:
+            del self.pool.connection_factories[address]
+        idle = self.pool.idle.get(address)
+        if idle:
+            ours = [c for c in idle if getattr(c, "taskset", None) is self]
+            idle[:] = [c for c in idle if c not in ours]
+            for conn in ours:
+                conn.close()
 
     def __repr__(self) -> str:
         return f"tasks.{self.host}:{self.port}"
