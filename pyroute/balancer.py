@@ -220,7 +220,8 @@ class TaskSet:
     """The tasks of one service port (``tasks.<host>``), refreshed on an interval, balanced."""
 
     def __init__(self, host: str, port: int, algorithm: str, nameservers: list[str], dns_timeout: float,
-                 refresh_interval: float, pool: UpstreamPool, health: HealthPolicy):
+                 refresh_interval: float, pool: UpstreamPool, health: HealthPolicy,
+                 known: set[tuple[str, int]] | None = None):
         self.host = host
         self.port = port
         self.algorithm = algorithm
@@ -237,6 +238,9 @@ class TaskSet:
         self._pick = {"roundrobin": self._round_robin, "leastconn": self._least_connections,
                       "p2c": self._two_choices}[algorithm]
         self.health = HealthMonitor(self, health)
+        if known:  # the addresses a set it replaces already found: no gap while the first lookup runs
+            self.apply(known)
+            self.ready.set()
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     # -- choosing a task (the hot path) ------------------------------------------------
