@@ -131,3 +131,12 @@ def test_invalid_labels_are_logged_and_change_nothing(swarm_proxy, engine):
     wait_until(lambda: "labels rejected" in swarm_proxy.log(), what="rejection logged")
     assert set(routes(swarm_proxy)) == {"sw-before"}
     assert swarm_proxy.alive()
+
+
+def test_listener_runs_in_the_control_process_with_workers(engine, make_pyroute, replicas, dns):
+    dns.set_service("sw-workers", replicas[1].ip)
+    engine.create("sw-workers", labels(replicas[1].port, **{"com.df.servicePath": "/sw-workers"}))
+    p = make_pyroute(DOCKER_HOST=engine.docker_host, WORKERS="2")
+    wait_until(lambda: p.get("/sw-workers/x")[0] == 200, what="route served by the workers")
+    assert engine.open_streams == 1  # one listener (the control process), not one per worker
+    assert {p.get("/sw-workers/x")[1]["X-Upstream"] for _ in range(4)} == {replicas[1].addr}
