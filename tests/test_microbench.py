@@ -30,7 +30,7 @@ RESPONSE_HEAD_KEEPALIVE = RESPONSE_HEAD[:-2] + b"Connection: keep-alive\r\nKeep-
 def _table(n: int) -> RouteTable:
     services = [parse_service({"serviceName": f"svc-{i}", "servicePath": f"/svc-{i}/", "port": "8080"}) for i in range(n)]
     services.append(parse_service({"serviceName": "go-demo", "servicePath": "/demo", "port": "8080"}))
-    return RouteTable(services, lambda host, port: (host, port))
+    return RouteTable(services, lambda host, port, service: (host, port))
 
 
 def test_route_match_1000_services(benchmark):

@@ -122,6 +122,14 @@ def test_service_that_has_no_task_answers_503(proxy, dns, tasks5):
     wait_until(lambda: proxy.get("/tb-none/x")[0] == 200, timeout=5, what="first task appears")
 
 
+def test_task_balancing_in_every_worker(make_pyroute, dns, tasks5):
+    p = make_pyroute(DISCOVERY_TYPE="DNS", TASK_REFRESH_INTERVAL="0.1", WORKERS="2")
+    deploy(p, dns, "tb-workers", tasks5[:3])
+    seen = set()
+    wait_until(lambda: seen.update(served_by(p, "/tb-workers/x", 3)) or len(seen) == 3, what="all tasks reached")
+    assert seen == {t.addr for t in tasks5[:3]}
+
+
 @pytest.mark.parametrize("params, message", [
     ({"discoveryType": "IPVS"}, "discoveryType"),
     ({"balance": "random"}, "balance"),
