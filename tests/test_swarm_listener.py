@@ -140,3 +140,32 @@ def test_listener_runs_in_the_control_process_with_workers(engine, make_pyroute,
     wait_until(lambda: p.get("/sw-workers/x")[0] == 200, what="route served by the workers")
     assert engine.open_streams == 1  # one listener (the control process), not one per worker
     assert {p.get("/sw-workers/x")[1]["X-Upstream"] for _ in range(4)} == {replicas[1].addr}
+
+
+# -- settings --------------------------------------------------------------------------------------
+def test_listener_is_on_when_docker_host_is_set_or_the_socket_exists(tmp_path):
+    from pyroute.config import load_settings
+    from pyroute.swarm import listener_enabled
+
+    default = load_settings([], {})
+    assert default.docker_host == "unix:///var/run/docker.sock" and default.sources["docker_host"] == "default"
+    missing = f"unix://{tmp_path}/docker.sock"
+    assert not listener_enabled(missing, explicitly_set=False)
+    assert listener_enabled(missing, explicitly_set=True)
+    (tmp_path / "docker.sock").touch()
+    assert listener_enabled(missing, explicitly_set=False)
+    s = load_settings([], {"DOCKER_HOST": missing, "DISCOVERY_TYPE": "dns", "BALANCE": "P2C"})
+    assert s.sources["docker_host"] == "env" and (s.discovery_type, s.balance) == ("DNS", "p2c")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DISCOVERY_TYPE": "VIP"}, "DISCOVERY_TYPE: expected one of Overlay, DNS, got 'VIP'"),
+    ({"BALANCE": "random"}, "BALANCE: expected one of roundrobin, leastconn, p2c, got 'random'"),
+    ({"HEALTH_FALL": "0"}, "HEALTH_FALL: expected an integer >= 1, got '0'"),
+])
+def test_bad_swarm_settings_are_named(env, message):
+    from pyroute.config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as err:
+        load_settings([], env)
+    assert str(err.value) == message
