@@ -76,7 +76,7 @@ async def measure(requests: int, routes: int, response: bytes) -> None:
                 for i in range(routes - 1)]
     services.append(parse_service({"serviceName": "go-demo", "servicePath": "/demo", "port": "9000",
                                    "outboundHostname": "127.0.0.1"}))
-    table = RouteTable(services, lambda host, port: Backend(host, port, resolver))
+    table = RouteTable(services, lambda host, port, service: Backend(host, port, resolver))
     proxy = ProxyServer(settings, loop, pool, table)
 
     client = proxy.factory()

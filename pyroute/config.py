@@ -26,6 +26,8 @@ RESOLV_CONF = "/etc/resolv.conf"  # module constant so tests can point it elsewh
 DOCKER_DNS = "127.0.0.11"  # Docker's embedded resolver, present on every user network
 CONFIG_ENV = "PYROUTE_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DISCOVERY_TYPES = ("Overlay", "DNS")  # DFP's discoveryType values
+BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")
 
 
 class SettingsError(Exception):
@@ -189,6 +191,18 @@ def _log_level(value: Any, setting: str) -> str:
     if level not in LOG_LEVELS:
         raise _bad(setting, "one of " + ", ".join(LOG_LEVELS), value)
     return level
+
+
+def _choice(options: tuple[str, ...]) -> Parser:
+    """One of `options`, matched case-insensitively, returned as spelled in `options`."""
+
+    def parse(value: Any, setting: str) -> str:
+        for option in options:
+            if isinstance(value, str) and value.strip().lower() == option.lower():
+                return option
+        raise _bad(setting, "one of " + ", ".join(options), value)
+
+    return parse
 
 
 def parse_listen_specs(text: str, setting: str) -> tuple[ListenSpec, ...]:
@@ -371,6 +385,21 @@ class Settings:
     stats_pass: str = _setting("", parse=_any_text, shown='""', env_indirect=True, help="stats page password")
     stats_uri: str = _setting("/admin?stats", parse=_stats_uri, env_indirect=True,
                               help="where the stats page is served on the public ports")
+    docker_host: str = _setting("unix:///var/run/docker.sock", parse=_text,
+                                help="Docker Engine API for the built-in Swarm listener (on when set or the socket exists)")
+    swarm_poll_interval: float = _setting(5.0, parse=_seconds,
+                                          help="seconds between service listings while the Docker event stream is down")
+    discovery_type: str = _setting("Overlay", parse=_choice(DISCOVERY_TYPES),
+                                   help="Overlay: dial the service name (Swarm VIP); DNS: balance over tasks.<service>")
+    balance: str = _setting("roundrobin", parse=_choice(BALANCE_ALGORITHMS),
+                            help="task balancing with DNS discovery: " + ", ".join(BALANCE_ALGORITHMS))
+    task_refresh_interval: float = _setting(1.0, parse=_seconds,
+                                            help="seconds between lookups of tasks.<service> with DNS discovery")
+    health_check_interval: float = _setting(2.0, parse=_seconds, help="seconds between health probes of a task")
+    health_check_timeout: float = _setting(1.0, parse=_seconds, help="seconds a health probe may take")
+    health_rise: int = _setting(2, parse=_integer(1), help="passed probes that bring an ejected task back")
+    health_fall: int = _setting(3, parse=_integer(1),
+                                help="failed probes, connect failures or 5xx in a row that eject a task")
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)

@@ -243,6 +243,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             query = url.find(b"?")
             route = self.server.table.match(host, url if query < 0 else url[:query], headers, self)
+            if route is not None and route.sticky is not None:  # sessionType=sticky-server:
+                route = route.sticky.route_for(headers)  # the variant for this client's cookie
             if route is None:
                 ex.local, ex.stats = 503, self.server.unrouted
             elif route.features:
@@ -318,16 +320,23 @@ class ClientConnection(asyncio.Protocol):
         self.loop.create_task(self._connect(ex, address))
 
     async def _connect(self, ex: Exchange, address: tuple[str, int] | None) -> None:
-        try:
-            if address is None:
-                address = await ex.route.backend.resolve()
-            upstream = await self.pool.connect(address, ex.route.stats.address(address))
-        except ResolveError as exc:
-            log.info("%s: %s", ex.route.service.name, exc)
-            return self._fail(ex, 503)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, exc or "timeout")
-            return self._fail(ex, 503)
+        tried: tuple[tuple[str, int], ...] = ()
+        while True:
+            try:
+                if address is None:
+                    address = await ex.route.backend.resolve()
+                upstream = await self.pool.connect(address, ex.route.stats.address(address))
+                break
+            except ResolveError as exc:
+                log.info("%s: %s", ex.route.service.name, exc)
+                return self._fail(ex, 503)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, exc or "timeout")
+                tried += (address,)
+                other = ex.route.backend.redispatch(address, tried)  # option redispatch (task balancing)
+                if other is None or not ex.idempotent:
+                    return self._fail(ex, 503)
+                address = other
         if self.closed or not self.queue or self.queue[0] is not ex:
             self.pool.release(upstream)  # the client went away meanwhile; keep the connection
             return

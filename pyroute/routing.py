@@ -30,7 +30,8 @@ LONGEST_RANK = 1 << 20  # rank = (LONGEST_RANK - pattern length) * LONGEST_RANK 
 class Route:
     """A destination made ready for the data plane, its features compiled into steps."""
 
-    __slots__ = ("service", "destination", "backend", "priority", "request_steps", "response_plan", "features", "stats")
+    __slots__ = ("service", "destination", "backend", "priority", "request_steps", "response_plan", "features", "stats",
+                 "sticky")
 
     def __init__(self, service: Service, destination: Destination, backend: Any, priority: int, stats: Any = None):
         self.service = service
@@ -41,6 +42,7 @@ class Route:
         self.response_plan = ResponsePlan(service)
         self.features = bool(self.request_steps or self.response_plan)  # False: the proxy's plain path
         self.stats = stats  # metrics.ServiceStats, shared by every route of the service and kept across tables
+        self.sticky = None  # balancer.Sticky for sessionType=sticky-server: picks the route variant per request
 
     def __repr__(self) -> str:
         return f"Route({self.service.name}#{self.destination.index} -> {self.backend!r})"
@@ -184,7 +186,7 @@ class PathIndex:
 class RouteTable:
     """An immutable snapshot of every route, in DFP precedence order."""
 
-    def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int], Any], revision: int = 0,
+    def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int, Service], Any], revision: int = 0,
                  longest_match: bool = False, make_stats: Callable[[str], Any] = lambda name: None,
                  first: Iterable[Service] = ()):
         """`first`: pyroute's own services (the stats page), matched before every other one."""
@@ -194,7 +196,7 @@ class RouteTable:
         routes = []
         for service in (*first, *self.services):
             for destination in service.destinations:
-                backend = make_backend(destination.outbound_hostname or service.name, destination.port)
+                backend = make_backend(destination.outbound_hostname or service.name, destination.port, service)
                 routes.append(Route(service, destination, backend, len(routes), make_stats(service.name)))
         self.routes = tuple(routes)
         # DFP's default_backend: the first destination of the first isDefaultBackend service

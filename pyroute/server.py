@@ -18,14 +18,17 @@ import signal
 from . import metrics, statspage
 from .accesslog import AccessLog
 from .admin import AdminApi, AdminConnection
+from .balancer import Sticky, TaskSet
 from .config import Settings, raw_haproxy_warnings
 from .envservices import env_services
+from .health import HealthPolicy
 from .proxy import ProxyServer
 from .replication import Replication
-from .resolver import Resolver
+from .resolver import Resolver, is_ip
 from .routing import RouteTable
 from .services import Service, ServiceDefaults, ServiceError, parse_service
 from .state import ServiceRegistry, Snapshot
+from .swarm import EngineClient, EngineError, SwarmListener, listener_enabled
 from .upstream import Backend, UpstreamPool
 
 log = logging.getLogger("pyroute")
@@ -77,12 +80,32 @@ class DataPlane:
         self.services: tuple[Service, ...] = ()
         self.stats = metrics.DataStats()
         self.stats_service: tuple[Service, ...] = ()  # the stats page's route, once its address is known
+        self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
+        self._next_tasksets: dict[tuple, TaskSet] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
         self.src_port_servers: dict[int, asyncio.AbstractServer] = {}  # srcPort listeners opened at runtime
         self._listeners_lock = asyncio.Lock()
 
-    def _backend(self, host: str, port: int) -> Backend:
-        return Backend(host, port, self.resolver)
+    def _backend(self, host: str, port: int, service: Service):
+        """The service name (Overlay: the VIP balances) or, for DNS discovery and sticky
+        sessions, the TaskSet of tasks.<host> (kept across tables while its options stay)."""
+        tasksets = self._next_tasksets
+        balancing = service.balancing
+        discovery = balancing.discovery or self.settings.discovery_type
+        if is_ip(host) or (discovery != "DNS" and balancing.sticky_cookie is None):
+            return Backend(host, port, self.resolver)
+        s = self.settings
+        policy = HealthPolicy(balancing.health_path, balancing.health_interval or s.health_check_interval,
+                              balancing.health_timeout or s.health_check_timeout,
+                              balancing.health_rise or s.health_rise, balancing.health_fall or s.health_fall)
+        key = (host, port, balancing.algorithm or s.balance, policy)
+        taskset = tasksets.get(key) or self.tasksets.get(key)
+        if taskset is None:
+            known = next((set(t.tasks) for k, t in self.tasksets.items() if k[:2] == (host, port)), None)
+            taskset = TaskSet(host, port, key[2], list(s.dns_nameservers), s.dns_timeout, s.task_refresh_interval,
+                              self.proxy.pool, policy, known)
+        tasksets[key] = taskset
+        return taskset
 
     def prepare(self) -> None:
         """Create the proxy (without listening yet) so a snapshot can be applied first."""
@@ -124,9 +147,18 @@ class DataPlane:
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
+        self._next_tasksets = {}
         table = RouteTable(services, self._backend, revision, self.settings.longest_match,
                            self.stats.service, self.stats_service)
+        for route in table.routes:
+            cookie = route.service.balancing.sticky_cookie
+            if cookie is not None and isinstance(route.backend, TaskSet):
+                route.sticky = Sticky(route, route.backend, cookie)
         self.proxy.table = table
+        for key, taskset in self.tasksets.items():
+            if self._next_tasksets.get(key) is not taskset:
+                taskset.close()
+        self.tasksets = self._next_tasksets
         self.revision = revision
         self.services = services
         self.stats.reloads += 1
@@ -167,6 +199,8 @@ class DataPlane:
             await asyncio.sleep(DRAIN_POLL)
         for conn in list(proxy.connections):
             conn.transport.abort()
+        for taskset in self.tasksets.values():
+            taskset.close()
         proxy.pool.close_all()
         if proxy.access_log is not None:
             proxy.access_log.flush()
@@ -210,6 +244,7 @@ class ControlPlane:
         self.registry = ServiceRegistry(settings.separator, ServiceDefaults.from_settings(settings), instance)
         self.replication = Replication(settings, self.registry)
         self.servers: list[asyncio.AbstractServer] = []
+        self.listener: SwarmListener | None = None
 
     async def start(self) -> None:
         for warning in raw_haproxy_warnings():
@@ -224,11 +259,25 @@ class ControlPlane:
             except ServiceError as exc:
                 raise StartupError(f"DFP_SERVICE_* service {params.get('servicename', '?')!r}: {exc.message}") from None
         self.registry.subscribe(self.planes.publish)
-        api = AdminApi(self.registry, self.planes.wait_applied, self.replication.is_ready, self.replication,
-                       collect=self.planes.collect, settings=self.settings)
         s = self.settings
+        if listener_enabled(s.docker_host, s.sources.get("docker_host", "default") != "default"):
+            try:
+                client = EngineClient(s.docker_host)
+            except EngineError as exc:
+                raise StartupError(str(exc)) from None
+            self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
+        api = AdminApi(self.registry, self.planes.wait_applied, self.is_ready, self.replication,
+                       collect=self.planes.collect, settings=self.settings)
         self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
-        self.replication.start()  # join (pull from peers), then repair; the listener fetch
+        self.replication.start()  # join (pull from peers), then repair; the DFSL listener fetch
+        if self.listener is not None:
+            self.listener.start()
+            log.info("Swarm listener on %s: services labelled com.df.notify=true become routes", s.docker_host)
+
+    def is_ready(self) -> bool:
+        """successfulinitreload (DFP): saved state, peers and the Swarm Listener loaded, and
+        the built-in Swarm listener's first listing applied."""
+        return self.replication.is_ready() and (self.listener is None or self.listener.synced.is_set())
 
     def admin_address(self) -> tuple[str, int]:
         """Where the data plane reaches the admin listener (for the stats page route)."""
@@ -236,6 +285,8 @@ class ControlPlane:
         return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port
 
     def close(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
         self.replication.close()
         for server in self.servers:
             server.close()

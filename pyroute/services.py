@@ -94,6 +94,28 @@ class Destination:
                     or self.user_agents or self.src_port)
 
 
+SESSION_TYPES = ("sticky-server",)
+BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")
+
+
+@dataclass(frozen=True, slots=True)
+class Balancing:
+    """How requests spread over the service's tasks; None = the global setting applies.
+
+    ``discovery`` "DNS" (or sticky sessions, which need task addresses) makes pyroute
+    balance over ``tasks.<service>`` itself instead of dialing the service name.
+    """
+
+    discovery: str | None = None  # "Overlay" | "DNS"
+    algorithm: str | None = None  # one of BALANCE_ALGORITHMS
+    health_path: str | None = None  # active checks when set
+    health_interval: float | None = None
+    health_timeout: float | None = None
+    health_rise: int | None = None
+    health_fall: int | None = None
+    sticky_cookie: str | None = None  # cookie name when sessionType=sticky-server
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
@@ -116,6 +138,7 @@ class Service:
     redirect_unless_https_proto: bool = False
     compression_algo: str = ""  # space-separated COMPRESSION_ALGOS, in preference order ("" = off)
     compression_types: tuple[str, ...] = ()
+    balancing: Balancing = Balancing()
 
     @property
     def dial_hosts(self) -> tuple[str, ...]:
@@ -210,6 +233,51 @@ def _check_path(path: str, name: str) -> str:
     if not path.startswith("/") or any(c.isspace() or ord(c) < 0x20 for c in path):
         raise ServiceError(400, f"{name} entries must start with '/' and hold no spaces, got {path!r}")
     return path
+
+
+def _parse_balancing(params: Mapping[str, str], name: str) -> Balancing:
+    """discoveryType, balance, healthCheck*, sessionType/sessionCookie."""
+
+    def number(key: str, label: str, kind):
+        text = params.get(key, "").strip()
+        if not text:
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value != value or value == float("inf"):
+            raise ServiceError(400, f"{label} must be a number > 0, got {text!r}")
+        return value
+
+    discovery = params.get("discoverytype", "").strip() or None
+    if discovery is not None:
+        match = [d for d in ("Overlay", "DNS") if d.lower() == discovery.lower()]
+        if not match:
+            raise ServiceError(400, f"discoveryType must be Overlay or DNS, got {discovery!r}")
+        discovery = match[0]
+    algorithm = params.get("balance", "").strip().lower() or None
+    if algorithm is not None and algorithm not in BALANCE_ALGORITHMS:
+        raise ServiceError(400, f"balance must be one of {', '.join(BALANCE_ALGORITHMS)}, got {algorithm!r}")
+    health_path = params.get("healthcheckpath", "").strip() or None
+    if health_path is not None:
+        _check_path(health_path, "healthCheckPath")
+    session = params.get("sessiontype", "").strip() or None
+    if session is not None and session not in SESSION_TYPES:
+        raise ServiceError(400, f"sessionType must be sticky-server, got {session!r}")
+    cookie = params.get("sessioncookie", "").strip() or name
+    if not all(c.isascii() and (c.isalnum() or c in "-_.") for c in cookie):
+        raise ServiceError(400, f"sessionCookie must be a cookie name (letters, digits, - _ .), got {cookie!r}")
+    return Balancing(
+        discovery=discovery,
+        algorithm=algorithm,
+        health_path=health_path,
+        health_interval=number("healthcheckinterval", "healthCheckInterval", float),
+        health_timeout=number("healthchecktimeout", "healthCheckTimeout", float),
+        health_rise=number("healthcheckrise", "healthCheckRise", int),
+        health_fall=number("healthcheckfall", "healthCheckFall", int),
+        sticky_cookie=cookie if session else None,
+    )
 
 
 def _indexes(params: Mapping[str, str]) -> list[int]:
@@ -479,6 +547,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         redirect_unless_https_proto=_bool(params.get("redirectunlesshttpsproto"), "redirectUnlessHttpsProto"),
         compression_algo=compression_algo,
         compression_types=tuple(t.lower() for t in compression_type.replace(",", " ").split()) if compression_algo else (),
+        balancing=_parse_balancing(params, name),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import httptools
 
@@ -60,6 +61,10 @@ class Backend:
             return addresses[0]
         self._turn += 1
         return addresses[self._turn % len(addresses)]
+
+    def redispatch(self, failed: tuple[str, int], tried: tuple) -> tuple[str, int] | None:
+        """Another address after a failed connect: none, the name's own balancing decides."""
+        return None
 
     async def resolve(self) -> tuple[str, int]:
         """Resolve (or wait for the lookup in flight) and pick an address; ResolveError if none."""
@@ -278,6 +283,9 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self.busy: set[UpstreamConnection] = set()  # bound to an exchange; checked for TIMEOUT_SERVER
+        # address -> (pool, address, stats) -> connection, for addresses that need their own class
+        # (balancer.TrackedConnection for task addresses); UpstreamConnection otherwise.
+        self.connection_factories: dict[tuple[str, int], Callable] = {}
         self.connects = 0
         self.reuses = 0
 
@@ -298,9 +306,10 @@ class UpstreamPool:
         `stats` (metrics.AddressStats) counts the attempt and tracks the address's health.
         """
         self.connects += 1
+        make = self.connection_factories.get(address, UpstreamConnection)
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self, address, stats), address[0], address[1]),
+                self.loop.create_connection(lambda: make(self, address, stats), address[0], address[1]),
                 self.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as exc:

@@ -48,6 +48,7 @@ class Pyroute:
     # -- lifecycle -----------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> "Pyroute":
         env = dict(os.environ)
+        env.pop("DOCKER_HOST", None)  # the Swarm listener talks only to an Engine a test gives it
         env.update(self.env)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self._stderr = open(self.stderr_path, "wb")

@@ -1,0 +1,391 @@
+"""Task-level balancing: pyroute spreads a service's requests over its tasks itself.
+
+Swarm's VIP balances per connection and knows nothing of health or sessions (and is
+absent without IPVS). With ``discoveryType=DNS`` (or sticky sessions) a route's
+backend is a :class:`TaskSet`: the addresses of ``tasks.<service>``, looked up on an
+interval on a fresh c-ares channel each round (Docker answers with TTL 600, which
+c-ares would otherwise serve from its cache), each address a :class:`Task` carrying
+its requests in flight and its health. New tasks join the rotation at the next
+lookup, removed ones leave it; requests already on a removed task finish there.
+
+Picking is round-robin, least-connections or power-of-two-choices over the tasks in
+rotation. In-flight counts come from :class:`TrackedConnection`, the upstream
+connection class used only for task addresses, so routes without task balancing run
+no extra code. TaskSets outlive route tables (a reconfigure keeps counts and health).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+
+import aiodns
+
+from .health import HealthMonitor, HealthPolicy
+from .headers import inspect_response_head
+from .resolver import ResolveError
+from .routing import Route
+from .upstream import UpstreamConnection, UpstreamPool
+
+log = logging.getLogger("pyroute.balancer")
+
+NO_ANSWER = (1, 4)  # aiodns: "no data" and NXDOMAIN mean the service has no task
+MAX_REDISPATCH = 3  # other tasks tried after a failed connect (HAProxy's retries)
+
+
+def task_cookie(address: tuple[str, int]) -> str:
+    """The sticky-session identity of a task: stable for its address, not its position."""
+    return hashlib.blake2s(f"{address[0]}:{address[1]}".encode(), digest_size=8).hexdigest()
+
+
+def _load(task: Task) -> int:
+    return task.inflight
+
+
+class Task:
+    """One task address with its load and health."""
+
+    __slots__ = ("address", "cookie", "inflight", "in_rotation", "fails", "passes", "gone")
+
+    def __init__(self, address: tuple[str, int]):
+        self.address = address
+        self.cookie = task_cookie(address)
+        self.inflight = 0  # requests bound to a connection to this task now
+        self.in_rotation = True
+        self.fails = 0  # consecutive failures (connect, 5xx, probe)
+        self.passes = 0  # consecutive passed probes while ejected
+        self.gone = False
+
+    def __repr__(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+
+class TrackedConnection(UpstreamConnection):
+    """An upstream connection to a task: counts the exchange bound to it, reports 5xx,
+    and adds the sticky-session cookie to a response when the route asks for it."""
+
+    __slots__ = ("task", "taskset", "counted")
+
+    def __init__(self, pool: UpstreamPool, address: tuple[str, int], stats, task: Task, taskset: TaskSet):
+        super().__init__(pool, address, stats)
+        self.task = task
+        self.taskset = taskset
+        self.counted = False
+
+    def bind(self, owner, head_request: bool, now: float) -> None:
+        super().bind(owner, head_request, now)
+        if not self.counted:
+            self.counted = True
+            self.task.inflight += 1
+
+    def _uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.task.inflight -= 1
+
+    def close(self) -> None:
+        self._uncount()
+        super().close()
+
+    def abort(self) -> None:
+        self._uncount()
+        super().abort()
+
+    def connection_lost(self, exc) -> None:
+        self._uncount()
+        super().connection_lost(exc)
+
+    def _complete(self, reusable: bool) -> None:
+        self._uncount()
+        super()._complete(reusable)
+
+    def on_headers_complete(self) -> None:
+        owner = self.owner
+        cookie = getattr(owner.queue[0].route, "set_cookie", None) if owner is not None else None
+        if cookie is None:
+            super().on_headers_complete()
+        else:
+            self.owner = _CookieSetter(owner, b"Set-Cookie: %s=%s; Path=/; HttpOnly\r\n" % (cookie, self.task.cookie.encode()))
+            try:
+                super().on_headers_complete()
+            finally:
+                if self.owner is not None:
+                    self.owner = owner
+        status = self.parser.get_status_code()
+        if status >= 500:
+            self.taskset.failed(self.task, f"answered {status}")
+        elif status >= 200:
+            self.task.fails = 0
+
+
+class _CookieSetter:
+    """Stands in for the client connection while a response head passes: inserts Set-Cookie."""
+
+    __slots__ = ("owner", "line")
+
+    def __init__(self, owner, line: bytes):
+        self.owner = owner
+        self.line = line
+
+    def response_interim(self, head: bytes) -> None:
+        self.owner.response_interim(head)
+
+    def response_head(self, head: bytes, forwardable, close_delimited: bool) -> bool:
+        edited = head[:-2] + self.line + b"\r\n"
+        if forwardable is not None:
+            forwardable = inspect_response_head(edited)[1]
+        if self.owner.response_head(edited, forwardable, close_delimited):
+            self.owner.out.append(edited)  # "unchanged" means our edited head: never the raw bytes
+        return False
+
+
+class Sticky:
+    """Cookie affinity for one route: the cookie names a task by its stable identity.
+
+    A request whose cookie names a task in rotation goes to that task; any other
+    request is balanced as usual and its response sets the cookie of the task chosen.
+    """
+
+    __slots__ = ("route", "taskset", "name", "prefix", "fresh", "_pinned")
+
+    def __init__(self, route: Route, taskset: TaskSet, name: str):
+        self.route = route
+        self.taskset = taskset
+        self.name = name.encode()
+        self.prefix = self.name + b"="
+        self.fresh = StickyRoute(route, taskset, self.name)
+        self._pinned: dict[str, StickyRoute] = {}
+
+    def route_for(self, headers: list[tuple[bytes, bytes]]) -> Route:
+        """The route variant for a request: pinned to its task, or balanced and setting the cookie."""
+        value = None
+        prefix = self.prefix
+        for name, header in headers:
+            if len(name) == 6 and name.lower() == b"cookie":
+                for item in header.split(b";"):
+                    item = item.strip()
+                    if item.startswith(prefix):
+                        value = item[len(prefix):].decode("latin-1")
+        if value is None:
+            return self.fresh
+        task = self.taskset.by_cookie.get(value)
+        if task is None or not task.in_rotation:
+            return self.fresh
+        pinned = self._pinned.get(value)
+        if pinned is None or pinned.backend.task is not task:
+            if len(self._pinned) > 4 * len(self.taskset.tasks) + 16:
+                self._pinned.clear()  # tasks came and went: forget the variants of old ones
+            pinned = self._pinned[value] = StickyRoute(self.route, PinnedBackend(self.taskset, task), None)
+        return pinned
+
+
+class StickyRoute(Route):
+    """A route variant used for one request of a sticky route."""
+
+    __slots__ = ("set_cookie",)
+
+    def __init__(self, route: Route, backend, set_cookie: bytes | None):
+        super().__init__(route.service, route.destination, backend, route.priority, route.stats)
+        self.set_cookie = set_cookie  # cookie name to set on the response, None when the client has it
+
+
+class PinnedBackend:
+    """A task of a sticky session; the rest of the set if it left the rotation meanwhile."""
+
+    __slots__ = ("taskset", "task", "host", "port")
+
+    def __init__(self, taskset: TaskSet, task: Task):
+        self.taskset = taskset
+        self.task = task
+        self.host = taskset.host
+        self.port = taskset.port
+
+    def address(self) -> tuple[str, int] | None:
+        if self.task.in_rotation:
+            return self.task.address
+        return self.taskset.address()
+
+    async def resolve(self) -> tuple[str, int]:
+        if self.task.in_rotation:
+            return self.task.address
+        return await self.taskset.resolve()
+
+    def redispatch(self, failed: tuple[str, int], tried: tuple) -> tuple[str, int] | None:
+        return self.taskset.redispatch(failed, tried)
+
+
+class TaskSet:
+    """The tasks of one service port (``tasks.<host>``), refreshed on an interval, balanced."""
+
+    def __init__(self, host: str, port: int, algorithm: str, nameservers: list[str], dns_timeout: float,
+                 refresh_interval: float, pool: UpstreamPool, health: HealthPolicy,
+                 known: set[tuple[str, int]] | None = None):
+        self.host = host
+        self.port = port
+        self.algorithm = algorithm
+        self.nameservers = nameservers
+        self.dns_timeout = dns_timeout
+        self.refresh_interval = refresh_interval
+        self.pool = pool
+        self.tasks: dict[tuple[str, int], Task] = {}
+        self.by_cookie: dict[str, Task] = {}
+        self.rotation: tuple[Task, ...] = ()
+        self.ready = asyncio.Event()  # the first lookup is done (with or without tasks)
+        self.error = ""
+        self._turn = 0
+        self._pick = {"roundrobin": self._round_robin, "leastconn": self._least_connections,
+                      "p2c": self._two_choices}[algorithm]
+        self.health = HealthMonitor(self, health)
+        if known:  # the addresses a set it replaces already found: no gap while the first lookup runs
+            self.apply(known)
+            self.ready.set()
+        self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    # -- choosing a task (the hot path) ------------------------------------------------
+    def address(self) -> tuple[str, int] | None:
+        """A task address to dial now, or None before the first lookup (then await resolve())."""
+        rotation = self.rotation
+        if not rotation:
+            return None
+        return self._pick(rotation).address
+
+    async def resolve(self) -> tuple[str, int]:
+        if not self.ready.is_set():
+            try:
+                await asyncio.wait_for(self.ready.wait(), self.dns_timeout * 2 + 1)
+            except asyncio.TimeoutError:
+                pass
+        rotation = self.rotation or tuple(self.tasks.values())  # all ejected: try them anyway
+        if not rotation:
+            raise ResolveError(self.error or f"tasks.{self.host}: no task")
+        return self._pick(rotation).address
+
+    def redispatch(self, failed: tuple[str, int], tried: tuple) -> tuple[str, int] | None:
+        """A connect to `failed` did not succeed: count it, and name another task to try."""
+        task = self.tasks.get(failed)
+        if task is not None:
+            self.failed(task, "connect failed")
+        if len(tried) > MAX_REDISPATCH:
+            return None
+        others = [t for t in self.rotation if t.address not in tried]
+        if not others:
+            return None
+        return min(others, key=_load).address  # the least busy other task (leaves the turn order alone)
+
+    def _round_robin(self, rotation) -> Task:
+        self._turn += 1
+        return rotation[self._turn % len(rotation)]
+
+    def _least_connections(self, rotation) -> Task:
+        self._turn += 1
+        n = len(rotation)
+        start = self._turn % n  # ties go round-robin
+        best = rotation[start]
+        for i in range(1, n):
+            task = rotation[(start + i) % n]
+            if task.inflight < best.inflight:
+                best = task
+        return best
+
+    def _two_choices(self, rotation) -> Task:
+        if len(rotation) == 1:
+            return rotation[0]
+        a, b = random.sample(rotation, 2)
+        return a if a.inflight <= b.inflight else b
+
+    # -- health ---------------------------------------------------------------------------
+    def failed(self, task: Task, why: str) -> None:
+        task.fails += 1
+        task.passes = 0
+        if task.in_rotation and task.fails >= self.health.policy.fall:
+            self.eject(task, why)
+
+    def eject(self, task: Task, why: str) -> None:
+        if task.in_rotation and not task.gone:
+            task.in_rotation = False
+            log.warning("%s: task %s leaves the rotation (%s, %d in a row)", self.host, task, why, task.fails)
+            self._rebuild()
+
+    def restore(self, task: Task) -> None:
+        if not task.in_rotation and not task.gone:
+            task.in_rotation = True
+            task.fails = 0
+            log.warning("%s: task %s is back in the rotation", self.host, task)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.rotation = tuple(t for t in self.tasks.values() if t.in_rotation)
+
+    # -- discovery ------------------------------------------------------------------------
+    async def _refresh_loop(self) -> None:
+        self.health.start()
+        while True:
+            await self.refresh()
+            self.ready.set()
+            await asyncio.sleep(self.refresh_interval)
+
+    async def refresh(self) -> None:
+        """Look up tasks.<host> once (fresh channel: no c-ares cache) and apply the answer."""
+        name = f"tasks.{self.host}"
+        channel = aiodns.DNSResolver(nameservers=self.nameservers, timeout=self.dns_timeout, tries=2)
+        try:
+            result = await channel.query_dns(name, "A")
+            ips = {rr.data.addr for rr in result.answer if hasattr(rr.data, "addr")}
+        except aiodns.error.DNSError as exc:
+            if exc.args and exc.args[0] in NO_ANSWER:
+                ips = set()
+            else:  # DNS trouble: keep the tasks we know
+                self.error = f"{name}: DNS lookup failed: {exc.args[-1] if exc.args else exc}"
+                log.warning("%s; keeping %d known tasks", self.error, len(self.tasks))
+                return
+        finally:
+            await channel.close()
+        self.error = "" if ips else f"{name}: no task"
+        self.apply({(ip, self.port) for ip in ips})
+
+    def apply(self, addresses: set[tuple[str, int]]) -> None:
+        """Make `addresses` the task set: new ones join, missing ones leave (in-flight requests finish)."""
+        if addresses == self.tasks.keys():
+            return
+        for address in addresses - self.tasks.keys():
+            task = self.tasks[address] = Task(address)
+            self.by_cookie[task.cookie] = task
+            self.pool.connection_factories[address] = self._factory(task)
+        for address in self.tasks.keys() - addresses:
+            task = self.tasks.pop(address)
+            task.gone = True
+            task.in_rotation = False
+            self.by_cookie.pop(task.cookie, None)
+            self._release(address)
+        log.info("%s: tasks %s", self.host, ", ".join(sorted(str(t) for t in self.tasks.values())) or "none")
+        self._rebuild()
+
+    def _factory(self, task: Task):
+        def make(pool: UpstreamPool, address: tuple[str, int], stats) -> TrackedConnection:
+            return TrackedConnection(pool, address, stats, task, self)
+
+        make.taskset = self
+        return make
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.health.stop()
+        for address in list(self.tasks):
+            self._release(address)
+
+    def _release(self, address: tuple[str, int]) -> None:
+        """Stop making connections for `address` and close our idle ones (their counts are ours)."""
+        factory = self.pool.connection_factories.get(address)
+        if getattr(factory, "taskset", None) is self:
+            del self.pool.connection_factories[address]
+        idle = self.pool.idle.get(address)
+        if idle:
+            ours = [c for c in idle if getattr(c, "taskset", None) is self]
+            idle[:] = [c for c in idle if c not in ours]
+            for conn in ours:
+                conn.close()
+
+    def __repr__(self) -> str:
+        return f"tasks.{self.host}:{self.port}"

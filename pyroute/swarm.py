@@ -1,0 +1,287 @@
+"""The built-in Swarm listener: services labelled ``com.df.notify=true`` become routes.
+
+Operators of Docker Flow Proxy run a separate Docker Flow Swarm Listener that reads
+the Docker Engine API and calls the proxy's reconfigure/remove endpoints. pyroute does
+the same in its control process: it lists the labelled services, turns their
+``com.df.*`` labels into reconfigure parameters exactly as the listener does, and
+follows ``/events`` so a created, updated, scaled or removed service changes the
+routes at once. When the event stream breaks it polls the service list until the
+stream is back, so nothing is missed either way.
+
+The Engine API is spoken over its unix socket (or tcp://) with a small HTTP/1.1
+client of our own: one connection per request, ``Connection: close``, JSON bodies,
+and a chunked stream for ``/events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import urllib.parse
+from collections.abc import AsyncIterator
+
+from .services import ServiceError
+from .state import ServiceRegistry
+
+log = logging.getLogger("pyroute.swarm")
+
+API_VERSION = "v1.41"  # what Docker 20.10 speaks; newer engines accept it too
+NOTIFY_FILTER = {"label": ["com.df.notify=true"]}
+LABEL_PREFIX = "com.df."
+STACK_LABEL = "com.docker.stack.namespace"
+MAX_BODY = 64 * 1024 * 1024
+RETRY_STREAM = 1.0  # seconds between attempts to reopen a broken event stream
+
+
+class EngineError(Exception):
+    """The Engine API could not be reached or answered something unusable."""
+
+
+def socket_path(docker_host: str) -> str | None:
+    """The unix socket path of DOCKER_HOST, or None when it is tcp://."""
+    if docker_host.startswith("unix://"):
+        return docker_host[len("unix://"):]
+    return None
+
+
+def listener_enabled(docker_host: str, explicitly_set: bool) -> bool:
+    """On when DOCKER_HOST was set, or when the default socket exists."""
+    if explicitly_set:
+        return True
+    path = socket_path(docker_host)
+    return path is not None and os.path.exists(path)
+
+
+class EngineClient:
+    """Just enough HTTP/1.1 to read the Docker Engine API."""
+
+    def __init__(self, docker_host: str, timeout: float = 10.0):
+        self.docker_host = docker_host
+        self.timeout = timeout
+        self._unix = socket_path(docker_host)
+        if self._unix is None:
+            parsed = urllib.parse.urlsplit(docker_host.replace("tcp://", "http://", 1))
+            if not parsed.hostname:
+                raise EngineError(f"DOCKER_HOST {docker_host!r}: expected unix:///path or tcp://host:port")
+            self._tcp = (parsed.hostname, parsed.port or 2375)
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            if self._unix is not None:
+                return await asyncio.wait_for(asyncio.open_unix_connection(self._unix, limit=MAX_BODY), self.timeout)
+            return await asyncio.wait_for(asyncio.open_connection(*self._tcp, limit=MAX_BODY), self.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise EngineError(f"cannot reach the Docker Engine at {self.docker_host}: {exc or 'timeout'}") from None
+
+    async def _request(self, path: str) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter, dict[str, str]]:
+        reader, writer = await self._open()
+        writer.write(f"GET /{API_VERSION}{path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n".encode())
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            writer.close()
+            raise EngineError(f"GET {path}: no response head: {exc!r}") from None
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            writer.close()
+            raise EngineError(f"GET {path}: malformed status line {lines[0]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        return int(parts[1]), reader, writer, headers
+
+    async def get_json(self, path: str):
+        """GET a JSON document; (status, parsed body or None)."""
+        status, reader, writer, headers = await self._request(path)
+        try:
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                body = b"".join([chunk async for chunk in _chunks(reader, self.timeout)])
+            elif "content-length" in headers:
+                body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), self.timeout)
+            else:
+                body = await asyncio.wait_for(reader.read(MAX_BODY), self.timeout)
+        except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            raise EngineError(f"GET {path}: body cut short: {exc!r}") from None
+        finally:
+            writer.close()
+        try:
+            return status, (json.loads(body) if body.strip() else None)
+        except ValueError:
+            raise EngineError(f"GET {path}: answer is not JSON") from None
+
+    async def events(self, filters: dict) -> AsyncIterator[dict]:
+        """The /events stream, one decoded event at a time; ends (or raises) when it breaks."""
+        path = "/events?filters=" + urllib.parse.quote(json.dumps(filters, separators=(",", ":")))
+        status, reader, writer, headers = await self._request(path)
+        try:
+            if status != 200:
+                raise EngineError(f"GET /events answered {status}")
+            chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+            source = _chunks(reader, None) if chunked else _reads(reader)
+            pending = b""
+            async for data in source:
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError:
+                            log.warning("ignoring a malformed event: %r", line[:200])
+        finally:
+            writer.close()
+
+
+async def _reads(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    while data := await reader.read(65536):
+        yield data
+
+
+async def _chunks(reader: asyncio.StreamReader, timeout: float | None) -> AsyncIterator[bytes]:
+    """The data of a chunked body (trailers ignored)."""
+    while True:
+        size_line = await asyncio.wait_for(reader.readline(), timeout)
+        if not size_line:
+            raise asyncio.IncompleteReadError(b"", None)
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            await asyncio.wait_for(reader.readline(), timeout)
+            return
+        data = await asyncio.wait_for(reader.readexactly(size + 2), timeout)
+        yield data[:-2]
+
+
+def service_params(service: dict) -> dict[str, str] | None:
+    """Docker Flow Swarm Listener's conversion of one service (Engine API JSON) to
+    reconfigure parameters, or None when it is not labelled com.df.notify=true.
+
+    Every ``com.df.<key>=<value>`` label becomes ``<key>=<value>``; ``serviceName`` is the
+    service name (without its stack prefix when ``com.df.shortName=true``); ``replicas``
+    is the replicated count (absent for global services); ``distribute=true`` unless a
+    label says otherwise.
+    """
+    spec = service.get("Spec") or {}
+    labels = spec.get("Labels") or {}
+    if labels.get("com.df.notify") != "true":
+        return None
+    name = spec.get("Name", "")
+    if labels.get("com.df.shortName", "").lower() == "true":
+        stack = labels.get(STACK_LABEL, "")
+        if stack and name.startswith(stack + "_"):
+            name = name[len(stack) + 1:]
+    params = {"serviceName": name}
+    for key, value in labels.items():
+        if key.startswith(LABEL_PREFIX) and key != "com.df.notify":
+            params[key[len(LABEL_PREFIX):]] = value
+    params["serviceName"] = name  # a com.df.serviceName label does not rename it
+    replicated = (spec.get("Mode") or {}).get("Replicated")
+    if replicated is not None:
+        params["replicas"] = str(replicated.get("Replicas", 0))
+    params.setdefault("distribute", "true")
+    return params
+
+
+class SwarmListener:
+    """Keeps the registry in step with the labelled services of one Docker Engine.
+
+    It owns the routes it created (by service id) and removes them when their service
+    goes away or loses its label; routes added through the admin API are left alone.
+    """
+
+    def __init__(self, registry: ServiceRegistry, client: EngineClient, poll_interval: float):
+        self.registry = registry
+        self.client = client
+        self.poll_interval = poll_interval
+        self.names: dict[str, str] = {}  # service id -> route name we applied
+        self.applied: dict[str, dict[str, str]] = {}  # service id -> params last applied
+        self.synced = asyncio.Event()  # the first full listing has been applied
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        """Stream events; when the stream breaks, list again every poll interval until it is back."""
+        while True:
+            stream = self.client.events({"type": ["service"]})
+            first = asyncio.ensure_future(anext(stream))
+            try:
+                # Subscribe first, then list: a change between the two still arrives as an event.
+                await self.sync()
+                event = await first
+                while True:
+                    await self._on_event(event)
+                    event = await anext(stream)
+            except (EngineError, OSError, ValueError, StopAsyncIteration, asyncio.IncompleteReadError) as exc:
+                log.warning("Docker event stream unavailable (%s); polling every %gs", exc or "closed", self.poll_interval)
+            finally:
+                if not first.done():
+                    first.cancel()
+                await asyncio.wait([first])
+                if not first.cancelled():
+                    first.exception()  # retrieved: it was reported above or is moot
+                await stream.aclose()
+            await asyncio.sleep(self.poll_interval)
+
+    async def sync(self) -> None:
+        """Apply the full listing: new and changed services, and removal of vanished ones."""
+        filters = urllib.parse.quote(json.dumps(NOTIFY_FILTER, separators=(",", ":")))
+        status, services = await self.client.get_json(f"/services?filters={filters}")
+        if status != 200 or not isinstance(services, list):
+            raise EngineError(f"GET /services answered {status}")
+        seen = set()
+        for service in services:
+            if isinstance(service, dict) and service.get("ID"):
+                seen.add(service["ID"])
+                self._apply(service["ID"], service_params(service))
+        for service_id in [i for i in self.names if i not in seen]:
+            self._apply(service_id, None)
+        self.synced.set()
+
+    async def _on_event(self, event: dict) -> None:
+        if event.get("Type") != "service":
+            return
+        actor = event.get("Actor") or {}
+        service_id = actor.get("ID", "")
+        if not service_id:
+            return
+        if event.get("Action") == "remove":
+            return self._apply(service_id, None)
+        status, service = await self.client.get_json(f"/services/{urllib.parse.quote(service_id)}")
+        if status == 404:
+            return self._apply(service_id, None)
+        if status != 200 or not isinstance(service, dict):
+            raise EngineError(f"GET /services/{service_id} answered {status}")
+        self._apply(service_id, service_params(service))
+
+    def _apply(self, service_id: str, params: dict[str, str] | None) -> None:
+        """Reconfigure (params) or remove (None) the route of one service, if it changed."""
+        old_name = self.names.get(service_id)
+        if params is not None and params.get("replicas") == "0":
+            params = None  # DFSL: a service scaled to 0 is removed
+        if params is None:
+            self.applied.pop(service_id, None)
+            if old_name is not None:
+                del self.names[service_id]
+                self.registry.remove(old_name)
+            return
+        if self.applied.get(service_id) == params:
+            return
+        try:
+            self.registry.reconfigure(params)
+        except ServiceError as exc:
+            log.warning("service %s: labels rejected (%s): %s", params.get("serviceName"), exc.status, exc.message)
+            return
+        self.applied[service_id] = params
+        self.names[service_id] = params["serviceName"]
+        if old_name is not None and old_name != params["serviceName"]:
+            self.registry.remove(old_name)
