@@ -17,6 +17,7 @@ import gc
 import time
 
 from pyroute.config import Settings
+from pyroute.metrics import DataStats
 from pyroute.proxy import ProxyServer
 from pyroute.resolver import Resolver
 from pyroute.routing import RouteTable
@@ -76,13 +77,14 @@ async def measure(requests: int, routes: int, response: bytes) -> None:
                 for i in range(routes - 1)]
     services.append(parse_service({"serviceName": "go-demo", "servicePath": "/demo", "port": "9000",
                                    "outboundHostname": "127.0.0.1"}))
-    table = RouteTable(services, lambda host, port, service: Backend(host, port, resolver))
-    proxy = ProxyServer(settings, loop, pool, table)
+    stats = DataStats()
+    table = RouteTable(services, lambda host, port, service: Backend(host, port, resolver), make_stats=stats.service)
+    proxy = ProxyServer(settings, loop, pool, table, stats.unrouted)
 
     client = proxy.factory()
     client_transport = MemoryTransport()
     client.connection_made(client_transport)
-    upstream = UpstreamConnection(pool, ("127.0.0.1", 9000))
+    upstream = UpstreamConnection(pool, ("127.0.0.1", 9000), stats.service("go-demo").address(("127.0.0.1", 9000)))
     upstream_transport = MemoryTransport()
     upstream.connection_made(upstream_transport)
     pool.release(upstream)

@@ -387,13 +387,14 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
-        self._account(ex, ex.local or ex.status, "", self.loop.time())
+        now = self.loop.time()
+        self._account(ex, ex.local or ex.status, "", now)
         if ex.close_after:
             self.transport.close()
             self.closed = True
             return
         self.served += 1
-        self.last_io = self.loop.time()  # the keep-alive idle time starts now
+        self.last_io = now  # the keep-alive idle time starts now
         if queue:
             self._start(queue[0])
             if len(queue) == 1:
