@@ -106,6 +106,13 @@ def _separator(value: Any, setting: str) -> str:
     return value
 
 
+def _optional_text(value: Any, setting: str) -> str:
+    """A string that may be empty (empty = the feature is off)."""
+    if not isinstance(value, str):
+        raise _bad(setting, "a string", value)
+    return value.strip()
+
+
 def _log_level(value: Any, setting: str) -> str:
     level = value.strip().lower() if isinstance(value, str) else None
     if level not in LOG_LEVELS:
@@ -251,6 +258,24 @@ class Settings:
     workers: int = _setting(parse=_integer(1), factory=_cpu_count, shown="number of CPUs",
                             help="processes serving the public listeners")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
+    max_uri_size: int = _setting(8192, parse=_integer(64), help="longest request target in bytes (longer: 414)")
+    max_header_size: int = _setting(65536, parse=_integer(256),
+                                     help="largest request header block in bytes (larger: 431)")
+    max_headers: int = _setting(100, parse=_integer(1), help="most request header lines (more: 431)")
+    max_request_body: int = _setting(0, parse=_integer(0),
+                                     help="largest request body in bytes, 0 = unlimited (larger: 413); "
+                                          "per service: maxRequestBody")
+    maxconn: int = _setting(5000, parse=_integer(1),
+                            help="concurrent client connections per process; above it new ones wait in the backlog")
+    drain_grace: float = _setting(10.0, parse=_seconds,
+                                  help="seconds requests in flight may take to finish after SIGTERM")
+    error_pages_dir: str = _setting("", parse=_optional_text, shown='""',
+                                    help="directory of <code>.http or <code>.html files replacing pyroute's error pages")
+    admin_user: str = _setting("", parse=_optional_text, shown='""',
+                               help="admin API user; with ADMIN_PASS every admin call needs them (basic auth)")
+    admin_pass: str = _setting("", parse=_optional_text, shown='""', help="admin API password")
+    secrets_dir: str = _setting("/run/secrets", parse=_text,
+                                help="where Docker secrets dfp_admin_user / dfp_admin_pass are read from")
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)

@@ -46,6 +46,9 @@ class Service:
     domain_algo: str  # one of DOMAIN_ALGOS, for every destination of the service
     destinations: tuple[Destination, ...]
     params: tuple[tuple[str, str], ...]  # the accepted parameters, as given (for /config and state)
+    timeout_server: float | None = None  # timeoutServer: overrides TIMEOUT_SERVER for this service
+    timeout_tunnel: float | None = None  # timeoutTunnel: overrides TIMEOUT_TUNNEL
+    max_request_body: int | None = None  # maxRequestBody (bytes, 0 = unlimited): overrides MAX_REQUEST_BODY
 
     @property
     def dial_hosts(self) -> tuple[str, ...]:
@@ -68,7 +71,29 @@ class Service:
                 }
                 for d in self.destinations
             ],
+            "TimeoutServer": _shown(self.timeout_server),
+            "TimeoutTunnel": _shown(self.timeout_tunnel),
+            "MaxRequestBody": _shown(self.max_request_body),
         }
+
+
+def _shown(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _optional_number(params: Mapping[str, str], key: str, name: str, integer: bool) -> float | int | None:
+    """A non-negative number parameter (seconds or bytes), None when absent or empty."""
+    text = params.get(key, "").strip()
+    if not text:
+        return None
+    try:
+        number = int(text) if integer else float(text)
+    except ValueError:
+        number = -1
+    if not number >= 0 or (not integer and not 0 < number < float("inf")):
+        kind = "an integer >= 0" if integer else "a number of seconds > 0"
+        raise ServiceError(400, f"{name} must be {kind}, got {text!r}")
+    return number
 
 
 def _lower_keys(params: Mapping[str, str]) -> dict[str, str]:
@@ -180,6 +205,9 @@ def parse_service(raw: Mapping[str, str], separator: str = ",") -> Service:
         domain_algo=domain_algo,
         destinations=tuple(destinations),
         params=tuple(raw.items()),
+        timeout_server=_optional_number(params, "timeoutserver", "timeoutServer", integer=False),
+        timeout_tunnel=_optional_number(params, "timeouttunnel", "timeoutTunnel", integer=False),
+        max_request_body=_optional_number(params, "maxrequestbody", "maxRequestBody", integer=True),
     )
 
 
