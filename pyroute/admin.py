@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httptools
 import orjson
 
+from .adminauth import allowed
 from .routing import precedence_key
 from .services import Service, ServiceError
 from .state import ServiceRegistry
@@ -26,14 +27,14 @@ PREFIX = "/v1/docker-flow-proxy/"
 MAX_ADMIN_BODY = 1024 * 1024
 MAX_ADMIN_HEAD = 64 * 1024
 MAX_ADMIN_PIPELINE = 8  # queued requests per connection before reading pauses
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
                413: "Payload Too Large", 500: "Internal Server Error"}
 
 
 class Request:
-    __slots__ = ("method", "path", "params", "body")
+    __slots__ = ("method", "path", "params", "body", "authorization")
 
-    def __init__(self, method: str, target: str, body: bytes):
+    def __init__(self, method: str, target: str, body: bytes, authorization: bytes | None = None):
         parts = urlsplit(target)
         self.method = method
         self.path = parts.path
@@ -41,15 +42,17 @@ class Request:
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             self.params.setdefault(key, value)  # first value wins, as gorilla/schema does
         self.body = body
+        self.authorization = authorization
 
 
 class Response:
-    __slots__ = ("status", "body", "content_type")
+    __slots__ = ("status", "body", "content_type", "extra_headers")
 
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json"):
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json", extra_headers: str = ""):
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.extra_headers = extra_headers  # whole "Name: value\r\n" lines
 
 
 def json_response(status: int, message: str = "", **fields) -> Response:
@@ -65,7 +68,9 @@ class AdminApi:
         registry: ServiceRegistry,
         wait_applied: Callable[[int], Awaitable[list[str]]],
         is_ready: Callable[[], bool] = lambda: True,
+        credentials: tuple[str, str] | None = None,
     ):
+        self.credentials = credentials  # (user, password) every call must present, None = open
         self.registry = registry
         self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
         self.is_ready = is_ready
@@ -79,6 +84,10 @@ class AdminApi:
         }
 
     async def handle(self, request: Request) -> Response:
+        if not allowed(request.authorization, self.credentials):
+            response = json_response(401, "the admin API needs a user and password (HTTP basic auth)")
+            response.extra_headers = 'WWW-Authenticate: Basic realm="pyroute admin"\r\n'
+            return response
         if request.path.startswith(PREFIX):
             handler = self.routes.get(request.path[len(PREFIX) :].strip("/"))
             if handler is not None:
@@ -150,8 +159,11 @@ def render_config(services: list[Service], revision: int) -> str:
 class AdminConnection(asyncio.Protocol):
     """HTTP/1.1 with keep-alive, one request at a time, each read whole."""
 
-    def __init__(self, api: AdminApi):
+    def __init__(self, api: AdminApi, timeout: float = 30.0):
         self.api = api
+        self.timeout = timeout  # TIMEOUT_ADMIN: idle, or slow to send a request
+        self.timer: asyncio.TimerHandle | None = None
+        self.authorization: bytes | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
         self.requests: deque[tuple[Request, bool]] = deque()  # pipelined requests, answered in order
@@ -163,6 +175,22 @@ class AdminConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _arm(self) -> None:
+        """(Re)start the inactivity timer; it only fires while no request is being answered."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.timeout, self._expired)
+
+    def _expired(self) -> None:
+        if self.busy is not None and not self.busy.done():
+            return self._arm()  # a reconfigure waiting for the workers is not the client's fault
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -176,6 +204,14 @@ class AdminConnection(asyncio.Protocol):
         self.url = b""
         self.body = []
         self.size = 0
+        self.authorization = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value)
+        if self.size > MAX_ADMIN_HEAD:
+            raise ValueError("request head too large")
+        if name.lower() == b"authorization":
+            self.authorization = value
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -183,6 +219,7 @@ class AdminConnection(asyncio.Protocol):
             raise ValueError("URL too long")
 
     def on_headers_complete(self) -> None:
+        self.size = 0
         self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
 
     def on_body(self, body: bytes) -> None:
@@ -192,7 +229,8 @@ class AdminConnection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body))
+        request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body),
+                          self.authorization)
         self.requests.append((request, not self.keep_alive))
         if len(self.requests) >= MAX_ADMIN_PIPELINE:
             self.transport.pause_reading()
@@ -218,9 +256,11 @@ class AdminConnection(asyncio.Protocol):
             f"HTTP/1.1 {response.status} {STATUS_TEXT.get(response.status, 'Error')}\r\n"
             f"Content-Type: {response.content_type}\r\n"
             f"Content-Length: {len(response.body)}\r\n"
+            + response.extra_headers
             + ("Connection: close\r\n" if close else "")
             + "\r\n"
         )
         self.transport.write(head.encode() + response.body)
+        self._arm()
         if close:
             self.transport.close()

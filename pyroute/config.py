@@ -274,6 +274,8 @@ class Settings:
     admin_user: str = _setting("", parse=_optional_text, shown='""',
                                help="admin API user; with ADMIN_PASS every admin call needs them (basic auth)")
     admin_pass: str = _setting("", parse=_optional_text, shown='""', help="admin API password")
+    timeout_admin: float = _setting(30.0, parse=_seconds,
+                                    help="seconds an admin API connection may stay idle or take to send a request")
     secrets_dir: str = _setting("/run/secrets", parse=_text,
                                 help="where Docker secrets dfp_admin_user / dfp_admin_pass are read from")
     config_file: str | None = None  # where the TOML came from, for display only

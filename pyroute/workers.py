@@ -4,7 +4,7 @@ Every worker binds the public ports itself with SO_REUSEPORT, so the kernel spre
 connections across them and the control process never touches a request. Each worker
 has a socketpair to the control process carrying newline-delimited JSON messages:
 
-    control -> worker   {"settings": {...}}              once, first
+    control -> worker   {"settings": {...}}              first, and again after each SIGHUP
                         {"revision": N, "services": [...]}  every snapshot (raw DFP params)
     worker -> control   {"ready": true}  after its listeners are bound (it has a table by then)
                         {"applied": N}   after it swapped in revision N
@@ -12,7 +12,8 @@ has a socketpair to the control process carrying newline-delimited JSON messages
 
 A reconfigure answers only once every live worker acknowledged its revision. A worker
 that dies is started again at once and gets the current snapshot before it binds, so it
-never serves an empty table. SIGTERM to the control process drains every worker.
+never serves an empty table. SIGTERM to the control process drains every worker;
+SIGHUP re-reads the settings there and sends them to every worker.
 If the control process dies, the workers see their socket close and exit.
 """
 
@@ -29,7 +30,7 @@ import sys
 import orjson
 
 from .config import ListenSpec, Settings
-from .server import ControlPlane, DataPlane, StartupError, wait_for_signal
+from .server import ControlPlane, DataPlane, StartupError, reread, wait_for_signal
 from .services import parse_service
 from .state import Snapshot
 
@@ -38,7 +39,6 @@ log = logging.getLogger("pyroute.workers")
 FD_ENV = "PYROUTE_WORKER_FD"
 APPLY_TIMEOUT = 5.0  # a worker that has not applied a revision by then is restarted
 RESTART_BACKOFF = 1.0  # pause before restarting a worker that died right after starting
-DRAIN_GRACE = 10.0
 
 
 def settings_to_json(settings: Settings) -> dict:
@@ -173,6 +173,13 @@ class Supervisor:
             worker.process.kill()
         return []  # every worker serving traffic now has it (or is being replaced by one that will)
 
+    def reconfigure(self, settings: Settings) -> None:
+        """New settings (SIGHUP) for every worker, and for those started later."""
+        self.settings = settings
+        message = orjson.dumps({"settings": settings_to_json(settings)}) + b"\n"
+        for worker in self.workers:
+            worker.send(message)
+
     async def stop(self) -> None:
         self.stopping = True
         for worker in self.workers:
@@ -181,7 +188,7 @@ class Supervisor:
         await asyncio.gather(*(w.process.wait() for w in self.workers if w.process))
 
 
-async def serve_with_workers(settings: Settings) -> None:
+async def serve_with_workers(settings: Settings, load=None) -> None:
     supervisor = Supervisor(settings)
     control = ControlPlane(settings, supervisor)
     try:
@@ -193,7 +200,13 @@ async def serve_with_workers(settings: Settings) -> None:
     log.info("pyroute ready: %d workers on %s, admin API on %s:%d",
              settings.workers, ",".join(str(s.port) for s in settings.default_ports + settings.bind_ports),
              settings.ip, settings.port)
-    await wait_for_signal()
+    def on_hup() -> None:
+        new = reread(supervisor.settings, load) if load is not None else None
+        if new is not None:
+            control.reconfigure(new)
+            supervisor.reconfigure(new)
+
+    await wait_for_signal(on_hup)
     log.info("stopping: draining %d workers", settings.workers)
     control.close()
     await supervisor.stop()
@@ -207,6 +220,7 @@ async def _worker_main(fd: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the control process re-reads settings
 
     async def follow() -> None:
         nonlocal plane
@@ -215,6 +229,9 @@ async def _worker_main(fd: int) -> int:
             if "settings" in message:
                 settings = settings_from_json(message["settings"])
                 logging.getLogger().setLevel(settings.log_level.upper())
+                if plane is not None:  # a SIGHUP in the control process
+                    plane.reconfigure(settings)
+                    continue
                 plane = DataPlane(settings)
                 plane.prepare()
             elif "revision" in message:
@@ -237,7 +254,7 @@ async def _worker_main(fd: int) -> int:
     if follower.done() and follower.exception() is not None:
         return 2
     if plane is not None:
-        await plane.drain(DRAIN_GRACE)
+        await plane.drain(plane.settings.drain_grace)
     return 0
 
 
