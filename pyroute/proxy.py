@@ -214,6 +214,8 @@ class ClientConnection(asyncio.Protocol):
                 raise _Refused(400)  # two Host headers: which one did the client mean?
             self.host = value
         elif size == 17 and name.lower() == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise _Refused(400)  # "gzip, chunked" and the like: no upstream is known to decode them
             self.chunked = True
         elif size == 14 and name.lower() == b"content-length":
             self.length = int(value)
