@@ -361,7 +361,7 @@ class ClientConnection(asyncio.Protocol):
             log.info("%s: %s", ex.route.service.name, exc)
             return self._fail(ex, 503)
         except (OSError, asyncio.TimeoutError) as exc:
-            log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, exc or "timeout")
+            log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, str(exc) or "timeout")
             return self._fail(ex, 503)
         if self.closed or not self.queue or self.queue[0] is not ex:
             self.pool.release(upstream)  # the client went away meanwhile; keep the connection
