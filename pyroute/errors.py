@@ -1,7 +1,9 @@
 """The responses pyroute answers itself (no route, upstream down, bad request, ...).
 
-Bodies follow HAProxy's built-in pages, which is what Docker Flow Proxy users see and
-what their monitoring may grep for. Each response is encoded once and reused.
+Bodies carry the line Docker Flow Proxy's own error pages show ("Docker Flow Proxy: 503
+Service Unavailable") and HAProxy's messages, which is what DFP users see and what their
+monitoring may grep for; the page loads nothing from elsewhere. Each response is encoded
+once and reused.
 ERROR_PAGES_DIR may replace any of them (``use_directory``): ``<code>.http`` is a whole
 response as in DFP's /errorfiles (its body and Content-Type are kept; pyroute sets the
 framing and Connection), ``<code>.html`` is a body.
@@ -81,7 +83,9 @@ def error_response(status: int, close: bool) -> bytes:
     """A complete HTTP/1.1 response for `status`; `close` adds Connection: close."""
     title, message = PAGES[status]
     content_type, body = _custom.get(status) or (
-        b"text/html", f"<html><body><h1>{status} {title}</h1>\n{message}\n</body></html>\n".encode())
+        b"text/html",
+        f"<html><head><title>{status} {title}</title></head><body>\n"
+        f"<h1>Docker Flow Proxy: {status} {title}</h1>\n<p>{message}</p>\n</body></html>\n".encode())
     head = (
         f"HTTP/1.1 {status} {title}\r\n"
         f"Content-Length: {len(body)}\r\n"

@@ -441,6 +441,12 @@ class ClientConnection(asyncio.Protocol):
             self.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive"))
         return False
 
+    def retract_response(self) -> None:
+        """Drop the response queued in `out` before any of it was written (its upstream broke)."""
+        self.out.clear()
+        if self.queue:
+            self.queue[0].responded = False
+
     def flush(self) -> None:
         out = self.out
         if out:

@@ -170,8 +170,14 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail("101 to a request that asked for no upgrade")
             return
         except httptools.HttpParserError as exc:
-            return self._fail(f"invalid response: {exc}")
-        if self.extra:
+            if in_head:
+                owner.retract_response()  # the head this read completed never went out: 502
+            return self._fail(f"invalid response: {exc.__context__ or exc}")
+        if self.extra:  # never pass on what follows the end of a response
+            if in_head:
+                owner.retract_response()  # none of it was written yet: the client gets a 502
+            else:
+                owner.out.clear()
             return self._fail("data after the end of the response")
         if in_head:
             view = self.view

@@ -98,3 +98,9 @@ def test_error_pages_directory(make_pyroute, dns, replicas, tmp_path):
     assert (st, body, h["Content-Type"]) == (502, b"<p>custom 502</p>", "text/html")
     st, _, body = p.get("/lc/x", method="CONNECT")
     assert st == 405 and b"Method Not Allowed" in body   # not replaced: the built-in page
+
+
+def test_builtin_error_pages_are_dfp_style(proxy):
+    st, h, body = proxy.get("/no/route/here")
+    assert st == 503 and b"Docker Flow Proxy: 503 Service Unavailable" in body
+    assert h["Content-Type"] == "text/html" and h["Cache-Control"] == "no-cache"
