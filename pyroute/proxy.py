@@ -38,6 +38,8 @@ PAUSE_PIPELINE = 1  # a later request waits behind the one in flight
 PAUSE_UPSTREAM = 2  # the upstream's socket buffer is full
 PAUSE_BUFFER = 4  # too much body buffered while connecting
 PAUSE_UPGRADE = 8  # an Upgrade request waits for the upstream's 101 (or its refusal)
+PAUSE_CLOSING = 16  # the last request asked to close: nothing more is read
+CLOSED_CONNECTION = "Data after `Connection: close`"  # llhttp's error for bytes after such a request
 
 
 class Exchange:
@@ -178,6 +180,8 @@ class ClientConnection(asyncio.Protocol):
             self._after_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             refused = exc.__context__
+            if refused is None and str(exc) == CLOSED_CONNECTION:
+                return self._pause(PAUSE_CLOSING)  # answer what came before, then close; ignore the rest
             self._refuse(refused.status if isinstance(refused, _Refused) else 400, str(exc))
 
     def connection_lost(self, exc) -> None:

@@ -298,3 +298,12 @@ def test_malformed_or_ambiguous_upstream_response_is_502(proxy, dns, hs, raw_ups
         c.request("GET", "/hs/hello", [("Host", "a")])   # the client connection is still in step
         assert c.read_response()[0].status_code == 200
     wait_until(lambda: raw_upstream.closed_by_proxy == [True], what="pyroute to drop the upstream connection")
+
+
+def test_bytes_after_a_closing_request_are_ignored_not_refused(proxy, hs):
+    """A request that says close is answered; what follows it is not read, let alone forwarded."""
+    got, closed = exchange(proxy, b"GET /hs/hello HTTP/1.0\r\nHost: a\r\n\r\n" + SMUGGLED)
+    assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 ") == 1 and closed, got
+    got, closed = exchange(proxy, b"GET /hs/hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + SMUGGLED)
+    assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 ") == 1 and closed, got
+    assert [r.target for r in hs.requests("/hs/")] == ["/hs/hello", "/hs/hello"]
