@@ -70,7 +70,9 @@ class TunnelEnd(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.tunnel.last_io = self.tunnel.loop.time()
-        self.peer.transport.write(data)
+        peer = self.peer.transport
+        if not peer.is_closing():  # the other side is gone: the tunnel is closing anyway
+            peer.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
