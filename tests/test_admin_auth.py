@@ -98,3 +98,16 @@ def test_admin_flood_does_not_stall_the_data_plane(proxy, dns, replicas):
         for t in threads:
             t.join(10)
     assert len(admin_calls) > 20 and set(admin_calls) == {200}
+
+
+def test_sighup_rereads_the_secrets(make_pyroute, tmp_path):
+    import signal
+    from support.upstream import wait_until
+    (tmp_path / "dfp_admin_user").write_text("first")
+    (tmp_path / "dfp_admin_pass").write_text("one")
+    p = make_pyroute(SECRETS_DIR=str(tmp_path))
+    assert call(p, "/ping", "first:one")[0] == 200
+    (tmp_path / "dfp_admin_pass").write_text("two")
+    p.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: call(p, "/ping", "first:one")[0] == 401, what="the old password to stop working")
+    assert call(p, "/ping", "first:two")[0] == 200

@@ -104,3 +104,20 @@ def test_builtin_error_pages_are_dfp_style(proxy):
     st, h, body = proxy.get("/no/route/here")
     assert st == 503 and b"Docker Flow Proxy: 503 Service Unavailable" in body
     assert h["Content-Type"] == "text/html" and h["Cache-Control"] == "no-cache"
+
+
+def test_every_error_page_is_a_complete_response():
+    import h11
+    from pyroute.errors import PAGES, error_head_only, error_response
+    assert {400, 403, 405, 408, 413, 414, 429, 431, 500, 502, 503, 504} <= set(PAGES)
+    for status in PAGES:
+        for close in (False, True):
+            client = h11.Connection(h11.CLIENT)
+            client.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+            client.receive_data(error_response(status, close))
+            resp = client.next_event()
+            assert resp.status_code == status and (b"close" in dict(resp.headers).get(b"connection", b"")) == close
+            body = client.next_event()
+            assert f"Docker Flow Proxy: {status} ".encode() in body.data
+            assert isinstance(client.next_event(), h11.EndOfMessage)
+            assert error_head_only(status, close) == error_response(status, close)[: len(error_head_only(status, close))]
