@@ -3,7 +3,6 @@ TIMEOUT_HTTP_KEEP_ALIVE (idle close), TIMEOUT_CLIENT (stalled body -> 408),
 TIMEOUT_CONNECT (-> 503), TIMEOUT_SERVER and per-service timeoutServer (-> 504).
 TIMEOUT_TUNNEL / timeoutTunnel are in test_websocket.py."""
 import socket
-import time
 
 import pytest
 
