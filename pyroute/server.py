@@ -31,6 +31,7 @@ log = logging.getLogger("pyroute")
 
 LISTEN_BACKLOG = 1024
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
+MAXCONN_LOG_EVERY = 60.0  # seconds between "MAXCONN reached" log lines
 # Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
 RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
                 "dns_timeout", "separator", "service_name")
@@ -133,6 +134,7 @@ class DataPlane:
         self.servers: list[Listener] = []
         self.revision = 0
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._maxconn_logged = -MAXCONN_LOG_EVERY
 
     def _backend(self, host: str, port: int) -> Backend:
         return Backend(host, port, self.resolver)
@@ -159,7 +161,10 @@ class DataPlane:
             self._resume_accepting()
 
     def _stop_accepting(self) -> None:
-        log.warning("MAXCONN %d reached: not accepting new connections until one closes", self.settings.maxconn)
+        now = asyncio.get_running_loop().time()
+        if now >= self._maxconn_logged + MAXCONN_LOG_EVERY:  # at the limit this can happen many times a second
+            self._maxconn_logged = now
+            log.warning("MAXCONN %d reached: not accepting new connections until one closes", self.settings.maxconn)
         for listener in self.servers:
             listener.pause()
 
@@ -309,6 +314,7 @@ def reread(current: Settings, load: Callable[[], Settings]) -> Settings | None:
     if kept:
         log.warning("SIGHUP: %s only change on restart; keeping the running values", ", ".join(sorted(kept)))
     log.info("SIGHUP: settings reloaded from %s", new.config_file or "the environment")
+    logging.getLogger().setLevel(new.log_level.upper())
     return dataclasses.replace(new, **kept)
 
 
