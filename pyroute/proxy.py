@@ -261,8 +261,11 @@ class ClientConnection(asyncio.Protocol):
                 ex.keep_alive = False
         route_path = None
         if url[:1] != b"/":
+            given = host
             url, host = _origin_form(url, host, method)
             route_path = b"/" if url == b"*" else None
+            if host != given:  # RFC 9112 §3.2.2: the target's authority replaces the Host header
+                headers = [(name, host if name.lower() == b"host" else value) for name, value in headers]
         if ex.local:
             pass
         elif method == b"CONNECT":

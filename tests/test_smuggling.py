@@ -155,6 +155,20 @@ def test_options_asterisk_is_forwarded_as_is(proxy, dns, replicas):
     assert [(r.method, r.target) for r in up.requests("*")] == [("OPTIONS", "*")]
 
 
+def test_absolute_form_authority_replaces_host(proxy, dns, replicas, hs):
+    """Routing and the upstream agree on the host: the target's, not the Host header's."""
+    other = replicas[2]
+    dns.set_service("hs-dom", other.ip)
+    proxy.reconfigure(serviceName="hs-dom", serviceDomain="inner.test", servicePath="/dom", port=other.port)
+    assert proxy.get("/dom/echo", headers={"Host": "outer.test"})[0] == 503   # by Host alone: no route
+    with proxy.raw() as c:
+        c.send_raw(b"GET http://inner.test/dom/echo HTTP/1.1\r\nHost: outer.test\r\n\r\n")
+        c.expect("GET", "/", [("Host", "a")])
+        assert c.read_response()[0].status_code == 200
+    rec = other.requests("/dom/echo")[-1]
+    assert rec.target == "/dom/echo" and rec.header("Host") == ["inner.test"]
+
+
 def test_connect_is_405(proxy, hs):
     got, closed = exchange(proxy, b"CONNECT hs:443 HTTP/1.1\r\nHost: hs:443\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 405 ") and closed
