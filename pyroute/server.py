@@ -157,8 +157,10 @@ class DataPlane:
         pool.max_idle, pool.idle_timeout = settings.upstream_max_idle, settings.upstream_idle_timeout
         self.resolver.ttl_cap = settings.dns_ttl_cap
         errors.use_directory(settings.error_pages_dir)
-        if self.proxy.clients < settings.maxconn:
-            self._resume_accepting()
+        full = self.proxy.clients >= settings.maxconn  # MAXCONN may have moved either way
+        if full != self.proxy.full:
+            self.proxy.full = full
+            self._stop_accepting() if full else self._resume_accepting()
 
     def _stop_accepting(self) -> None:
         now = asyncio.get_running_loop().time()
