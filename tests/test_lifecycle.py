@@ -16,8 +16,9 @@ def route(p, dns, up, name="lc"):
     p.reconfigure(serviceName=name, servicePath=f"/{name}", port=up.port)
 
 
-def test_sigterm_finishes_in_flight_closes_idle_exits_0(make_pyroute, dns, replicas):
-    p = make_pyroute()
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_finishes_in_flight_closes_idle_exits_0(make_pyroute, dns, replicas, workers):
+    p = make_pyroute(WORKERS=workers)
     route(p, dns, replicas[0])
     idle = p.raw()
     idle.request("GET", "/lc/hello", [("Host", "a")])
