@@ -17,6 +17,7 @@ import httptools
 import orjson
 
 from . import metrics, statspage
+from .adminauth import allowed
 from .resolver import ResolveError
 from .routing import precedence_key
 from .services import Service, ServiceError, is_removal, parse_service
@@ -35,16 +36,16 @@ STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Fou
 class Request:
     __slots__ = ("method", "target", "path", "params", "body", "authorization")
 
-    def __init__(self, method: str, target: str, body: bytes, authorization: str = ""):
+    def __init__(self, method: str, target: str, body: bytes, authorization: bytes | None = None):
         parts = urlsplit(target)
         self.method = method
         self.target = target
-        self.authorization = authorization
         self.path = parts.path
         self.params: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             self.params.setdefault(key, value)  # first value wins, as gorilla/schema does
         self.body = body
+        self.authorization = authorization
 
     @classmethod
     def of(cls, method: str, path: str, params: dict[str, str], body: bytes) -> "Request":
@@ -79,7 +80,9 @@ class AdminApi:
         replication=None,
         collect: Callable[[], Awaitable[dict]] | None = None,
         settings=None,
+        credentials: tuple[str, str] | None = None,
     ):
+        self.credentials = credentials  # (user, password) every call must present, None = open
         self.registry = registry
         self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
         self.is_ready = is_ready
@@ -98,14 +101,18 @@ class AdminApi:
         }
 
     async def handle(self, request: Request) -> Response:
-        if request.path == "/metrics" and self.collect is not None:
-            return Response(200, metrics.render_prometheus(await self.collect()), "text/plain; version=0.0.4")
         settings = self.settings
         if settings is not None and statspage.enabled(settings) and request.path.startswith(statspage.path(settings)):
             # Requests under the stats path come from the public ports' stats route: only the page is here.
             if request.target.startswith(settings.stats_uri):
-                return await self.stats_page(request)
+                return await self.stats_page(request)  # behind STATS_USER/STATS_PASS, not the admin credentials
             return Response(404, b"404 Not Found\n", "text/plain")
+        if not allowed(request.authorization, self.credentials):
+            response = json_response(401, "the admin API needs a user and password (HTTP basic auth)")
+            response.headers = 'WWW-Authenticate: Basic realm="pyroute admin"\r\n'
+            return response
+        if request.path == "/metrics" and self.collect is not None:
+            return Response(200, metrics.render_prometheus(await self.collect()), "text/plain; version=0.0.4")
         if request.path.startswith(PREFIX):
             handler = self.routes.get(request.path[len(PREFIX) :].strip("/"))
             if handler is not None:
@@ -224,7 +231,7 @@ class AdminApi:
         return Response(200, metrics.render_csv(await self.collect()), "text/plain; charset=utf-8")
 
     async def stats_page(self, request: Request) -> Response:
-        if not statspage.authorized(self.settings, request.authorization):
+        if not statspage.authorized(self.settings, (request.authorization or b"").decode("latin-1")):
             return Response(401, b"401 Unauthorized: the stats page needs STATS_USER/STATS_PASS\n",
                             "text/plain", 'WWW-Authenticate: Basic realm="pyroute stats"\r\n')
         return Response(200, statspage.render(await self.collect(), self.registry.revision),
@@ -282,8 +289,11 @@ def render_config(services: list[Service], revision: int) -> str:
 class AdminConnection(asyncio.Protocol):
     """HTTP/1.1 with keep-alive, one request at a time, each read whole."""
 
-    def __init__(self, api: AdminApi):
+    def __init__(self, api: AdminApi, timeout: float = 30.0):
         self.api = api
+        self.timeout = timeout  # TIMEOUT_ADMIN: idle, or slow to send a request
+        self.timer: asyncio.TimerHandle | None = None
+        self.authorization: bytes | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
         self.requests: deque[tuple[Request, bool]] = deque()  # pipelined requests, answered in order
@@ -292,10 +302,25 @@ class AdminConnection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.size = 0
         self.keep_alive = True
-        self.authorization = ""
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _arm(self) -> None:
+        """(Re)start the inactivity timer; it only fires while no request is being answered."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.timeout, self._expired)
+
+    def _expired(self) -> None:
+        if self.busy is not None and not self.busy.done():
+            return self._arm()  # a reconfigure waiting for the workers is not the client's fault
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -309,11 +334,14 @@ class AdminConnection(asyncio.Protocol):
         self.url = b""
         self.body = []
         self.size = 0
-        self.authorization = ""
+        self.authorization = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value)
+        if self.size > MAX_ADMIN_HEAD:
+            raise ValueError("request head too large")
         if name.lower() == b"authorization":
-            self.authorization = value.decode("latin-1")
+            self.authorization = value
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -321,6 +349,7 @@ class AdminConnection(asyncio.Protocol):
             raise ValueError("URL too long")
 
     def on_headers_complete(self) -> None:
+        self.size = 0
         self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
 
     def on_body(self, body: bytes) -> None:
@@ -359,9 +388,9 @@ class AdminConnection(asyncio.Protocol):
             f"Content-Length: {len(response.body)}\r\n"
             + response.headers
             + ("Connection: close\r\n" if close else "")
-            + response.headers
             + "\r\n"
         )
         self.transport.write(head.encode() + response.body)
+        self._arm()
         if close:
             self.transport.close()

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_level)
         from .server import serve
 
-        run(serve(settings))
+        run(serve(settings, lambda: settings_from_args(args)))
     except (SettingsError, StartupError) as exc:
         print(f"pyroute: {exc}", file=sys.stderr)
         return 2

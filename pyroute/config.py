@@ -152,6 +152,7 @@ def _separator(value: Any, setting: str) -> str:
 
 
 def _optional_text(value: Any, setting: str) -> str:
+    """A string that may be empty (empty = the feature is off)."""
     if not isinstance(value, str):
         raise _bad(setting, "a string", value)
     return value.strip()
@@ -373,7 +374,8 @@ class Settings:
                                                 help="only accept services whose proxyInstanceName is PROXY_INSTANCE_NAME")
     proxy_instance_name: str = _setting("docker-flow", parse=_text, help="this proxy's instance name")
     secrets_dir: str = _setting("/run/secrets", parse=_text,
-                                help="Docker secrets directory: dfp_<setting> files override env, dfp_users_<x> for usersSecret")
+                                help="Docker secrets directory: dfp_<setting> files override env (e.g. dfp_admin_user), "
+                                     "dfp_users_<x> for usersSecret")
     debug: bool = _setting(False, parse=_boolean, help="access log: one JSON line per request on stdout")
     debug_errors_only: bool = _setting(False, parse=_boolean,
                                        help="with DEBUG: log only errors (status >= 400, aborted requests)")
@@ -400,6 +402,24 @@ class Settings:
     health_rise: int = _setting(2, parse=_integer(1), help="passed probes that bring an ejected task back")
     health_fall: int = _setting(3, parse=_integer(1),
                                 help="failed probes, connect failures or 5xx in a row that eject a task")
+    max_uri_size: int = _setting(8192, parse=_integer(64), help="longest request target in bytes (longer: 414)")
+    max_header_size: int = _setting(65536, parse=_integer(256),
+                                     help="largest request header block in bytes (larger: 431)")
+    max_headers: int = _setting(100, parse=_integer(1), help="most request header lines (more: 431)")
+    max_request_body: int = _setting(0, parse=_integer(0),
+                                     help="largest request body in bytes, 0 = unlimited (larger: 413); "
+                                          "per service: maxRequestBody")
+    maxconn: int = _setting(5000, parse=_integer(1),
+                            help="concurrent client connections per process; above it new ones wait in the backlog")
+    drain_grace: float = _setting(10.0, parse=_seconds,
+                                  help="seconds requests in flight may take to finish after SIGTERM")
+    error_pages_dir: str = _setting("", parse=_optional_text, shown='""',
+                                    help="directory of <code>.http or <code>.html files replacing pyroute's error pages")
+    admin_user: str = _setting("", parse=_optional_text, shown='""',
+                               help="admin API user; with ADMIN_PASS every admin call needs them (basic auth)")
+    admin_pass: str = _setting("", parse=_optional_text, shown='""', help="admin API password")
+    timeout_admin: float = _setting(30.0, parse=_seconds,
+                                    help="seconds an admin API connection may stay idle or take to send a request")
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)

@@ -100,6 +100,8 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
     nothing needs removing (the common case), else a copy with the hop-by-hop lines cut
     out (e.g. nginx's "Connection: keep-alive"); None when only a full rewrite will do
     (not HTTP/1.1, or a Connection header naming other headers).
+    Raises AmbiguousResponse for framing llhttp lets through but a client could read
+    differently (two Transfer-Encoding lines; a status line that is not HTTP/1.0 or 1.1).
     """
     names = _RESPONSE_HEADER.findall(head)
     if head.startswith(b"HTTP/1.1 "):  # the common cases, decided without match objects
@@ -112,12 +114,18 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
     close_delimited = True
     cuts: list[tuple[int, int]] = []
     rewrite = not head.startswith(b"HTTP/1.1 ")
+    if rewrite and not head.startswith(b"HTTP/1.0 "):
+        raise AmbiguousResponse("not an HTTP/1.x status line")
+    transfer_encoding = False
     for match in _RESPONSE_HEADER.finditer(head):
         name = match.group(1).lower()
         line_end = head.find(b"\r\n", match.end())
         if name == b"content-length":
             close_delimited = False
         elif name == b"transfer-encoding":
+            if transfer_encoding:
+                raise AmbiguousResponse("Transfer-Encoding given twice")
+            transfer_encoding = True
             close_delimited = not head[match.end() : line_end].rstrip().lower().endswith(b"chunked")
         else:
             if name == b"connection" and head[match.end() : line_end].strip().lower() not in (b"keep-alive", b"close"):
@@ -134,6 +142,10 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
         previous = end
     pieces.append(head[previous:])
     return close_delimited, b"".join(pieces)
+
+
+class AmbiguousResponse(ValueError):
+    """A response head whose framing pyroute will not pass on (the exchange gets 502)."""
 
 
 def rewrite_response_head(head: bytes, connection: bytes | None, drop_chunked: bool = False) -> bytes:

@@ -25,19 +25,22 @@ from .errors import error_head_only, error_response
 from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
 from .resolver import ResolveError
 from .routing import RouteTable
+from .tunnel import Tunnel
 from .upstream import CHUNK_END, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("pyroute.proxy")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens
-MAX_HEADERS = 100
-MAX_HEAD_BYTES = 64 * 1024
+UNLIMITED = 1 << 62  # "no body limit", as a number a chunk count never reaches
 
 # Why reading from the client is paused (a bit each, reading resumes when none is left).
 PAUSE_PIPELINE = 1  # a later request waits behind the one in flight
 PAUSE_UPSTREAM = 2  # the upstream's socket buffer is full
 PAUSE_BUFFER = 4  # too much body buffered while connecting
+PAUSE_UPGRADE = 8  # an Upgrade request waits for the upstream's 101 (or its refusal)
+PAUSE_CLOSING = 16  # the last request asked to close: nothing more is read
+CLOSED_CONNECTION = "Data after `Connection: close`"  # llhttp's error for bytes after such a request
 
 
 class Exchange:
@@ -47,7 +50,7 @@ class Exchange:
         "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
         "close_after", "reply", "on_response", "stats", "method", "url", "started", "head_done", "sent_at",
-        "response_at", "status", "address", "broken",
+        "response_at", "status", "address", "broken", "upgrade", "body_left",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -75,6 +78,8 @@ class Exchange:
         self.status = 0  # the upstream's status
         self.address: tuple[str, int] | None = None  # the upstream address used
         self.broken = ""  # termination code when the exchange was cut short by pyroute's side
+        self.upgrade: bytes | None = None  # an Upgrade request: client bytes sent ahead of the 101
+        self.body_left = UNLIMITED  # chunked body bytes still allowed (MAX_REQUEST_BODY)
 
 
 class ProxyServer:
@@ -87,12 +92,33 @@ class ProxyServer:
         self.pool = pool
         self.table = table
         self.connections: set[ClientConnection] = set()
+        self.tunnels: set[Tunnel] = set()
         self.proto = b"http"
         self.unrouted = unrouted  # metrics.ServiceStats of requests no route took
         self.access_log = access_log  # accesslog.AccessLog, or None when off
         self.accepted = 0
         self.closed_received = 0  # bytes of connections already closed
         self.closed_sent = 0
+        self.clients = 0  # open client sockets, tunnels included (MAXCONN)
+        self.on_full = self.on_room = lambda: None  # the listeners stop / resume accepting
+        self.full = False
+        self.configure(settings)
+
+    def configure(self, settings) -> None:
+        """Take new settings (start, SIGHUP): limits are read from here by every request."""
+        self.settings = settings
+        self.max_uri = settings.max_uri_size
+        self.max_header_size = settings.max_header_size
+        self.max_headers = settings.max_headers
+        self.max_body = settings.max_request_body or UNLIMITED
+        self.maxconn = settings.maxconn
+        self.pool.connect_timeout = settings.timeout_connect
+
+    def client_gone(self) -> None:
+        self.clients -= 1
+        if self.full and self.clients < self.maxconn:
+            self.full = False
+            self.on_room()
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -101,13 +127,18 @@ class ProxyServer:
         """Called by the server's tick: enforce client-side and TIMEOUT_SERVER timeouts."""
         for conn in list(self.connections):
             conn.check_timeouts(now)
-        limit = now - self.settings.timeout_server
-        for upstream in [u for u in self.pool.busy if u.last_io < limit]:
+        default = self.settings.timeout_server
+        for upstream in list(self.pool.busy):
             owner = upstream.owner
-            upstream.stats.timeouts += 1
-            upstream.abort()
-            if owner is not None:
-                owner.response_failed(upstream, "upstream timeout", retryable=False, status=504)
+            ex = owner.queue[0] if owner is not None and owner.queue else None
+            timeout = ex.route.service.timeout_server or default if ex is not None and ex.route else default
+            if now - upstream.last_io > timeout:
+                upstream.stats.timeouts += 1
+                upstream.abort()
+                if owner is not None:
+                    owner.response_failed(upstream, "upstream timeout", retryable=False, status=504)
+        for tunnel in list(self.tunnels):
+            tunnel.check_timeout(now)
         self.pool.sweep(now)
 
 
@@ -115,7 +146,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
-        "out", "served", "closed", "received", "sent", "sent_mark", "received_mark",
+        "out", "served", "closed", "received", "sent", "sent_mark", "received_mark", "upgrade",
     )
 
     def __init__(self, server: ProxyServer):
@@ -144,6 +175,7 @@ class ClientConnection(asyncio.Protocol):
         self.chunked = False
         self.length = 0
         self.head_size = 0
+        self.upgrade: bytes | None = None  # the Upgrade header of the head being read
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -151,8 +183,13 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b"unknown"
         self.last_io = self.loop.time()
-        self.server.connections.add(self)
-        self.server.accepted += 1
+        server = self.server
+        server.connections.add(self)
+        server.accepted += 1
+        server.clients += 1
+        if server.clients >= server.maxconn and not server.full:
+            server.full = True
+            server.on_full()
 
     def data_received(self, data: bytes) -> None:
         self.last_io = now = self.loop.time()
@@ -166,12 +203,15 @@ class ClientConnection(asyncio.Protocol):
             self._after_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             refused = exc.__context__
+            if refused is None and str(exc) == CLOSED_CONNECTION:
+                return self._pause(PAUSE_CLOSING)  # answer what came before, then close; ignore the rest
             self._refuse(refused.status if isinstance(refused, _Refused) else 400, str(exc))
 
     def connection_lost(self, exc) -> None:
         self.closed = True
         server = self.server
         server.connections.discard(self)
+        server.client_gone()
         if self.queue:  # requests that never got (all of) their response
             now = self.loop.time()
             for ex in self.queue:
@@ -196,27 +236,37 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools request callbacks ---------------------------------------------------
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > MAX_HEAD_BYTES:
+        if len(self.url) > self.server.max_uri:
             raise _Refused(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name)
+        # llhttp has already refused CL+TE, a second or malformed Content-Length, a
+        # Transfer-Encoding whose last coding is not chunked, folding and bad characters.
         if size == 4 and name.lower() == b"host":
+            if self.host is not None:
+                raise _Refused(400)  # two Host headers: which one did the client mean?
             self.host = value
         elif size == 17 and name.lower() == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise _Refused(400)  # "gzip, chunked" and the like: no upstream is known to decode them
             self.chunked = True
         elif size == 14 and name.lower() == b"content-length":
             self.length = int(value)
+        elif size == 7 and name.lower() == b"upgrade":
+            self.upgrade = value
         self.headers.append((name, value))
         self.head_size += size + len(value)
-        if self.head_size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADERS:
+        server = self.server
+        if self.head_size > server.max_header_size or len(self.headers) > server.max_headers:
             raise _Refused(431)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         parser = self.parser
         method = parser.get_method()
-        http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        http11 = version == "1.1"
         ex = Exchange(parser.should_keep_alive(), http11, method == b"HEAD", self.chunked, self.chunked or self.length > 0)
         ex.method = method
         ex.url = self.url
@@ -228,36 +278,57 @@ class ClientConnection(asyncio.Protocol):
         url = self.url
         host = self.host
         headers = self.headers
+        length = self.length
+        upgrade = self.upgrade
         self.url = b""  # ready for the next head (no on_message_begin callback: it costs a call per request)
         self.headers = []
         self.host = None
         self.chunked = False
         self.length = 0
         self.head_size = 0
+        if host is None or not http11 or upgrade is not None:  # the unusual heads, checked off the fast path
+            self.upgrade = None
+            if upgrade is not None and not parser.should_upgrade():
+                upgrade = None  # Upgrade without "Connection: upgrade": a plain request, header dropped
+            ex.local = _unusual_head(version, host, upgrade, ex, method)
+            if ex.local:
+                ex.keep_alive = False
+        route_path = None
         if url[:1] != b"/":
-            url, host = _origin_form(url, host)
-        if method == b"CONNECT":
+            given = host
+            url, host = _origin_form(url, host, method)
+            route_path = b"/" if url == b"*" else None
+            if host != given:  # RFC 9112 §3.2.2: the target's authority replaces the Host header
+                headers = [(name, host if name.lower() == b"host" else value) for name, value in headers]
+        if ex.local:
+            ex.stats = self.server.unrouted
+        elif method == b"CONNECT":
             ex.local, ex.keep_alive, ex.stats = 405, False, self.server.unrouted
         elif url is None:
             ex.local, ex.keep_alive, ex.stats = 400, False, self.server.unrouted
         else:
             query = url.find(b"?")
-            route = self.server.table.match(host, url if query < 0 else url[:query], headers, self)
+            route = self.server.table.match(host, route_path or (url if query < 0 else url[:query]), headers, self)
             if route is not None and route.sticky is not None:  # sessionType=sticky-server:
                 route = route.sticky.route_for(headers)  # the variant for this client's cookie
             if route is None:
                 ex.local, ex.stats = 503, self.server.unrouted
-            elif route.features:
-                ex.stats = route.stats
-                features.run(self, ex, route, method, url, host, headers, http11, method in IDEMPOTENT)
             else:
-                ex.route = route
                 ex.stats = route.stats
-                ex.idempotent = method in IDEMPOTENT
-                ex.head = request_head(
-                    method, url, headers, self.client_ip, self.server.proto,
-                    REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10,
-                )
+                if route.features:
+                    features.run(self, ex, route, method, url, host, headers, http11, method in IDEMPOTENT)
+                else:
+                    ex.route = route
+                    ex.idempotent = method in IDEMPOTENT
+                    ex.head = request_head(
+                        method, url, headers, self.client_ip, self.server.proto,
+                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10,
+                    )
+                if not ex.local:
+                    if ex.has_body:
+                        self._limit_body(ex, length)
+                    if upgrade is not None:
+                        ex.head = ex.head[:-2] + b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n"
         if len(queue) > 1:
             self._pause(PAUSE_PIPELINE)
             return
@@ -281,6 +352,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.local:
             return  # answered locally: the body is read and dropped
         if ex.chunked:
+            ex.body_left -= len(body)
+            if ex.body_left < 0:
+                raise _Refused(413)
             body = b"%x\r\n%b\r\n" % (len(body), body)
         upstream = ex.upstream
         if upstream is not None:
@@ -300,6 +374,15 @@ class ClientConnection(asyncio.Protocol):
                 self._buffer(ex, CHUNK_END)
 
     # -- forwarding ------------------------------------------------------------------------
+    def _limit_body(self, ex: Exchange, length: int) -> None:
+        """MAX_REQUEST_BODY (or the service's maxRequestBody): 413 now for a Content-Length
+        over it; a chunked body is counted as it comes (on_body)."""
+        own = ex.route.service.max_request_body
+        limit = self.server.max_body if own is None else own or UNLIMITED
+        if length > limit:
+            ex.local, ex.keep_alive, ex.route = 413, False, None
+        ex.body_left = limit
+
     def _buffer(self, ex: Exchange, body: bytes) -> None:
         if ex.pending is None:
             ex.pending = []
@@ -331,7 +414,7 @@ class ClientConnection(asyncio.Protocol):
                 log.info("%s: %s", ex.route.service.name, exc)
                 return self._fail(ex, 503)
             except (OSError, asyncio.TimeoutError) as exc:
-                log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, exc or "timeout")
+                log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, str(exc) or "timeout")
                 tried += (address,)
                 other = ex.route.backend.redispatch(address, tried)  # option redispatch (task balancing)
                 if other is None or not ex.idempotent:
@@ -430,6 +513,12 @@ class ClientConnection(asyncio.Protocol):
             self.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive"))
         return False
 
+    def retract_response(self) -> None:
+        """Drop the response queued in `out` before any of it was written (its upstream broke)."""
+        self.out.clear()
+        if self.queue:
+            self.queue[0].responded = False
+
     def flush(self) -> None:
         out = self.out
         if out:
@@ -492,11 +581,40 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _after_upgrade(self, rest: bytes) -> None:
-        # httptools stops at an Upgrade (or CONNECT) request. pyroute does not forward
-        # Upgrade yet, so the request went out as a plain one: resume parsing after it.
-        self.parser = httptools.HttpRequestParser(self)
-        if rest and not self.closed:
-            self.data_received(rest)
+        """llhttp stops after an Upgrade (or CONNECT) head: HTTP may end on this connection.
+
+        Reading pauses until the upstream answers; bytes the client sent ahead are kept for
+        the tunnel. A refused upgrade (or a local answer) closes the connection after it.
+        """
+        if self.closed:
+            return
+        ex = self.queue[-1] if self.queue else None
+        if ex is None or ex.local or ex.responded:
+            return self._refuse(400, "bytes after a refused upgrade request") if rest else None
+        ex.upgrade = rest
+        ex.keep_alive = False
+        self._pause(PAUSE_UPGRADE)
+
+    def start_tunnel(self, upstream: UpstreamConnection, head: bytes, rest: bytes) -> bool:
+        """The upstream answered 101: both sockets become a byte tunnel (tunnel.py).
+        False when the request asked for no upgrade (the upstream is broken: 502)."""
+        ex = self.queue[0] if self.queue else None
+        if ex is None or ex.upstream is not upstream or ex.upgrade is None:
+            return False
+        ex.upstream = None
+        upstream.owner = None
+        self.pool.busy.discard(upstream)
+        self.queue.clear()
+        self.closed = True
+        self.server.connections.discard(self)
+        self.out.append(head)
+        self.out.append(rest)
+        to_client = b"".join(self.out)
+        self.out.clear()
+        service = ex.route.service
+        tunnel = Tunnel(self.server, service.timeout_tunnel or self.server.settings.timeout_tunnel)
+        tunnel.start(self.transport, upstream.transport, to_client, ex.upgrade)
+        return True
 
     def _refuse(self, status: int, why: str) -> None:
         """A request that cannot be parsed: answer (if nothing else is in flight) and close."""
@@ -536,6 +654,21 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
 
 
+def _unusual_head(version: str, host: bytes | None, upgrade: bytes | None, ex: Exchange, method: bytes) -> int:
+    """The status refusing a head that is not plain HTTP/1.1 with a Host, or 0 to go on."""
+    if version not in ("1.1", "1.0"):
+        return 400  # HTTP/0.9 or a 2.x/3.x version in an HTTP/1 message
+    if host is None and version == "1.1":
+        return 400  # RFC 9112 §3.2: a 1.1 request without Host gets 400
+    if ex.chunked and version == "1.0":
+        return 400  # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing
+    if upgrade is not None and method != b"CONNECT":
+        if version != "1.1" or ex.has_body:
+            return 400  # a tunnel must not start behind a body the upstream may frame differently
+        ex.upgrade = b""
+    return 0
+
+
 class _Refused(Exception):
     """Raised inside a parser callback to refuse the request with `status`."""
 
@@ -544,8 +677,11 @@ class _Refused(Exception):
         self.status = status
 
 
-def _origin_form(url: bytes, host: bytes | None) -> tuple[bytes | None, bytes | None]:
-    """absolute-form "http://h/p?q" -> ("/p?q", b"h") (RFC 9112 §3.2.2); url None for any other form."""
+def _origin_form(url: bytes, host: bytes | None, method: bytes) -> tuple[bytes | None, bytes | None]:
+    """absolute-form "http://h/p?q" -> ("/p?q", b"h") (RFC 9112 §3.2.2); "*" stays for
+    OPTIONS (routed as "/"); url None for any other form (400)."""
+    if url == b"*":
+        return (url if method == b"OPTIONS" else None), host
     lower = url[:8].lower()
     if lower.startswith(b"http://"):
         rest = url[7:]

@@ -9,17 +9,22 @@ every data plane and answers a change only once all of them serve it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import gc
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 
 from . import metrics, statspage
 from .accesslog import AccessLog
 from .admin import AdminApi, AdminConnection
+from . import errors
+from .adminauth import admin_credentials
 from .balancer import Sticky, TaskSet
-from .config import Settings, raw_haproxy_warnings
+from .config import Settings, SettingsError, raw_haproxy_warnings
 from .envservices import env_services
 from .health import HealthPolicy
 from .proxy import ProxyServer
@@ -36,10 +41,79 @@ log = logging.getLogger("pyroute")
 LISTEN_BACKLOG = 1024
 STATS_SERVICE = "pyroute-stats"  # the service name of the stats page's own route
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
+MAXCONN_LOG_EVERY = 60.0  # seconds between "MAXCONN reached" log lines
+# Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
+RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
+                "dns_timeout", "separator", "service_name")
 
 
 class StartupError(Exception):
     """A problem that stops pyroute from starting, phrased as what to do about it."""
+
+
+def _startup_error(exc: OSError, host: str, port: int, what: str) -> StartupError:
+    """An error binding a port, phrased as what to do about it."""
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"{what} port {host}:{port} is already in use: stop what holds it or choose another port")
+    if exc.errno == errno.EACCES:
+        return StartupError(
+            f"no permission to listen on {host}:{port} ({what}): use a port above 1023, "
+            "or grant the capability (setcap cap_net_bind_service=+ep on the python binary, "
+            "or run the container as root)"
+        )
+    return StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}")
+
+
+class Listener:
+    """A public listening socket whose accepting stops and resumes (MAXCONN).
+
+    pyroute holds the socket itself and serves a dup of it: closing the asyncio server
+    closes only the dup, so the socket keeps listening and new connections wait in the
+    kernel's backlog until accepting resumes. Nothing already accepted is touched.
+    """
+
+    def __init__(self, factory, host: str, port: int):
+        try:
+            self.sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG, reuse_port=True)
+        except OSError as exc:
+            raise _startup_error(exc, host, port, "HTTP") from None
+        self.sock.setblocking(False)
+        self.factory = factory
+        self.server: asyncio.AbstractServer | None = None
+        self.starting: asyncio.Task | None = None
+        self.paused = False
+        self.closed = False
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.sock]
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(self.factory, sock=self.sock.dup(), backlog=LISTEN_BACKLOG)
+        finally:
+            self.starting = None
+        if self.paused or self.closed:
+            server.close()
+        else:
+            self.server = server
+
+    def pause(self) -> None:
+        self.paused = True
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.server is None and self.starting is None and not self.closed:
+            self.starting = asyncio.get_running_loop().create_task(self.serve())
+
+    def close(self) -> None:
+        self.closed = True
+        self.pause()
+        self.sock.close()
 
 
 async def listen(factory, host: str, port: int, what: str, reuse_port: bool = False) -> asyncio.AbstractServer:
@@ -48,15 +122,7 @@ async def listen(factory, host: str, port: int, what: str, reuse_port: bool = Fa
     try:
         return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{what} port {host}:{port} is already in use: stop what holds it or choose another port") from None
-        if exc.errno == errno.EACCES:
-            raise StartupError(
-                f"no permission to listen on {host}:{port} ({what}): use a port above 1023, "
-                "or grant the capability (setcap cap_net_bind_service=+ep on the python binary, "
-                "or run the container as root)"
-            ) from None
-        raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from None
+        raise _startup_error(exc, host, port, what) from None
 
 
 def addresses(servers: list[asyncio.AbstractServer]) -> str:
@@ -75,7 +141,7 @@ class DataPlane:
         self.settings = settings
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
         self.proxy: ProxyServer | None = None
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[Listener] = []
         self.revision = 0
         self.services: tuple[Service, ...] = ()
         self.stats = metrics.DataStats()
@@ -83,8 +149,9 @@ class DataPlane:
         self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
         self._next_tasksets: dict[tuple, TaskSet] = {}
         self._tick_handle: asyncio.TimerHandle | None = None
-        self.src_port_servers: dict[int, asyncio.AbstractServer] = {}  # srcPort listeners opened at runtime
+        self.src_port_servers: dict[int, Listener] = {}  # srcPort listeners opened at runtime
         self._listeners_lock = asyncio.Lock()
+        self._maxconn_logged = -MAXCONN_LOG_EVERY
 
     def _backend(self, host: str, port: int, service: Service):
         """The service name (Overlay: the VIP balances) or, for DNS discovery and sticky
@@ -114,6 +181,34 @@ class DataPlane:
         pool = UpstreamPool(loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)
         access_log = AccessLog(loop, s.debug_errors_only, s.access_log_sample) if s.debug else None
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log)
+        self.proxy.on_full = self._stop_accepting
+        self.proxy.on_room = self._resume_accepting
+        errors.use_directory(s.error_pages_dir)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Apply re-read settings (SIGHUP) at once; RESTART_ONLY ones keep their values."""
+        self.settings = settings
+        self.proxy.configure(settings)
+        pool = self.proxy.pool
+        pool.max_idle, pool.idle_timeout = settings.upstream_max_idle, settings.upstream_idle_timeout
+        self.resolver.ttl_cap = settings.dns_ttl_cap
+        errors.use_directory(settings.error_pages_dir)
+        full = self.proxy.clients >= settings.maxconn  # MAXCONN may have moved either way
+        if full != self.proxy.full:
+            self.proxy.full = full
+            self._stop_accepting() if full else self._resume_accepting()
+
+    def _stop_accepting(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now >= self._maxconn_logged + MAXCONN_LOG_EVERY:  # at the limit this can happen many times a second
+            self._maxconn_logged = now
+            log.warning("MAXCONN %d reached: not accepting new connections until one closes", self.settings.maxconn)
+        for listener in [*self.servers, *self.src_port_servers.values()]:
+            listener.pause()
+
+    def _resume_accepting(self) -> None:
+        for listener in [*self.servers, *self.src_port_servers.values()]:
+            listener.resume()
 
     async def start(self) -> None:
         if self.proxy is None:
@@ -123,7 +218,9 @@ class DataPlane:
             if spec.ssl:
                 log.warning("port %d is marked :ssl; TLS termination is not available yet, so it is not opened", spec.port)
                 continue
-            self.servers.append(await listen(self.proxy.factory, s.bind_address, spec.port, "HTTP", reuse_port=True))
+            listener = Listener(self.proxy.factory, s.bind_address, spec.port)
+            self.servers.append(listener)
+            await listener.serve()
         self._tick_handle = asyncio.get_running_loop().call_later(self._tick_interval(), self._tick)
         await self.sync_src_ports()
 
@@ -139,11 +236,13 @@ class DataPlane:
                 log.info("closed the srcPort listener on port %d", port)
             for port in sorted(wanted - set(self.src_port_servers)):
                 try:
-                    self.src_port_servers[port] = await listen(
-                        self.proxy.factory, s.bind_address, port, "srcPort HTTP", reuse_port=True)
-                    log.info("opened an HTTP listener on port %d for srcPort", port)
+                    listener = self.src_port_servers[port] = Listener(self.proxy.factory, s.bind_address, port)
                 except StartupError as exc:
-                    log.error("%s", exc)
+                    log.error("srcPort: %s", exc)
+                    continue
+                if not self.proxy.full:
+                    await listener.serve()
+                log.info("opened an HTTP listener on port %d for srcPort", port)
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
@@ -194,11 +293,13 @@ class DataPlane:
             for conn in list(proxy.connections):
                 if not conn.queue and not conn.in_head:
                     conn.transport.close()
-            if not proxy.connections or loop.time() >= deadline:
+            if not (proxy.connections or proxy.tunnels) or loop.time() >= deadline:
                 break
             await asyncio.sleep(DRAIN_POLL)
         for conn in list(proxy.connections):
             conn.transport.abort()
+        for tunnel in list(proxy.tunnels):
+            tunnel.close(abort=True)
         for taskset in self.tasksets.values():
             taskset.close()
         proxy.pool.close_all()
@@ -266,13 +367,23 @@ class ControlPlane:
             except EngineError as exc:
                 raise StartupError(str(exc)) from None
             self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
-        api = AdminApi(self.registry, self.planes.wait_applied, self.is_ready, self.replication,
-                       collect=self.planes.collect, settings=self.settings)
-        self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
+        self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.is_ready, self.replication,
+                                  collect=self.planes.collect, settings=self.settings,
+                                  credentials=admin_credentials(s))
+        if api.credentials is None:
+            log.warning("the admin API on %s:%d is unauthenticated: anyone who reaches it can change routes "
+                        "(set ADMIN_USER and ADMIN_PASS, or the secrets dfp_admin_user / dfp_admin_pass)", s.ip, s.port)
+        self.servers.append(await listen(lambda: AdminConnection(api, s.timeout_admin), s.ip, s.port, "admin API"))
         self.replication.start()  # join (pull from peers), then repair; the DFSL listener fetch
         if self.listener is not None:
             self.listener.start()
             log.info("Swarm listener on %s: services labelled com.df.notify=true become routes", s.docker_host)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Re-read settings (SIGHUP): the admin credentials may have changed."""
+        self.settings = settings
+        self.api.credentials = admin_credentials(settings)
+        self.api.settings = settings
 
     def is_ready(self) -> bool:
         """successfulinitreload (DFP): saved state, peers and the Swarm Listener loaded, and
@@ -319,6 +430,11 @@ class Pyroute:
         self.control.close()
         await self.data.drain(grace)
 
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+        self.control.reconfigure(settings)
+        self.data.reconfigure(settings)
+
 
 def settle_memory() -> None:
     """Once started: move every object made so far out of the garbage collector's view.
@@ -332,22 +448,50 @@ def settle_memory() -> None:
     gc.freeze()
 
 
-async def wait_for_signal() -> None:
+
+def reread(current: Settings, load: Callable[[], Settings]) -> Settings | None:
+    """The settings a SIGHUP asks for, or None (logged) when the file is bad.
+
+    RESTART_ONLY settings keep their running values, with a warning if they changed.
+    """
+    try:
+        new = load()
+    except SettingsError as exc:
+        log.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
+        return None
+    kept = {name: getattr(current, name) for name in RESTART_ONLY if getattr(new, name) != getattr(current, name)}
+    if kept:
+        log.warning("SIGHUP: %s only change on restart; keeping the running values", ", ".join(sorted(kept)))
+    log.info("SIGHUP: settings reloaded from %s", new.config_file or "the environment")
+    logging.getLogger().setLevel(new.log_level.upper())
+    return dataclasses.replace(new, **kept)
+
+
+async def wait_for_signal(on_hup: Callable[[], None] | None = None) -> None:
+    """Return on SIGTERM or SIGINT; call `on_hup` on each SIGHUP."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_hup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain. `load` re-reads the settings on SIGHUP."""
     if settings.workers > 1:
         from .workers import serve_with_workers
 
-        return await serve_with_workers(settings)
+        return await serve_with_workers(settings, load)
     app = Pyroute(settings)
     await app.start()
-    await wait_for_signal()
-    log.info("stopping: draining connections")
-    await app.stop()
+
+    def on_hup() -> None:
+        new = reread(app.settings, load) if load is not None else None
+        if new is not None:
+            app.reconfigure(new)
+
+    await wait_for_signal(on_hup)
+    log.info("stopping: draining connections (up to %g s)", app.settings.drain_grace)
+    await app.stop(app.settings.drain_grace)

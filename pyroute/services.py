@@ -139,6 +139,9 @@ class Service:
     compression_algo: str = ""  # space-separated COMPRESSION_ALGOS, in preference order ("" = off)
     compression_types: tuple[str, ...] = ()
     balancing: Balancing = Balancing()
+    timeout_server: float | None = None  # timeoutServer: overrides TIMEOUT_SERVER for this service
+    timeout_tunnel: float | None = None  # timeoutTunnel: overrides TIMEOUT_TUNNEL
+    max_request_body: int | None = None  # maxRequestBody (bytes, 0 = unlimited): overrides MAX_REQUEST_BODY
 
     @property
     def dial_hosts(self) -> tuple[str, ...]:
@@ -190,7 +193,29 @@ class Service:
             "RedirectUnlessHttpsProto": self.redirect_unless_https_proto,
             "CompressionAlgo": self.compression_algo,
             "CompressionType": " ".join(self.compression_types),
+            "TimeoutServer": _shown(self.timeout_server),
+            "TimeoutTunnel": _shown(self.timeout_tunnel),
+            "MaxRequestBody": _shown(self.max_request_body),
         }
+
+
+def _shown(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _optional_number(params: Mapping[str, str], key: str, name: str, integer: bool) -> float | int | None:
+    """A non-negative number parameter (seconds or bytes), None when absent or empty."""
+    text = params.get(key, "").strip()
+    if not text:
+        return None
+    try:
+        number = int(text) if integer else float(text)
+    except ValueError:
+        number = -1
+    if not number >= 0 or (not integer and not 0 < number < float("inf")):
+        kind = "an integer >= 0" if integer else "a number of seconds > 0"
+        raise ServiceError(400, f"{name} must be {kind}, got {text!r}")
+    return number
 
 
 def _lower_keys(params: Mapping[str, str]) -> dict[str, str]:
@@ -548,6 +573,9 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         compression_algo=compression_algo,
         compression_types=tuple(t.lower() for t in compression_type.replace(",", " ").split()) if compression_algo else (),
         balancing=_parse_balancing(params, name),
+        timeout_server=_optional_number(params, "timeoutserver", "timeoutServer", integer=False),
+        timeout_tunnel=_optional_number(params, "timeouttunnel", "timeoutTunnel", integer=False),
+        max_request_body=_optional_number(params, "maxrequestbody", "maxRequestBody", integer=True),
     )
 
 

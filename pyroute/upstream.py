@@ -95,7 +95,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "address", "transport", "parser", "owner", "partial", "view", "emit_from", "scan_from",
         "in_head", "head_request", "keep_alive", "done", "responded", "closed", "reused", "idle_since",
-        "last_io", "extra", "close_delimited", "status", "stats",
+        "last_io", "extra", "close_delimited", "status", "stats", "switch_head",
     )
 
     def __init__(self, pool: UpstreamPool, address: tuple[str, int], stats):
@@ -121,6 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_io = 0.0
         self.extra = False
         self.close_delimited = False
+        self.switch_head = b""  # a 101 head: the connection becomes a tunnel after it
 
     # -- binding to an exchange -------------------------------------------------------
     def bind(self, owner, head_request: bool, now: float) -> None:
@@ -166,9 +167,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.scan_from = len(partial) - 3 if len(partial) > 3 else 0
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if not self.switch_head:
+                return self._fail("upgrade without 101")
+            if owner.out:
+                owner.flush()
+            if not owner.start_tunnel(self, self.switch_head, data[exc.args[0] :]):
+                self._fail("101 to a request that asked for no upgrade")
+            return
         except httptools.HttpParserError as exc:
-            return self._fail(f"invalid response: {exc}")
-        if self.extra:
+            if in_head:
+                owner.retract_response()  # the head this read completed never went out: 502
+            return self._fail(f"invalid response: {exc.__context__ or exc}")
+        if self.extra:  # never pass on what follows the end of a response
+            if in_head:
+                owner.retract_response()  # none of it was written yet: the client gets a 502
+            else:
+                owner.out.clear()
             return self._fail("data after the end of the response")
         if in_head:
             view = self.view
@@ -235,8 +250,12 @@ class UpstreamConnection(asyncio.Protocol):
         end += 4
         head = view[start:end] if start or end < len(view) else view
         self.emit_from = self.scan_from = end
-        if status < 200 and status != 101:
-            self.owner.response_interim(head)
+        if status < 200:
+            if status == 101:  # llhttp stops right after this head (HttpParserUpgrade)
+                self.switch_head = head
+                self.extra = True  # anything but the switch llhttp signals is a broken upstream
+            else:
+                self.owner.response_interim(head)
             return
         self.in_head = False
         self.status = status

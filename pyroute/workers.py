@@ -4,7 +4,7 @@ Every worker binds the public ports itself with SO_REUSEPORT, so the kernel spre
 connections across them and the control process never touches a request. Each worker
 has a socketpair to the control process carrying newline-delimited JSON messages:
 
-    control -> worker   {"settings": {...}}              once, first
+    control -> worker   {"settings": {...}}              first, and again after each SIGHUP
                         {"revision": N, "services": [...]}  every snapshot (raw DFP params)
                         {"stats_route": [host, port]}    route STATS_URI to the admin listener there
                         {"collect": K}                   send your counters (a /metrics scrape)
@@ -15,7 +15,8 @@ has a socketpair to the control process carrying newline-delimited JSON messages
 
 A reconfigure answers only once every live worker acknowledged its revision. A worker
 that dies is started again at once and gets the current snapshot before it binds, so it
-never serves an empty table. SIGTERM to the control process drains every worker.
+never serves an empty table. SIGTERM to the control process drains every worker;
+SIGHUP re-reads the settings there and sends them to every worker.
 If the control process dies, the workers see their socket close and exit.
 """
 
@@ -33,7 +34,7 @@ import orjson
 
 from . import metrics
 from .config import ListenSpec, Settings
-from .server import ControlPlane, DataPlane, StartupError, settle_memory, wait_for_signal
+from .server import ControlPlane, DataPlane, StartupError, reread, settle_memory, wait_for_signal
 from .services import ServiceDefaults, parse_service
 from .state import Snapshot
 
@@ -42,7 +43,6 @@ log = logging.getLogger("pyroute.workers")
 FD_ENV = "PYROUTE_WORKER_FD"
 APPLY_TIMEOUT = 5.0  # a worker that has not applied a revision by then is restarted
 RESTART_BACKOFF = 1.0  # pause before restarting a worker that died right after starting
-DRAIN_GRACE = 10.0
 COLLECT_TIMEOUT = 2.0  # a worker that has not sent its counters by then is left out of that scrape
 
 
@@ -213,6 +213,13 @@ class Supervisor:
         for worker in self.workers:
             worker.send(orjson.dumps({"stats_route": self.stats_route}) + b"\n")
 
+    def reconfigure(self, settings: Settings) -> None:
+        """New settings (SIGHUP) for every worker, and for those started later."""
+        self.settings = settings
+        message = orjson.dumps({"settings": settings_to_json(settings)}) + b"\n"
+        for worker in self.workers:
+            worker.send(message)
+
     async def stop(self) -> None:
         self.stopping = True
         for worker in self.workers:
@@ -221,7 +228,7 @@ class Supervisor:
         await asyncio.gather(*(w.process.wait() for w in self.workers if w.process))
 
 
-async def serve_with_workers(settings: Settings) -> None:
+async def serve_with_workers(settings: Settings, load=None) -> None:
     supervisor = Supervisor(settings)
     control = ControlPlane(settings, supervisor)
     try:
@@ -234,7 +241,13 @@ async def serve_with_workers(settings: Settings) -> None:
     log.info("pyroute ready: %d workers on %s, admin API on %s:%d",
              settings.workers, ",".join(str(s.port) for s in settings.default_ports + settings.bind_ports),
              settings.ip, settings.port)
-    await wait_for_signal()
+    def on_hup() -> None:
+        new = reread(supervisor.settings, load) if load is not None else None
+        if new is not None:
+            control.reconfigure(new)
+            supervisor.reconfigure(new)
+
+    await wait_for_signal(on_hup)
     log.info("stopping: draining %d workers", settings.workers)
     control.close()
     await supervisor.stop()
@@ -249,6 +262,7 @@ async def _worker_main(fd: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the control process re-reads settings
 
     async def follow() -> None:
         nonlocal plane
@@ -257,6 +271,9 @@ async def _worker_main(fd: int) -> int:
             if "settings" in message:
                 settings = settings_from_json(message["settings"])
                 logging.getLogger().setLevel(settings.log_level.upper())
+                if plane is not None:  # a SIGHUP in the control process
+                    plane.reconfigure(settings)
+                    continue
                 plane = DataPlane(settings)
                 plane.prepare()
             elif "collect" in message:
@@ -285,7 +302,7 @@ async def _worker_main(fd: int) -> int:
     if follower.done() and follower.exception() is not None:
         return 2
     if plane is not None:
-        await plane.drain(DRAIN_GRACE)
+        await plane.drain(plane.settings.drain_grace)
     return 0
 
 

@@ -1,12 +1,23 @@
 """Reconfiguring never disturbs traffic: continuous keep-alive requests to service A
-while service B is added/removed 200 times and A is moved to another upstream port."""
+while service B is added/removed 300 times and A is moved to another upstream port,
+with one process and with two workers (where every change crosses to the workers)."""
 import http.client
 import threading
+
+import pytest
 
 from support.upstream import wait_until
 
 
-def test_live_reconfigure_drops_nothing(proxy, dns, replicas, alt):
+@pytest.fixture(params=["1", "2"], ids=["workers=1", "workers=2"])
+def live_proxy(request, make_pyroute):
+    if request.param == "1":
+        return request.getfixturevalue("proxy")
+    return make_pyroute(WORKERS="2")
+
+
+def test_live_reconfigure_drops_nothing(live_proxy, dns, replicas, alt):
+    proxy = live_proxy
     a_old = replicas[0]                       # 127.0.0.11:P
     a_new = alt[0]                            # 127.0.0.11:Q
     assert a_old.ip == a_new.ip and a_old.port != a_new.port
@@ -36,13 +47,13 @@ def test_live_reconfigure_drops_nothing(proxy, dns, replicas, alt):
         t.start()
     try:
         wait_until(lambda: len(results) >= 10, timeout=5, what="traffic to start")
-        for i in range(200):
+        for i in range(300):
             proxy.reconfigure(serviceName="live-b", servicePath="/live-b", port=replicas[1].port)
             if i % 50 == 0:
                 st, h, body = proxy.get("/live-b/hello")
                 assert (st, h["X-Upstream"]) == (200, replicas[1].addr)
             proxy.remove("live-b")
-            if i == 100:
+            if i == 150:
                 proxy.reconfigure(serviceName="live-a", servicePath="/live-a", port=a_new.port)
                 # a request started after the 200 goes to the new port
                 st, h, _ = proxy.get("/live-a/hello")

@@ -1,6 +1,7 @@
 """Run a real pyroute process and talk to it."""
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -100,6 +101,16 @@ class Pyroute:
             return ""
 
     # -- admin API -------------------------------------------------------------------
+    def credentials(self) -> tuple[str, str] | None:
+        """What pyroute will require: the secrets in SECRETS_DIR, else ADMIN_USER/ADMIN_PASS."""
+        found = []
+        for name, env in (("dfp_admin_user", "ADMIN_USER"), ("dfp_admin_pass", "ADMIN_PASS")):
+            try:
+                found.append(Path(self.env["SECRETS_DIR"], name).read_text().strip())
+            except (KeyError, OSError):
+                found.append(self.env.get(env, ""))
+        return (found[0], found[1]) if all(found) else None
+
     def admin(self, endpoint: str, params: dict | None = None, timeout: float = 10, **kw):
         """GET /v1/docker-flow-proxy/<endpoint>?params -> (status, parsed JSON or text)."""
         q = dict(params or {})
@@ -108,8 +119,11 @@ class Pyroute:
         if q:
             path += "?" + urllib.parse.urlencode(q)
         c = http.client.HTTPConnection(self.admin_host, self.admin_port, timeout=timeout)
+        headers = {}
+        if credentials := self.credentials():
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
         try:
-            c.request("GET", path)
+            c.request("GET", path, headers=headers)
             r = c.getresponse()
             body = r.read()
         finally:
