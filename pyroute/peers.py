@@ -8,6 +8,7 @@ the whole exchange bounded by a timeout, answers read whole and size-capped.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,14 +45,15 @@ class _Answer:
 
 
 async def http_request(host: str, port: int, method: str, target: str, body: bytes = b"",
-                       timeout: float = PEER_TIMEOUT) -> tuple[int, bytes]:
-    """One HTTP/1.1 exchange -> (status, body). Raises PeerError."""
+                       timeout: float = PEER_TIMEOUT, extra_headers: str = "") -> tuple[int, bytes]:
+    """One HTTP/1.1 exchange -> (status, body); `extra_headers` are whole CRLF-ended lines.
+    Raises PeerError."""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             try:
                 head = (f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
-                        "Connection: close\r\nUser-Agent: pyroute-peer\r\n\r\n")
+                        f"Connection: close\r\nUser-Agent: pyroute-peer\r\n{extra_headers}\r\n")
                 writer.write(head.encode("latin-1") + body)
                 answer = _Answer()
                 parser = httptools.HttpResponseParser(answer)
@@ -88,11 +90,20 @@ class PeerResult:
 class Peers:
     """The replicas of this proxy, as `tasks.<SERVICE_NAME>` lists them, on the admin PORT."""
 
-    def __init__(self, service_name: str, port: int, resolver: Resolver, timeout: float = PEER_TIMEOUT):
+    def __init__(self, service_name: str, port: int, resolver: Resolver, timeout: float = PEER_TIMEOUT,
+                 credentials: tuple[str, str] | None = None):
         self.service_name = service_name
         self.port = port
         self.resolver = resolver
         self.timeout = timeout
+        self.credentials = credentials  # the admin credentials: replicas require the same ones
+
+    @property
+    def _auth_header(self) -> str:
+        if self.credentials is None:
+            return ""
+        token = base64.b64encode(":".join(self.credentials).encode()).decode()
+        return f"Authorization: Basic {token}\r\n"
 
     async def addresses(self) -> tuple[str, ...]:
         """Every replica's IP (this one included). Raises resolver.ResolveError."""
@@ -103,7 +114,8 @@ class Peers:
 
     async def request(self, address: str, method: str, target: str, body: bytes = b"") -> PeerResult:
         try:
-            status, answer = await http_request(address, self.port, method, target, body, self.timeout)
+            status, answer = await http_request(address, self.port, method, target, body, self.timeout,
+                                                self._auth_header)
         except PeerError as exc:
             return PeerResult(address, 0, b"", str(exc))
         return PeerResult(address, status, answer)

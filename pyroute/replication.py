@@ -20,6 +20,7 @@ import logging
 import orjson
 
 from .admin import PREFIX
+from .adminauth import admin_credentials
 from .config import Settings
 from .durable import StateFile
 from .listener import ListenerClient
@@ -35,7 +36,8 @@ class Replication:
         self.settings = settings
         self.registry = registry
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
-        self.peers = Peers(settings.service_name, settings.port, self.resolver)
+        self.peers = Peers(settings.service_name, settings.port, self.resolver,
+                           credentials=admin_credentials(settings))
         self.store = StateFile(settings.state_dir) if settings.state_dir else None
         self.listener = ListenerClient(settings, registry, self.resolver, self.commit) \
             if settings.listener_address else None

@@ -333,3 +333,24 @@ def test_config_json_carries_revision_and_hash(cluster, dns, replicas):
     assert r.headers["X-Pyroute-Revision"] == str(revision) and r.headers["X-Pyroute-Hash"] == digest
     saved = json.loads((c.tmp / "state0" / "state.json").read_text())
     assert (saved["revision"], saved["hash"]) == (revision, digest)
+
+
+def test_replicas_with_admin_credentials_distribute_and_repair_among_themselves(cluster, dns, replicas):
+    """ADMIN_USER/ADMIN_PASS guard every admin port; replicas send the same ones to each other."""
+    c = cluster(70, ADMIN_USER="ops", ADMIN_PASS="s3cret", REPAIR_INTERVAL="0.3")
+    c.announce(0, 1)
+    members = [c.start(i) for i in range(2)]
+    dns.set_service("rep-auth", replicas[1].ip)
+    st, body = members[0].admin("reconfigure", serviceName="rep-auth", servicePath="/rep-auth",
+                                port=replicas[1].port, distribute="true")
+    assert st == 200, body
+    for p in members:
+        assert served_by(p, "/rep-auth/hello") == (200, replicas[1].addr)
+    # a change made on one replica only reaches the other through repair, which pulls /state
+    members[1].reconfigure(serviceName="rep-auth2", servicePath="/rep-auth2", port=replicas[1].port)
+    dns.set_service("rep-auth2", replicas[1].ip)
+    wait_until(lambda: "rep-auth2" in routes(members[0]), timeout=10, what="repair across authenticated peers")
+    # and without the credentials the state is not handed out
+    conn = http.client.HTTPConnection(c.ips[0], c.port, timeout=5)
+    conn.request("GET", "/v1/docker-flow-proxy/state")
+    assert conn.getresponse().status == 401
