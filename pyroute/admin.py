@@ -17,7 +17,7 @@ import httptools
 import orjson
 
 from .routing import precedence_key
-from .services import Service, ServiceError
+from .services import Service, ServiceError, parse_service
 from .state import ServiceRegistry
 
 log = logging.getLogger("pyroute.admin")
@@ -65,8 +65,10 @@ class AdminApi:
         registry: ServiceRegistry,
         wait_applied: Callable[[int], Awaitable[list[str]]],
         is_ready: Callable[[], bool] = lambda: True,
+        certs=None,
     ):
         self.registry = registry
+        self.certs = certs  # tls.CertStore: install(name, pem) / remove(name) / list()
         self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
         self.is_ready = is_ready
         self.routes: dict[str, Callable[[Request], Response]] = {
@@ -76,6 +78,8 @@ class AdminApi:
             "ping": self.ping,
             "reload": self.reload,
             "successfulinitreload": self.successful_init_reload,
+            "cert": self.cert,
+            "certs": self.list_certs,
         }
 
     async def handle(self, request: Request) -> Response:
@@ -97,6 +101,14 @@ class AdminApi:
         return ok
 
     async def reconfigure(self, request: Request) -> Response:
+        if self.certs is not None and any(k.lower() == "servicecert" for k in request.params):
+            # serviceCert: validate the service first, then the certificate, then apply both.
+            candidate = parse_service(request.params, self.registry.separator)
+            if candidate.cert:
+                try:
+                    self.certs.install(candidate.cert_name, candidate.cert.encode())
+                except (ValueError, OSError) as exc:
+                    return json_response(400, f"serviceCert: {exc}", ServiceName=candidate.name)
         service = self.registry.reconfigure(request.params)
         if service is None:
             return await self._applied(json_response(200, "", ServiceName=request.params.get("serviceName", "")))
@@ -114,6 +126,31 @@ class AdminApi:
         if request.params.get("type", "").lower() == "json":
             return Response(200, orjson.dumps({s.name: s.to_json() for s in services}))
         return Response(200, render_config(services, self.registry.revision).encode(), "text/plain; charset=utf-8")
+
+    def cert(self, request: Request) -> Response:
+        """PUT ?certName=NAME with a PEM body (chain + key): install or replace, no restart."""
+        if request.method != "PUT":
+            return json_response(405, "/cert accepts PUT only")
+        name = request.params.get("certName", "").strip()
+        if not name:
+            return json_response(400, "certName parameter is mandatory")
+        if not request.body.strip():
+            return json_response(400, "the body must hold the PEM certificate and its key")
+        try:
+            self.certs.install(name, request.body)
+        except ValueError as exc:
+            return json_response(400, str(exc))
+        except OSError as exc:
+            return json_response(500, str(exc))
+        return json_response(200, "")
+
+    def list_certs(self, request: Request) -> Response:
+        certs = [
+            {"ProxyServiceName": c["Name"], "CertsDir": self.certs.certs_dir, "CertContent": c["Pem"],
+             "ServicePort": "", "DnsNames": c["DnsNames"], "NotAfter": c["NotAfter"]}
+            for c in self.certs.list() if not c["Secret"]
+        ]
+        return json_response(200, "", Certs=certs)
 
     def ping(self, request: Request) -> Response:
         return json_response(200, "", Revision=self.registry.revision)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import math
 import os
 import tomllib
@@ -104,6 +105,33 @@ def _separator(value: Any, setting: str) -> str:
     if not isinstance(value, str) or not value:
         raise _bad(setting, "a non-empty string", value)
     return value
+
+
+def _optional_text(value: Any, setting: str) -> str:
+    """A string that may be empty (empty = the feature is off / automatic)."""
+    if not isinstance(value, str):
+        raise _bad(setting, "a string", value)
+    return value.strip()
+
+
+def _networks(value: Any, setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A comma list (or TOML list) of CIDRs; "" for none."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise _bad(setting, "a comma list of CIDRs like '10.0.0.0/8'", value)
+    networks = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise _bad(setting, "a comma list of CIDRs like '10.0.0.0/8'", entry) from None
+    return tuple(networks)
+
+
+_PRIVATE_NETS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,fc00::/7,::1/128"
 
 
 def _log_level(value: Any, setting: str) -> str:
@@ -250,6 +278,17 @@ class Settings:
                                             help="seconds before an idle pooled upstream connection is closed")
     workers: int = _setting(parse=_integer(1), factory=_cpu_count, shown="number of CPUs",
                             help="processes serving the public listeners")
+    certs_dir: str = _setting("/certs", parse=_text,
+                              help="directory of PEM certificates (chain + key per file); API-installed ones are saved here")
+    secrets_dir: str = _setting("/run/secrets", parse=_text,
+                                help="Docker secrets directory; files named cert-* or cert_* are certificates")
+    preferred_certificate: str = _setting("", parse=_optional_text, shown='""',
+                                          help="certificate served when SNI matches none (name or file name); default the first")
+    ca_file: str = _setting("", parse=_optional_text, shown='""',
+                            help="PEM CA bundle that client certificates are checked against (verifyClientSsl)")
+    proxy_protocol_trusted: tuple = _setting(
+        _networks(_PRIVATE_NETS, "default"), parse=_networks, shown=_PRIVATE_NETS,
+        help="CIDRs allowed to send a PROXY protocol header on accept-proxy listeners")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args

@@ -104,6 +104,8 @@ class RouteTable:
         routes = []
         for service in self.services:
             for destination in service.destinations:
+                if destination.req_mode != "http":
+                    continue  # tcp/sni destinations have their own listeners (tcp.py)
                 backend = make_backend(destination.outbound_hostname or service.name, destination.port)
                 routes.append(Route(service, destination, backend, len(routes)))
         self.routes = tuple(routes)

@@ -12,19 +12,24 @@ import asyncio
 import errno
 import logging
 import signal
+import socket
 
 from .admin import AdminApi, AdminConnection
 from .config import Settings
-from .proxy import ProxyServer
+from .proxy import ClientConnection, ProxyServer
+from .proxyproto import AcceptProxyListener
 from .resolver import Resolver
 from .routing import RouteTable
 from .services import Service
 from .state import ServiceRegistry, Snapshot
+from .tcp import TcpListeners
+from .tls import CertStore
 from .upstream import Backend, UpstreamPool
 
 log = logging.getLogger("pyroute")
 
 LISTEN_BACKLOG = 1024
+TLS_HANDSHAKE_TIMEOUT = 10.0
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 
 
@@ -32,10 +37,18 @@ class StartupError(Exception):
     """A problem that stops pyroute from starting, phrased as what to do about it."""
 
 
-async def listen(factory, host: str, port: int, what: str, reuse_port: bool = False) -> asyncio.AbstractServer:
+def cert_store(settings: Settings, persist: bool = True) -> CertStore:
+    return CertStore(settings.certs_dir, settings.secrets_dir, settings.preferred_certificate, settings.ca_file,
+                     persist=persist)
+
+
+async def listen(factory, host: str, port: int, what: str, reuse_port: bool = False, ssl=None) -> asyncio.AbstractServer:
     """create_server with errors people can act on."""
     loop = asyncio.get_running_loop()
     try:
+        if ssl is not None:
+            return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port,
+                                            ssl=ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -58,14 +71,48 @@ def addresses(servers: list[asyncio.AbstractServer]) -> str:
     return ", ".join(out) or "(none)"
 
 
+def listen_socket(host: str, port: int, what: str) -> socket.socket:
+    """A bound, listening, SO_REUSEPORT socket (for listeners that accept themselves)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+        return sock
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from None
+
+
+class ProxiedClientConnection(ClientConnection):
+    """A client connection whose address came in a PROXY protocol header."""
+
+    __slots__ = ("proxied_ip",)
+
+    def __init__(self, server: ProxyServer, proxied_ip: bytes):
+        super().__init__(server)
+        self.proxied_ip = proxied_ip
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.client_ip = self.proxied_ip
+
+
 class DataPlane:
     """The public side of one process: listeners, proxy, resolver, pool, housekeeping tick."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, certs: CertStore | None = None):
         self.settings = settings
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
         self.proxy: ProxyServer | None = None
-        self.servers: list[asyncio.AbstractServer] = []
+        self.tls_proxy: ProxyServer | None = None  # the same routes, X-Forwarded-Proto: https
+        self.tcp: TcpListeners | None = None
+        self.certs = certs if certs is not None else cert_store(settings, persist=False)
+        self.certs.subscribe(self._certs_changed)
+        self.tls_waiting: list = []  # :ssl ports not bound until a certificate exists
+        self.servers: list = []
         self.revision = 0
         self._tick_handle: asyncio.TimerHandle | None = None
 
@@ -78,22 +125,66 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         pool = UpstreamPool(loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend))
+        self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table)
+        self.tls_proxy.proto = b"https"
+        public = {spec.port for spec in s.default_ports + s.bind_ports}
+        self.tcp = TcpListeners(s, loop, self._backend, listen, public)
 
     async def start(self) -> None:
         if self.proxy is None:
             self.prepare()
         s = self.settings
         for spec in s.default_ports + s.bind_ports:
-            if spec.ssl:
-                log.warning("port %d is marked :ssl; TLS termination is not available yet, so it is not opened", spec.port)
+            if spec.ssl and not len(self.certs):
+                log.warning("TLS port %d is not opened: no certificate yet (put PEM files in %s, add a cert-* "
+                            "secret, or PUT /v1/docker-flow-proxy/cert); the first certificate opens it",
+                            spec.port, s.certs_dir)
+                self.tls_waiting.append(spec)
                 continue
-            self.servers.append(await listen(self.proxy.factory, s.bind_address, spec.port, "HTTP", reuse_port=True))
+            self.servers.append(await self._listen(spec))
         self._tick_handle = asyncio.get_running_loop().call_later(self._tick_interval(), self._tick)
+
+    async def _listen(self, spec):
+        s = self.settings
+        proxy = self.tls_proxy if spec.ssl else self.proxy
+        context = self.certs.dispatch if spec.ssl else None
+        what = "HTTPS" if spec.ssl else "HTTP"
+        if "accept-proxy" not in spec.options:
+            return await listen(proxy.factory, s.bind_address, spec.port, what, reuse_port=True, ssl=context)
+        loop = asyncio.get_running_loop()
+
+        def serve(sock: socket.socket, client_ip: str | None) -> None:
+            if client_ip is None:
+                factory = proxy.factory
+            else:
+                ip = client_ip.encode()
+                factory = lambda: ProxiedClientConnection(proxy, ip)  # noqa: E731
+            kwargs = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if context else {}
+            task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
+            task.add_done_callback(_log_handover_error)
+
+        sock = listen_socket(s.bind_address, spec.port, what + " accept-proxy")
+        return AcceptProxyListener(sock, s.proxy_protocol_trusted, s.timeout_http_request, serve)
+
+    def _certs_changed(self, certs: CertStore) -> None:
+        if self.tls_waiting and len(certs) and self._tick_handle is not None:
+            waiting, self.tls_waiting = self.tls_waiting, []
+            asyncio.get_running_loop().create_task(self._open_tls(waiting))
+
+    async def _open_tls(self, specs) -> None:
+        for spec in specs:
+            try:
+                self.servers.append(await self._listen(spec))
+                log.info("TLS port %d opened: the first certificate is in", spec.port)
+            except StartupError as exc:
+                log.error("%s", exc)
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
         table = RouteTable(services, self._backend, revision)
         self.proxy.table = table
+        self.tls_proxy.table = table
+        self.tcp.apply(services)
         self.revision = revision
         self.resolver.forget({route.backend.host for route in table.routes})
 
@@ -106,16 +197,18 @@ class DataPlane:
         proxy = self.proxy
         if proxy is None:
             return
+        self.tcp.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        proxies = (proxy, self.tls_proxy)
         while True:
-            for conn in list(proxy.connections):
+            for conn in [c for p in proxies for c in p.connections]:
                 if not conn.queue and not conn.in_head:
                     conn.transport.close()
-            if not proxy.connections or loop.time() >= deadline:
+            if not any(p.connections for p in proxies) or loop.time() >= deadline:
                 break
             await asyncio.sleep(DRAIN_POLL)
-        for conn in list(proxy.connections):
+        for conn in [c for p in proxies for c in p.connections]:
             conn.transport.abort()
         proxy.pool.close_all()
 
@@ -127,9 +220,17 @@ class DataPlane:
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self.proxy.check_timeouts(loop.time())
+            now = loop.time()
+            self.proxy.check_timeouts(now)
+            self.tls_proxy.check_timeouts(now)
+            self.tcp.check_timeouts(now)
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
+
+
+def _log_handover_error(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("connection from an accept-proxy listener failed: %s", task.exception())
 
 
 class LocalPlanes:
@@ -141,6 +242,9 @@ class LocalPlanes:
     def publish(self, snapshot: Snapshot) -> None:
         self.plane.apply(*snapshot)
 
+    def publish_certs(self, certs: CertStore) -> None:
+        pass  # the data plane shares the control plane's store
+
     async def wait_applied(self, revision: int) -> list[str]:
         return []
 
@@ -148,15 +252,17 @@ class LocalPlanes:
 class ControlPlane:
     """Registry and admin API; hands every snapshot to the data planes."""
 
-    def __init__(self, settings: Settings, planes):
+    def __init__(self, settings: Settings, planes, certs: CertStore):
         self.settings = settings
         self.planes = planes
         self.registry = ServiceRegistry(settings.separator)
+        self.certs = certs
         self.servers: list[asyncio.AbstractServer] = []
 
     async def start(self) -> None:
         self.registry.subscribe(self.planes.publish)
-        api = AdminApi(self.registry, self.planes.wait_applied)
+        self.certs.subscribe(self.planes.publish_certs)
+        api = AdminApi(self.registry, self.planes.wait_applied, certs=self.certs)
         s = self.settings
         self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
 
@@ -170,8 +276,10 @@ class Pyroute:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.data = DataPlane(settings)
-        self.control = ControlPlane(settings, LocalPlanes(self.data))
+        self.certs = cert_store(settings)
+        self.certs.load()
+        self.data = DataPlane(settings, self.certs)
+        self.control = ControlPlane(settings, LocalPlanes(self.data), self.certs)
 
     @property
     def registry(self) -> ServiceRegistry:

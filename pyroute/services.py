@@ -17,6 +17,7 @@ MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 _INDEX_MARKERS = ("servicepath", "port", "servicedomain", "httpsport")
 DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")
 DEFAULT_DOMAIN_ALGO = "hdr_beg"
+REQ_MODES = ("http", "tcp", "sni")
 
 
 class ServiceError(Exception):
@@ -37,6 +38,12 @@ class Destination:
     domains: tuple[str, ...]  # lower-case, without the leading "*"
     port: int
     outbound_hostname: str | None  # dial this host instead of the service name
+    req_mode: str = "http"  # one of REQ_MODES; tcp/sni destinations are served by tcp.py on src_port
+    src_port: int = 0
+    verify_client_ssl: bool = False  # 403 on TLS without a client certificate verified against CA_FILE
+    timeout_client: float | None = None  # per-destination overrides of the global timeouts
+    timeout_server: float | None = None
+    timeout_tunnel: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,8 @@ class Service:
     domain_algo: str  # one of DOMAIN_ALGOS, for every destination of the service
     destinations: tuple[Destination, ...]
     params: tuple[tuple[str, str], ...]  # the accepted parameters, as given (for /config and state)
+    cert: str | None = None  # serviceCert: PEM installed into the certificate store as cert_name
+    cert_name: str = ""
 
     @property
     def dial_hosts(self) -> tuple[str, ...]:
@@ -64,7 +73,9 @@ class Service:
                     "ServiceDomain": list(d.domains),
                     "Port": str(d.port),
                     "OutboundHostname": d.outbound_hostname or "",
-                    "ReqMode": "http",
+                    "ReqMode": d.req_mode,
+                    "SrcPort": d.src_port,
+                    "VerifyClientSsl": d.verify_client_ssl,
                 }
                 for d in self.destinations
             ],
@@ -89,6 +100,27 @@ def _parse_port(value: str, name: str) -> int:
     if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
         raise ServiceError(400, f"{name} must be a port number 1..65535, got {value!r}")
     return int(value)
+
+
+def _parse_seconds(value: str | None, name: str) -> float | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not (0 < seconds < float("inf")):
+        raise ServiceError(400, f"{name} must be a number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def _parse_bool(value: str | None, name: str) -> bool:
+    text = (value or "").strip().lower()
+    if text in ("", "false", "0", "no"):
+        return False
+    if text in ("true", "1", "yes"):
+        return True
+    raise ServiceError(400, f"{name} must be true or false, got {value!r}")
 
 
 def _check_host(value: str, name: str) -> str:
@@ -154,32 +186,61 @@ def parse_service(raw: Mapping[str, str], separator: str = ",") -> Service:
     wildcard = False
     for index in _indexes(params) or [0]:
         suffix = f".{index}" if index else ""
+        mode = (value("reqmode", index) or "").strip().lower() or "http"
+        if mode not in REQ_MODES:
+            raise ServiceError(400, f"reqMode{suffix} must be one of {', '.join(REQ_MODES)}, got {mode!r}")
+        src_text = (value("srcport", index) or "").strip()
         port_text = (value("port", index) or "").strip()
+        if mode != "http" and (not src_text or not port_text):
+            raise ServiceError(400, f"When using reqMode {mode}, srcPort and port parameters are mandatory")
         if not port_text:
             raise ServiceError(400, "The port query is mandatory")
         port = _parse_port(port_text, "port" + suffix)
+        src_port = _parse_port(src_text, "srcPort" + suffix) if src_text else 0
+        timeouts = {
+            key: _parse_seconds(value(key.lower().replace("_", ""), index), key.title().replace("_", "") + suffix)
+            for key in ("timeout_client", "timeout_server", "timeout_tunnel")
+        }
+        verify_client = _parse_bool(value("verifyclientssl", index), "verifyClientSsl" + suffix)
         domains = []
         for domain in _split(value("servicedomain", index), separator):
             if domain.startswith("*"):
                 wildcard, domain = True, domain.lstrip("*")
             domains.append(_check_host(domain.lower(), "serviceDomain" + suffix))
+        if mode == "sni":  # servicePath holds the SNI patterns
+            patterns = tuple(_check_host(p.lower().lstrip("*."), "servicePath" + suffix) and p.lower()
+                             for p in _split(value("servicepath", index), separator))
+            if not patterns:
+                raise ServiceError(400, "When using reqMode sni, servicePath must hold the SNI names")
+            outbound = (value("outboundhostname", index) or "").strip() or None
+            destinations.append(Destination(index, patterns, (), port, outbound, mode, src_port, False, **timeouts))
+            continue
         paths = tuple(_check_path(p, "servicePath" + suffix) for p in _split(value("servicepath", index), separator))
+        if mode == "tcp":
+            outbound = (value("outboundhostname", index) or "").strip() or None
+            destinations.append(Destination(index, (), (), port, outbound, mode, src_port, False, **timeouts))
+            continue
         if not paths and not domains:
             raise ServiceError(409, "When using reqMode http, servicePath or serviceDomain or both must be set")
         outbound = (value("outboundhostname", index) or "").strip() or None
         if outbound:
             _check_host(outbound, "outboundHostname" + suffix)
-        destinations.append(Destination(index, paths or ("/",), tuple(domains), port, outbound))
+        destinations.append(Destination(index, paths or ("/",), tuple(domains), port, outbound, mode, src_port,
+                                        verify_client, **timeouts))
 
     if wildcard:
         domain_algo = "hdr_end"  # DFP: a leading "*" switches the whole service to suffix matching
     acl_name = params.get("aclname", "").strip() or name
+    cert = params.get("servicecert", "").replace("\\n", "\n").strip() or None
+    first_domain = next((d.domains[0] for d in destinations if d.domains), "")
     return Service(
         name=name,
         acl_name=acl_name,
         domain_algo=domain_algo,
         destinations=tuple(destinations),
         params=tuple(raw.items()),
+        cert=cert,
+        cert_name=first_domain or name,
     )
 
 

@@ -5,6 +5,7 @@ connections across them and the control process never touches a request. Each wo
 has a socketpair to the control process carrying newline-delimited JSON messages:
 
     control -> worker   {"settings": {...}}              once, first
+                        {"certs": {name: pem, ...}}      at start and after every certificate change
                         {"revision": N, "services": [...]}  every snapshot (raw DFP params)
     worker -> control   {"ready": true}  after its listeners are bound (it has a table by then)
                         {"applied": N}   after it swapped in revision N
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -29,9 +31,10 @@ import sys
 import orjson
 
 from .config import ListenSpec, Settings
-from .server import ControlPlane, DataPlane, StartupError, wait_for_signal
+from .server import ControlPlane, DataPlane, StartupError, cert_store, wait_for_signal
 from .services import parse_service
 from .state import Snapshot
+from .tls import CertStore
 
 log = logging.getLogger("pyroute.workers")
 
@@ -49,6 +52,8 @@ def settings_to_json(settings: Settings) -> dict:
         value = getattr(settings, f.name)
         if f.name in ("default_ports", "bind_ports"):
             value = [dataclasses.asdict(spec) for spec in value]
+        elif f.name == "proxy_protocol_trusted":
+            value = [str(net) for net in value]
         out[f.name] = value
     return out
 
@@ -58,7 +63,12 @@ def settings_from_json(data: dict) -> Settings:
     for key in ("default_ports", "bind_ports"):
         values[key] = tuple(ListenSpec(d["port"], d["ssl"], tuple(d["options"])) for d in values[key])
     values["dns_nameservers"] = tuple(values["dns_nameservers"])
+    values["proxy_protocol_trusted"] = tuple(ipaddress.ip_network(n) for n in values["proxy_protocol_trusted"])
     return Settings(**values)
+
+
+def _certs_message(certs: CertStore) -> bytes:
+    return orjson.dumps({"certs": certs.pems()}) + b"\n"
 
 
 def _snapshot_message(snapshot: Snapshot) -> bytes:
@@ -91,8 +101,9 @@ class Worker:
 class Supervisor:
     """Starts, feeds, watches and restarts the workers; the control plane's `planes`."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, certs: CertStore):
         self.settings = settings
+        self.certs = certs
         self.workers = [Worker(n) for n in range(settings.workers)]
         self.snapshot: Snapshot = (0, ())
         self.stopping = False
@@ -116,6 +127,7 @@ class Supervisor:
         worker.ready = loop.create_future()
         worker.started_at = loop.time()
         worker.send(orjson.dumps({"settings": settings_to_json(self.settings)}) + b"\n")
+        worker.send(_certs_message(self.certs))
         worker.send(_snapshot_message(self.snapshot))
         task = asyncio.ensure_future(self._watch(worker, reader))
         self._watchers.add(task)
@@ -156,6 +168,11 @@ class Supervisor:
         for worker in self.workers:
             worker.send(message)
 
+    def publish_certs(self, certs: CertStore) -> None:
+        message = _certs_message(certs)
+        for worker in self.workers:
+            worker.send(message)
+
     async def wait_applied(self, revision: int) -> list[str]:
         """Wait until every live worker serves `revision`; restart those that don't in time."""
         loop = asyncio.get_running_loop()
@@ -182,8 +199,10 @@ class Supervisor:
 
 
 async def serve_with_workers(settings: Settings) -> None:
-    supervisor = Supervisor(settings)
-    control = ControlPlane(settings, supervisor)
+    certs = cert_store(settings)
+    certs.load()
+    supervisor = Supervisor(settings, certs)
+    control = ControlPlane(settings, supervisor, certs)
     try:
         await supervisor.start()
         await control.start()
@@ -217,6 +236,8 @@ async def _worker_main(fd: int) -> int:
                 logging.getLogger().setLevel(settings.log_level.upper())
                 plane = DataPlane(settings)
                 plane.prepare()
+            elif "certs" in message:
+                plane.certs.replace_all(message["certs"])
             elif "revision" in message:
                 separator = plane.settings.separator
                 services = tuple(parse_service(dict(params), separator) for params in message["services"])
