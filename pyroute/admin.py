@@ -66,9 +66,11 @@ class AdminApi:
         wait_applied: Callable[[int], Awaitable[list[str]]],
         is_ready: Callable[[], bool] = lambda: True,
         certs=None,
+        wait_certs: Callable[[], Awaitable[list[str]]] | None = None,
     ):
         self.registry = registry
         self.certs = certs  # tls.CertStore: install(name, pem) / remove(name) / list()
+        self.wait_certs = wait_certs  # -> the data planes that failed to take the current certificates
         self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
         self.is_ready = is_ready
         self.routes: dict[str, Callable[[Request], Response]] = {
@@ -109,6 +111,8 @@ class AdminApi:
                     self.certs.install(candidate.cert_name, candidate.cert.encode())
                 except (ValueError, OSError) as exc:
                     return json_response(400, f"serviceCert: {exc}", ServiceName=candidate.name)
+                if self.wait_certs is not None:
+                    await self.wait_certs()
         service = self.registry.reconfigure(request.params)
         if service is None:
             return await self._applied(json_response(200, "", ServiceName=request.params.get("serviceName", "")))
@@ -127,7 +131,7 @@ class AdminApi:
             return Response(200, orjson.dumps({s.name: s.to_json() for s in services}))
         return Response(200, render_config(services, self.registry.revision).encode(), "text/plain; charset=utf-8")
 
-    def cert(self, request: Request) -> Response:
+    async def cert(self, request: Request) -> Response:
         """PUT ?certName=NAME with a PEM body (chain + key): install or replace, no restart."""
         if request.method != "PUT":
             return json_response(405, "/cert accepts PUT only")
@@ -142,6 +146,9 @@ class AdminApi:
             return json_response(400, str(exc))
         except OSError as exc:
             return json_response(500, str(exc))
+        failed = await self.wait_certs() if self.wait_certs is not None else []
+        if failed:
+            return json_response(500, f"the certificate is saved but these workers did not take it: {', '.join(failed)}")
         return json_response(200, "")
 
     def list_certs(self, request: Request) -> Response:

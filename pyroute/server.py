@@ -245,6 +245,9 @@ class LocalPlanes:
     def publish_certs(self, certs: CertStore) -> None:
         pass  # the data plane shares the control plane's store
 
+    async def wait_certs(self) -> list[str]:
+        return []
+
     async def wait_applied(self, revision: int) -> list[str]:
         return []
 
@@ -262,7 +265,7 @@ class ControlPlane:
     async def start(self) -> None:
         self.registry.subscribe(self.planes.publish)
         self.certs.subscribe(self.planes.publish_certs)
-        api = AdminApi(self.registry, self.planes.wait_applied, certs=self.certs)
+        api = AdminApi(self.registry, self.planes.wait_applied, certs=self.certs, wait_certs=self.planes.wait_certs)
         s = self.settings
         self.servers.append(await listen(lambda: AdminConnection(api), s.ip, s.port, "admin API"))
 

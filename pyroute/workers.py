@@ -5,10 +5,12 @@ connections across them and the control process never touches a request. Each wo
 has a socketpair to the control process carrying newline-delimited JSON messages:
 
     control -> worker   {"settings": {...}}              once, first
-                        {"certs": {name: pem, ...}}      at start and after every certificate change
+                        {"certs": {name: pem, ...}, "generation": G}  at start and after every
+                                                         certificate change
                         {"revision": N, "services": [...]}  every snapshot (raw DFP params)
     worker -> control   {"ready": true}  after its listeners are bound (it has a table by then)
                         {"applied": N}   after it swapped in revision N
+                        {"certs_applied": G}  after it took certificate generation G
                         {"error": "..."} a start-up problem; the worker then exits
 
 A reconfigure answers only once every live worker acknowledged its revision. A worker
@@ -67,8 +69,8 @@ def settings_from_json(data: dict) -> Settings:
     return Settings(**values)
 
 
-def _certs_message(certs: CertStore) -> bytes:
-    return orjson.dumps({"certs": certs.pems()}) + b"\n"
+def _certs_message(certs: CertStore, generation: int) -> bytes:
+    return orjson.dumps({"certs": certs.pems(), "generation": generation}) + b"\n"
 
 
 def _snapshot_message(snapshot: Snapshot) -> bytes:
@@ -84,6 +86,7 @@ class Worker:
         self.process: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.applied = 0
+        self.certs_applied = 0
         self.ready: asyncio.Future | None = None
         self.started_at = 0.0
         self.changed = asyncio.Event()  # set whenever `applied` moves or the worker goes away
@@ -105,6 +108,7 @@ class Supervisor:
         self.settings = settings
         self.certs = certs
         self.workers = [Worker(n) for n in range(settings.workers)]
+        self.certs_generation = 0
         self.snapshot: Snapshot = (0, ())
         self.stopping = False
         self._watchers: set[asyncio.Task] = set()
@@ -124,10 +128,11 @@ class Supervisor:
         theirs.close()
         reader, worker.writer = await asyncio.open_unix_connection(sock=ours)
         worker.applied = 0
+        worker.certs_applied = 0
         worker.ready = loop.create_future()
         worker.started_at = loop.time()
         worker.send(orjson.dumps({"settings": settings_to_json(self.settings)}) + b"\n")
-        worker.send(_certs_message(self.certs))
+        worker.send(_certs_message(self.certs, self.certs_generation))
         worker.send(_snapshot_message(self.snapshot))
         task = asyncio.ensure_future(self._watch(worker, reader))
         self._watchers.add(task)
@@ -140,6 +145,9 @@ class Supervisor:
             message = orjson.loads(line)
             if "applied" in message:
                 worker.applied = message["applied"]
+                worker.changed.set()
+            elif "certs_applied" in message:
+                worker.certs_applied = message["certs_applied"]
                 worker.changed.set()
             elif "ready" in message and not worker.ready.done():
                 worker.ready.set_result(None)
@@ -169,9 +177,27 @@ class Supervisor:
             worker.send(message)
 
     def publish_certs(self, certs: CertStore) -> None:
-        message = _certs_message(certs)
+        self.certs_generation += 1
+        message = _certs_message(certs, self.certs_generation)
         for worker in self.workers:
             worker.send(message)
+
+    async def wait_certs(self) -> list[str]:
+        """Wait until every live worker serves the current certificates."""
+        generation = self.certs_generation
+        await self._wait(lambda w: w.certs_applied >= generation)
+        return [w.name for w in self.workers if w.writer is not None and w.certs_applied < generation]
+
+    async def _wait(self, done) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APPLY_TIMEOUT
+        for worker in self.workers:
+            while worker.writer is not None and not done(worker) and loop.time() < deadline:
+                worker.changed.clear()
+                try:
+                    await asyncio.wait_for(worker.changed.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
 
     async def wait_applied(self, revision: int) -> list[str]:
         """Wait until every live worker serves `revision`; restart those that don't in time."""
@@ -238,6 +264,7 @@ async def _worker_main(fd: int) -> int:
                 plane.prepare()
             elif "certs" in message:
                 plane.certs.replace_all(message["certs"])
+                writer.write(orjson.dumps({"certs_applied": message["generation"]}) + b"\n")
             elif "revision" in message:
                 separator = plane.settings.separator
                 services = tuple(parse_service(dict(params), separator) for params in message["services"])

@@ -289,3 +289,19 @@ def _serial(port: int, name: str, ca) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with client_context(ca).wrap_socket(raw, server_hostname=name) as tls:
             return tls.getpeercert()["serialNumber"]
+
+
+def test_workers_get_certificates(tls_proxy, dns, replicas, ca, tmp_path):
+    """WORKERS=2: each worker binds the TLS port itself and serves certificates the
+    control process installed, including ones added after the start."""
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "boot.pem").write_bytes(pem(ca.issue_cert("boot.test")))
+    p = tls_proxy(WORKERS="2")
+    up = replicas[0]
+    route(p, dns, up, "tls-workers")
+    assert put_cert(p, "later", pem(ca.issue_cert("later.test")))[0] == 200
+    for _ in range(12):  # new connections: the kernel spreads them over both workers
+        for name in ("boot.test", "later.test"):
+            client = TlsClient(p.tls_port, name, ca)
+            assert client.get("/hello")[0] == 200
+            client.close()
