@@ -458,6 +458,9 @@ class _Refused(Exception):
         self.status = status
 
 
+Refused = _Refused  # for connection subclasses elsewhere (server.ClientCertConnection)
+
+
 def _origin_form(url: bytes, host: bytes | None) -> tuple[bytes | None, bytes | None]:
     """absolute-form "http://h/p?q" -> ("/p?q", b"h") (RFC 9112 §3.2.2); url None for any other form."""
     lower = url[:8].lower()
@@ -471,3 +474,6 @@ def _origin_form(url: bytes, host: bytes | None) -> tuple[bytes | None, bytes | 
     if slash < 0:
         return b"/", rest
     return rest[slash:], rest[:slash]
+
+
+origin_form = _origin_form

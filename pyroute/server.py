@@ -16,7 +16,7 @@ import socket
 
 from .admin import AdminApi, AdminConnection
 from .config import Settings
-from .proxy import ClientConnection, ProxyServer
+from .proxy import ClientConnection, ProxyServer, Refused, origin_form
 from .proxyproto import AcceptProxyListener
 from .resolver import Resolver
 from .routing import RouteTable
@@ -100,6 +100,41 @@ class ProxiedClientConnection(ClientConnection):
         self.client_ip = self.proxied_ip
 
 
+class ClientCertConnection(ClientConnection):
+    """A TLS client connection when CA_FILE is set: routes with verifyClientSsl answer 403
+    unless the handshake verified a client certificate (an invalid one fails the handshake)."""
+
+    __slots__ = ("verified",)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.verified = bool(transport.get_extra_info("peercert"))
+
+    def on_headers_complete(self) -> None:
+        if not self.verified:
+            url, host = self.url, self.host
+            if url[:1] != b"/":
+                url, host = origin_form(url, host)
+            if url is not None:
+                query = url.find(b"?")
+                route = self.server.table.match(host, url if query < 0 else url[:query])
+                if route is not None and route.destination.verify_client_ssl:
+                    raise Refused(403)
+        super().on_headers_complete()
+
+
+class ProxiedClientCertConnection(ClientCertConnection):
+    __slots__ = ("proxied_ip",)
+
+    def __init__(self, server: ProxyServer, proxied_ip: bytes):
+        super().__init__(server)
+        self.proxied_ip = proxied_ip
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.client_ip = self.proxied_ip
+
+
 class DataPlane:
     """The public side of one process: listeners, proxy, resolver, pool, housekeeping tick."""
 
@@ -127,6 +162,8 @@ class DataPlane:
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend))
         self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table)
         self.tls_proxy.proto = b"https"
+        if s.ca_file:
+            self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
         public = {spec.port for spec in s.default_ports + s.bind_ports}
         self.tcp = TcpListeners(s, loop, self._backend, listen, public)
 
@@ -158,7 +195,8 @@ class DataPlane:
                 factory = proxy.factory
             else:
                 ip = client_ip.encode()
-                factory = lambda: ProxiedClientConnection(proxy, ip)  # noqa: E731
+                kind = ProxiedClientCertConnection if spec.ssl and s.ca_file else ProxiedClientConnection
+                factory = lambda: kind(proxy, ip)  # noqa: E731
             kwargs = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if context else {}
             task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
             task.add_done_callback(_log_handover_error)

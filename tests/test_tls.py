@@ -305,3 +305,42 @@ def test_workers_get_certificates(tls_proxy, dns, replicas, ca, tmp_path):
             client = TlsClient(p.tls_port, name, ca)
             assert client.get("/hello")[0] == 200
             client.close()
+
+
+def test_client_certificates(tls_proxy, dns, replicas, ca, tmp_path):
+    client_ca = trustme.CA()
+    ca_file = tmp_path / "client-ca.pem"
+    client_ca.cert_pem.write_to_path(str(ca_file))
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "mtls.pem").write_bytes(pem(ca.issue_cert("mtls.test")))
+    p = tls_proxy(CA_FILE=str(ca_file))
+    up = replicas[1]
+    dns.set_service("mtls-secure", up.ip)
+    dns.set_service("mtls-open", up.ip)
+    p.reconfigure(serviceName="mtls-secure", servicePath="/secure", port=up.port, verifyClientSsl="true")
+    p.reconfigure(serviceName="mtls-open", servicePath="/open", port=up.port)
+
+    anonymous = TlsClient(p.tls_port, "mtls.test", ca)
+    assert anonymous.get("/open/hello")[0] == 200
+    st, _, body = anonymous.get("/secure/hello")
+    assert st == 403 and b"403" in body
+    assert not up.requests("/secure/hello")
+    anonymous.close()
+    anonymous = TlsClient(p.tls_port, "mtls.test", ca)  # absolute-form cannot sneak past
+    assert anonymous.get("https://mtls.test/secure/abs")[0] == 403
+    anonymous.close()
+    assert p.get("/secure/plain")[0] == 200  # the check belongs to TLS listeners only
+
+    def with_cert(issuer: trustme.CA):
+        ctx = client_context(ca)
+        issuer.issue_cert("client@example.test").configure_cert(ctx)
+        raw = socket.create_connection(("127.0.0.1", p.tls_port), timeout=10)
+        tls = ctx.wrap_socket(raw, server_hostname="mtls.test")
+        conn = http.client.HTTPConnection("mtls.test")
+        conn.sock = tls
+        conn.request("GET", "/secure/hello", headers={"Host": "mtls.test"})
+        return conn.getresponse().status
+
+    assert with_cert(client_ca) == 200
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        with_cert(trustme.CA())  # a certificate from an unknown CA fails the handshake
