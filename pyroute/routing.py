@@ -98,7 +98,9 @@ class PathIndex:
 class RouteTable:
     """An immutable snapshot of every route, in DFP precedence order."""
 
-    def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int], Any], revision: int = 0):
+    def __init__(self, services: Iterable[Service], make_backend: Callable[..., Any], revision: int = 0,
+                 tls_listener: bool = False):
+        """`tls_listener`: the table of the TLS ports, where a destination's httpsPort replaces its port."""
         self.revision = revision
         self.services = tuple(sorted(services, key=precedence_key))
         routes = []
@@ -106,7 +108,14 @@ class RouteTable:
             for destination in service.destinations:
                 if destination.req_mode != "http":
                     continue  # tcp/sni destinations have their own listeners (tcp.py)
-                backend = make_backend(destination.outbound_hostname or service.name, destination.port)
+                port = (destination.https_port or destination.port) if tls_listener else destination.port
+                if not port:
+                    continue  # only an httpsPort: not reachable over plain HTTP
+                host = destination.outbound_hostname or service.name
+                if destination.ssl_verify_none:
+                    backend = make_backend(host, port, tls=True)
+                else:
+                    backend = make_backend(host, port)
                 routes.append(Route(service, destination, backend, len(routes)))
         self.routes = tuple(routes)
         self._hostless = PathIndex(r for r in routes if not r.destination.domains)

@@ -151,8 +151,8 @@ class DataPlane:
         self.revision = 0
         self._tick_handle: asyncio.TimerHandle | None = None
 
-    def _backend(self, host: str, port: int) -> Backend:
-        return Backend(host, port, self.resolver)
+    def _backend(self, host: str, port: int, tls: bool = False) -> Backend:
+        return Backend(host, port, self.resolver, tls)
 
     def prepare(self) -> None:
         """Create the proxy (without listening yet) so a snapshot can be applied first."""
@@ -221,10 +221,13 @@ class DataPlane:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
         table = RouteTable(services, self._backend, revision)
         self.proxy.table = table
-        self.tls_proxy.table = table
+        if any(d.https_port for service in services for d in service.destinations):
+            self.tls_proxy.table = RouteTable(services, self._backend, revision, tls_listener=True)
+        else:
+            self.tls_proxy.table = table
         self.tcp.apply(services)
         self.revision = revision
-        self.resolver.forget({route.backend.host for route in table.routes})
+        self.resolver.forget({host for service in services for host in service.dial_hosts})
 
     async def drain(self, grace: float) -> None:
         """Stop accepting, close idle connections, let requests in flight finish (up to `grace` s)."""

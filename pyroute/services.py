@@ -41,6 +41,8 @@ class Destination:
     req_mode: str = "http"  # one of REQ_MODES; tcp/sni destinations are served by tcp.py on src_port
     src_port: int = 0
     verify_client_ssl: bool = False  # 403 on TLS without a client certificate verified against CA_FILE
+    https_port: int = 0  # requests that arrived over TLS go to this port instead (0 = port)
+    ssl_verify_none: bool = False  # speak TLS to the upstream, without verifying its certificate
     timeout_client: float | None = None  # per-destination overrides of the global timeouts
     timeout_server: float | None = None
     timeout_tunnel: float | None = None
@@ -76,6 +78,8 @@ class Service:
                     "ReqMode": d.req_mode,
                     "SrcPort": d.src_port,
                     "VerifyClientSsl": d.verify_client_ssl,
+                    "HttpsPort": d.https_port,
+                    "SslVerifyNone": d.ssl_verify_none,
                 }
                 for d in self.destinations
             ],
@@ -193,9 +197,12 @@ def parse_service(raw: Mapping[str, str], separator: str = ",") -> Service:
         port_text = (value("port", index) or "").strip()
         if mode != "http" and (not src_text or not port_text):
             raise ServiceError(400, f"When using reqMode {mode}, srcPort and port parameters are mandatory")
-        if not port_text:
+        https_text = (value("httpsport", index) or "").strip()
+        if not port_text and not https_text:
             raise ServiceError(400, "The port query is mandatory")
-        port = _parse_port(port_text, "port" + suffix)
+        port = _parse_port(port_text, "port" + suffix) if port_text else 0
+        https_port = _parse_port(https_text, "httpsPort" + suffix) if https_text else 0
+        ssl_verify_none = _parse_bool(value("sslverifynone", index), "sslVerifyNone" + suffix)
         src_port = _parse_port(src_text, "srcPort" + suffix) if src_text else 0
         timeouts = {
             key: _parse_seconds(value(key.lower().replace("_", ""), index), key.title().replace("_", "") + suffix)
@@ -226,7 +233,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",") -> Service:
         if outbound:
             _check_host(outbound, "outboundHostname" + suffix)
         destinations.append(Destination(index, paths or ("/",), tuple(domains), port, outbound, mode, src_port,
-                                        verify_client, **timeouts))
+                                        verify_client, https_port, ssl_verify_none, **timeouts))
 
     if wildcard:
         domain_algo = "hdr_end"  # DFP: a leading "*" switches the whole service to suffix matching

@@ -344,3 +344,76 @@ def test_client_certificates(tls_proxy, dns, replicas, ca, tmp_path):
     assert with_cert(client_ca) == 200
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         with_cert(trustme.CA())  # a certificate from an unknown CA fails the handshake
+
+
+class HttpsUpstream:
+    """A minimal keep-alive HTTPS server with a certificate nobody trusts: it answers
+    "tls:<request line>" and counts its TLS connections."""
+
+    def __init__(self, ip: str):
+        import asyncio
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        trustme.CA().issue_cert("upstream.internal").configure_cert(ctx)
+        self.ip, self.port, self.connections = ip, free_port(ip), 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def handle(reader, writer):
+            self.connections += 1
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    body = b"tls:" + head.split(b"\r\n")[0]
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(asyncio.start_server(handle, ip, self.port, ssl=ctx))
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_tls_to_upstream_with_ssl_verify_none(proxy, dns):
+    backend = HttpsUpstream("127.0.0.22")
+    try:
+        dns.set_service("tls-upstream", backend.ip)
+        proxy.reconfigure(serviceName="tls-upstream", servicePath="/secure-up", port=backend.port,
+                          sslVerifyNone="true")
+        c = proxy.conn()
+        for n in range(3):
+            c.request("GET", f"/secure-up/{n}")
+            r = c.getresponse()
+            assert (r.status, r.read()) == (200, f"tls:GET /secure-up/{n} HTTP/1.1".encode())
+        c.close()
+        assert backend.connections == 1  # pooled and reused like plain upstreams
+        # without sslVerifyNone the same port is spoken to in plain HTTP: the TLS server refuses it
+        proxy.reconfigure(serviceName="tls-upstream", servicePath="/secure-up", port=backend.port)
+        assert proxy.get("/secure-up/plain")[0] in (502, 503)
+    finally:
+        backend.close()
+
+
+def test_https_port_routes_tls_traffic(tls_proxy, dns, replicas, alt, ca):
+    plain_up, tls_up = replicas[0], alt[0]
+    assert plain_up.ip == tls_up.ip and plain_up.port != tls_up.port
+    p = tls_proxy()
+    put_cert(p, "hp", pem(ca.issue_cert("hp.test")))
+    dns.set_service("https-port", plain_up.ip)
+    p.reconfigure(serviceName="https-port", servicePath="/hp", port=plain_up.port, httpsPort=tls_up.port)
+    wait_until(lambda: _connects(p.tls_port), what="TLS port open")
+    client = TlsClient(p.tls_port, "hp.test", ca)
+    assert client.get("/hp/hello")[1]["X-Upstream"] == tls_up.addr
+    client.close()
+    assert p.get("/hp/hello")[1]["X-Upstream"] == plain_up.addr
