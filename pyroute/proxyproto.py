@@ -1,23 +1,14 @@
-"""PROXY protocol v1/v2 on listeners marked ``accept-proxy`` (HAProxy's spec).
+"""PROXY protocol v1/v2 headers (HAProxy's spec), as sent by a load balancer in front.
 
-A load balancer in front of the proxy (an L4 cloud balancer, another HAProxy) prepends
-one header naming the real client. The header comes before anything else, TLS included,
-so these listeners accept sockets themselves: the header is *peeked* (MSG_PEEK) until
-complete, exactly its bytes are then consumed, and the socket is handed to the normal
-HTTP or TLS server machinery with the client address from the header. Only peers inside
-PROXY_PROTOCOL_TRUSTED may send a header; any other peer is served with its own address
-(a header from it is then just a bad request).
+A balancer (an L4 cloud balancer, another HAProxy) prepends one header naming the real
+client. acceptor.py peeks it on listeners marked ``accept-proxy``; this module only
+parses it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import logging
-import socket
 import struct
-
-log = logging.getLogger("pyroute.proxyproto")
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107
@@ -69,94 +60,3 @@ def parse_header(data: bytes) -> tuple[int, str | None] | None:
             raise BadHeader("PROXY v1: address does not match the family")
         return end + 2, str(ip)
     raise BadHeader("no PROXY protocol header")
-
-
-class AcceptProxyListener:
-    """A listening socket whose connections may start with a PROXY header.
-
-    `serve(sock, client_ip)` hands over an accepted socket (header consumed) together
-    with the address to report (None: the socket's own peer).
-    """
-
-    def __init__(self, sock: socket.socket, trusted, timeout: float, serve):
-        self.loop = asyncio.get_running_loop()
-        self.sock = sock
-        self.trusted = trusted
-        self.timeout = timeout
-        self.serve = serve
-        self.waiting: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
-        self.sockets = [sock]
-        sock.setblocking(False)
-        self.loop.add_reader(sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                client, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: try again at the next readiness
-                log.warning("accept failed: %s", exc)
-                return
-            client.setblocking(False)
-            if not self._is_trusted(peer[0]):
-                self.serve(client, None)
-                continue
-            fd = client.fileno()
-            timer = self.loop.call_later(self.timeout, self._drop, fd, "no complete PROXY header in time")
-            self.waiting[fd] = (client, timer)
-            self.loop.add_reader(fd, self._readable, fd)
-
-    def _is_trusted(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.trusted)
-
-    def _readable(self, fd: int) -> None:
-        client, _ = self.waiting[fd]
-        try:
-            data = client.recv(PEEK, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            return self._drop(fd, str(exc))
-        if not data:
-            return self._drop(fd, "closed before the PROXY header")
-        try:
-            parsed = parse_header(data)
-        except BadHeader as exc:
-            return self._drop(fd, str(exc))
-        if parsed is None:
-            if len(data) >= PEEK:
-                return self._drop(fd, "PROXY header too long")
-            return
-        length, client_ip = parsed
-        self._release(fd)
-        try:
-            client.recv(length)  # exactly the header: the next byte is the client's first
-        except OSError as exc:
-            client.close()
-            log.info("PROXY header read failed: %s", exc)
-            return
-        self.serve(client, client_ip)
-
-    def _release(self, fd: int) -> socket.socket:
-        client, timer = self.waiting.pop(fd)
-        timer.cancel()
-        self.loop.remove_reader(fd)
-        return client
-
-    def _drop(self, fd: int, why: str) -> None:
-        if fd in self.waiting:
-            log.info("closing connection on an accept-proxy listener: %s", why)
-            self._release(fd).close()
-
-    def close(self) -> None:
-        self.loop.remove_reader(self.sock.fileno())
-        for fd in list(self.waiting):
-            self._release(fd).close()
-        self.sock.close()

@@ -17,12 +17,12 @@ import socket
 from .admin import AdminApi, AdminConnection
 from .config import Settings
 from .proxy import ClientConnection, ProxyServer, Refused, origin_form
-from .proxyproto import AcceptProxyListener
+from .acceptor import PeekingListener
 from .resolver import Resolver
 from .routing import RouteTable
 from .services import Service
 from .state import ServiceRegistry, Snapshot
-from .tcp import TcpListeners
+from .tcp import Port, TcpListeners, Tunnel
 from .tls import CertStore
 from .upstream import Backend, UpstreamPool
 
@@ -42,24 +42,25 @@ def cert_store(settings: Settings, persist: bool = True) -> CertStore:
                      persist=persist)
 
 
-async def listen(factory, host: str, port: int, what: str, reuse_port: bool = False, ssl=None) -> asyncio.AbstractServer:
+async def listen(factory, host: str, port: int, what: str, reuse_port: bool = False) -> asyncio.AbstractServer:
     """create_server with errors people can act on."""
     loop = asyncio.get_running_loop()
     try:
-        if ssl is not None:
-            return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port,
-                                            ssl=ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{what} port {host}:{port} is already in use: stop what holds it or choose another port") from None
-        if exc.errno == errno.EACCES:
-            raise StartupError(
-                f"no permission to listen on {host}:{port} ({what}): use a port above 1023, "
-                "or grant the capability (setcap cap_net_bind_service=+ep on the python binary, "
-                "or run the container as root)"
-            ) from None
-        raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from None
+        raise listen_error(exc, host, port, what) from None
+
+
+def listen_error(exc: OSError, host: str, port: int, what: str) -> StartupError:
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"{what} port {host}:{port} is already in use: stop what holds it or choose another port")
+    if exc.errno == errno.EACCES:
+        return StartupError(
+            f"no permission to listen on {host}:{port} ({what}): use a port above 1023, "
+            "or grant the capability (setcap cap_net_bind_service=+ep on the python binary, "
+            "or run the container as root)"
+        )
+    return StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}")
 
 
 def addresses(servers: list[asyncio.AbstractServer]) -> str:
@@ -73,6 +74,7 @@ def addresses(servers: list[asyncio.AbstractServer]) -> str:
 
 def listen_socket(host: str, port: int, what: str) -> socket.socket:
     """A bound, listening, SO_REUSEPORT socket (for listeners that accept themselves)."""
+    sock = None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
@@ -83,7 +85,9 @@ def listen_socket(host: str, port: int, what: str) -> socket.socket:
         sock.listen(LISTEN_BACKLOG)
         return sock
     except OSError as exc:
-        raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from None
+        if sock is not None:
+            sock.close()
+        raise listen_error(exc, host, port, what) from None
 
 
 class ProxiedClientConnection(ClientConnection):
@@ -165,7 +169,8 @@ class DataPlane:
         if s.ca_file:
             self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
         public = {spec.port for spec in s.default_ports + s.bind_ports}
-        self.tcp = TcpListeners(s, loop, self._backend, listen, public)
+        tls_ports = {spec.port for spec in s.default_ports + s.bind_ports if spec.ssl}
+        self.tcp = TcpListeners(s, loop, self._backend, listen, public, tls_ports)
 
     async def start(self) -> None:
         if self.proxy is None:
@@ -186,11 +191,18 @@ class DataPlane:
         proxy = self.tls_proxy if spec.ssl else self.proxy
         context = self.certs.dispatch if spec.ssl else None
         what = "HTTPS" if spec.ssl else "HTTP"
-        if "accept-proxy" not in spec.options:
-            return await listen(proxy.factory, s.bind_address, spec.port, what, reuse_port=True, ssl=context)
+        accept_proxy = "accept-proxy" in spec.options
+        if not accept_proxy and not spec.ssl:
+            return await listen(proxy.factory, s.bind_address, spec.port, what, reuse_port=True)
+        # TLS ports (which sni services may share) and accept-proxy ports look at the first bytes.
         loop = asyncio.get_running_loop()
 
-        def serve(sock: socket.socket, client_ip: str | None) -> None:
+        def serve(sock: socket.socket, client_ip: str | None, sni_target) -> None:
+            if sni_target is not None:
+                tunnel_port = Port("tcp", (sni_target,))
+                task = loop.create_task(loop.connect_accepted_socket(lambda: Tunnel(self.tcp, tunnel_port), sock))
+                task.add_done_callback(_log_handover_error)
+                return
             if client_ip is None:
                 factory = proxy.factory
             else:
@@ -201,8 +213,9 @@ class DataPlane:
             task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
             task.add_done_callback(_log_handover_error)
 
-        sock = listen_socket(s.bind_address, spec.port, what + " accept-proxy")
-        return AcceptProxyListener(sock, s.proxy_protocol_trusted, s.timeout_http_request, serve)
+        sock = listen_socket(s.bind_address, spec.port, what)
+        return PeekingListener(sock, serve, accept_proxy=accept_proxy, trusted=s.proxy_protocol_trusted,
+                               sni_port=lambda: self.tcp.tls_sni.get(spec.port), timeout=s.timeout_http_request)
 
     def _certs_changed(self, certs: CertStore) -> None:
         if self.tls_waiting and len(certs) and self._tick_handle is not None:
@@ -271,7 +284,7 @@ class DataPlane:
 
 def _log_handover_error(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.info("connection from an accept-proxy listener failed: %s", task.exception())
+        log.info("handing over an accepted connection failed: %s", task.exception())
 
 
 class LocalPlanes:

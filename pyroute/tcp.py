@@ -4,6 +4,9 @@ A tcp listener forwards the raw byte stream to its service's ``serviceName:port`
 An sni listener reads the TLS ClientHello without terminating it, takes the SNI name,
 and passes the untouched stream (ClientHello included) to the service whose patterns
 (``servicePath`` in sni mode, as in DFP) match; no match closes the connection.
+An sni service whose srcPort is one of the proxy's own TLS ports gets no listener of
+its own: that port's acceptor (acceptor.py) peeks the SNI and hands matching
+connections over (``tls_sni``), terminating the rest itself.
 
 Each tunnel is two protocols pausing each other's reading when a send buffer fills
 (backpressure both ways). Timeouts are stamps checked by the data plane's tick:
@@ -276,12 +279,14 @@ class TcpListeners:
     """Opens and closes one listener per tcp/sni srcPort as snapshots come and go."""
 
     def __init__(self, settings, loop: asyncio.AbstractEventLoop, make_backend: Callable[[str, int], object],
-                 listen: Callable, reserved: set[int]):
+                 listen: Callable, reserved: set[int], tls_ports: set[int]):
         self.settings = settings
         self.loop = loop
         self.make_backend = make_backend
         self.listen = listen  # server.listen
         self.reserved = reserved  # the public HTTP/TLS ports: never taken by a tcp/sni service
+        self.tls_ports = tls_ports  # ...except TLS ones by sni services, served through their acceptor
+        self.tls_sni: dict[int, Port] = {}  # TLS port -> its sni services
         self.ports: dict[int, Port] = {}
         self.servers: dict[int, asyncio.AbstractServer] = {}
         self.tunnels: set[Tunnel] = set()
@@ -301,9 +306,13 @@ class TcpListeners:
     def apply(self, services: tuple[Service, ...]) -> None:
         """Point every tcp/sni port at its new targets; open and close listeners to match."""
         wanted: dict[int, tuple[str, list[Target]]] = {}
+        on_tls: dict[int, list[Target]] = {}
         for service in services:
             for d in service.destinations:
                 if d.req_mode == "http":
+                    continue
+                if d.req_mode == "sni" and d.src_port in self.tls_ports:
+                    on_tls.setdefault(d.src_port, []).append(self._target(service, d))
                     continue
                 if d.src_port in self.reserved:
                     log.error("%s: srcPort %d is a public HTTP/TLS port; its %s destination is ignored",
@@ -316,6 +325,7 @@ class TcpListeners:
                     continue
                 targets.append(self._target(service, d))
         self.ports = {port: Port(mode, tuple(targets)) for port, (mode, targets) in wanted.items()}
+        self.tls_sni = {port: Port("sni", tuple(targets)) for port, targets in on_tls.items()}
         if self._sync is None or self._sync.done():
             self._sync = self.loop.create_task(self._sync_listeners())
 

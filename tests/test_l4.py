@@ -313,3 +313,59 @@ def test_proxy_header_parser():
                 b"PROXY " + b"x" * 120):
         with pytest.raises(BadHeader):
             parse_header(bad)
+
+
+def _handshake_in_pieces(port: int, name: str, ca: trustme.CA) -> bytes:
+    """A TLS client whose ClientHello leaves in two writes; returns the echo of b"ping"."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        first = True
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                data = outgoing.read()
+                if first:
+                    s.sendall(data[:60])
+                    s.sendall(data[60:])
+                    first = False
+                elif data:
+                    s.sendall(data)
+                incoming.write(s.recv(65536) or b"")
+        obj.write(b"ping")
+        s.sendall(outgoing.read())
+        while True:
+            try:
+                return obj.read(100)
+            except ssl.SSLWantReadError:
+                incoming.write(s.recv(65536))
+
+
+def test_sni_services_share_the_proxy_tls_port(make_pyroute, dns, tls_backend, tmp_path):
+    """An sni service on one of the proxy's own TLS ports: its names pass through, every
+    other name is terminated by the proxy with its own certificate."""
+    own_ca = trustme.CA()
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "own.pem").write_bytes(pem(own_ca.issue_cert("own.test")))
+    http_port, tls_port = free_port(), free_port()
+    p = make_pyroute(DEFAULT_PORTS=f"{http_port},{tls_port}:ssl", CERTS_DIR=str(tmp_path / "certs"))
+    dns.set_service("l4-shared", BACKEND_IP)
+    p.reconfigure(serviceName="l4-shared", reqMode="sni", srcPort=tls_port, port=tls_backend.port,
+                  servicePath="pass.test")
+    assert _sni_roundtrip(tls_port, "pass.test", tls_backend.ca) == b"backend:ping"
+    assert _handshake_in_pieces(tls_port, "pass.test", tls_backend.ca) == b"backend:ping"
+    ctx = client_context(own_ca)
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="own.test") as tls:  # verified against the proxy's CA
+            head, _ = raw_http(tls, "/nothing-routed", host="own.test")
+    assert head.startswith(b"HTTP/1.1 503")  # terminated here: no http route -> our 503
+    p.remove("l4-shared")
+    ctx = client_context(own_ca)
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="pass.test") as tls:  # now the proxy's certificate
+            assert tls.getpeercert()["subjectAltName"] == (("DNS", "own.test"),)
