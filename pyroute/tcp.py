@@ -123,6 +123,8 @@ class Port:
     def __init__(self, mode: str, targets: tuple[Target, ...]):
         self.mode = mode
         self.targets = targets
+        # how long a client may stay silent before its ClientHello picked a target
+        self.timeout_client = max(t.timeout_client for t in targets)
 
     def for_sni(self, name: str) -> Target | None:
         for target in self.targets:
@@ -234,7 +236,7 @@ class Tunnel(asyncio.Protocol):
         elif self.target is not None:
             limit, since = self.target.timeout_connect, self.started
         else:
-            limit, since = self.listeners.settings.timeout_client, self.started
+            limit, since = self.port.timeout_client, self.started
         if now - since > limit:
             self.closed = True
             self.transport.abort()

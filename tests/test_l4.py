@@ -369,3 +369,14 @@ def test_sni_services_share_the_proxy_tls_port(make_pyroute, dns, tls_backend, t
     with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname="pass.test") as tls:  # now the proxy's certificate
             assert tls.getpeercert()["subjectAltName"] == (("DNS", "own.test"),)
+
+
+def test_silent_sni_client_closes_after_timeout_client(proxy, dns, tls_backend):
+    src = free_port()
+    dns.set_service("l4-silent", BACKEND_IP)
+    proxy.reconfigure(serviceName="l4-silent", reqMode="sni", srcPort=src, port=tls_backend.port,
+                      servicePath="pass.test", timeoutClient="0.3")
+    wait_until(lambda: _connects(src), what="sni listener open")
+    with socket.create_connection(("127.0.0.1", src), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01")  # the start of a record, never finished
+        assert _closed_by_peer(s)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 
 import pytest
@@ -224,6 +226,8 @@ def test_hot_replace_under_traffic(tls_proxy, dns, replicas, ca):
     for t in threads:
         t.start()
     serials = {old_serial}
+    assert put_cert(p, "added", pem(ca.issue_cert("added.test")))[0] == 200  # a new name, mid-traffic
+    assert served_names(p.tls_port, "added.test", ca) == ["added.test"]
     for _ in range(5):
         wait_until(lambda: min(counts) > 0, what="traffic flowing")
         cert = ca.issue_cert("hot.test")
@@ -417,3 +421,19 @@ def test_https_port_routes_tls_traffic(tls_proxy, dns, replicas, alt, ca):
     assert client.get("/hp/hello")[1]["X-Upstream"] == tls_up.addr
     client.close()
     assert p.get("/hp/hello")[1]["X-Upstream"] == plain_up.addr
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")
+def test_curl_over_tls(tls_proxy, dns, replicas, ca, tmp_path):
+    p = tls_proxy()
+    up = replicas[2]
+    route(p, dns, up, "tls-curl")
+    put_cert(p, "curl", pem(ca.issue_cert("curl.test")))
+    wait_until(lambda: _connects(p.tls_port), what="TLS port open")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    out = subprocess.run(["curl", "-sS", "-i", "--max-time", "10", "--cacert", str(tmp_path / "ca.pem"),
+                          "--resolve", f"curl.test:{p.tls_port}:127.0.0.1", f"https://curl.test:{p.tls_port}/hello"],
+                         capture_output=True, timeout=15)
+    assert out.returncode == 0, out.stderr
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b"hello, world!"
