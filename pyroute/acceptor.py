@@ -33,6 +33,22 @@ log = logging.getLogger("pyroute.acceptor")
 ACCEPT_BATCH = 64
 
 
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening, non-blocking SO_REUSEPORT socket; raises OSError."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Pending:
     __slots__ = ("sock", "timer", "needs_header", "client_ip")
 

@@ -16,8 +16,9 @@ import socket
 
 from .admin import AdminApi, AdminConnection
 from .config import Settings
-from .proxy import ClientConnection, ProxyServer, Refused, origin_form
-from .acceptor import PeekingListener
+from .acceptor import PeekingListener, listen_socket
+from .connections import ClientCertConnection, ProxiedClientCertConnection, ProxiedClientConnection
+from .proxy import ProxyServer
 from .resolver import Resolver
 from .routing import RouteTable
 from .services import Service
@@ -70,73 +71,6 @@ def addresses(servers: list[asyncio.AbstractServer]) -> str:
             host, port = sock.getsockname()[:2]
             out.append(f"{host}:{port}")
     return ", ".join(out) or "(none)"
-
-
-def listen_socket(host: str, port: int, what: str) -> socket.socket:
-    """A bound, listening, SO_REUSEPORT socket (for listeners that accept themselves)."""
-    sock = None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-        return sock
-    except OSError as exc:
-        if sock is not None:
-            sock.close()
-        raise listen_error(exc, host, port, what) from None
-
-
-class ProxiedClientConnection(ClientConnection):
-    """A client connection whose address came in a PROXY protocol header."""
-
-    __slots__ = ("proxied_ip",)
-
-    def __init__(self, server: ProxyServer, proxied_ip: bytes):
-        super().__init__(server)
-        self.proxied_ip = proxied_ip
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self.client_ip = self.proxied_ip
-
-
-class ClientCertConnection(ClientConnection):
-    """A TLS client connection when CA_FILE is set: routes with verifyClientSsl answer 403
-    unless the handshake verified a client certificate (an invalid one fails the handshake)."""
-
-    __slots__ = ("verified",)
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self.verified = bool(transport.get_extra_info("peercert"))
-
-    def on_headers_complete(self) -> None:
-        if not self.verified:
-            url, host = self.url, self.host
-            if url[:1] != b"/":
-                url, host = origin_form(url, host)
-            if url is not None:
-                query = url.find(b"?")
-                route = self.server.table.match(host, url if query < 0 else url[:query])
-                if route is not None and route.destination.verify_client_ssl:
-                    raise Refused(403)
-        super().on_headers_complete()
-
-
-class ProxiedClientCertConnection(ClientCertConnection):
-    __slots__ = ("proxied_ip",)
-
-    def __init__(self, server: ProxyServer, proxied_ip: bytes):
-        super().__init__(server)
-        self.proxied_ip = proxied_ip
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self.client_ip = self.proxied_ip
 
 
 class DataPlane:
@@ -213,7 +147,10 @@ class DataPlane:
             task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
             task.add_done_callback(_log_handover_error)
 
-        sock = listen_socket(s.bind_address, spec.port, what)
+        try:
+            sock = listen_socket(s.bind_address, spec.port, LISTEN_BACKLOG)
+        except OSError as exc:
+            raise listen_error(exc, s.bind_address, spec.port, what) from None
         return PeekingListener(sock, serve, accept_proxy=accept_proxy, trusted=s.proxy_protocol_trusted,
                                sni_port=lambda: self.tcp.tls_sni.get(spec.port), timeout=s.timeout_http_request)
 
