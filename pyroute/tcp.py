@@ -137,7 +137,7 @@ class Port:
 class Tunnel(asyncio.Protocol):
     """The client side of one tcp/sni connection."""
 
-    def __init__(self, listeners: "TcpListeners", port: Port):
+    def __init__(self, listeners: "TcpListeners", port: Port | None):
         self.listeners = listeners
         self.loop = listeners.loop
         self.port = port
@@ -153,6 +153,10 @@ class Tunnel(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.started = self.last_io = self.loop.time()
+        if self.port is None:  # accepted just as its service went away
+            self.closed = True
+            transport.close()
+            return
         self.listeners.tunnels.add(self)
         if self.port.mode == "tcp":
             self._open(self.port.targets[0])
@@ -344,7 +348,7 @@ class TcpListeners:
             for port in to_open:
                 try:
                     self.servers[port] = await self.listen(
-                        lambda port=port: Tunnel(self, self.ports[port]), self.settings.bind_address, port,
+                        lambda port=port: Tunnel(self, self.ports.get(port)), self.settings.bind_address, port,
                         f"{self.ports[port].mode} srcPort", reuse_port=True)
                     log.info("%s listener on port %d open", self.ports[port].mode, port)
                 except Exception as exc:  # a taken port fails that service's listener only
