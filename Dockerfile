@@ -5,7 +5,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY pyroute ./pyroute
 RUN pip install --no-cache-dir . \
- && useradd --system --no-create-home --shell /usr/sbin/nologin pyroute
+ && useradd --system --no-create-home --shell /usr/sbin/nologin pyroute \
+ && mkdir -p /certs && chown pyroute /certs
 
 # Docker (20.10+) sets net.ipv4.ip_unprivileged_port_start=0 inside containers, so an
 # unprivileged user may bind 80 and 443 there.
