@@ -109,8 +109,8 @@ class RouteTable:
                 if destination.req_mode != "http":
                     continue  # tcp/sni destinations have their own listeners (tcp.py)
                 port = (destination.https_port or destination.port) if tls_listener else destination.port
-                if not port:
-                    continue  # only an httpsPort: not reachable over plain HTTP
+                if not port or (destination.verify_client_ssl and not tls_listener):
+                    continue  # only an httpsPort, or client certificates required: not over plain HTTP
                 host = destination.outbound_hostname or service.name
                 if destination.ssl_verify_none:
                     backend = make_backend(host, port, tls=True)

@@ -171,7 +171,7 @@ class DataPlane:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
         table = RouteTable(services, self._backend, revision)
         self.proxy.table = table
-        if any(d.https_port for service in services for d in service.destinations):
+        if any(d.https_port or d.verify_client_ssl for service in services for d in service.destinations):
             self.tls_proxy.table = RouteTable(services, self._backend, revision, tls_listener=True)
         else:
             self.tls_proxy.table = table

@@ -122,6 +122,7 @@ def test_tls_port_opens_with_the_first_certificate(tls_proxy, dns, replicas, ca,
     st, body = p.admin("certs")
     assert st == 200 and [c["ProxyServiceName"] for c in body["Certs"]] == ["site.pem"]
     assert body["Certs"][0]["DnsNames"] == ["site.test"]
+    assert body["Certs"][0]["CertContent"] == site.decode()
     saved = (tmp_path / "certs" / "site.pem").read_bytes()
     assert saved == site
     assert not [f for f in os.listdir(tmp_path / "certs") if f.startswith(".tmp")]
@@ -333,7 +334,9 @@ def test_client_certificates(tls_proxy, dns, replicas, ca, tmp_path):
     anonymous = TlsClient(p.tls_port, "mtls.test", ca)  # absolute-form cannot sneak past
     assert anonymous.get("https://mtls.test/secure/abs")[0] == 403
     anonymous.close()
-    assert p.get("/secure/plain")[0] == 200  # the check belongs to TLS listeners only
+    assert p.get("/secure/plain")[0] == 503  # plain HTTP cannot carry a client certificate: no route
+    assert not up.requests("/secure/plain")
+    assert p.get("/open/plain")[0] == 200
 
     def with_cert(issuer: trustme.CA):
         ctx = client_context(ca)
