@@ -310,6 +310,17 @@ def test_workers_get_certificates(tls_proxy, dns, replicas, ca, tmp_path):
             client = TlsClient(p.tls_port, name, ca)
             assert client.get("/hello")[0] == 200
             client.close()
+    src = free_port()  # tcp listeners too are bound by every worker
+    dns.set_service("tls-workers-tcp", up.ip)
+    p.reconfigure(serviceName="tls-workers-tcp", reqMode="tcp", srcPort=src, port=up.port)
+    wait_until(lambda: _connects(src), what="tcp listener open")
+    for _ in range(12):
+        with socket.create_connection(("127.0.0.1", src), timeout=10) as s:
+            s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello, world!")
 
 
 def test_client_certificates(tls_proxy, dns, replicas, ca, tmp_path):
