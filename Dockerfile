@@ -6,7 +6,7 @@ COPY pyproject.toml README.md ./
 COPY pyroute ./pyroute
 RUN pip install --no-cache-dir . \
  && useradd --system --no-create-home --shell /usr/sbin/nologin pyroute \
- && mkdir -p /var/lib/pyroute && chown pyroute /var/lib/pyroute
+ && mkdir -p /var/lib/pyroute /certs && chown pyroute /var/lib/pyroute /certs
 
 # Every accepted change is fsynced here before it is answered; mount a volume to keep
 # routes across container replacement (a new task also copies them from its peers).

@@ -78,7 +78,7 @@ async def measure(requests: int, routes: int, response: bytes) -> None:
     services.append(parse_service({"serviceName": "go-demo", "servicePath": "/demo", "port": "9000",
                                    "outboundHostname": "127.0.0.1"}))
     stats = DataStats()
-    table = RouteTable(services, lambda host, port, service: Backend(host, port, resolver), make_stats=stats.service)
+    table = RouteTable(services, lambda host, port, service, tls=False: Backend(host, port, resolver), make_stats=stats.service)
     proxy = ProxyServer(settings, loop, pool, table, stats.unrouted)
 
     client = proxy.factory()

@@ -1,6 +1,6 @@
 """Load harness: pyroute side by side with HAProxy, nginx and a naive aiohttp proxy.
 
-    python bench/run.py [--rounds 5] [--duration 10] [--workloads small,c1,64k,upload]
+    python bench/run.py [--rounds 5] [--duration 10] [--workloads small,c1,64k,upload,https,https-new]
                         [--targets pyroute,pyroute-log,haproxy,nginx,aiohttp] [--workers 1,2]
                         [--out bench/out/results.md]
 
@@ -25,6 +25,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,8 @@ class Workload:
     connections: int
     expected: bytes
     upload: int = 0  # request body size; 0 means GET
+    tls: bool = False  # over the target's TLS port (targets without one skip it)
+    close: bool = False  # "Connection: close": every request is a new connection (a full TLS handshake)
 
     @property
     def method(self) -> str:
@@ -89,7 +92,20 @@ WORKLOADS = {
     "c1": Workload("c1", "/demo/hello", 1, HELLO_BODY),
     "64k": Workload("64k", "/64k", 64, BODY_64K),
     "upload": Workload("upload", "/upload", 8, UPLOAD_REPLY, upload=UPLOAD_SIZE),
+    "https": Workload("https", "/demo/hello", 64, HELLO_BODY, tls=True),
+    "https-new": Workload("https-new", "/demo/hello", 16, HELLO_BODY, tls=True, close=True),
 }
+TLS_TARGETS = ("pyroute", "haproxy")  # the ones started with a TLS port (the same certificate)
+
+
+def make_certificate(tmp: Path) -> Path:
+    """One self-signed ECDSA P-256 certificate + key in one PEM, what every TLS target serves."""
+    key, crt, both = tmp / "bench.key", tmp / "bench.crt", tmp / "bench.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=bench.local", "-addext", "subjectAltName=DNS:bench.local",
+                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    both.write_bytes(crt.read_bytes() + key.read_bytes())
+    return both
 
 
 # --- processes ----------------------------------------------------------------------
@@ -346,6 +362,10 @@ class Target:
     failed: str = ""  # why it is not measured at all (did not start, crashed)
     broken: dict = field(default_factory=dict)  # workload name -> why its check failed
     samples: dict = field(default_factory=lambda: defaultdict(list))
+    tls_port: int = 0  # 0: no TLS listener, TLS workloads skip this target
+
+    def port_for(self, workload: Workload) -> int:
+        return self.tls_port if workload.tls else self.port
 
 
 HAPROXY_CONF = """\
@@ -366,6 +386,8 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{port}
+    bind 127.0.0.1:{tls_port} ssl crt {cert} alpn http/1.1 ssl-min-ver TLSv1.2
+    http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
     default_backend upstream
 
 backend upstream
@@ -403,10 +425,11 @@ http {{
 
 
 def start_haproxy(procs: Processes, tmp: Path, upstream_port: int) -> Target:
-    port = free_port()
+    port, tls_port = free_port(), free_port()
     conf = tmp / "haproxy.cfg"
-    conf.write_text(HAPROXY_CONF.format(maxconn=MAX_CONNECTIONS, port=port, upstream_port=upstream_port))
-    target = Target("haproxy", port, SERVER_CPUS, log=tmp / "haproxy.log")
+    conf.write_text(HAPROXY_CONF.format(maxconn=MAX_CONNECTIONS, port=port, upstream_port=upstream_port,
+                                        tls_port=tls_port, cert=tmp / "bench.pem"))
+    target = Target("haproxy", port, SERVER_CPUS, log=tmp / "haproxy.log", tls_port=tls_port)
     target.proc = procs.start(["haproxy", "-db", "-f", str(conf)], SERVER_CPUS, target.log)
     wait_listening(port, target.proc)
     return target
@@ -489,13 +512,16 @@ def start_pyroute(procs: Processes, tmp: Path, upstream_port: int, dns_port: int
     spread over both cpus (sharing cpu 0 with wrk) when WORKERS > 1."""
     name = "pyroute" + (f" w={workers}" if workers > 1 else "") + \
         (f" +{extra_routes} routes" if extra_routes else "") + suffix
-    port, admin_port = free_port(), free_port()
+    port, admin_port, tls_port = free_port(), free_port(), free_port()
     work = tmp / re.sub(r"\W+", "-", name)
-    work.mkdir()
+    (work / "certs").mkdir(parents=True)
+    shutil.copy(tmp / "bench.pem", work / "certs" / "bench.pem")
     cpus = SERVER_CPUS if workers == 1 else ALL_CPUS
-    target = Target(name, port, cpus, log=work / "out.log")
+    target = Target(name, port, cpus, log=work / "out.log", tls_port=tls_port)
+    tls_env = {"DEFAULT_PORTS": f"{port},{tls_port}:ssl", "CERTS_DIR": str(work / "certs"),
+               "SECRETS_DIR": str(work / "secrets")}
     target.proc = procs.start(PYROUTE_CMD, cpus, target.log,
-                              env={**pyroute_env(admin_port, port, dns_port, workers), **(env or {})},
+                              env={**pyroute_env(admin_port, port, dns_port, workers), **tls_env, **(env or {})},
                               cwd=work)
     wait_pyroute_ready(admin_port, target.proc)
     reconfigure(admin_port, UPSTREAM_SERVICE, "/", upstream_port)
@@ -524,7 +550,12 @@ def start_target(kind: str, workers: int, extra_routes: int, procs: Processes, t
 # --- checking and measuring ---------------------------------------------------------
 
 def http_request(port: int, workload: Workload, timeout: float = 30.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    if workload.tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the bench certificate is self-signed
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         body = b"x" * workload.upload if workload.upload else None
         conn.request(workload.method, workload.path, body=body)
@@ -538,8 +569,10 @@ def check_target(target: Target, workloads: list[Workload]) -> dict[str, str]:
     """{workload: what was wrong} for every workload not answered 200 with the expected body."""
     broken = {}
     for workload in workloads:
+        if workload.tls and not target.tls_port:
+            continue
         try:
-            status, body = http_request(target.port, workload)
+            status, body = http_request(target.port_for(workload), workload)
         except (OSError, http.client.HTTPException) as err:
             broken[workload.name] = f"{workload.method} {workload.path} failed: {err!r}"
             continue
@@ -591,7 +624,9 @@ def run_wrk(port: int, workload: Workload, duration: int, upload_script: Path) -
            "--latency", "--timeout", WRK_TIMEOUT]
     if workload.upload:
         cmd += ["-s", str(upload_script)]
-    cmd.append(f"http://127.0.0.1:{port}{workload.path}")
+    if workload.close:
+        cmd += ["-H", "Connection: close"]
+    cmd.append(f"{'https' if workload.tls else 'http'}://127.0.0.1:{port}{workload.path}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + WRK_SLACK, check=True)
     return parse_wrk(out.stdout)
 
@@ -609,7 +644,7 @@ def measure(target: Target, workload: Workload, duration: int, upload_script: Pa
     root = target.proc.pid
     rss_before = tree_rss_bytes(root)
     cpu_before = tree_cpu_seconds(root)
-    result = run_wrk(target.port, workload, duration, upload_script)
+    result = run_wrk(target.port_for(workload), workload, duration, upload_script)
     cpu = tree_cpu_seconds(root) - cpu_before
     rss_after = tree_rss_bytes(root)
     per_request = cpu / result.requests * 1e6 if result.requests else float("nan")
@@ -627,7 +662,7 @@ def run_rounds(targets: list[Target], workloads: list[Workload], rounds: int, du
                warmup: int, upload_script: Path) -> None:
     """Per workload: warm every target up, then rounds of A B C A B C ..."""
     for workload in workloads:
-        measured = [t for t in targets if workload.name not in t.broken]
+        measured = [t for t in targets if workload.name not in t.broken and (t.tls_port or not workload.tls)]
         for target in measured:
             if alive(target) and warmup:
                 log(f"warm-up   {workload.name:6} {target.name}")
@@ -708,6 +743,8 @@ def render_table(targets: list[Target], workloads: list[Workload]) -> str:
     for workload in workloads:
         ref = summarize(haproxy, workload.name) if haproxy else None
         for target in targets:
+            if workload.tls and not target.tls_port:
+                continue  # not started with TLS (only pyroute and HAProxy are)
             row = summarize(target, workload.name)
             if row is None:
                 reason = "wrong answer" if workload.name in target.broken else \
@@ -767,7 +804,9 @@ def render_report(targets: list[Target], workloads: list[Workload], args, upstre
         f"target's process tree during the wrk run ÷ requests completed",
         "- workloads: " + "; ".join(
             f"{w.name} = {w.method} {w.path} -c{w.connections}"
-            + (f" ({w.upload // 1048576} MiB body)" if w.upload else "") for w in workloads),
+            + (f" ({w.upload // 1048576} MiB body)" if w.upload else "")
+            + (" over TLS" if w.tls else "") + (", Connection: close (a new handshake per request)" if w.close else "")
+            for w in workloads),
         f"- DNS queries answered by the harness DNS (pyroute resolves {UPSTREAM_SERVICE} "
         f"through it, TTL {DNS_TTL}; all pyroute targets together): {dns_note}",
     ]
@@ -870,6 +909,7 @@ def main(argv=None) -> int:
     targets: list[Target] = []
     try:
         upstream_port, upstream_kind = start_upstream(procs, tmp, prefer_nginx=args.upstream == "auto")
+        make_certificate(tmp)
         log(f"upstream: {upstream_kind} on port {upstream_port}; files in {tmp}")
         targets = start_targets(args, workloads, procs, tmp, upstream_port, dns_port)
         upload_script = write_upload_script(tmp, UPLOAD_SIZE)

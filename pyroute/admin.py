@@ -22,6 +22,7 @@ from .resolver import ResolveError
 from .routing import precedence_key
 from .services import Service, ServiceError, is_removal, parse_service
 from .state import ServiceRegistry, format_stamp, parse_stamp
+from .tls import load_certificate
 
 log = logging.getLogger("pyroute.admin")
 
@@ -81,9 +82,13 @@ class AdminApi:
         collect: Callable[[], Awaitable[dict]] | None = None,
         settings=None,
         credentials: tuple[str, str] | None = None,
+        certs=None,
+        wait_certs: Callable[[], Awaitable[list[str]]] | None = None,
     ):
         self.credentials = credentials  # (user, password) every call must present, None = open
         self.registry = registry
+        self.certs = certs  # tls.CertStore: install(name, pem) / remove(name) / list()
+        self.wait_certs = wait_certs  # -> the data planes that failed to take the current certificates
         self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
         self.is_ready = is_ready
         self.replication = replication  # replication.Replication: durability, peers, listener
@@ -98,6 +103,8 @@ class AdminApi:
             "successfulinitreload": self.successful_init_reload,
             "state": self.state,
             "metrics": self.metrics_csv,
+            "cert": self.cert,
+            "certs": self.list_certs,
         }
 
     async def handle(self, request: Request) -> Response:
@@ -142,6 +149,16 @@ class AdminApi:
             if not is_removal(request.params):
                 parse_service(request.params, self.registry.separator)  # refuse bad input before fanning out
             return await self.distribute(request, self.reconfigure)
+        if self.certs is not None and any(k.lower() == "servicecert" for k in request.params):
+            # serviceCert: validate the service first, then the certificate, then apply both.
+            candidate = parse_service(request.params, self.registry.separator)
+            if candidate.cert:
+                try:
+                    self.certs.install(candidate.cert_name, candidate.cert.encode())
+                except (ValueError, OSError) as exc:
+                    return json_response(400, f"serviceCert: {exc}", ServiceName=candidate.name)
+                if self.wait_certs is not None:
+                    await self.wait_certs()
         service = self.registry.reconfigure(request.params, _stamp(request))
         if service is None:
             return await self._applied(json_response(200, "", ServiceName=request.params.get("serviceName", "")))
@@ -162,6 +179,42 @@ class AdminApi:
             state = f"X-Pyroute-Revision: {self.registry.revision}\r\nX-Pyroute-Hash: {self.registry.hash}\r\n"
             return Response(200, orjson.dumps({s.name: s.to_json() for s in services}), headers=state)
         return Response(200, render_config(services, self.registry.revision).encode(), "text/plain; charset=utf-8")
+
+    async def cert(self, request: Request) -> Response:
+        """PUT ?certName=NAME with a PEM body (chain + key): install or replace, no restart."""
+        if request.method != "PUT":
+            return json_response(405, "/cert accepts PUT only")
+        name = request.params.get("certName", "").strip()
+        if not name:
+            return json_response(400, "certName parameter is mandatory")
+        if not request.body.strip():
+            return json_response(400, "the body must hold the PEM certificate and its key")
+        try:
+            load_certificate(name, request.body)  # bad PEM is refused before anything changes or is sent
+        except ValueError as exc:
+            return json_response(400, str(exc))
+        if self._distributing(request):
+            return await self.distribute(request, self.cert)
+        try:
+            self.certs.install(name, request.body)
+        except ValueError as exc:
+            return json_response(400, str(exc))
+        except OSError as exc:
+            return json_response(500, str(exc))
+        failed = await self.wait_certs() if self.wait_certs is not None else []
+        if failed:
+            return json_response(500, f"the certificate is saved but these workers did not take it: {', '.join(failed)}")
+        # also into the replicated state: saved with it, pulled by joining and repairing peers
+        self.registry.put_cert(name, request.body.decode("ascii", "replace"), _stamp(request))
+        return await self._applied(json_response(200, ""))
+
+    def list_certs(self, request: Request) -> Response:
+        certs = [
+            {"ProxyServiceName": c["Name"], "CertsDir": self.certs.certs_dir, "CertContent": c["Pem"],
+             "ServicePort": "", "DnsNames": c["DnsNames"], "NotAfter": c["NotAfter"]}
+            for c in self.certs.list() if not c["Secret"]
+        ]
+        return json_response(200, "", Certs=certs)
 
     def ping(self, request: Request) -> Response:
         extra = self.replication.counters() if self.replication is not None else {}

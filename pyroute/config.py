@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import math
 import os
 import tomllib
@@ -152,7 +153,7 @@ def _separator(value: Any, setting: str) -> str:
 
 
 def _optional_text(value: Any, setting: str) -> str:
-    """A string that may be empty (empty = the feature is off)."""
+    """A string that may be empty (empty = the feature is off / automatic)."""
     if not isinstance(value, str):
         raise _bad(setting, "a string", value)
     return value.strip()
@@ -185,6 +186,26 @@ def _address_list(value: Any, setting: str) -> tuple[str, ...]:
             raise _bad(setting, "a comma list of host[:port] without empty entries", value)
         _check_nameserver(entry, setting)
     return tuple(entries)
+
+
+def _networks(value: Any, setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A comma list (or TOML list) of CIDRs; "" for none."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise _bad(setting, "a comma list of CIDRs like '10.0.0.0/8'", value)
+    networks = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise _bad(setting, "a comma list of CIDRs like '10.0.0.0/8'", entry) from None
+    return tuple(networks)
+
+
+_PRIVATE_NETS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,fc00::/7,::1/128"
 
 
 def _log_level(value: Any, setting: str) -> str:
@@ -356,6 +377,15 @@ class Settings:
                                     help="milliseconds between fetches from the Swarm Listener")
     repeat_reload: bool = _setting(False, parse=_boolean,
                                    help="keep fetching from the Swarm Listener every RELOAD_INTERVAL")
+    certs_dir: str = _setting("/certs", parse=_text,
+                              help="directory of PEM certificates (chain + key per file); API-installed ones are saved here")
+    preferred_certificate: str = _setting("", parse=_optional_text, shown='""',
+                                          help="certificate served when SNI matches none (name or file name); default the first")
+    ca_file: str = _setting("", parse=_optional_text, shown='""',
+                            help="PEM CA bundle that client certificates are checked against (verifyClientSsl)")
+    proxy_protocol_trusted: tuple = _setting(
+        _networks(_PRIVATE_NETS, "default"), parse=_networks, shown=_PRIVATE_NETS,
+        help="CIDRs allowed to send a PROXY protocol header on accept-proxy listeners")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
     service_domain_algo: str = _setting("hdr_beg", parse=_domain_algo,
                                         help="default serviceDomainAlgo: hdr, hdr_beg, hdr_dom or hdr_end")
@@ -375,7 +405,7 @@ class Settings:
     proxy_instance_name: str = _setting("docker-flow", parse=_text, help="this proxy's instance name")
     secrets_dir: str = _setting("/run/secrets", parse=_text,
                                 help="Docker secrets directory: dfp_<setting> files override env (e.g. dfp_admin_user), "
-                                     "dfp_users_<x> for usersSecret")
+                                     "dfp_users_<x> for usersSecret, cert-*/cert_* are certificates")
     debug: bool = _setting(False, parse=_boolean, help="access log: one JSON line per request on stdout")
     debug_errors_only: bool = _setting(False, parse=_boolean,
                                        help="with DEBUG: log only errors (status >= 400, aborted requests)")

@@ -131,7 +131,7 @@ class ProxyServer:
         for upstream in list(self.pool.busy):
             owner = upstream.owner
             ex = owner.queue[0] if owner is not None and owner.queue else None
-            timeout = ex.route.service.timeout_server or default if ex is not None and ex.route else default
+            timeout = ex.route.destination.timeout_server or default if ex is not None and ex.route else default
             if now - upstream.last_io > timeout:
                 upstream.stats.timeouts += 1
                 upstream.abort()
@@ -611,8 +611,7 @@ class ClientConnection(asyncio.Protocol):
         self.out.append(rest)
         to_client = b"".join(self.out)
         self.out.clear()
-        service = ex.route.service
-        tunnel = Tunnel(self.server, service.timeout_tunnel or self.server.settings.timeout_tunnel)
+        tunnel = Tunnel(self.server, ex.route.destination.timeout_tunnel or self.server.settings.timeout_tunnel)
         tunnel.start(self.transport, upstream.transport, to_client, ex.upgrade)
         return True
 
@@ -677,6 +676,9 @@ class _Refused(Exception):
         self.status = status
 
 
+Refused = _Refused  # for connection subclasses elsewhere (connections.ClientCertConnection)
+
+
 def _origin_form(url: bytes, host: bytes | None, method: bytes) -> tuple[bytes | None, bytes | None]:
     """absolute-form "http://h/p?q" -> ("/p?q", b"h") (RFC 9112 §3.2.2); "*" stays for
     OPTIONS (routed as "/"); url None for any other form (400)."""
@@ -693,3 +695,6 @@ def _origin_form(url: bytes, host: bytes | None, method: bytes) -> tuple[bytes |
     if slash < 0:
         return b"/", rest
     return rest[slash:], rest[:slash]
+
+
+origin_form = _origin_form

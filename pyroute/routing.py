@@ -186,17 +186,25 @@ class PathIndex:
 class RouteTable:
     """An immutable snapshot of every route, in DFP precedence order."""
 
-    def __init__(self, services: Iterable[Service], make_backend: Callable[[str, int, Service], Any], revision: int = 0,
+    def __init__(self, services: Iterable[Service], make_backend: Callable[..., Any], revision: int = 0,
                  longest_match: bool = False, make_stats: Callable[[str], Any] = lambda name: None,
-                 first: Iterable[Service] = ()):
-        """`first`: pyroute's own services (the stats page), matched before every other one."""
+                 first: Iterable[Service] = (), tls_listener: bool = False):
+        """`make_backend(host, port, service, tls=...)`; `first`: pyroute's own services (the
+        stats page), matched before every other one; `tls_listener`: the table of the TLS
+        ports, where a destination's httpsPort replaces its port."""
         self.revision = revision
         self.longest_match = longest_match
         self.services = tuple(sorted(services, key=precedence_key))
         routes = []
         for service in (*first, *self.services):
             for destination in service.destinations:
-                backend = make_backend(destination.outbound_hostname or service.name, destination.port, service)
+                if destination.req_mode != "http":
+                    continue  # tcp/sni destinations have their own listeners (tcp.py)
+                port = (destination.https_port or destination.port) if tls_listener else destination.port
+                if not port or (destination.verify_client_ssl and not tls_listener):
+                    continue  # only an httpsPort, or client certificates required: not over plain HTTP
+                host = destination.outbound_hostname or service.name
+                backend = make_backend(host, port, service, tls=destination.ssl_verify_none)
                 routes.append(Route(service, destination, backend, len(routes), make_stats(service.name)))
         self.routes = tuple(routes)
         # DFP's default_backend: the first destination of the first isDefaultBackend service

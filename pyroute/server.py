@@ -22,9 +22,11 @@ from . import metrics, statspage
 from .accesslog import AccessLog
 from .admin import AdminApi, AdminConnection
 from . import errors
+from .acceptor import PeekingListener, listen_socket
 from .adminauth import admin_credentials
 from .balancer import Sticky, TaskSet
 from .config import Settings, SettingsError, raw_haproxy_warnings
+from .connections import ClientCertConnection, ProxiedClientCertConnection, ProxiedClientConnection
 from .envservices import env_services
 from .health import HealthPolicy
 from .proxy import ProxyServer
@@ -34,12 +36,15 @@ from .routing import RouteTable
 from .services import Service, ServiceDefaults, ServiceError, parse_service
 from .state import ServiceRegistry, Snapshot
 from .swarm import EngineClient, EngineError, SwarmListener, listener_enabled
+from .tcp import Port, TcpListeners, Tunnel
+from .tls import CertStore
 from .upstream import Backend, UpstreamPool
 
 log = logging.getLogger("pyroute")
 
 LISTEN_BACKLOG = 1024
 STATS_SERVICE = "pyroute-stats"  # the service name of the stats page's own route
+TLS_HANDSHAKE_TIMEOUT = 10.0
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 MAXCONN_LOG_EVERY = 60.0  # seconds between "MAXCONN reached" log lines
 # Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
@@ -116,6 +121,11 @@ class Listener:
         self.sock.close()
 
 
+def cert_store(settings: Settings, persist: bool = True) -> CertStore:
+    return CertStore(settings.certs_dir, settings.secrets_dir, settings.preferred_certificate, settings.ca_file,
+                     persist=persist)
+
+
 async def listen(factory, host: str, port: int, what: str, reuse_port: bool = False) -> asyncio.AbstractServer:
     """create_server with errors people can act on."""
     loop = asyncio.get_running_loop()
@@ -123,6 +133,9 @@ async def listen(factory, host: str, port: int, what: str, reuse_port: bool = Fa
         return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
     except OSError as exc:
         raise _startup_error(exc, host, port, what) from None
+
+
+listen_error = _startup_error  # (the TLS/PROXY listeners bind their sockets themselves)
 
 
 def addresses(servers: list[asyncio.AbstractServer]) -> str:
@@ -137,11 +150,16 @@ def addresses(servers: list[asyncio.AbstractServer]) -> str:
 class DataPlane:
     """The public side of one process: listeners, proxy, resolver, pool, housekeeping tick."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, certs: CertStore | None = None):
         self.settings = settings
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
         self.proxy: ProxyServer | None = None
-        self.servers: list[Listener] = []
+        self.tls_proxy: ProxyServer | None = None  # the same routes, X-Forwarded-Proto: https
+        self.tcp: TcpListeners | None = None
+        self.certs = certs if certs is not None else cert_store(settings, persist=False)
+        self.certs.subscribe(self._certs_changed)
+        self.tls_waiting: list = []  # :ssl ports not bound until a certificate exists
+        self.servers: list = []  # Listener (plain HTTP, pausable at MAXCONN) or PeekingListener (TLS, PROXY)
         self.revision = 0
         self.services: tuple[Service, ...] = ()
         self.stats = metrics.DataStats()
@@ -153,14 +171,15 @@ class DataPlane:
         self._listeners_lock = asyncio.Lock()
         self._maxconn_logged = -MAXCONN_LOG_EVERY
 
-    def _backend(self, host: str, port: int, service: Service):
+    def _backend(self, host: str, port: int, service: Service, tls: bool = False):
         """The service name (Overlay: the VIP balances) or, for DNS discovery and sticky
-        sessions, the TaskSet of tasks.<host> (kept across tables while its options stay)."""
+        sessions, the TaskSet of tasks.<host> (kept across tables while its options stay).
+        `tls` (sslVerifyNone): TLS to the upstream, always through the service name."""
         tasksets = self._next_tasksets
         balancing = service.balancing
         discovery = balancing.discovery or self.settings.discovery_type
-        if is_ip(host) or (discovery != "DNS" and balancing.sticky_cookie is None):
-            return Backend(host, port, self.resolver)
+        if tls or is_ip(host) or (discovery != "DNS" and balancing.sticky_cookie is None):
+            return Backend(host, port, self.resolver, tls)
         s = self.settings
         policy = HealthPolicy(balancing.health_path, balancing.health_interval or s.health_check_interval,
                               balancing.health_timeout or s.health_check_timeout,
@@ -183,12 +202,20 @@ class DataPlane:
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log)
         self.proxy.on_full = self._stop_accepting
         self.proxy.on_room = self._resume_accepting
+        self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table, self.stats.unrouted, access_log)
+        self.tls_proxy.proto = b"https"
+        if s.ca_file:
+            self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
+        public = {spec.port for spec in s.default_ports + s.bind_ports}
+        tls_ports = {spec.port for spec in s.default_ports + s.bind_ports if spec.ssl}
+        self.tcp = TcpListeners(s, loop, self._backend, listen, public, tls_ports)
         errors.use_directory(s.error_pages_dir)
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply re-read settings (SIGHUP) at once; RESTART_ONLY ones keep their values."""
         self.settings = settings
         self.proxy.configure(settings)
+        self.tls_proxy.configure(settings)
         pool = self.proxy.pool
         pool.max_idle, pool.idle_timeout = settings.upstream_max_idle, settings.upstream_idle_timeout
         self.resolver.ttl_cap = settings.dns_ttl_cap
@@ -204,23 +231,26 @@ class DataPlane:
             self._maxconn_logged = now
             log.warning("MAXCONN %d reached: not accepting new connections until one closes", self.settings.maxconn)
         for listener in [*self.servers, *self.src_port_servers.values()]:
-            listener.pause()
+            if isinstance(listener, Listener):  # TLS and PROXY ports keep accepting (see ARCHITECTURE.md)
+                listener.pause()
 
     def _resume_accepting(self) -> None:
         for listener in [*self.servers, *self.src_port_servers.values()]:
-            listener.resume()
+            if isinstance(listener, Listener):
+                listener.resume()
 
     async def start(self) -> None:
         if self.proxy is None:
             self.prepare()
         s = self.settings
         for spec in s.default_ports + s.bind_ports:
-            if spec.ssl:
-                log.warning("port %d is marked :ssl; TLS termination is not available yet, so it is not opened", spec.port)
+            if spec.ssl and not len(self.certs):
+                log.warning("TLS port %d is not opened: no certificate yet (put PEM files in %s, add a cert-* "
+                            "secret, or PUT /v1/docker-flow-proxy/cert); the first certificate opens it",
+                            spec.port, s.certs_dir)
+                self.tls_waiting.append(spec)
                 continue
-            listener = Listener(self.proxy.factory, s.bind_address, spec.port)
-            self.servers.append(listener)
-            await listener.serve()
+            self.servers.append(await self._listen(spec))
         self._tick_handle = asyncio.get_running_loop().call_later(self._tick_interval(), self._tick)
         await self.sync_src_ports()
 
@@ -244,6 +274,55 @@ class DataPlane:
                     await listener.serve()
                 log.info("opened an HTTP listener on port %d for srcPort", port)
 
+    async def _listen(self, spec):
+        s = self.settings
+        proxy = self.tls_proxy if spec.ssl else self.proxy
+        context = self.certs.dispatch if spec.ssl else None
+        what = "HTTPS" if spec.ssl else "HTTP"
+        accept_proxy = "accept-proxy" in spec.options
+        if not accept_proxy and not spec.ssl:
+            listener = Listener(proxy.factory, s.bind_address, spec.port)  # pausable at MAXCONN
+            await listener.serve()
+            return listener
+        # TLS ports (which sni services may share) and accept-proxy ports look at the first bytes.
+        loop = asyncio.get_running_loop()
+
+        def serve(sock: socket.socket, client_ip: str | None, sni_target) -> None:
+            if sni_target is not None:
+                tunnel_port = Port("tcp", (sni_target,))
+                task = loop.create_task(loop.connect_accepted_socket(lambda: Tunnel(self.tcp, tunnel_port), sock))
+                task.add_done_callback(_log_handover_error)
+                return
+            if client_ip is None:
+                factory = proxy.factory
+            else:
+                ip = client_ip.encode()
+                kind = ProxiedClientCertConnection if spec.ssl and s.ca_file else ProxiedClientConnection
+                factory = lambda: kind(proxy, ip)  # noqa: E731
+            kwargs = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if context else {}
+            task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
+            task.add_done_callback(_log_handover_error)
+
+        try:
+            sock = listen_socket(s.bind_address, spec.port, LISTEN_BACKLOG)
+        except OSError as exc:
+            raise listen_error(exc, s.bind_address, spec.port, what) from None
+        return PeekingListener(sock, serve, accept_proxy=accept_proxy, trusted=s.proxy_protocol_trusted,
+                               sni_port=lambda: self.tcp.tls_sni.get(spec.port), timeout=s.timeout_http_request)
+
+    def _certs_changed(self, certs: CertStore) -> None:
+        if self.tls_waiting and len(certs) and self._tick_handle is not None:
+            waiting, self.tls_waiting = self.tls_waiting, []
+            asyncio.get_running_loop().create_task(self._open_tls(waiting))
+
+    async def _open_tls(self, specs) -> None:
+        for spec in specs:
+            try:
+                self.servers.append(await self._listen(spec))
+                log.info("TLS port %d opened: the first certificate is in", spec.port)
+            except StartupError as exc:
+                log.error("%s", exc)
+
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on."""
         self._next_tasksets = {}
@@ -254,6 +333,12 @@ class DataPlane:
             if cookie is not None and isinstance(route.backend, TaskSet):
                 route.sticky = Sticky(route, route.backend, cookie)
         self.proxy.table = table
+        if any(d.https_port or d.verify_client_ssl for service in services for d in service.destinations):
+            self.tls_proxy.table = RouteTable(services, self._backend, revision, self.settings.longest_match,
+                                              self.stats.service, self.stats_service, tls_listener=True)
+        else:
+            self.tls_proxy.table = table
+        self.tcp.apply(services)
         for key, taskset in self.tasksets.items():
             if self._next_tasksets.get(key) is not taskset:
                 taskset.close()
@@ -262,7 +347,7 @@ class DataPlane:
         self.services = services
         self.stats.reloads += 1
         self.stats.keep_only({route.service.name for route in table.routes})
-        self.resolver.forget({route.backend.host for route in table.routes})
+        self.resolver.forget({host for service in services for host in service.dial_hosts})
         if self._tick_handle is not None:  # started already: bring the srcPort listeners in line with the new table
             asyncio.get_running_loop().create_task(self.sync_src_ports())
 
@@ -287,18 +372,20 @@ class DataPlane:
         proxy = self.proxy
         if proxy is None:
             return
+        self.tcp.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        proxies = (proxy, self.tls_proxy)
         while True:
-            for conn in list(proxy.connections):
+            for conn in [c for p in proxies for c in p.connections]:
                 if not conn.queue and not conn.in_head:
                     conn.transport.close()
-            if not (proxy.connections or proxy.tunnels) or loop.time() >= deadline:
+            if not any(p.connections or p.tunnels for p in proxies) or loop.time() >= deadline:
                 break
             await asyncio.sleep(DRAIN_POLL)
-        for conn in list(proxy.connections):
+        for conn in [c for p in proxies for c in p.connections]:
             conn.transport.abort()
-        for tunnel in list(proxy.tunnels):
+        for tunnel in [t for p in proxies for t in p.tunnels]:
             tunnel.close(abort=True)
         for taskset in self.tasksets.values():
             taskset.close()
@@ -314,9 +401,17 @@ class DataPlane:
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self.proxy.check_timeouts(loop.time())
+            now = loop.time()
+            self.proxy.check_timeouts(now)
+            self.tls_proxy.check_timeouts(now)
+            self.tcp.check_timeouts(now)
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
+
+
+def _log_handover_error(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("handing over an accepted connection failed: %s", task.exception())
 
 
 class LocalPlanes:
@@ -328,6 +423,12 @@ class LocalPlanes:
     def publish(self, snapshot: Snapshot) -> None:
         self.plane.apply(*snapshot)
 
+    def publish_certs(self, certs: CertStore) -> None:
+        pass  # the data plane shares the control plane's store
+
+    async def wait_certs(self) -> list[str]:
+        return []
+
     async def wait_applied(self, revision: int) -> list[str]:
         return []
 
@@ -338,12 +439,13 @@ class LocalPlanes:
 class ControlPlane:
     """Registry and admin API; hands every snapshot to the data planes."""
 
-    def __init__(self, settings: Settings, planes):
+    def __init__(self, settings: Settings, planes, certs: CertStore):
         self.settings = settings
         self.planes = planes
         instance = settings.proxy_instance_name if settings.filter_proxy_instance_name else None
         self.registry = ServiceRegistry(settings.separator, ServiceDefaults.from_settings(settings), instance)
         self.replication = Replication(settings, self.registry)
+        self.certs = certs
         self.servers: list[asyncio.AbstractServer] = []
         self.listener: SwarmListener | None = None
 
@@ -360,6 +462,8 @@ class ControlPlane:
             except ServiceError as exc:
                 raise StartupError(f"DFP_SERVICE_* service {params.get('servicename', '?')!r}: {exc.message}") from None
         self.registry.subscribe(self.planes.publish)
+        self.registry.subscribe(self._certs_from_state)
+        self.certs.subscribe(self.planes.publish_certs)
         s = self.settings
         if listener_enabled(s.docker_host, s.sources.get("docker_host", "default") != "default"):
             try:
@@ -369,7 +473,8 @@ class ControlPlane:
             self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
         self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.is_ready, self.replication,
                                   collect=self.planes.collect, settings=self.settings,
-                                  credentials=admin_credentials(s))
+                                  credentials=admin_credentials(s), certs=self.certs,
+                                  wait_certs=self.planes.wait_certs)
         if api.credentials is None:
             log.warning("the admin API on %s:%d is unauthenticated: anyone who reaches it can change routes "
                         "(set ADMIN_USER and ADMIN_PASS, or the secrets dfp_admin_user / dfp_admin_pass)", s.ip, s.port)
@@ -384,6 +489,17 @@ class ControlPlane:
         self.settings = settings
         self.api.credentials = admin_credentials(settings)
         self.api.settings = settings
+
+    def _certs_from_state(self, snapshot) -> None:
+        """Certificates that came with replicated state (a peer's PUT /cert, a join, a repair)
+        go into the certificate store; the store itself keeps them in CERTS_DIR."""
+        have = {name: pem.strip() for name, pem in self.certs.pems().items()}
+        for name, pem in self.registry.certs().items():
+            if have.get(name) != pem.strip():
+                try:
+                    self.certs.install(name, pem.encode())
+                except (ValueError, OSError) as exc:
+                    log.error("certificate %s from the replicated state not installed: %s", name, exc)
 
     def is_ready(self) -> bool:
         """successfulinitreload (DFP): saved state, peers and the Swarm Listener loaded, and
@@ -408,8 +524,10 @@ class Pyroute:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.data = DataPlane(settings)
-        self.control = ControlPlane(settings, LocalPlanes(self.data))
+        self.certs = cert_store(settings)
+        self.certs.load()
+        self.data = DataPlane(settings, self.certs)
+        self.control = ControlPlane(settings, LocalPlanes(self.data), self.certs)
 
     @property
     def registry(self) -> ServiceRegistry:

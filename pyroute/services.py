@@ -22,6 +22,7 @@ MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 _INDEX_MARKERS = ("servicepath", "port", "servicedomain", "httpsport")
 DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")
 DEFAULT_DOMAIN_ALGO = "hdr_beg"
+REQ_MODES = ("http", "tcp", "sni")
 PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-deflate (no HTTP client asks for it)
@@ -86,6 +87,13 @@ class Destination:
     ignore_authorization: bool = False
     allowed_ips: tuple[str, ...] = ()  # CIDR networks, normalised
     denied_ips: tuple[str, ...] = ()
+    req_mode: str = "http"  # one of REQ_MODES; tcp/sni destinations are served by tcp.py on src_port
+    verify_client_ssl: bool = False  # 403 on TLS without a client certificate verified against CA_FILE
+    https_port: int = 0  # requests that arrived over TLS go to this port instead (0 = port)
+    ssl_verify_none: bool = False  # speak TLS to the upstream, without verifying its certificate
+    timeout_client: float | None = None  # per-destination overrides of the global timeouts
+    timeout_server: float | None = None
+    timeout_tunnel: float | None = None
 
     @property
     def conditional(self) -> bool:
@@ -139,9 +147,9 @@ class Service:
     compression_algo: str = ""  # space-separated COMPRESSION_ALGOS, in preference order ("" = off)
     compression_types: tuple[str, ...] = ()
     balancing: Balancing = Balancing()
-    timeout_server: float | None = None  # timeoutServer: overrides TIMEOUT_SERVER for this service
-    timeout_tunnel: float | None = None  # timeoutTunnel: overrides TIMEOUT_TUNNEL
     max_request_body: int | None = None  # maxRequestBody (bytes, 0 = unlimited): overrides MAX_REQUEST_BODY
+    cert: str | None = None  # serviceCert: PEM installed into the certificate store as cert_name
+    cert_name: str = ""
 
     @property
     def dial_hosts(self) -> tuple[str, ...]:
@@ -160,12 +168,10 @@ class Service:
                     "ServiceDomain": list(d.domains),
                     "Port": str(d.port),
                     "OutboundHostname": d.outbound_hostname or "",
-                    "ReqMode": "http",
                     "PathType": d.path_type,
                     "ServicePathExclude": list(d.path_excludes),
                     "ServiceHeader": dict(d.header_match),
                     "UserAgent": {"Value": list(d.user_agents)},
-                    "SrcPort": d.src_port,
                     "RedirectFromDomain": list(d.redirect_from),
                     "ReqPathSearchReplaceFormatted": [f"{a},{b}" for a, b in d.path_rewrites],
                     "HttpsOnly": d.https_only,
@@ -176,6 +182,14 @@ class Service:
                     "IgnoreAuthorization": d.ignore_authorization,
                     "AllowedIPs": list(d.allowed_ips),
                     "DeniedIPs": list(d.denied_ips),
+                    "ReqMode": d.req_mode,
+                    "SrcPort": d.src_port,
+                    "VerifyClientSsl": d.verify_client_ssl,
+                    "HttpsPort": d.https_port,
+                    "SslVerifyNone": d.ssl_verify_none,
+                    "TimeoutClient": _shown(d.timeout_client),
+                    "TimeoutServer": _shown(d.timeout_server),
+                    "TimeoutTunnel": _shown(d.timeout_tunnel),
                 }
                 for d in self.destinations
             ],
@@ -193,8 +207,6 @@ class Service:
             "RedirectUnlessHttpsProto": self.redirect_unless_https_proto,
             "CompressionAlgo": self.compression_algo,
             "CompressionType": " ".join(self.compression_types),
-            "TimeoutServer": _shown(self.timeout_server),
-            "TimeoutTunnel": _shown(self.timeout_tunnel),
             "MaxRequestBody": _shown(self.max_request_body),
         }
 
@@ -236,6 +248,27 @@ def _parse_port(value: str, name: str) -> int:
     if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
         raise ServiceError(400, f"{name} must be a port number 1..65535, got {value!r}")
     return int(value)
+
+
+def _parse_seconds(value: str | None, name: str) -> float | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not (0 < seconds < float("inf")):
+        raise ServiceError(400, f"{name} must be a number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def _bool(value: str | None, name: str) -> bool:
+    text = (value or "").strip().lower()
+    if text in ("", "false", "0", "no"):
+        return False
+    if text in ("true", "1", "yes"):
+        return True
+    raise ServiceError(400, f"{name} must be true or false, got {value!r}")
 
 
 def _check_host(value: str, name: str) -> str:
@@ -313,15 +346,6 @@ def _indexes(params: Mapping[str, str]) -> list[int]:
             break
         found.append(n)
     return found
-
-
-def _bool(value: str | None, name: str) -> bool:
-    text = (value or "").strip().lower()
-    if text in ("", "false", "0", "no"):
-        return False
-    if text in ("true", "1", "yes"):
-        return True
-    raise ServiceError(400, f"{name} must be true or false, got {value!r}")
 
 
 def _methods(value: str | None, separator: str, name: str) -> tuple[str, ...]:
@@ -478,16 +502,45 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
     wildcard = False
     for index in _indexes(params) or [0]:
         suffix = f".{index}" if index else ""
+        mode = (value("reqmode", index) or "").strip().lower() or "http"
+        if mode not in REQ_MODES:
+            raise ServiceError(400, f"reqMode{suffix} must be one of {', '.join(REQ_MODES)}, got {mode!r}")
+        src_text = (value("srcport", index) or "").strip()
         port_text = (value("port", index) or "").strip()
-        if not port_text:
+        if mode != "http" and (src_text in ("", "0") or not port_text):
+            raise ServiceError(400, f"When using reqMode {mode}, srcPort and port parameters are mandatory")
+        https_text = (value("httpsport", index) or "").strip()
+        if not port_text and not https_text:
             raise ServiceError(400, "The port query is mandatory")
-        port = _parse_port(port_text, "port" + suffix)
+        port = _parse_port(port_text, "port" + suffix) if port_text else 0
+        https_port = _parse_port(https_text, "httpsPort" + suffix) if https_text else 0
+        ssl_verify_none = _bool(value("sslverifynone", index), "sslVerifyNone" + suffix)
+        src_port = _parse_port(src_text, "srcPort" + suffix) if src_text not in ("", "0") else 0
+        timeouts = {
+            key: _parse_seconds(value(key.lower().replace("_", ""), index), key.title().replace("_", "") + suffix)
+            for key in ("timeout_client", "timeout_server", "timeout_tunnel")
+        }
+        verify_client = _bool(value("verifyclientssl", index), "verifyClientSsl" + suffix)
         domains = []
         for domain in _split(value("servicedomain", index), separator):
             if domain.startswith("*"):
                 wildcard, domain = True, domain.lstrip("*")
             _check_host(domain.lower().lstrip(".") if wildcard else domain.lower(), "serviceDomain" + suffix)
             domains.append(domain.lower())  # "*.a.com" keeps its dot: a suffix match on ".a.com"
+        if mode == "sni":  # servicePath holds the SNI patterns
+            patterns = tuple(_check_host(p.lower().lstrip("*."), "servicePath" + suffix) and p.lower()
+                             for p in _split(value("servicepath", index), separator))
+            if not patterns:
+                raise ServiceError(400, "When using reqMode sni, servicePath must hold the SNI names")
+            outbound = (value("outboundhostname", index) or "").strip() or None
+            destinations.append(Destination(index, patterns, (), port, outbound, src_port=src_port, req_mode=mode,
+                                            **timeouts))
+            continue
+        if mode == "tcp":
+            outbound = (value("outboundhostname", index) or "").strip() or None
+            destinations.append(Destination(index, (), (), port, outbound, src_port=src_port, req_mode=mode,
+                                            **timeouts))
+            continue
         path_type = (value("pathtype", index) or "").strip().lower() or "path_beg"
         if path_type not in PATH_TYPES:
             raise ServiceError(400, f"pathType{suffix} must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
@@ -515,8 +568,6 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             if not colon or not _HEADER_NAME.match(header.strip()):
                 raise ServiceError(400, f"serviceHeader{suffix} expects 'Name:value' entries, got {item!r}")
             header_match.append((header.strip().lower(), expected.strip()))
-        src_port_text = (value("srcport", index) or "").strip()
-        src_port = _parse_port(src_port_text, "srcPort" + suffix) if src_port_text not in ("", "0") else 0
         code_text = (value("httpsredirectcode", index) or "").strip() or "302"
         if not code_text.isdigit() or int(code_text) not in REDIRECT_CODES:
             raise ServiceError(400, f"httpsRedirectCode{suffix} must be one of {REDIRECT_CODES}, got {code_text!r}")
@@ -540,6 +591,11 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             ignore_authorization=_bool(value("ignoreauthorization", index), "ignoreAuthorization" + suffix),
             allowed_ips=_networks(value("allowedips", index), separator, "allowedIPs" + suffix),
             denied_ips=_networks(value("deniedips", index), separator, "deniedIPs" + suffix),
+            req_mode=mode,
+            verify_client_ssl=verify_client,
+            https_port=https_port,
+            ssl_verify_none=ssl_verify_none,
+            **timeouts,
         ))
 
     if wildcard:
@@ -551,6 +607,8 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         if algo not in COMPRESSION_ALGOS:
             raise ServiceError(400, f"compressionAlgo {algo!r} is not supported (one of {', '.join(COMPRESSION_ALGOS)})")
     compression_type = params.get("compressiontype", "").strip() or defaults.compression_type
+    cert = params.get("servicecert", "").replace("\\n", "\n").strip() or None
+    first_domain = next((d.domains[0] for d in destinations if d.domains), "")
     return Service(
         name=name,
         acl_name=acl_name,
@@ -573,9 +631,9 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         compression_algo=compression_algo,
         compression_types=tuple(t.lower() for t in compression_type.replace(",", " ").split()) if compression_algo else (),
         balancing=_parse_balancing(params, name),
-        timeout_server=_optional_number(params, "timeoutserver", "timeoutServer", integer=False),
-        timeout_tunnel=_optional_number(params, "timeouttunnel", "timeoutTunnel", integer=False),
         max_request_body=_optional_number(params, "maxrequestbody", "maxRequestBody", integer=True),
+        cert=cert,
+        cert_name=first_domain or name,
     )
 
 

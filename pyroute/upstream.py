@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 
 import httptools
@@ -26,26 +27,54 @@ MAX_RESPONSE_HEAD = 64 * 1024  # a response head larger than this is refused (50
 CHUNK_END = b"0\r\n\r\n"  # the last chunk of a chunked body (no trailers)
 
 
+class TlsAddress(tuple):
+    """(ip, port) of an upstream spoken to over TLS: pooled apart from plain (ip, port)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other) -> bool:
+        return type(other) is TlsAddress and tuple.__eq__(self, other)
+
+    def __ne__(self, other) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(("tls", *self))
+
+
+def upstream_tls_context() -> ssl.SSLContext:
+    """sslVerifyNone: encrypt to the upstream without checking its certificate (DFP's `ssl verify none`)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
 class Backend:
     """Where a route's requests go: a host (service VIP name, or IP) and a port.
 
     Addresses come from the shared resolver cache; several A records are used in turn.
     """
 
-    __slots__ = ("host", "port", "resolver", "fixed", "_ips", "_addresses", "_turn")
+    __slots__ = ("host", "port", "resolver", "fixed", "_ips", "_addresses", "_turn", "tls")
 
-    def __init__(self, host: str, port: int, resolver: Resolver):
+    def __init__(self, host: str, port: int, resolver: Resolver, tls: bool = False):
         self.host = host
         self.port = port
         self.resolver = resolver
-        self.fixed: tuple[str, int] | None = (host, port) if is_ip(host) else None  # an IP needs no DNS
+        self.tls = tls
+        self.fixed: tuple[str, int] | None = None  # an IP needs no DNS
+        if is_ip(host):
+            self.fixed = TlsAddress((host, port)) if tls else (host, port)
         self._ips: tuple[str, ...] | None = None
         self._addresses: tuple[tuple[str, int], ...] = ()
         self._turn = 0
 
     def _use(self, ips: tuple[str, ...]) -> None:
         self._ips = ips
-        self._addresses = tuple((ip, self.port) for ip in ips)
+        self._addresses = tuple(TlsAddress((ip, self.port)) if self.tls else (ip, self.port) for ip in ips)
 
     def address(self) -> tuple[str, int] | None:
         """An address to dial now, or None when the name must be resolved first."""
@@ -307,6 +336,7 @@ class UpstreamPool:
         self.connection_factories: dict[tuple[str, int], Callable] = {}
         self.connects = 0
         self.reuses = 0
+        self.tls_context = upstream_tls_context()
 
     def acquire(self, address: tuple[str, int]) -> UpstreamConnection | None:
         conns = self.idle.get(address)
@@ -326,9 +356,10 @@ class UpstreamPool:
         """
         self.connects += 1
         make = self.connection_factories.get(address, UpstreamConnection)
+        tls = {"ssl": self.tls_context} if type(address) is TlsAddress else {}
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: make(self, address, stats), address[0], address[1]),
+                self.loop.create_connection(lambda: make(self, address, stats), address[0], address[1], **tls),
                 self.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as exc:

@@ -5,12 +5,15 @@ connections across them and the control process never touches a request. Each wo
 has a socketpair to the control process carrying newline-delimited JSON messages:
 
     control -> worker   {"settings": {...}}              first, and again after each SIGHUP
+                        {"certs": {name: pem, ...}, "generation": G}  at start and after every
+                                                         certificate change
                         {"revision": N, "services": [...]}  every snapshot (raw DFP params)
                         {"stats_route": [host, port]}    route STATS_URI to the admin listener there
                         {"collect": K}                   send your counters (a /metrics scrape)
     worker -> control   {"ready": true}  after its listeners are bound (it has a table by then)
                         {"applied": N}   after it swapped in revision N
                         {"collected": K, "stats": {...}}  the answer to collect K (metrics.snapshot)
+                        {"certs_applied": G}  after it took certificate generation G
                         {"error": "..."} a start-up problem; the worker then exits
 
 A reconfigure answers only once every live worker acknowledged its revision. A worker
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -34,9 +38,10 @@ import orjson
 
 from . import metrics
 from .config import ListenSpec, Settings
-from .server import ControlPlane, DataPlane, StartupError, reread, settle_memory, wait_for_signal
+from .server import ControlPlane, DataPlane, StartupError, cert_store, reread, settle_memory, wait_for_signal
 from .services import ServiceDefaults, parse_service
 from .state import Snapshot
+from .tls import CertStore
 
 log = logging.getLogger("pyroute.workers")
 
@@ -54,6 +59,8 @@ def settings_to_json(settings: Settings) -> dict:
         value = getattr(settings, f.name)
         if f.name in ("default_ports", "bind_ports"):
             value = [dataclasses.asdict(spec) for spec in value]
+        elif f.name == "proxy_protocol_trusted":
+            value = [str(net) for net in value]
         out[f.name] = value
     return out
 
@@ -64,7 +71,12 @@ def settings_from_json(data: dict) -> Settings:
         values[key] = tuple(ListenSpec(d["port"], d["ssl"], tuple(d["options"])) for d in values[key])
     values["dns_nameservers"] = tuple(values["dns_nameservers"])
     values["listener_address"] = tuple(values["listener_address"])
+    values["proxy_protocol_trusted"] = tuple(ipaddress.ip_network(n) for n in values["proxy_protocol_trusted"])
     return Settings(**values)
+
+
+def _certs_message(certs: CertStore, generation: int) -> bytes:
+    return orjson.dumps({"certs": certs.pems(), "generation": generation}) + b"\n"
 
 
 def _snapshot_message(snapshot: Snapshot) -> bytes:
@@ -80,6 +92,7 @@ class Worker:
         self.process: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.applied = 0
+        self.certs_applied = 0
         self.ready: asyncio.Future | None = None
         self.started_at = 0.0
         self.changed = asyncio.Event()  # set whenever `applied` moves or the worker goes away
@@ -98,9 +111,11 @@ class Worker:
 class Supervisor:
     """Starts, feeds, watches and restarts the workers; the control plane's `planes`."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, certs: CertStore):
         self.settings = settings
+        self.certs = certs
         self.workers = [Worker(n) for n in range(settings.workers)]
+        self.certs_generation = 0
         self.snapshot: Snapshot = (0, ())
         self.stopping = False
         self.stats_route: tuple[str, int] | None = None
@@ -122,11 +137,13 @@ class Supervisor:
         theirs.close()
         reader, worker.writer = await asyncio.open_unix_connection(sock=ours)
         worker.applied = 0
+        worker.certs_applied = 0
         worker.ready = loop.create_future()
         worker.started_at = loop.time()
         worker.send(orjson.dumps({"settings": settings_to_json(self.settings)}) + b"\n")
         if self.stats_route is not None:
             worker.send(orjson.dumps({"stats_route": self.stats_route}) + b"\n")
+        worker.send(_certs_message(self.certs, self.certs_generation))
         worker.send(_snapshot_message(self.snapshot))
         task = asyncio.ensure_future(self._watch(worker, reader))
         self._watchers.add(task)
@@ -144,6 +161,9 @@ class Supervisor:
                 future = worker.collecting.pop(message["collected"], None)
                 if future is not None and not future.done():
                     future.set_result(message["stats"])
+            elif "certs_applied" in message:
+                worker.certs_applied = message["certs_applied"]
+                worker.changed.set()
             elif "ready" in message and not worker.ready.done():
                 worker.ready.set_result(None)
             elif "error" in message:
@@ -170,6 +190,29 @@ class Supervisor:
         message = _snapshot_message(snapshot)
         for worker in self.workers:
             worker.send(message)
+
+    def publish_certs(self, certs: CertStore) -> None:
+        self.certs_generation += 1
+        message = _certs_message(certs, self.certs_generation)
+        for worker in self.workers:
+            worker.send(message)
+
+    async def wait_certs(self) -> list[str]:
+        """Wait until every live worker serves the current certificates."""
+        generation = self.certs_generation
+        await self._wait(lambda w: w.certs_applied >= generation)
+        return [w.name for w in self.workers if w.writer is not None and w.certs_applied < generation]
+
+    async def _wait(self, done) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APPLY_TIMEOUT
+        for worker in self.workers:
+            while worker.writer is not None and not done(worker) and loop.time() < deadline:
+                worker.changed.clear()
+                try:
+                    await asyncio.wait_for(worker.changed.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
 
     async def wait_applied(self, revision: int) -> list[str]:
         """Wait until every live worker serves `revision`; restart those that don't in time."""
@@ -229,8 +272,10 @@ class Supervisor:
 
 
 async def serve_with_workers(settings: Settings, load=None) -> None:
-    supervisor = Supervisor(settings)
-    control = ControlPlane(settings, supervisor)
+    certs = cert_store(settings)
+    certs.load()
+    supervisor = Supervisor(settings, certs)
+    control = ControlPlane(settings, supervisor, certs)
     try:
         await supervisor.start()
         await control.start()
@@ -281,6 +326,9 @@ async def _worker_main(fd: int) -> int:
                 writer.write(orjson.dumps(reply) + b"\n")
             elif "stats_route" in message:
                 plane.serve_stats_from(*message["stats_route"])
+            elif "certs" in message:
+                plane.certs.replace_all(message["certs"])
+                writer.write(orjson.dumps({"certs_applied": message["generation"]}) + b"\n")
             elif "revision" in message:
                 separator, defaults = plane.settings.separator, ServiceDefaults.from_settings(plane.settings)
                 services = tuple(parse_service(dict(params), separator, defaults) for params in message["services"])

@@ -30,7 +30,7 @@ RESPONSE_HEAD_KEEPALIVE = RESPONSE_HEAD[:-2] + b"Connection: keep-alive\r\nKeep-
 def _table(n: int) -> RouteTable:
     services = [parse_service({"serviceName": f"svc-{i}", "servicePath": f"/svc-{i}/", "port": "8080"}) for i in range(n)]
     services.append(parse_service({"serviceName": "go-demo", "servicePath": "/demo", "port": "8080"}))
-    return RouteTable(services, lambda host, port, service: (host, port))
+    return RouteTable(services, lambda host, port, service, tls=False: (host, port))
 
 
 def test_route_match_1000_services(benchmark):
@@ -52,14 +52,14 @@ def test_route_match_1000_services_with_conditional_routes(benchmark):
                                    "serviceHeader": "X-Canary:1"}))
     services.append(parse_service({"serviceName": "aa-mobile", "servicePath": "/m/", "port": "8080",
                                    "userAgent": "iPhone"}))
-    table = RouteTable(services, lambda host, port, service: (host, port))
+    table = RouteTable(services, lambda host, port, service, tls=False: (host, port))
     route = benchmark(table.match, b"127.0.0.1:8000", b"/svc-737/items/42", BROWSER_HEADERS, None)
     assert route.service.name == "svc-737"
 
 
 def test_route_match_longest_1000_services(benchmark):
     services = [parse_service({"serviceName": f"svc-{i}", "servicePath": f"/svc-{i}/", "port": "8080"}) for i in range(1000)]
-    table = RouteTable(services, lambda host, port, service: (host, port), longest_match=True)
+    table = RouteTable(services, lambda host, port, service, tls=False: (host, port), longest_match=True)
     route = benchmark(table.match, b"127.0.0.1:8000", b"/svc-737/items/42")
     assert route.service.name == "svc-737"
 

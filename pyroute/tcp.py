@@ -1,0 +1,367 @@
+"""L4 modes: ``reqMode=tcp`` and ``reqMode=sni`` listeners, one per ``srcPort``.
+
+A tcp listener forwards the raw byte stream to its service's ``serviceName:port``.
+An sni listener reads the TLS ClientHello without terminating it, takes the SNI name,
+and passes the untouched stream (ClientHello included) to the service whose patterns
+(``servicePath`` in sni mode, as in DFP) match; no match closes the connection.
+An sni service whose srcPort is one of the proxy's own TLS ports gets no listener of
+its own: that port's acceptor (acceptor.py) peeks the SNI and hands matching
+connections over (``tls_sni``), terminating the rest itself.
+
+Each tunnel is two protocols pausing each other's reading when a send buffer fills
+(backpressure both ways). Timeouts are stamps checked by the data plane's tick:
+the client's first bytes must arrive within timeoutClient, the upstream connect within
+min(TIMEOUT_CONNECT, timeoutServer), and an established tunnel closes after
+timeoutTunnel without a byte in either direction. A service that cannot be reached
+closes only the connection that wanted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .services import Destination, Service
+
+log = logging.getLogger("pyroute.tcp")
+
+MAX_CLIENT_HELLO = 16 * 1024 + 5 * 4  # a ClientHello spread over a few records at most
+MAX_PENDING = 256 * 1024  # client bytes buffered while the upstream connection opens
+
+
+# -- the ClientHello SNI parser -------------------------------------------------------------
+class NotTls(ValueError):
+    """The bytes are not a TLS ClientHello."""
+
+
+def client_hello_sni(data: bytes) -> str | None:
+    """The SNI host name in a ClientHello at the start of `data`.
+
+    Returns None when more bytes are needed, "" when the ClientHello carries no SNI;
+    raises NotTls for anything that is not a TLS handshake.
+    """
+    # Reassemble the handshake message from consecutive handshake records.
+    handshake = bytearray()
+    pos = 0
+    need = None
+    while need is None or len(handshake) < need:
+        if len(data) < pos + 5:
+            return None
+        ctype, major, length = data[pos], data[pos + 1], struct.unpack_from("!H", data, pos + 3)[0]
+        if ctype != 0x16 or major != 3 or length == 0 or length > 16384 + 2048:
+            raise NotTls("not a TLS handshake record")
+        if len(data) < pos + 5 + length:
+            return None
+        handshake += data[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+        if need is None and len(handshake) >= 4:
+            if handshake[0] != 1:
+                raise NotTls("the first handshake message is not a ClientHello")
+            need = 4 + int.from_bytes(handshake[1:4], "big")
+            if need > MAX_CLIENT_HELLO:
+                raise NotTls("ClientHello too large")
+    return _sni_in_hello(bytes(handshake[4:need]))
+
+
+def _sni_in_hello(body: bytes) -> str:
+    try:
+        pos = 2 + 32  # client_version, random
+        pos += 1 + body[pos]  # session id
+        pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
+        pos += 1 + body[pos]  # compression methods
+        if pos == len(body):
+            return ""  # no extensions
+        end = pos + 2 + struct.unpack_from("!H", body, pos)[0]
+        pos += 2
+        while pos + 4 <= end:
+            ext_type, ext_len = struct.unpack_from("!HH", body, pos)
+            pos += 4
+            if ext_type == 0:  # server_name
+                names_end = pos + 2 + struct.unpack_from("!H", body, pos)[0]
+                p = pos + 2
+                while p + 3 <= names_end:
+                    name_type, name_len = body[p], struct.unpack_from("!H", body, p + 1)[0]
+                    if name_type == 0:
+                        return body[p + 3 : p + 3 + name_len].decode("ascii").lower().rstrip(".")
+                    p += 3 + name_len
+                return ""
+            pos += ext_len
+        return ""
+    except (IndexError, struct.error, UnicodeDecodeError):
+        raise NotTls("malformed ClientHello") from None
+
+
+def sni_matches(pattern: str, name: str) -> bool:
+    """DFP sni patterns: exact name, "*.example.com" (any subdomain) or ".example.com" (suffix)."""
+    pattern = pattern.lower()
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:])
+    if pattern.startswith("."):
+        return name.endswith(pattern) or name == pattern[1:]
+    return name == pattern
+
+
+# -- per-port targets ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one service's tcp/sni destination sends its connections, with its timeouts."""
+
+    service: str
+    backend: object  # upstream.Backend
+    patterns: tuple[str, ...]  # sni mode only
+    timeout_client: float
+    timeout_connect: float
+    timeout_tunnel: float
+
+
+class Port:
+    """What a tcp/sni listener currently forwards to; replaced whole on every snapshot."""
+
+    def __init__(self, mode: str, targets: tuple[Target, ...]):
+        self.mode = mode
+        self.targets = targets
+        # how long a client may stay silent before its ClientHello picked a target
+        self.timeout_client = max(t.timeout_client for t in targets)
+
+    def for_sni(self, name: str) -> Target | None:
+        for target in self.targets:
+            if any(sni_matches(p, name) for p in target.patterns):
+                return target
+        return None
+
+
+# -- the tunnel ---------------------------------------------------------------------------------
+class Tunnel(asyncio.Protocol):
+    """The client side of one tcp/sni connection."""
+
+    def __init__(self, listeners: "TcpListeners", port: Port | None):
+        self.listeners = listeners
+        self.loop = listeners.loop
+        self.port = port
+        self.transport = None
+        self.upstream: Upstream | None = None
+        self.target: Target | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.started = 0.0
+        self.last_io = 0.0
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.started = self.last_io = self.loop.time()
+        if self.port is None:  # accepted just as its service went away
+            self.closed = True
+            transport.close()
+            return
+        self.listeners.tunnels.add(self)
+        if self.port.mode == "tcp":
+            self._open(self.port.targets[0])
+
+    def data_received(self, data: bytes) -> None:
+        self.last_io = self.loop.time()
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.transport.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.target is None:  # sni: wait for the whole ClientHello
+            try:
+                name = client_hello_sni(b"".join(self.pending))
+            except NotTls as exc:
+                return self._give_up(f"sni port: {exc}")
+            if name is None:
+                return
+            target = self.port.for_sni(name)
+            if target is None:
+                return self._give_up(f"no sni service for {name!r}")
+            self._open(target)
+        elif self.pending_size > MAX_PENDING:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.upstream is not None and self.upstream.transport.can_write_eof():
+            self.upstream.transport.write_eof()
+            return True  # half-close: the other direction keeps flowing
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.listeners.tunnels.discard(self)
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()
+
+    def _open(self, target: Target) -> None:
+        self.target = target
+        self.started = self.loop.time()
+        self.loop.create_task(self._connect(target))
+
+    async def _connect(self, target: Target) -> None:
+        backend = target.backend
+        try:
+            address = backend.address() or await backend.resolve()
+            _, upstream = await asyncio.wait_for(
+                self.loop.create_connection(lambda: Upstream(self), *address), target.timeout_connect)
+        except Exception as exc:  # resolve errors, refusals, timeouts: this connection only
+            return self._give_up(f"{target.service}: cannot connect: {exc or 'timeout'}")
+        if self.closed:
+            upstream.transport.close()
+            return
+        self.upstream = upstream
+        self.last_io = self.loop.time()
+        if self.pending:
+            upstream.transport.writelines(self.pending)
+            self.pending = []
+            self.pending_size = 0
+        self.transport.resume_reading()
+
+    def _give_up(self, why: str) -> None:
+        log.info("closing %s connection: %s", self.port.mode, why)
+        self.closed = True
+        self.transport.close()
+
+    def check_timeout(self, now: float) -> None:
+        if self.closed:
+            return
+        if self.upstream is not None:
+            limit, since = self.target.timeout_tunnel, max(self.last_io, self.upstream.last_io)
+        elif self.target is not None:
+            limit, since = self.target.timeout_connect, self.started
+        else:
+            limit, since = self.port.timeout_client, self.started
+        if now - since > limit:
+            self.closed = True
+            self.transport.abort()
+            if self.upstream is not None:
+                self.upstream.transport.abort()
+
+
+class Upstream(asyncio.Protocol):
+    """The service side of a tunnel."""
+
+    def __init__(self, tunnel: Tunnel):
+        self.tunnel = tunnel
+        self.transport = None
+        self.last_io = tunnel.loop.time()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.last_io = self.tunnel.loop.time()
+        self.tunnel.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self.tunnel.transport.can_write_eof():
+            self.tunnel.transport.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.tunnel.closed = True
+        self.tunnel.transport.close()
+
+    def pause_writing(self) -> None:
+        self.tunnel.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.tunnel.transport.resume_reading()
+
+
+# -- the listeners ------------------------------------------------------------------------------
+class TcpListeners:
+    """Opens and closes one listener per tcp/sni srcPort as snapshots come and go."""
+
+    def __init__(self, settings, loop: asyncio.AbstractEventLoop, make_backend: Callable[..., object],
+                 listen: Callable, reserved: set[int], tls_ports: set[int]):
+        self.settings = settings
+        self.loop = loop
+        self.make_backend = make_backend
+        self.listen = listen  # server.listen
+        self.reserved = reserved  # the public HTTP/TLS ports: never taken by a tcp/sni service
+        self.tls_ports = tls_ports  # ...except TLS ones by sni services, served through their acceptor
+        self.tls_sni: dict[int, Port] = {}  # TLS port -> its sni services
+        self.ports: dict[int, Port] = {}
+        self.servers: dict[int, asyncio.AbstractServer] = {}
+        self.tunnels: set[Tunnel] = set()
+        self._sync: asyncio.Task | None = None
+
+    def _target(self, service: Service, d: Destination) -> Target:
+        s = self.settings
+        return Target(
+            service=service.name,
+            backend=self.make_backend(d.outbound_hostname or service.name, d.port, service),
+            patterns=d.paths if d.req_mode == "sni" else (),
+            timeout_client=d.timeout_client or s.timeout_client,
+            timeout_connect=min(s.timeout_connect, d.timeout_server or s.timeout_connect),
+            timeout_tunnel=d.timeout_tunnel or s.timeout_tunnel,
+        )
+
+    def apply(self, services: tuple[Service, ...]) -> None:
+        """Point every tcp/sni port at its new targets; open and close listeners to match."""
+        wanted: dict[int, tuple[str, list[Target]]] = {}
+        on_tls: dict[int, list[Target]] = {}
+        for service in services:
+            for d in service.destinations:
+                if d.req_mode == "http":
+                    continue
+                if d.req_mode == "sni" and d.src_port in self.tls_ports:
+                    on_tls.setdefault(d.src_port, []).append(self._target(service, d))
+                    continue
+                if d.src_port in self.reserved:
+                    log.error("%s: srcPort %d is a public HTTP/TLS port; its %s destination is ignored",
+                              service.name, d.src_port, d.req_mode)
+                    continue
+                mode, targets = wanted.setdefault(d.src_port, (d.req_mode, []))
+                if mode != d.req_mode or (mode == "tcp" and targets):
+                    log.error("%s: srcPort %d is already a %s port of another service; ignored",
+                              service.name, d.src_port, mode)
+                    continue
+                targets.append(self._target(service, d))
+        self.ports = {port: Port(mode, tuple(targets)) for port, (mode, targets) in wanted.items()}
+        self.tls_sni = {port: Port("sni", tuple(targets)) for port, targets in on_tls.items()}
+        if self._sync is None or self._sync.done():
+            self._sync = self.loop.create_task(self._sync_listeners())
+
+    async def _sync_listeners(self) -> None:
+        """Bind ports that gained a service, close ports that lost theirs (until nothing changes)."""
+        while True:
+            to_open = [p for p in self.ports if p not in self.servers]
+            to_close = [p for p in self.servers if p not in self.ports]
+            if not to_open and not to_close:
+                return
+            for port in to_close:
+                self.servers.pop(port).close()
+                log.info("tcp/sni listener on port %d closed", port)
+            for port in to_open:
+                try:
+                    self.servers[port] = await self.listen(
+                        lambda port=port: Tunnel(self, self.ports.get(port)), self.settings.bind_address, port,
+                        f"{self.ports[port].mode} srcPort", reuse_port=True)
+                    log.info("%s listener on port %d open", self.ports[port].mode, port)
+                except Exception as exc:  # a taken port fails that service's listener only
+                    log.error("%s", exc)
+                    self.ports.pop(port, None)
+
+    def check_timeouts(self, now: float) -> None:
+        for tunnel in list(self.tunnels):
+            tunnel.check_timeout(now)
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+        self.servers.clear()
+        for tunnel in list(self.tunnels):
+            tunnel.transport.close()

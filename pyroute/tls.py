@@ -1,0 +1,258 @@
+"""The certificate store: PEM certificates, their SSLContexts, and the SNI choice.
+
+Certificates come from CERTS_DIR (one PEM file each: chain + key), Docker secrets named
+``cert-*``/``cert_*``, and the admin API (``install``). Every certificate gets its own
+server SSLContext (TLS 1.2+, modern ciphers, ALPN http/1.1). A listener holds one
+*dispatch* context whose SNI callback swaps in the chosen certificate's context: exact
+name, then wildcard (``*.example.com``), then the default (PREFERRED_CERTIFICATE or the
+first loaded). Hot add/replace replaces the name -> context maps in one assignment, so
+handshakes in progress keep the context they picked and open connections are untouched.
+
+API-installed certificates are written atomically (temp file, fsync, rename, fsync dir)
+so a restart serves them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("pyroute.tls")
+
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.2 suites; TLS 1.3 suites are OpenSSL's defaults
+SECRET_PREFIXES = ("cert-", "cert_")
+MAX_PEM = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    name: str
+    pem: bytes
+    names: tuple[str, ...]  # DNS names it serves (SAN, else CN), lower-case; "*.x" for wildcards
+    context: ssl.SSLContext
+    not_after: str
+    secret: bool = False  # from a Docker secret: never written to CERTS_DIR, not listed for peers
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name or len(name) > 200:
+        raise ValueError(f"certName {name!r} is not a valid file name")
+    return name
+
+
+def file_name(name: str) -> str:
+    return name if name.endswith(".pem") else name + ".pem"
+
+
+def server_context(pem_path: str | None = None, ca_file: str = "") -> ssl.SSLContext:
+    """A server context with pyroute's TLS policy; loads `pem_path` (chain + key) if given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(["http/1.1"])
+    if ca_file:
+        ctx.load_verify_locations(ca_file)
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # a bad certificate fails the handshake; none is allowed
+    if pem_path is not None:
+        ctx.load_cert_chain(pem_path)
+    return ctx
+
+
+def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = False) -> Certificate:
+    """Validate PEM text (certificate chain + matching private key) into a Certificate.
+
+    Raises ValueError saying what is wrong.
+    """
+    if len(pem) > MAX_PEM:
+        raise ValueError("the PEM is larger than 1 MiB")
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError("no PEM certificate (-----BEGIN CERTIFICATE-----) found")
+    if b"PRIVATE KEY-----" not in pem:
+        raise ValueError("no private key found: the PEM must hold the certificate chain and its key")
+    fd, path = tempfile.mkstemp(prefix="pyroute-cert-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        try:
+            ctx = server_context(path, ca_file)
+            decoded = ssl._ssl._test_decode_cert(path)  # the first certificate of the chain
+        except ssl.SSLError as exc:
+            reason = exc.reason or str(exc)
+            if "KEY_VALUES_MISMATCH" in reason.upper():
+                raise ValueError("the private key does not match the certificate") from None
+            raise ValueError(f"invalid certificate or key: {reason}") from None
+    finally:
+        os.unlink(path)
+    names = [v.lower() for k, v in decoded.get("subjectAltName", ()) if k == "DNS"]
+    if not names:
+        names = [v.lower() for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return Certificate(name, pem, tuple(names), ctx, decoded.get("notAfter", ""), secret)
+
+
+def write_atomically(directory: str, name: str, data: bytes) -> None:
+    """Write `data` to directory/name so that a crash leaves the old file or the new one."""
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CertStore:
+    """The certificates in use; `install`/`remove`/`list` are the API other modules call."""
+
+    def __init__(self, certs_dir: str, secrets_dir: str = "", preferred: str = "", ca_file: str = "",
+                 persist: bool = True):
+        self.certs_dir = certs_dir
+        self.secrets_dir = secrets_dir
+        self.preferred = preferred
+        self.ca_file = ca_file
+        self.persist = persist  # False in worker processes: the control process writes the files
+        self._certs: dict[str, Certificate] = {}
+        self._exact: dict[str, ssl.SSLContext] = {}
+        self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
+        self._default: ssl.SSLContext | None = None
+        self._subscribers: list[Callable[[CertStore], None]] = []
+        self.dispatch = server_context(None, ca_file)
+        self.dispatch.sni_callback = self._choose
+
+    # -- loading ------------------------------------------------------------------------
+    def load(self) -> None:
+        """Read CERTS_DIR and the cert-* secrets; unreadable or invalid files are logged and skipped."""
+        found: list[tuple[str, str, bool]] = []
+        for directory, wanted in ((self.certs_dir, None), (self.secrets_dir, SECRET_PREFIXES)):
+            try:
+                entries = sorted(os.listdir(directory)) if directory else []
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.startswith(".") or (wanted and not entry.startswith(wanted)):
+                    continue
+                path = os.path.join(directory, entry)
+                if os.path.isfile(path):
+                    found.append((entry, path, wanted is not None))
+        for entry, path, secret in found:
+            try:
+                with open(path, "rb") as fh:
+                    cert = load_certificate(entry, fh.read(MAX_PEM + 1), self.ca_file, secret)
+            except (OSError, ValueError) as exc:
+                log.error("certificate %s skipped: %s", path, exc)
+                continue
+            self._certs[entry] = cert
+            log.info("certificate %s loaded for %s", entry, ", ".join(cert.names) or "(no names)")
+        self._rebuild()
+
+    def subscribe(self, callback: Callable[["CertStore"], None]) -> None:
+        self._subscribers.append(callback)
+
+    # -- the API ------------------------------------------------------------------------
+    def install(self, name: str, pem: bytes) -> Certificate:
+        """Add or replace certificate `name`; raises ValueError (and changes nothing) if invalid."""
+        name = file_name(_check_name(name))
+        cert = load_certificate(name, pem, self.ca_file)
+        if self.persist:
+            try:
+                write_atomically(self.certs_dir, name, pem)
+            except OSError as exc:
+                raise OSError(f"cannot save {name} in {self.certs_dir}: {exc.strerror or exc}") from None
+        self._certs[name] = cert
+        log.info("certificate %s installed for %s", name, ", ".join(cert.names) or "(no names)")
+        self._rebuild()
+        return cert
+
+    def remove(self, name: str) -> bool:
+        name = file_name(_check_name(name))
+        if self._certs.pop(name, None) is None:
+            return False
+        if self.persist:
+            try:
+                os.unlink(os.path.join(self.certs_dir, name))
+            except FileNotFoundError:
+                pass
+        self._rebuild()
+        return True
+
+    def replace_all(self, pems: dict[str, str]) -> None:
+        """Take exactly these certificates (a worker following the control process)."""
+        certs = {}
+        for name, pem in pems.items():
+            try:
+                certs[name] = load_certificate(name, pem.encode("ascii"), self.ca_file)
+            except ValueError as exc:
+                log.error("certificate %s skipped: %s", name, exc)
+        self._certs = certs
+        self._rebuild()
+
+    def list(self) -> list[dict]:
+        return [
+            {"Name": c.name, "DnsNames": list(c.names), "NotAfter": c.not_after, "Secret": c.secret,
+             "Pem": c.pem.decode("ascii", "replace")}
+            for c in self._certs.values()
+        ]
+
+    def pems(self) -> dict[str, str]:
+        return {c.name: c.pem.decode("ascii", "replace") for c in self._certs.values()}
+
+    def __len__(self) -> int:
+        return len(self._certs)
+
+    # -- SNI ----------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcard: dict[str, ssl.SSLContext] = {}
+        for cert in self._certs.values():
+            for dns in cert.names:
+                if dns.startswith("*."):
+                    wildcard.setdefault(dns[2:], cert.context)
+                else:
+                    exact.setdefault(dns, cert.context)
+        default = None
+        if self.preferred:
+            preferred = self._certs.get(file_name(self.preferred)) or self._certs.get(self.preferred)
+            default = preferred.context if preferred else None
+        if default is None and self._certs:
+            default = next(iter(self._certs.values())).context
+        self._exact, self._wildcard, self._default = exact, wildcard, default
+        for callback in self._subscribers:
+            callback(self)
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            ctx = self._exact.get(name)
+            if ctx is not None:
+                return ctx
+            dot = name.find(".")
+            if dot > 0:
+                ctx = self._wildcard.get(name[dot + 1 :])
+                if ctx is not None:
+                    return ctx
+        return self._default
+
+    def _choose(self, ssl_object, server_name: str | None, _ctx) -> int | None:
+        ctx = self.context_for(server_name)
+        if ctx is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        ssl_object.context = ctx
+        return None
