@@ -37,7 +37,7 @@ from .services import Service, ServiceDefaults, ServiceError, parse_service
 from .state import ServiceRegistry, Snapshot
 from .swarm import EngineClient, EngineError, SwarmListener, listener_enabled
 from .tcp import Port, TcpListeners, Tunnel
-from .tls import CertStore
+from .tls import CertStore, file_name
 from .upstream import Backend, UpstreamPool
 
 log = logging.getLogger("pyroute")
@@ -495,7 +495,7 @@ class ControlPlane:
         go into the certificate store; the store itself keeps them in CERTS_DIR."""
         have = {name: pem.strip() for name, pem in self.certs.pems().items()}
         for name, pem in self.registry.certs().items():
-            if have.get(name) != pem.strip():
+            if have.get(file_name(name)) != pem.strip():
                 try:
                     self.certs.install(name, pem.encode())
                 except (ValueError, OSError) as exc:

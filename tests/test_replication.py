@@ -354,3 +354,36 @@ def test_replicas_with_admin_credentials_distribute_and_repair_among_themselves(
     conn = http.client.HTTPConnection(c.ips[0], c.port, timeout=5)
     conn.request("GET", "/v1/docker-flow-proxy/state")
     assert conn.getresponse().status == 401
+
+
+def test_certificate_put_with_distribute_reaches_every_replica_and_a_joining_one(cluster, dns, tmp_path):
+    """PUT /cert?distribute=true goes to every replica with its body; a replica that starts
+    later pulls the certificate with the rest of the state."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("rep.example.test")
+    body = b"".join(b.bytes() for b in leaf.cert_chain_pems) + leaf.private_key_pem.bytes()
+    c = cluster(80)
+    c.announce(0, 1)
+    members = [c.start(i, CERTS_DIR=str(tmp_path / f"certs{i}")) for i in range(2)]
+
+    def certs_of(p) -> set[str]:
+        st, answer = p.admin("certs")
+        assert st == 200, answer
+        return {entry["ProxyServiceName"] for entry in answer["Certs"]}
+
+    def put(p, query: str, data: bytes) -> int:
+        conn = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
+        conn.request("PUT", f"/v1/docker-flow-proxy/cert?{query}", body=data)
+        return conn.getresponse().status
+
+    assert put(members[0], "certName=rep&distribute=true", b"not a certificate") == 400  # refused before fan-out
+    assert all(not certs_of(p) for p in members)
+    assert put(members[0], "certName=rep&distribute=true", body) == 200
+    assert all(certs_of(p) == {"rep.pem"} for p in members)
+
+    c.announce(0, 1, 2)
+    joiner = c.start(2, CERTS_DIR=str(tmp_path / "certs2"))
+    wait_until(lambda: ready(joiner), timeout=10, what="the new replica to be ready")
+    assert certs_of(joiner) == {"rep.pem"}
