@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
@@ -204,13 +205,20 @@ class AdminApi:
         failed = await self.wait_certs() if self.wait_certs is not None else []
         if failed:
             return json_response(500, f"the certificate is saved but these workers did not take it: {', '.join(failed)}")
-        # also into the replicated state: saved with it, pulled by joining and repairing peers
-        self.registry.put_cert(name, request.body.decode("ascii", "replace"), _stamp(request))
-        return await self._applied(json_response(200, ""))
+        if self.credentials is not None:
+            # Also into the replicated state (saved with it, pulled by joining and repairing
+            # peers), which then holds the private key: only behind admin credentials.
+            self.registry.put_cert(name, request.body.decode("ascii", "replace"), _stamp(request))
+            return await self._applied(json_response(200, ""))
+        return json_response(200, "")
 
     def list_certs(self, request: Request) -> Response:
+        """DFP's certificate list. Private keys go only to callers who authenticated: with no
+        ADMIN_USER/ADMIN_PASS set nobody has, and CertContent holds the certificates alone."""
+        keys = self.credentials is not None  # (handle() already refused a caller without them)
         certs = [
-            {"ProxyServiceName": c["Name"], "CertsDir": self.certs.certs_dir, "CertContent": c["Pem"],
+            {"ProxyServiceName": c["Name"], "CertsDir": self.certs.certs_dir,
+             "CertContent": c["Pem"] if keys else _without_private_keys(c["Pem"]),
              "ServicePort": "", "DnsNames": c["DnsNames"], "NotAfter": c["NotAfter"]}
             for c in self.certs.list() if not c["Secret"]
         ]
@@ -298,6 +306,13 @@ def _stamp(request: Request):
     """The stamp a distributing replica gave this call, or None (a local change)."""
     text = request.params.pop("pyrouteStamp", None)
     return parse_stamp(text) if text else None
+
+
+_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----\s*", re.S)
+
+
+def _without_private_keys(pem: str) -> str:
+    return _PRIVATE_KEY.sub("", pem)
 
 
 def render_config(services: list[Service], revision: int) -> str:

@@ -9,6 +9,7 @@ conflicting) changes sent to different replicas ending in the same state everywh
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import itertools
 import json
@@ -358,13 +359,14 @@ def test_replicas_with_admin_credentials_distribute_and_repair_among_themselves(
 
 def test_certificate_put_with_distribute_reaches_every_replica_and_a_joining_one(cluster, dns, tmp_path):
     """PUT /cert?distribute=true goes to every replica with its body; a replica that starts
-    later pulls the certificate with the rest of the state."""
+    later pulls the certificate with the rest of the state (keys travel between replicas
+    only behind admin credentials)."""
     import trustme
 
     ca = trustme.CA()
     leaf = ca.issue_cert("rep.example.test")
     body = b"".join(b.bytes() for b in leaf.cert_chain_pems) + leaf.private_key_pem.bytes()
-    c = cluster(80)
+    c = cluster(80, ADMIN_USER="ops", ADMIN_PASS="s3cret")
     c.announce(0, 1)
     members = [c.start(i, CERTS_DIR=str(tmp_path / f"certs{i}")) for i in range(2)]
 
@@ -375,7 +377,8 @@ def test_certificate_put_with_distribute_reaches_every_replica_and_a_joining_one
 
     def put(p, query: str, data: bytes) -> int:
         conn = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
-        conn.request("PUT", f"/v1/docker-flow-proxy/cert?{query}", body=data)
+        auth = "Basic " + base64.b64encode(b"ops:s3cret").decode()
+        conn.request("PUT", f"/v1/docker-flow-proxy/cert?{query}", body=data, headers={"Authorization": auth})
         return conn.getresponse().status
 
     assert put(members[0], "certName=rep&distribute=true", b"not a certificate") == 400  # refused before fan-out
