@@ -289,6 +289,16 @@ class AdminApi:
         """DFP's metrics endpoint: the counters in HAProxy's stats CSV columns."""
         if self.collect is None:
             return json_response(404, "metrics are not available")
+        if self._distributing(request):  # DFP: every replica's CSV, one after the other
+            try:
+                results = await self.replication.peers.fan_out(request.method, request.path, request.params)
+            except ResolveError as exc:
+                return json_response(500, f"could not list the replicas: {exc}")
+            failed = [r for r in results if not r.ok]
+            if failed:
+                listed = ", ".join(f"{r.address} ({r.error or r.status})" for r in failed)
+                return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]")
+            return Response(200, b"".join(r.body for r in results), "text/plain; charset=utf-8")
         return Response(200, metrics.render_csv(await self.collect()), "text/plain; charset=utf-8")
 
     async def stats_page(self, request: Request) -> Response:

@@ -390,3 +390,17 @@ def test_certificate_put_with_distribute_reaches_every_replica_and_a_joining_one
     joiner = c.start(2, CERTS_DIR=str(tmp_path / "certs2"))
     wait_until(lambda: ready(joiner), timeout=10, what="the new replica to be ready")
     assert certs_of(joiner) == {"rep.pem"}
+
+
+def test_metrics_with_distribute_concatenates_every_replicas_csv(cluster, dns):
+    """DFP's /metrics?distribute=true: the stats CSV of each replica, one after the other."""
+    c = cluster(90)
+    c.announce(0, 1)
+    members = [c.start(i) for i in range(2)]
+    st, own = members[0].admin("metrics")
+    assert st == 200 and own.count("FRONTEND") == 1
+    st, both = members[0].admin("metrics", distribute="true")
+    assert st == 200 and both.count("FRONTEND") == 2, both
+    c.announce(0, 1, extra=("127.0.0.99",))
+    st, body = members[1].admin("metrics", distribute="true")
+    assert st == 500 and "127.0.0.99" in body["Message"], body
