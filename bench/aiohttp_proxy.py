@@ -4,11 +4,13 @@ It is the baseline pyroute must clearly beat to justify its hand-written protoco
 code. Deliberately untuned: one ClientSession with aiohttp's default keep-alive pool,
 request body and response body streamed (never buffered whole), hop-by-hop headers
 dropped. Runs on uvloop when installed, so the comparison is about the proxy code,
-not the event loop.
+not the event loop; AIOHTTP_PROXY_LOOP=asyncio runs it on asyncio's own loop instead
+(the bench target `aiohttp-asyncio`, what an untuned deployment runs).
 
     python bench/aiohttp_proxy.py LISTEN_PORT UPSTREAM_PORT
 """
 
+import os
 import sys
 
 import aiohttp
@@ -62,7 +64,7 @@ async def make_app(upstream_port: int) -> web.Application:
 
 def main():
     listen_port, upstream_port = int(sys.argv[1]), int(sys.argv[2])
-    if uvloop is not None:
+    if uvloop is not None and os.environ.get("AIOHTTP_PROXY_LOOP", "uvloop") == "uvloop":
         uvloop.install()
     web.run_app(make_app(upstream_port), host="127.0.0.1", port=listen_port,
                 access_log=None, print=None)

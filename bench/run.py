@@ -449,12 +449,15 @@ def start_nginx_proxy(procs: Processes, tmp: Path, upstream_port: int) -> Target
     return target
 
 
-def start_aiohttp(procs: Processes, tmp: Path, upstream_port: int) -> Target:
+def start_aiohttp(procs: Processes, tmp: Path, upstream_port: int, loop: str = "uvloop") -> Target:
+    """The naive aiohttp proxy, on uvloop (`aiohttp`) or on asyncio's own loop
+    (`aiohttp-asyncio`, what an untuned deployment runs)."""
     port = free_port()
-    target = Target("aiohttp", port, SERVER_CPUS, log=tmp / "aiohttp.log")
+    label = "aiohttp" if loop == "uvloop" else "aiohttp-asyncio"
+    target = Target(label, port, SERVER_CPUS, log=tmp / f"{label}.log")
     target.proc = procs.start(
         [sys.executable, str(BENCH_DIR / "aiohttp_proxy.py"), str(port), str(upstream_port)],
-        SERVER_CPUS, target.log)
+        SERVER_CPUS, target.log, env={"AIOHTTP_PROXY_LOOP": loop})
     wait_listening(port, target.proc)
     return target
 
@@ -540,7 +543,8 @@ def start_target(kind: str, workers: int, extra_routes: int, procs: Processes, t
         if kind == "pyroute-log":  # DEBUG=true: a JSON access log line per request, into its log file
             return start_pyroute(procs, tmp, upstream_port, dns_port, workers, env={"DEBUG": "true"},
                                  suffix=" +access log")
-        starters = {"haproxy": start_haproxy, "nginx": start_nginx_proxy, "aiohttp": start_aiohttp}
+        starters = {"haproxy": start_haproxy, "nginx": start_nginx_proxy, "aiohttp": start_aiohttp,
+                    "aiohttp-asyncio": lambda *args: start_aiohttp(*args, loop="asyncio")}
         return starters[kind](procs, tmp, upstream_port)
     except (RuntimeError, OSError) as err:
         label = kind + (f" w={workers}" if workers > 1 else "") + (f" +{extra_routes} routes" if extra_routes else "")
