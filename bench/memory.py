@@ -182,6 +182,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="pyroute-memory-"))
     try:
         upstream_port, _ = bench.start_upstream(procs, tmp, prefer_nginx=False)
+        bench.make_certificate(tmp)  # start_pyroute also opens a TLS port with it
         target = bench.start_pyroute(procs, tmp, upstream_port, dns_port, args.workers, env=PYROUTE_ENV)
         root = target.proc.pid
         time.sleep(SETTLE_SECONDS)
