@@ -169,6 +169,7 @@ def snapshot(plane, name: str) -> dict:
         ips = (backend.host,) if is_ip(backend.host) else backend.resolver.known(backend.host)
         routes.append({
             "service": route.service.name, "index": d.index, "paths": list(d.paths), "domains": list(d.domains),
+            "path_type": d.path_type, "domain_algo": route.service.domain_algo,
             "backend": f"{backend.host}:{backend.port}",
             "addresses": [f"{ip}:{backend.port}" for ip in ips or ()],
         })

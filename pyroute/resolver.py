@@ -147,3 +147,25 @@ def _describe(host: str, exc: Exception) -> str:
     if isinstance(exc, aiodns.error.DNSError) and len(exc.args) > 1:
         return f"{host}: DNS lookup failed: {exc.args[1]}"
     return f"{host}: DNS lookup failed: {exc!r}"
+
+
+async def report_unreachable_dns(resolver: Resolver, name: str) -> bool:
+    """Ask the DNS servers one question at start and log, once, when none answers at all:
+    every service route would answer 503. Any answer (NXDOMAIN included) is fine.
+    -> True when they answered. Never raises: pyroute keeps serving either way."""
+    channel = aiodns.DNSResolver(nameservers=resolver.nameservers, timeout=resolver.timeout, tries=1)
+    try:
+        await channel.query_dns(f"tasks.{name}", "A")
+    except aiodns.error.DNSError as exc:
+        code = exc.args[0] if exc.args else None
+        if code in (aiodns.error.ARES_ETIMEOUT, aiodns.error.ARES_ECONNREFUSED):
+            log.error("the DNS server %s does not answer (%s): service names cannot be resolved and their routes "
+                      "answer 503 until it does. Set DNS_NAMESERVERS to a reachable server (inside a Swarm task "
+                      "that is Docker's 127.0.0.11; outside one, your network's resolver)",
+                      ",".join(resolver.nameservers), exc.args[1] if len(exc.args) > 1 else exc)
+            return False
+    except Exception:  # anything else is an answer of some kind, or not this check's business
+        pass
+    finally:
+        await channel.close()
+    return True
