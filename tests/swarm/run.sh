@@ -147,7 +147,7 @@ done
 dk network inspect proxy >/dev/null 2>&1 && { echo "FAIL the network proxy of the label run could not be removed"; exit 1; }
 python3 "$HERE/stack_file.py" "$REPO/deploy/docker-stack.yml" "$STATE/stack.yml" "$PY" "$PYHOME" "$REPO" "$APP" "$SOCK"
 log "deploy/docker-stack.yml adapted for this tier (images, runtime mounts, socket source): $STATE/stack.yml"
-dk stack deploy -c "$STATE/stack.yml" proxy
+dk stack deploy --resolve-image never -c "$STATE/stack.yml" proxy
 log "PASS docker stack deploy -c deploy/docker-stack.yml proxy: $(dk stack services proxy --format '{{.Name}}' | tr '\n' ' ')"
 for i in $(seq 240); do
   healthy=$(dk ps -q --filter label=com.docker.swarm.service.name=proxy_proxy --filter health=healthy)
