@@ -227,6 +227,23 @@ def test_unreachable_dns_server_is_logged_and_pyroute_keeps_serving(make_pyroute
         silent.close()
 
 
+def test_slow_dns_server_that_accepts_tcp_is_not_reported(make_pyroute):
+    """Docker's resolver forwards unknown names and may time out on them: it is reachable."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    tcp = socket.create_server(("127.0.0.1", port))
+    try:
+        p = make_pyroute(DNS_NAMESERVERS=f"127.0.0.1:{port}", DNS_TIMEOUT="0.3")
+        tcp.settimeout(10)
+        tcp.accept()  # the check's TCP connect, after its UDP query timed out
+        p.stop()
+        assert "does not answer" not in p.log()
+    finally:
+        silent.close()
+        tcp.close()
+
+
 def test_reachable_dns_server_is_not_reported(make_pyroute):
     p = make_pyroute()
     p.reconfigure(serviceName="dns-ok", servicePath="/dns-ok", port=80)

@@ -141,8 +141,9 @@ env DOCKER_HOST="unix://$SOCK" DOCKER_CLI="$DOCKER" PYROUTE_HTTP=127.0.0.1:8081 
 # The label-discovery run above used its own network `proxy`; the stack creates its own by that name.
 kill -TERM "$PYROUTE_PID"; wait "$PYROUTE_PID" 2>/dev/null || true; PYROUTE_PID=""
 dk rm -f probe >/dev/null
-for _ in $(seq 150); do  # go-demo's tasks leave the network as they stop
-  dk network rm proxy >/dev/null 2>&1 && break; sleep 0.2
+for _ in $(seq 150); do  # go-demo's tasks leave the network as they stop; the removal completes later
+  dk network rm proxy >/dev/null 2>&1
+  dk network inspect proxy >/dev/null 2>&1 || break; sleep 0.2
 done
 dk network inspect proxy >/dev/null 2>&1 && { echo "FAIL the network proxy of the label run could not be removed"; exit 1; }
 python3 "$HERE/stack_file.py" "$REPO/deploy/docker-stack.yml" "$STATE/stack.yml" "$PY" "$PYHOME" "$REPO" "$APP" "$SOCK"
