@@ -229,10 +229,10 @@ def test_unreachable_dns_server_is_logged_and_pyroute_keeps_serving(make_pyroute
 
 def test_slow_dns_server_that_accepts_tcp_is_not_reported(make_pyroute):
     """Docker's resolver forwards unknown names and may time out on them: it is reachable."""
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    port = silent.getsockname()[1]
-    tcp = socket.create_server(("127.0.0.1", port))
+    tcp = socket.create_server(("127.0.0.1", 0))
+    port = tcp.getsockname()[1]
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the same port on UDP: bound, never answers
+    silent.bind(("127.0.0.1", port))
     try:
         p = make_pyroute(DNS_NAMESERVERS=f"127.0.0.1:{port}", DNS_TIMEOUT="0.3")
         tcp.settimeout(10)
