@@ -136,6 +136,20 @@ def test_routes_prints_the_live_table_in_match_order(make_pyroute, dns, replicas
     assert result.stdout.splitlines()[2].split()[-2:] == [replicas[0].addr, "up"]
 
 
+def test_routes_lists_the_tasks_of_dns_discovered_services(make_pyroute, dns, replicas):
+    """discoveryType=DNS balances over tasks.<service> inside pyroute: each task is a row with its health."""
+    dns.set_service("op-tasks", [r.ip for r in replicas])
+    p = make_pyroute(WORKERS="2")
+    p.reconfigure(serviceName="op-tasks", servicePath="/op-tasks", port=replicas[0].port, discoveryType="DNS")
+    wait_until(lambda: {p.get("/op-tasks/x")[1]["X-Upstream"] for _ in range(9)} == {r.addr for r in replicas},
+               what="every task answered")
+    result = pyroute("routes", "--admin", f"http://127.0.0.1:{p.admin_port}")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:4]]
+    assert rows[0][:5] == ["1", "*", "/op-tasks", "op-tasks", str(replicas[0].port)]
+    assert sorted(row[-2:] for row in rows) == sorted([r.addr, "up"] for r in replicas)
+
+
 def test_routes_says_what_to_do_without_credentials_or_pyroute(make_pyroute):
     p = make_pyroute(ADMIN_USER="ops", ADMIN_PASS="pw")
     result = pyroute("routes", "--admin", f"http://127.0.0.1:{p.admin_port}")
