@@ -39,11 +39,11 @@ def wait(cond, timeout, what):
         time.sleep(0.5)
 
 
-def proxy_tasks():
+def proxy_tasks(service="proxy_proxy"):
     async def query():
         resolver = aiodns.DNSResolver(nameservers=["127.0.0.11"], timeout=2, tries=1)
         try:
-            result = await resolver.query_dns("tasks.proxy_proxy", "A")
+            result = await resolver.query_dns(f"tasks.{service}", "A")
         except aiodns.error.DNSError:
             return []
         finally:
@@ -90,5 +90,17 @@ def main():
     say("PASS", "stack deploy checks")
 
 
+def main_dfsl():
+    """deploy/docker-stack-dfsl.yml as stack `dfsl`: the routes come from the listener's get-services."""
+    ip = wait(lambda: proxy_tasks("dfsl_proxy"), 90, "tasks.dfsl_proxy resolves")[0]
+    say("PASS", f"DFSL-variant proxy task on the overlay: {ip}")
+    wait(lambda: (lambda r: r[0] == 200 and "dfsl-demo" in json.loads(r[1]))(
+        get(ip, 8080, "/v1/docker-flow-proxy/config?type=json")), 60, "route dfsl-demo from the listener")
+    say("PASS", "route dfsl-demo fetched from the Swarm Listener (LISTENER_ADDRESS=swarm-listener)")
+    wait(lambda: get(ip, 80, "/dfsl/x")[0] == 200, 30, "GET :80/dfsl/x -> 200")
+    say("PASS", "GET :80/dfsl/x -> 200 through the DFSL variant")
+    say("PASS", "DFSL stack checks")
+
+
 if __name__ == "__main__":
-    main()
+    main_dfsl() if sys.argv[1:] == ["dfsl"] else main()

@@ -163,3 +163,24 @@ echo "PASS proxy task healthy: the stack's health check on successfulinitreload 
 dk run -d --pull=never --name probe --network proxy busybox:latest sleep 3600 >/dev/null
 NETNS_PID=$(dk inspect -f '{{.State.Pid}}' probe)
 env PYROUTE_REPO="$REPO" nsenter -t "$NETNS_PID" -n -- python3 "$HERE/check_stack.py"
+
+# -- the DFSL variant: deploy/docker-stack-dfsl.yml with a listener stand-in named swarm-listener -------------
+cp "$HERE/listener_app.py" "$APP/listener_app.py"
+dk service create --detach --no-resolve-image --name swarm-listener --network proxy --endpoint-mode dnsrr --stop-grace-period 2s \
+  "${mounts[@]}" pyrun:latest "$PY" /app/listener_app.py >/dev/null
+python3 "$HERE/stack_file.py" "$REPO/deploy/docker-stack-dfsl.yml" "$STATE/stack-dfsl.yml" "$PY" "$PYHOME" "$REPO" "$APP" "$SOCK"
+# Its own published ports: 80/443 belong to the stack deployed above (the file's ports are as shipped otherwise).
+sed -i 's/published: 80$/published: 8090/; s/published: 443$/published: 8453/' "$STATE/stack-dfsl.yml"
+dk stack deploy --resolve-image never -c "$STATE/stack-dfsl.yml" dfsl
+log "PASS docker stack deploy -c deploy/docker-stack-dfsl.yml dfsl: $(dk stack services dfsl --format '{{.Name}}' | tr '\n' ' ')"
+for i in $(seq 240); do
+  healthy=$(dk ps -q --filter label=com.docker.swarm.service.name=dfsl_proxy --filter health=healthy)
+  [ "$(echo "$healthy" | grep -c .)" = 2 ] && break; sleep 0.5
+done
+if [ "$(echo "$healthy" | grep -c .)" != 2 ]; then
+  dk service ps --no-trunc dfsl_proxy >&2
+  for c in $(dk ps -aq --filter label=com.docker.swarm.service.name=dfsl_proxy); do dk logs --tail 30 "$c" >&2; done
+  echo "FAIL the 2 dfsl_proxy tasks never became healthy (readiness waits for the listener's services)"; exit 1
+fi
+echo "PASS both dfsl_proxy replicas healthy: ready after fetching the Swarm Listener's services"
+env PYROUTE_REPO="$REPO" nsenter -t "$NETNS_PID" -n -- python3 "$HERE/check_stack.py" dfsl

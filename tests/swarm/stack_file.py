@@ -1,4 +1,4 @@
-"""Adapt deploy/docker-stack.yml to this tier, changing only what a machine without a
+"""Adapt deploy/docker-stack.yml (or docker-stack-dfsl.yml) to this tier, changing only what a machine without a
 registry and without IPVS needs; everything else (ports, networks, the Docker socket
 mount, user, environment, health check on the readiness endpoint, update_config,
 placement, the go-demo labels) is deployed as shipped.
@@ -27,6 +27,8 @@ def adapt(stack: dict, python: str, pyhome: str, repo: str, app: str, sock: str)
                         for v in proxy["volumes"]] + runtime + [f"{repo}:/src:ro"]
     proxy["healthcheck"]["test"] = [python if part == "python" else part for part in proxy["healthcheck"]["test"]]
 
+    if "go-demo" not in stack["services"]:
+        return stack  # docker-stack-dfsl.yml: the proxy service only
     demo = stack["services"]["go-demo"]
     demo["image"] = "pyrun:latest"
     demo["entrypoint"] = [python, "/app/demo_app.py"]
