@@ -1,7 +1,7 @@
 """The stack files in deploy/: parsed as YAML (as `docker stack deploy` interpolates them) and
 checked against what pyroute reads: its settings, ports, readiness endpoint, Docker socket,
 and the go-demo labels, which a real pyroute following a fake Engine API turns into a route.
-`docker stack deploy` of docker-stack.yml itself runs in the real-Swarm tier (tests/swarm)."""
+`docker stack deploy` of both files runs in the real-Swarm tier (tests/swarm)."""
 import re
 from pathlib import Path
 
