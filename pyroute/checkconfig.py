@@ -11,7 +11,6 @@ read, and a Docker socket that cannot be opened.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 from collections.abc import Mapping
@@ -29,16 +28,9 @@ def show(value) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, tuple):
-        parts = []
-        for item in value:
-            if isinstance(item, ListenSpec):
-                parts.append(" ".join([f"{item.port}{':ssl' if item.ssl else ''}", *item.options]))
-            elif isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-                parts.append(str(item))
-            else:
-                parts.append(str(item))
-        return ",".join(parts)
+    if isinstance(value, tuple):  # listeners, nameservers, addresses, networks
+        return ",".join(" ".join([f"{item.port}{':ssl' if item.ssl else ''}", *item.options])
+                        if isinstance(item, ListenSpec) else str(item) for item in value)
     return str(value)
 
 
