@@ -106,6 +106,7 @@ class AdminApi:
             "metrics": self.metrics_csv,
             "cert": self.cert,
             "certs": self.list_certs,
+            "routes": self.route_table,
         }
 
     async def handle(self, request: Request) -> Response:
@@ -300,6 +301,24 @@ class AdminApi:
                 return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]")
             return Response(200, b"".join(r.body for r in results), "text/plain; charset=utf-8")
         return Response(200, metrics.render_csv(await self.collect()), "text/plain; charset=utf-8")
+
+    async def route_table(self, request: Request) -> Response:
+        """pyroute's own: the live route table (what `pyroute routes` prints), in match order,
+        as the data planes serve it, each route's resolved addresses with their passive health."""
+        if self.collect is None:
+            return json_response(404, "the route table is not available")
+        snap = await self.collect()
+        routes = []
+        for r in snap["routes"]:
+            health = snap["services"].get(r["service"], {}).get("addresses", {})
+            routes.append({
+                "Service": r["service"], "Index": r["index"], "Paths": r["paths"], "PathType": r.get("path_type", ""),
+                "Domains": r["domains"], "DomainAlgo": r.get("domain_algo", ""), "Backend": r["backend"],
+                "Addresses": [{"Address": a, "Health": health.get(a, {}).get("health", "unknown")}
+                              for a in r["addresses"]],
+            })
+        revisions = sorted({p["revision"] for p in snap["processes"] if "revision" in p})
+        return json_response(200, "", Revision=self.registry.revision, Served=revisions, Routes=routes)
 
     async def stats_page(self, request: Request) -> Response:
         if not statspage.authorized(self.settings, (request.authorization or b"").decode("latin-1")):

@@ -1,4 +1,4 @@
-"""The `pyroute` command: serve (the default), demo, version."""
+"""The `pyroute` command: serve (the default), check-config, routes, demo, version."""
 
 from __future__ import annotations
 
@@ -14,12 +14,18 @@ examples:
   pyroute                                    run with DFP's defaults (80, 443:ssl; admin on 8080)
   DEFAULT_PORTS=8000 PORT=9000 pyroute       the same on unprivileged ports
   pyroute --config /etc/pyroute.toml         settings from a file (flags and env win over it)
+  pyroute check-config /etc/pyroute.toml     validate file + env + secrets, show each setting's source
+  pyroute routes                             the live route table of the pyroute on 127.0.0.1:$PORT
+  pyroute routes --admin http://proxy:8080   ... of another one (ADMIN_USER/ADMIN_PASS are sent)
   pyroute demo                               a proxy plus a demo service, ready to curl
+  pyroute version
 
 then, as with Docker Flow Proxy:
   curl "localhost:8080/v1/docker-flow-proxy/reconfigure?serviceName=go-demo&servicePath=/demo&port=8080"
+
+on Swarm: docker stack deploy -c deploy/docker-stack.yml proxy   (see README.md)
 """
-COMMANDS = ("serve", "demo", "version")
+COMMANDS = ("serve", "check-config", "routes", "demo", "version")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy (the default command)",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_flags(serve)
+    check = commands.add_parser("check-config", help="validate settings (TOML file, env, secrets) and show them",
+                                description="Validate the settings pyroute would start with: FILE (or "
+                                            "PYROUTE_CONFIG), the environment and the Docker secrets. Prints "
+                                            "every setting with its source; exits 1 naming each problem.")
+    check.add_argument("file", nargs="?", metavar="FILE", help="TOML settings file (default: env PYROUTE_CONFIG)")
+    routes = commands.add_parser("routes", help="print the live route table of a running pyroute",
+                                 description="The routes a running pyroute serves, in match order: host and "
+                                             "path rule, service, port, resolved addresses and their health.")
+    routes.add_argument("--admin", metavar="URL", help="its admin API (default http://127.0.0.1:$PORT, PORT 8080)")
+    routes.add_argument("--user", help="admin user (default env ADMIN_USER or the secret dfp_admin_user)")
+    routes.add_argument("--password", help="admin password (default env ADMIN_PASS or the secret dfp_admin_pass)")
     demo = commands.add_parser("demo", help="run the proxy with a built-in demo service and register it")
     demo.add_argument("--http-port", type=int, default=8000, help="public HTTP port (default 8000)")
     demo.add_argument("--admin-port", type=int, default=8080, help="admin API port (default 8080)")
@@ -64,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"pyroute {__version__}")
         return 0
+    if args.command == "check-config":
+        from .checkconfig import main as check_config
+
+        return check_config(args.file)
+    if args.command == "routes":
+        from .showroutes import main as show_routes
+
+        return show_routes(args.admin, args.user, args.password)
 
     from .server import StartupError
 

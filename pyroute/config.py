@@ -477,7 +477,9 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
                             .replace("%", "%%"))
 
 
-def _read_toml(path: str, label: str) -> dict[str, Any]:
+def _read_toml(path: str, label: str, problems: list[SettingsError] | None = None) -> dict[str, Any]:
+    """The file's settings; with `problems`, unknown keys are collected there (all of them)
+    instead of raising at the first."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -489,19 +491,28 @@ def _read_toml(path: str, label: str) -> dict[str, Any]:
         if key not in _NAMES:
             close = difflib.get_close_matches(key.lower().replace("-", "_"), _NAMES, n=1)
             hint = f", did you mean {close[0]!r}?" if close else ""
-            raise SettingsError(f"{key} (in {path}): unknown setting{hint}")
+            error = SettingsError(f"{key} (in {path}): unknown setting{hint}")
+            if problems is None:
+                raise error
+            problems.append(error)
+            del data[key]
     return data
 
 
-def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str] | None = None,
+                       problems: list[SettingsError] | None = None) -> Settings:
     """Build Settings from flags added by add_setting_flags, the environment
-    (default os.environ) and the TOML file named by --config or PYROUTE_CONFIG."""
+    (default os.environ) and the TOML file named by --config or PYROUTE_CONFIG.
+
+    With `problems` (``pyroute check-config``), every bad value is appended there and that
+    setting keeps its default, instead of raising at the first one; an unreadable or
+    invalid file still raises."""
     environ = os.environ if environ is None else environ
     config_file = getattr(namespace, "config", None)
     label = "--config"
     if not config_file:
         config_file, label = environ.get(CONFIG_ENV) or None, CONFIG_ENV
-    file_values = _read_toml(config_file, label) if config_file else {}
+    file_values = _read_toml(config_file, label, problems) if config_file else {}
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -521,7 +532,14 @@ def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str]
         else:
             sources[f.name] = "default"
             continue
-        values[f.name] = f.metadata["parse"](raw, where)
+        try:
+            values[f.name] = f.metadata["parse"](raw, where)
+        except SettingsError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
+            sources[f.name] = "default"
+            continue
         sources[f.name] = source
     return Settings(**values, config_file=config_file, sources=MappingProxyType(sources))
 

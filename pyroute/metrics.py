@@ -166,11 +166,17 @@ def snapshot(plane, name: str) -> dict:
     for route in proxy.table.routes:
         backend = route.backend
         d = route.destination
-        ips = (backend.host,) if is_ip(backend.host) else backend.resolver.known(backend.host)
+        tasks = getattr(backend, "tasks", None)  # balancer.TaskSet (discoveryType=DNS, sticky): its task addresses
+        if tasks is not None:
+            addresses = [f"{ip}:{port}" for ip, port in sorted(tasks)]
+        else:
+            ips = (backend.host,) if is_ip(backend.host) else backend.resolver.known(backend.host)
+            addresses = [f"{ip}:{backend.port}" for ip in ips or ()]
         routes.append({
             "service": route.service.name, "index": d.index, "paths": list(d.paths), "domains": list(d.domains),
+            "path_type": d.path_type, "domain_algo": route.service.domain_algo,
             "backend": f"{backend.host}:{backend.port}",
-            "addresses": [f"{ip}:{backend.port}" for ip in ips or ()],
+            "addresses": addresses,
         })
     process = process_info(name)
     process.update(revision=plane.revision, reloads=stats.reloads)

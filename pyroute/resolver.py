@@ -147,3 +147,49 @@ def _describe(host: str, exc: Exception) -> str:
     if isinstance(exc, aiodns.error.DNSError) and len(exc.args) > 1:
         return f"{host}: DNS lookup failed: {exc.args[1]}"
     return f"{host}: DNS lookup failed: {exc!r}"
+
+
+async def report_unreachable_dns(resolver: Resolver, name: str) -> bool:
+    """Ask the DNS servers one question at start and log, once, when none can be reached:
+    every service route would answer 503. Any answer (NXDOMAIN included) is fine; so is a
+    timeout from a server that accepts a TCP connection on its port (Docker's resolver
+    forwards names it does not know, and an upstream may be slow). -> True when reachable.
+    Never raises: pyroute keeps serving either way."""
+    channel = aiodns.DNSResolver(nameservers=resolver.nameservers, timeout=resolver.timeout, tries=1)
+    try:
+        await channel.query_dns(f"tasks.{name}", "A")
+        return True
+    except aiodns.error.DNSError as exc:
+        code = exc.args[0] if exc.args else None
+        if code not in (aiodns.error.ARES_ETIMEOUT, aiodns.error.ARES_ECONNREFUSED):
+            return True
+        reason = exc.args[1] if len(exc.args) > 1 else str(exc)
+    except Exception:  # anything else is an answer of some kind, or not this check's business
+        return True
+    finally:
+        await channel.close()
+    if code == aiodns.error.ARES_ETIMEOUT:
+        for server in resolver.nameservers:
+            if await _accepts_tcp(server, resolver.timeout):
+                return True
+    log.error("the DNS server %s does not answer (%s): service names cannot be resolved and their routes "
+              "answer 503 until it does. Set DNS_NAMESERVERS to a reachable server (inside a Swarm task that is "
+              "Docker's 127.0.0.11; outside one, your network's resolver)", ",".join(resolver.nameservers), reason)
+    return False
+
+
+async def _accepts_tcp(server: str, timeout: float) -> bool:
+    """Does host[:port] (default 53; "[v6]:port" too) accept a TCP connection?"""
+    host, port = server, 53
+    if server.startswith("["):
+        host, _, rest = server[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else 53
+    elif server.count(":") == 1:
+        host, _, port_text = server.partition(":")
+        port = int(port_text)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True

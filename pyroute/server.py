@@ -31,11 +31,12 @@ from .envservices import env_services
 from .health import HealthPolicy
 from .proxy import ProxyServer
 from .replication import Replication
-from .resolver import Resolver, is_ip
+from .resolver import Resolver, is_ip, report_unreachable_dns
 from .routing import RouteTable
 from .services import Service, ServiceDefaults, ServiceError, parse_service
 from .state import ServiceRegistry, Snapshot
-from .swarm import EngineClient, EngineError, SwarmListener, listener_enabled
+from .summary import ready_summary
+from .swarm import EngineClient, EngineError, SwarmListener, listener_enabled, socket_problem
 from .tcp import Port, TcpListeners, Tunnel
 from .tls import CertStore, file_name
 from .upstream import Backend, UpstreamPool
@@ -448,6 +449,8 @@ class ControlPlane:
         self.certs = certs
         self.servers: list[asyncio.AbstractServer] = []
         self.listener: SwarmListener | None = None
+        self.restored = (0, 0)  # (services, revision) in STATE_DIR at start, for the start-up summary
+        self._dns_check: asyncio.Future | None = None
 
     async def start(self) -> None:
         for warning in raw_haproxy_warnings():
@@ -455,7 +458,11 @@ class ControlPlane:
         try:
             self.replication.load()  # the saved state goes into the first table the data planes get
         except OSError as exc:
-            raise StartupError(f"STATE_DIR {self.settings.state_dir!r} is not usable: {exc.strerror or exc}") from None
+            raise StartupError(
+                f"STATE_DIR {self.settings.state_dir!r} is not usable: {exc.strerror or exc}: mount a volume there "
+                f"writable by uid {os.getuid()} (the image's user is pyroute), point STATE_DIR at a writable "
+                "directory, or leave STATE_DIR empty to keep the routes in memory only") from None
+        self.restored = (len(self.registry.services()), self.registry.revision)
         for params in env_services(os.environ):
             try:
                 self.registry.reconfigure(params)
@@ -470,6 +477,9 @@ class ControlPlane:
                 client = EngineClient(s.docker_host)
             except EngineError as exc:
                 raise StartupError(str(exc)) from None
+            problem = socket_problem(s.docker_host)
+            if problem is not None:
+                raise StartupError(problem)
             self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
         self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.is_ready, self.replication,
                                   collect=self.planes.collect, settings=self.settings,
@@ -480,6 +490,7 @@ class ControlPlane:
                         "(set ADMIN_USER and ADMIN_PASS, or the secrets dfp_admin_user / dfp_admin_pass)", s.ip, s.port)
         self.servers.append(await listen(lambda: AdminConnection(api, s.timeout_admin), s.ip, s.port, "admin API"))
         self.replication.start()  # join (pull from peers), then repair; the DFSL listener fetch
+        self._dns_check = asyncio.ensure_future(report_unreachable_dns(self.replication.resolver, s.service_name))
         if self.listener is not None:
             self.listener.start()
             log.info("Swarm listener on %s: services labelled com.df.notify=true become routes", s.docker_host)
@@ -514,6 +525,8 @@ class ControlPlane:
     def close(self) -> None:
         if self.listener is not None:
             self.listener.stop()
+        if self._dns_check is not None:
+            self._dns_check.cancel()
         self.replication.close()
         for server in self.servers:
             server.close()
@@ -539,10 +552,9 @@ class Pyroute:
         self.data.serve_stats_from(*self.control.admin_address())
         await self.data.start()
         settle_memory()
-        log.info(
-            "pyroute ready: http on %s, admin API on %s, DNS %s",
-            addresses(self.data.servers), addresses(self.control.servers), ",".join(self.settings.dns_nameservers),
-        )
+        waiting = [f"{spec.port} (TLS, opens with the first certificate)" for spec in self.data.tls_waiting]
+        log.info("%s", ready_summary(self.settings, ", ".join([addresses(self.data.servers), *waiting]),
+                                     addresses(self.control.servers), self.control))
 
     async def stop(self, grace: float = 5.0) -> None:
         self.control.close()

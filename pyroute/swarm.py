@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import urllib.parse
 from collections.abc import AsyncIterator
 
@@ -52,6 +53,38 @@ def listener_enabled(docker_host: str, explicitly_set: bool) -> bool:
         return True
     path = socket_path(docker_host)
     return path is not None and os.path.exists(path)
+
+
+def socket_problem(docker_host: str) -> str | None:
+    """Why the Engine API socket of DOCKER_HOST cannot be used, phrased as what to do;
+    None when a connection opens (or DOCKER_HOST is tcp://, checked when first used).
+    Refused connections (dockerd restarting) are no problem here: the listener polls."""
+    path = socket_path(docker_host)
+    if path is None:
+        return None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return (f"DOCKER_HOST: the Docker socket {path} does not exist: mount it into the container "
+                "(/var/run/docker.sock:/var/run/docker.sock:ro, on a manager node) for label discovery, "
+                "or unset DOCKER_HOST to take routes from the admin API only")
+    except PermissionError:
+        try:
+            group = f"group id {os.stat(path).st_gid}"
+        except OSError:
+            group = "its group"
+        return (f"the Docker socket {path} is not readable by uid {os.getuid()}: run pyroute as root "
+                f"(user: root in the stack file) or in {group}, or remove the socket mount / DOCKER_HOST "
+                "to take routes from the admin API only")
+    except (ConnectionRefusedError, socket.timeout):
+        return None
+    except OSError as exc:
+        return f"DOCKER_HOST: cannot use the Docker socket {path}: {exc.strerror or exc}"
+    finally:
+        probe.close()
+    return None
 
 
 class EngineClient:

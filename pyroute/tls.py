@@ -144,7 +144,13 @@ class CertStore:
         for directory, wanted in ((self.certs_dir, None), (self.secrets_dir, SECRET_PREFIXES)):
             try:
                 entries = sorted(os.listdir(directory)) if directory else []
-            except OSError:
+            except FileNotFoundError:
+                continue  # no certificates yet: the TLS ports wait for the first one
+            except OSError as exc:
+                if wanted is None:
+                    log.error("CERTS_DIR %s is not a readable directory (%s): its certificates are not served. "
+                              "Make it readable by uid %d (the image's user is pyroute), or point CERTS_DIR at "
+                              "another directory", directory, exc.strerror or exc, os.getuid())
                 continue
             for entry in entries:
                 if entry.startswith(".") or (wanted and not entry.startswith(wanted)):

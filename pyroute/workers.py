@@ -38,7 +38,8 @@ import orjson
 
 from . import metrics
 from .config import ListenSpec, Settings
-from .server import ControlPlane, DataPlane, StartupError, cert_store, reread, settle_memory, wait_for_signal
+from .server import ControlPlane, DataPlane, StartupError, addresses, cert_store, reread, settle_memory, wait_for_signal
+from .summary import ready_summary
 from .services import ServiceDefaults, parse_service
 from .state import Snapshot
 from .tls import CertStore
@@ -283,9 +284,10 @@ async def serve_with_workers(settings: Settings, load=None) -> None:
     except BaseException:
         await supervisor.stop()
         raise
-    log.info("pyroute ready: %d workers on %s, admin API on %s:%d",
-             settings.workers, ",".join(str(s.port) for s in settings.default_ports + settings.bind_ports),
-             settings.ip, settings.port)
+    ports = ", ".join(f"{settings.bind_address}:{s.port}" + (" (TLS)" if s.ssl else "")
+                      for s in settings.default_ports + settings.bind_ports)
+    log.info("%s", ready_summary(settings, f"{ports} in {settings.workers} workers",
+                                 addresses(control.servers), control))
     def on_hup() -> None:
         new = reread(supervisor.settings, load) if load is not None else None
         if new is not None:

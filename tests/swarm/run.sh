@@ -136,3 +136,51 @@ log "pyroute pid $PYROUTE_PID in the netns of container 'probe' (pid $NETNS_PID)
 # -- the checks -----------------------------------------------------------------------------------------
 env DOCKER_HOST="unix://$SOCK" DOCKER_CLI="$DOCKER" PYROUTE_HTTP=127.0.0.1:8081 PYROUTE_ADMIN=127.0.0.1:8082 \
   nsenter -t "$NETNS_PID" -n -- python3 "$HERE/check.py"
+
+# -- the shipped stack file: docker stack deploy -c deploy/docker-stack.yml proxy ------------------------------
+# The label-discovery run above used its own network `proxy`; the stack creates its own by that name.
+kill -TERM "$PYROUTE_PID"; wait "$PYROUTE_PID" 2>/dev/null || true; PYROUTE_PID=""
+dk rm -f probe >/dev/null
+for _ in $(seq 150); do  # go-demo's tasks leave the network as they stop; the removal completes later
+  dk network rm proxy >/dev/null 2>&1 || true
+  dk network inspect proxy >/dev/null 2>&1 || break; sleep 0.2
+done
+dk network inspect proxy >/dev/null 2>&1 && { echo "FAIL the network proxy of the label run could not be removed"; exit 1; }
+python3 "$HERE/stack_file.py" "$REPO/deploy/docker-stack.yml" "$STATE/stack.yml" "$PY" "$PYHOME" "$REPO" "$APP" "$SOCK"
+log "deploy/docker-stack.yml adapted for this tier (images, runtime mounts, socket source): $STATE/stack.yml"
+dk stack deploy --resolve-image never -c "$STATE/stack.yml" proxy
+log "PASS docker stack deploy -c deploy/docker-stack.yml proxy: $(dk stack services proxy --format '{{.Name}}' | tr '\n' ' ')"
+for i in $(seq 240); do
+  healthy=$(dk ps -q --filter label=com.docker.swarm.service.name=proxy_proxy --filter health=healthy)
+  [ -n "$healthy" ] && break; sleep 0.5
+done
+if [ -z "$healthy" ]; then
+  dk service ps --no-trunc proxy_proxy >&2; dk ps -a >&2
+  for c in $(dk ps -aq --filter label=com.docker.swarm.service.name=proxy_proxy); do dk logs --tail 30 "$c" >&2; done
+  echo "FAIL the proxy task never became healthy (readiness health check)"; exit 1
+fi
+echo "PASS proxy task healthy: the stack's health check on successfulinitreload answers 200"
+dk run -d --pull=never --name probe --network proxy busybox:latest sleep 3600 >/dev/null
+NETNS_PID=$(dk inspect -f '{{.State.Pid}}' probe)
+env PYROUTE_REPO="$REPO" nsenter -t "$NETNS_PID" -n -- python3 "$HERE/check_stack.py"
+
+# -- the DFSL variant: deploy/docker-stack-dfsl.yml with a listener stand-in named swarm-listener -------------
+cp "$HERE/listener_app.py" "$APP/listener_app.py"
+dk service create --detach --no-resolve-image --name swarm-listener --network proxy --endpoint-mode dnsrr --stop-grace-period 2s \
+  "${mounts[@]}" pyrun:latest "$PY" /app/listener_app.py >/dev/null
+python3 "$HERE/stack_file.py" "$REPO/deploy/docker-stack-dfsl.yml" "$STATE/stack-dfsl.yml" "$PY" "$PYHOME" "$REPO" "$APP" "$SOCK"
+# Its own published ports: 80/443 belong to the stack deployed above (the file's ports are as shipped otherwise).
+sed -i 's/published: 80$/published: 8090/; s/published: 443$/published: 8453/' "$STATE/stack-dfsl.yml"
+dk stack deploy --resolve-image never -c "$STATE/stack-dfsl.yml" dfsl
+log "PASS docker stack deploy -c deploy/docker-stack-dfsl.yml dfsl: $(dk stack services dfsl --format '{{.Name}}' | tr '\n' ' ')"
+for i in $(seq 240); do
+  healthy=$(dk ps -q --filter label=com.docker.swarm.service.name=dfsl_proxy --filter health=healthy)
+  [ "$(echo "$healthy" | grep -c .)" = 2 ] && break; sleep 0.5
+done
+if [ "$(echo "$healthy" | grep -c .)" != 2 ]; then
+  dk service ps --no-trunc dfsl_proxy >&2
+  for c in $(dk ps -aq --filter label=com.docker.swarm.service.name=dfsl_proxy); do dk logs --tail 30 "$c" >&2; done
+  echo "FAIL the 2 dfsl_proxy tasks never became healthy (readiness waits for the listener's services)"; exit 1
+fi
+echo "PASS both dfsl_proxy replicas healthy: ready after fetching the Swarm Listener's services"
+env PYROUTE_REPO="$REPO" nsenter -t "$NETNS_PID" -n -- python3 "$HERE/check_stack.py" dfsl

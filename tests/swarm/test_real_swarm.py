@@ -13,3 +13,5 @@ def test_real_swarm():
     print(run.stderr)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "PASS all real-Swarm checks" in run.stdout
+    assert "PASS stack deploy checks" in run.stdout
+    assert "PASS DFSL stack checks" in run.stdout

@@ -1,0 +1,103 @@
+"""`pyroute routes [--admin URL]`: the live route table of a running pyroute, readable.
+
+Reads the admin API's ``/v1/docker-flow-proxy/routes`` (the table the data planes serve,
+in match order, with resolved addresses and their passive health) and prints one line
+per route and address. Admin credentials: --user/--password, else ADMIN_USER/ADMIN_PASS,
+else the secrets dfp_admin_user / dfp_admin_pass in SECRETS_DIR.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+PATH = "/v1/docker-flow-proxy/routes"
+
+
+def default_admin_url(environ=os.environ) -> str:
+    return f"http://127.0.0.1:{environ.get('PORT') or 8080}"
+
+
+def credentials(user: str | None, password: str | None, environ=os.environ) -> tuple[str, str] | None:
+    secrets = environ.get("SECRETS_DIR") or "/run/secrets"
+
+    def secret(name: str) -> str | None:
+        try:
+            with open(os.path.join(secrets, name), encoding="utf-8") as fh:
+                return fh.read().strip() or None
+        except OSError:
+            return None
+
+    user = user or environ.get("ADMIN_USER") or secret("dfp_admin_user")
+    password = password or environ.get("ADMIN_PASS") or secret("dfp_admin_pass")
+    return (user, password) if user and password else None
+
+
+def fetch(admin_url: str, auth: tuple[str, str] | None, timeout: float = 10.0) -> dict:
+    """The routes document; raises RuntimeError with a message saying what to do."""
+    request = urllib.request.Request(admin_url.rstrip("/") + PATH)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise RuntimeError(f"{admin_url}: the admin API needs credentials: set ADMIN_USER and ADMIN_PASS "
+                               "(or --user/--password)") from None
+        raise RuntimeError(f"{admin_url}{PATH} answered {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RuntimeError(f"cannot reach the admin API at {admin_url} ({reason}): is pyroute running? "
+                           "Give its address with --admin http://HOST:PORT") from None
+    except ValueError:
+        raise RuntimeError(f"{admin_url}{PATH} did not answer JSON: is this pyroute's admin port?") from None
+
+
+def rule(route: dict) -> tuple[str, str]:
+    """(host rule, path rule) as a person reads them."""
+    domains = route["Domains"]
+    host = "*"
+    if domains:
+        algo = route.get("DomainAlgo", "")
+        host = ",".join(domains) + ("" if algo in ("", "hdr_beg") else f" ({algo})")
+    paths = ",".join(route["Paths"]) or "/"
+    if route.get("PathType", "path_beg") not in ("", "path_beg"):
+        paths += f" ({route['PathType']})"
+    return host, paths
+
+
+def render(document: dict) -> str:
+    rows = [("#", "HOST", "PATH", "SERVICE", "PORT", "ADDRESS", "HEALTH")]
+    for n, route in enumerate(document.get("Routes", []), 1):
+        host, paths = rule(route)
+        backend_port = route["Backend"].rsplit(":", 1)[-1]
+        service = route["Service"] + (f"#{route['Index']}" if route["Index"] else "")
+        addresses = route["Addresses"] or [{"Address": "(not resolved yet)", "Health": "-"}]
+        for i, a in enumerate(addresses):
+            first = i == 0
+            rows.append((str(n) if first else "", host if first else "", paths if first else "",
+                         service if first else "", backend_port if first else "", a["Address"], a["Health"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    served = document.get("Served", [])
+    lines.append(f"revision {document.get('Revision')}"
+                 + (f", served: {','.join(str(r) for r in served)}" if served else "")
+                 + f", {len(document.get('Routes', []))} routes in match order (first match wins)")
+    return "\n".join(lines)
+
+
+def main(admin_url: str | None, user: str | None, password: str | None) -> int:
+    url = admin_url or default_admin_url()
+    try:
+        document = fetch(url, credentials(user, password))
+    except RuntimeError as exc:
+        print(f"pyroute routes: {exc}", file=sys.stderr)
+        return 1
+    print(render(document))
+    return 0
