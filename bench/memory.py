@@ -32,7 +32,8 @@ SAMPLE_INTERVAL = 0.02  # RSS sampling period while streaming
 SEND_CHUNK = b"u" * MIB
 RECV_SIZE = 256 * 1024
 IO_TIMEOUT = 60.0
-# pyroute's own timeouts would close idle clients (keep-alive 15 s) mid-measurement.
+# pyroute's own timeouts would close idle clients (keep-alive 15 s) mid-measurement, and
+# MAXCONN (DFP's 5000) would stop the listener accepting half way to 10,000.
 PYROUTE_ENV = {"TIMEOUT_HTTP_KEEP_ALIVE": "3600", "TIMEOUT_CLIENT": "3600", "TIMEOUT_SERVER": "3600"}
 
 
@@ -77,8 +78,8 @@ async def hold_idle_clients(port: int, count: int, root: int) -> tuple[int, int]
     clients, failures = [], 0
     for start in range(0, count, CONNECT_BATCH):
         batch = min(CONNECT_BATCH, count - start)
-        results = await asyncio.gather(*(open_idle_client(port) for _ in range(batch)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(asyncio.wait_for(open_idle_client(port), IO_TIMEOUT)
+                                         for _ in range(batch)), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 failures += 1
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
     try:
         upstream_port, _ = bench.start_upstream(procs, tmp, prefer_nginx=False)
         bench.make_certificate(tmp)  # start_pyroute also opens a TLS port with it
-        target = bench.start_pyroute(procs, tmp, upstream_port, dns_port, args.workers, env=PYROUTE_ENV)
+        env = {**PYROUTE_ENV, "MAXCONN": str(args.connections + 1000)}
+        target = bench.start_pyroute(procs, tmp, upstream_port, dns_port, args.workers, env=env)
         root = target.proc.pid
         time.sleep(SETTLE_SECONDS)
         at_start = bench.tree_rss_bytes(root)
