@@ -405,6 +405,7 @@ class AdminConnection(asyncio.Protocol):
         self._arm()
 
     def connection_lost(self, exc) -> None:
+        self.parser = None  # it holds our bound callbacks: without the cycle we die by refcount
         if self.timer is not None:
             self.timer.cancel()
 

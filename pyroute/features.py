@@ -419,6 +419,7 @@ class CompressedOut(list):
         tail = self.zip.flush()
         super().append(b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail))
         self.done = True
+        self.parser = None  # (it holds our bound callbacks: no cycle left for the collector)
         self.conn.out = list(self)  # later exchanges use a plain list again
         self.clear()
 

@@ -209,6 +209,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self.parser = None  # it holds our bound callbacks: without the cycle we die by refcount
         server = self.server
         server.connections.discard(self)
         server.client_gone()

@@ -241,6 +241,7 @@ class UpstreamConnection(asyncio.Protocol):
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc) -> None:
+        self.parser = None  # it holds our bound callbacks: without the cycle we die by refcount
         was_closed = self.closed
         self.closed = True
         self.pool.busy.discard(self)

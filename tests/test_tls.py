@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import trustme
@@ -454,3 +455,35 @@ def test_curl_over_tls(tls_proxy, dns, replicas, ca, tmp_path):
     assert out.returncode == 0, out.stderr
     head, _, body = out.stdout.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == b"hello, world!"
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_closed_tls_connections_free_their_memory(tls_proxy, dns, replicas, ca):
+    """Each TLS connection holds OpenSSL buffers; a closed one must release them at once,
+    not when the cyclic collector next runs (RSS tripled under new-connection load)."""
+    p = tls_proxy()
+    route(p, dns, replicas[0], "tls-churn")  # every path; /hello answers "hello, world!"
+    put_cert(p, "churn", pem(ca.issue_cert("churn.test")))
+    wait_until(lambda: _connects(p.tls_port), what="TLS port open")
+    ctx = client_context(ca)
+    request = b"GET /hello HTTP/1.1\r\nHost: churn.test\r\nConnection: close\r\n\r\n"
+
+    def one_connection(_):
+        with socket.create_connection(("127.0.0.1", p.tls_port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="churn.test") as tls:
+                tls.sendall(request)
+                answer = b""
+                while data := tls.recv(65536):
+                    answer += data
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello, world!"), answer[:100]
+
+    with ThreadPoolExecutor(16) as clients:  # connections overlap, as under real load
+        list(clients.map(one_connection, range(500)))  # allocator arenas reach their working size
+        before = _rss_mib(p.proc.pid)
+        list(clients.map(one_connection, range(3000)))
+    # measured: +1 MiB when each closed connection is freed, +9.5 MiB when they wait for the collector
+    assert _rss_mib(p.proc.pid) - before < 4, "closed TLS connections were kept in memory"
