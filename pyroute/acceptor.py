@@ -71,8 +71,21 @@ class PeekingListener:
         self.sni_port = sni_port  # the sni services on this port right now (None: none)
         self.timeout = timeout
         self.pending: dict[int, _Pending] = {}
+        self.paused = False
+        self.closed = False
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._accept)
+
+    def pause(self) -> None:
+        """MAXCONN: stop accepting; new connections wait in the kernel's backlog."""
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.loop.remove_reader(self.sock.fileno())
+
+    def resume(self) -> None:
+        if self.paused and not self.closed:  # (connections closing while draining make room too)
+            self.paused = False
+            self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -166,6 +179,7 @@ class PeekingListener:
             self._release(fd).close()
 
     def close(self) -> None:
+        self.closed = True
         self.loop.remove_reader(self.sock.fileno())
         for fd in list(self.pending):
             self._release(fd).close()

@@ -82,11 +82,45 @@ class Exchange:
         self.body_left = UNLIMITED  # chunked body bytes still allowed (MAX_REQUEST_BODY)
 
 
+class ClientLimit:
+    """MAXCONN for one process: the open client sockets of every public listener, HTTP and
+    HTTPS alike, tunnels included. Reaching it calls on_full (the listeners stop accepting,
+    new connections wait in the kernel's backlog); dropping below calls on_room."""
+
+    __slots__ = ("maxconn", "clients", "full", "on_full", "on_room")
+
+    def __init__(self, maxconn: int):
+        self.maxconn = maxconn
+        self.clients = 0
+        self.full = False
+        self.on_full = self.on_room = lambda: None
+
+    def opened(self) -> None:
+        self.clients += 1
+        if self.clients >= self.maxconn and not self.full:
+            self.full = True
+            self.on_full()
+
+    def closed(self) -> None:
+        self.clients -= 1
+        if self.full and self.clients < self.maxconn:
+            self.full = False
+            self.on_room()
+
+    def set_maxconn(self, maxconn: int) -> None:
+        """A new MAXCONN (SIGHUP) may fill or free the process at once."""
+        self.maxconn = maxconn
+        full = self.clients >= maxconn
+        if full != self.full:
+            self.full = full
+            self.on_full() if full else self.on_room()
+
+
 class ProxyServer:
     """What every client connection shares: the current route table, the pool, settings."""
 
     def __init__(self, settings, loop: asyncio.AbstractEventLoop, pool: UpstreamPool, table: RouteTable,
-                 unrouted, access_log=None):
+                 unrouted, access_log=None, limit: ClientLimit | None = None):
         self.settings = settings
         self.loop = loop
         self.pool = pool
@@ -99,9 +133,7 @@ class ProxyServer:
         self.accepted = 0
         self.closed_received = 0  # bytes of connections already closed
         self.closed_sent = 0
-        self.clients = 0  # open client sockets, tunnels included (MAXCONN)
-        self.on_full = self.on_room = lambda: None  # the listeners stop / resume accepting
-        self.full = False
+        self.limit = limit or ClientLimit(settings.maxconn)  # shared by the process's ProxyServers
         self.configure(settings)
 
     def configure(self, settings) -> None:
@@ -111,14 +143,7 @@ class ProxyServer:
         self.max_header_size = settings.max_header_size
         self.max_headers = settings.max_headers
         self.max_body = settings.max_request_body or UNLIMITED
-        self.maxconn = settings.maxconn
         self.pool.connect_timeout = settings.timeout_connect
-
-    def client_gone(self) -> None:
-        self.clients -= 1
-        if self.full and self.clients < self.maxconn:
-            self.full = False
-            self.on_room()
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -186,10 +211,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         server.connections.add(self)
         server.accepted += 1
-        server.clients += 1
-        if server.clients >= server.maxconn and not server.full:
-            server.full = True
-            server.on_full()
+        server.limit.opened()
 
     def data_received(self, data: bytes) -> None:
         self.last_io = now = self.loop.time()
@@ -212,7 +234,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser = None  # it holds our bound callbacks: without the cycle we die by refcount
         server = self.server
         server.connections.discard(self)
-        server.client_gone()
+        server.limit.closed()
         if self.queue:  # requests that never got (all of) their response
             now = self.loop.time()
             for ex in self.queue:

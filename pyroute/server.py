@@ -29,7 +29,7 @@ from .config import Settings, SettingsError, raw_haproxy_warnings
 from .connections import ClientCertConnection, ProxiedClientCertConnection, ProxiedClientConnection
 from .envservices import env_services
 from .health import HealthPolicy
-from .proxy import ProxyServer
+from .proxy import ClientLimit, ProxyServer
 from .replication import Replication
 from .resolver import Resolver, is_ip, report_unreachable_dns
 from .routing import RouteTable
@@ -200,10 +200,10 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         pool = UpstreamPool(loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)
         access_log = AccessLog(loop, s.debug_errors_only, s.access_log_sample) if s.debug else None
-        self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log)
-        self.proxy.on_full = self._stop_accepting
-        self.proxy.on_room = self._resume_accepting
-        self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table, self.stats.unrouted, access_log)
+        limit = ClientLimit(s.maxconn)  # HTTP and HTTPS clients count together, as HAProxy's maxconn
+        limit.on_full, limit.on_room = self._stop_accepting, self._resume_accepting
+        self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log, limit)
+        self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table, self.stats.unrouted, access_log, limit)
         self.tls_proxy.proto = b"https"
         if s.ca_file:
             self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
@@ -221,10 +221,7 @@ class DataPlane:
         pool.max_idle, pool.idle_timeout = settings.upstream_max_idle, settings.upstream_idle_timeout
         self.resolver.ttl_cap = settings.dns_ttl_cap
         errors.use_directory(settings.error_pages_dir)
-        full = self.proxy.clients >= settings.maxconn  # MAXCONN may have moved either way
-        if full != self.proxy.full:
-            self.proxy.full = full
-            self._stop_accepting() if full else self._resume_accepting()
+        self.proxy.limit.set_maxconn(settings.maxconn)
 
     def _stop_accepting(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -232,13 +229,11 @@ class DataPlane:
             self._maxconn_logged = now
             log.warning("MAXCONN %d reached: not accepting new connections until one closes", self.settings.maxconn)
         for listener in [*self.servers, *self.src_port_servers.values()]:
-            if isinstance(listener, Listener):  # TLS and PROXY ports keep accepting (see ARCHITECTURE.md)
-                listener.pause()
+            listener.pause()
 
     def _resume_accepting(self) -> None:
         for listener in [*self.servers, *self.src_port_servers.values()]:
-            if isinstance(listener, Listener):
-                listener.resume()
+            listener.resume()
 
     async def start(self) -> None:
         if self.proxy is None:
@@ -271,7 +266,7 @@ class DataPlane:
                 except StartupError as exc:
                     log.error("srcPort: %s", exc)
                     continue
-                if not self.proxy.full:
+                if not self.proxy.limit.full:
                     await listener.serve()
                 log.info("opened an HTTP listener on port %d for srcPort", port)
 
@@ -319,7 +314,10 @@ class DataPlane:
     async def _open_tls(self, specs) -> None:
         for spec in specs:
             try:
-                self.servers.append(await self._listen(spec))
+                listener = await self._listen(spec)
+                if self.proxy.limit.full:
+                    listener.pause()
+                self.servers.append(listener)
                 log.info("TLS port %d opened: the first certificate is in", spec.port)
             except StartupError as exc:
                 log.error("%s", exc)

@@ -85,7 +85,7 @@ class TunnelEnd(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         if self is self.tunnel.client:
-            self.tunnel.server.client_gone()
+            self.tunnel.server.limit.closed()
         self.tunnel.close()
 
     def pause_writing(self) -> None:

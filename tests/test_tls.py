@@ -457,11 +457,6 @@ def test_curl_over_tls(tls_proxy, dns, replicas, ca, tmp_path):
     assert head.startswith(b"HTTP/1.1 200") and body == b"hello, world!"
 
 
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
 def test_closed_tls_connections_free_their_memory(tls_proxy, dns, replicas, ca):
     """Each TLS connection holds OpenSSL buffers; a closed one must release them at once,
     not when the cyclic collector next runs (RSS tripled under new-connection load)."""
@@ -483,7 +478,35 @@ def test_closed_tls_connections_free_their_memory(tls_proxy, dns, replicas, ca):
 
     with ThreadPoolExecutor(16) as clients:  # connections overlap, as under real load
         list(clients.map(one_connection, range(500)))  # allocator arenas reach their working size
-        before = _rss_mib(p.proc.pid)
+        before = p.rss_kib()
         list(clients.map(one_connection, range(3000)))
     # measured: +1 MiB when each closed connection is freed, +9.5 MiB when they wait for the collector
-    assert _rss_mib(p.proc.pid) - before < 4, "closed TLS connections were kept in memory"
+    assert p.rss_kib() - before < 4096, "closed TLS connections were kept in memory"
+
+
+def test_maxconn_counts_https_clients_and_pauses_the_tls_port(tls_proxy, dns, replicas, ca):
+    """MAXCONN is one limit for the process, as HAProxy's maxconn: HTTPS clients fill it
+    too, and at the limit the TLS port stops accepting like the HTTP port."""
+    p = tls_proxy(MAXCONN="2")
+    route(p, dns, replicas[0], "tls-mc")
+    put_cert(p, "mc", pem(ca.issue_cert("mc.test")))
+    wait_until(lambda: _connects(p.tls_port), what="TLS port open")
+    first, second = TlsClient(p.tls_port, "mc.test", ca), TlsClient(p.tls_port, "mc.test", ca)
+    assert first.get("/hello")[0] == 200 and second.get("/hello")[0] == 200
+    wait_until(lambda: "MAXCONN 2 reached" in p.log(), what="the MAXCONN log line")
+
+    plain = p.raw(timeout=2)  # two HTTPS clients fill it for HTTP too
+    plain.request("GET", "/hello", [("Host", "a")])
+    with pytest.raises((socket.timeout, TimeoutError)):
+        plain.sock.recv(1, socket.MSG_PEEK)
+    with ThreadPoolExecutor(1) as waiting:  # a third HTTPS client: its handshake is not answered
+        third = waiting.submit(lambda: TlsClient(p.tls_port, "mc.test", ca).get("/hello")[0])
+        with pytest.raises(TimeoutError):
+            third.result(timeout=2)
+        assert first.get("/hello")[0] == 200  # the accepted ones keep being served
+        first.close()
+        second.close()  # room again: both waiting connections are accepted and answered
+        assert third.result(timeout=10) == 200
+    plain.sock.settimeout(10)
+    assert plain.read_response()[0].status_code == 200
+    plain.close()
