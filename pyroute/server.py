@@ -199,7 +199,7 @@ class DataPlane:
         s = self.settings
         loop = asyncio.get_running_loop()
         pool = UpstreamPool(loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)
-        access_log = AccessLog(loop, s.debug_errors_only, s.access_log_sample) if s.debug else None
+        access_log = _access_log(s, loop)
         limit = ClientLimit(s.maxconn)  # HTTP and HTTPS clients count together, as HAProxy's maxconn
         limit.on_full, limit.on_room = self._stop_accepting, self._resume_accepting
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log, limit)
@@ -220,6 +220,9 @@ class DataPlane:
         pool = self.proxy.pool
         pool.max_idle, pool.idle_timeout = settings.upstream_max_idle, settings.upstream_idle_timeout
         self.resolver.ttl_cap = settings.dns_ttl_cap
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.flush()  # (lines logged so far go out under the old settings)
+        self.proxy.access_log = self.tls_proxy.access_log = _access_log(settings, asyncio.get_running_loop())
         errors.use_directory(settings.error_pages_dir)
         self.proxy.limit.set_maxconn(settings.maxconn)
 
@@ -406,6 +409,11 @@ class DataPlane:
             self.tcp.check_timeouts(now)
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
+
+
+def _access_log(settings: Settings, loop) -> AccessLog | None:
+    """DEBUG=true: one JSON line per request (DEBUG_ERRORS_ONLY, ACCESS_LOG_SAMPLE narrow it)."""
+    return AccessLog(loop, settings.debug_errors_only, settings.access_log_sample) if settings.debug else None
 
 
 def _log_handover_error(task: asyncio.Task) -> None:

@@ -85,6 +85,27 @@ def test_sighup_reloads_settings_and_keeps_them_on_a_bad_file(make_pyroute, dns,
     assert p.alive()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_turns_the_access_log_on(make_pyroute, dns, replicas, tmp_path, workers):
+    conf = tmp_path / "pyroute.toml"
+    write(conf, "debug = false\n")
+    p = make_pyroute(PYROUTE_CONFIG=str(conf), WORKERS=workers)
+    route(p, dns, replicas[0])
+    assert p.get("/lc/before")[0] == 200
+    write(conf, "debug = true\n")
+    p.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: settings reloaded" in p.log(), what="the reload log line")
+    sent = []
+
+    def every_process_logs() -> bool:  # fresh connections reach every worker
+        sent.append(f"/lc/logged-{len(sent)}")
+        assert p.get(sent[-1])[0] == 200
+        return sum(f'"path":"{path}"' in p.log() for path in sent[-4:]) == 4
+
+    wait_until(every_process_logs, what="an access log line for each request")
+    assert '"path":"/lc/before"' not in p.log()
+
+
 def test_error_pages_directory(make_pyroute, dns, replicas, tmp_path):
     (tmp_path / "503.http").write_bytes(
         b"HTTP/1.0 503 Service Unavailable\r\nCache-Control: no-cache\r\nConnection: close\r\n"
