@@ -149,9 +149,15 @@ class ProxyServer:
         return ClientConnection(self)
 
     def check_timeouts(self, now: float) -> None:
-        """Called by the server's tick: enforce client-side and TIMEOUT_SERVER timeouts."""
+        """Called by the server's tick: enforce the client-side and tunnel timeouts."""
         for conn in list(self.connections):
             conn.check_timeouts(now)
+        for tunnel in list(self.tunnels):
+            tunnel.check_timeout(now)
+
+    def check_upstream_timeouts(self, now: float) -> None:
+        """Called by the server's tick, once for the pool the HTTP and HTTPS servers share:
+        TIMEOUT_SERVER (or the route's timeoutServer), then the idle-connection sweep."""
         default = self.settings.timeout_server
         for upstream in list(self.pool.busy):
             owner = upstream.owner
@@ -162,8 +168,6 @@ class ProxyServer:
                 upstream.abort()
                 if owner is not None:
                     owner.response_failed(upstream, "upstream timeout", retryable=False, status=504)
-        for tunnel in list(self.tunnels):
-            tunnel.check_timeout(now)
         self.pool.sweep(now)
 
 

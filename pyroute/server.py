@@ -406,6 +406,7 @@ class DataPlane:
             now = loop.time()
             self.proxy.check_timeouts(now)
             self.tls_proxy.check_timeouts(now)
+            self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)
             self.tcp.check_timeouts(now)
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)

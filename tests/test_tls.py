@@ -510,3 +510,14 @@ def test_maxconn_counts_https_clients_and_pauses_the_tls_port(tls_proxy, dns, re
     plain.sock.settimeout(10)
     assert plain.read_response()[0].status_code == 200
     plain.close()
+
+
+def test_timeout_server_applies_to_https_clients(tls_proxy, dns, replicas, ca):
+    """The upstream pool, and its TIMEOUT_SERVER check, is shared by the HTTP and HTTPS servers."""
+    p = tls_proxy(TIMEOUT_SERVER="1")
+    route(p, dns, replicas[0], "tls-slow")
+    put_cert(p, "slow", pem(ca.issue_cert("slow.test")))
+    wait_until(lambda: _connects(p.tls_port), what="TLS port open")
+    client = TlsClient(p.tls_port, "slow.test", ca)
+    assert client.get("/slow/3")[0] == 504
+    client.close()
