@@ -3,17 +3,15 @@ TLS server behind the proxy, and PROXY v1/v2 headers on accept-proxy listeners (
 and TLS) reaching X-Forwarded-For."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import socket
 import ssl
 import struct
-import threading
 
 import pytest
 import trustme
 
-from support.upstream import free_port, generated_sha256, wait_until
+from support.upstream import ThreadedTlsServer, free_port, generated_sha256, wait_until
 from test_tls import TlsClient, client_context, pem
 
 BACKEND_IP = "127.0.0.21"
@@ -131,7 +129,7 @@ def test_idle_tunnel_closes_after_timeout_tunnel(proxy, dns, replicas):
 
 
 # -- reqMode=sni: a real TLS server behind ------------------------------------------------------
-class TlsBackend:
+class TlsBackend(ThreadedTlsServer):
     """A TLS echo server with its own CA: a client that verifies against that CA proves the
     proxy passed the stream through instead of terminating it."""
 
@@ -139,9 +137,6 @@ class TlsBackend:
         self.ca = trustme.CA()
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert(*names).configure_cert(ctx)
-        self.loop = asyncio.new_event_loop()
-        self.port = free_port(BACKEND_IP)
-        ready = threading.Event()
 
         async def echo(reader, writer):
             while data := await reader.read(65536):
@@ -149,20 +144,7 @@ class TlsBackend:
                 await writer.drain()
             writer.close()
 
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(asyncio.start_server(echo, BACKEND_IP, self.port, ssl=ctx))
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(10)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().__init__(echo, BACKEND_IP, ctx)
 
 
 @pytest.fixture(scope="module")

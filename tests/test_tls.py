@@ -17,7 +17,7 @@ import pytest
 import trustme
 
 from support.proxy import API
-from support.upstream import free_port, wait_until
+from support.upstream import ThreadedTlsServer, free_port, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +368,7 @@ def test_client_certificates(tls_proxy, dns, replicas, ca, tmp_path):
         with_cert(trustme.CA())  # a certificate from an unknown CA fails the handshake
 
 
-class HttpsUpstream:
+class HttpsUpstream(ThreadedTlsServer):
     """A minimal keep-alive HTTPS server with a certificate nobody trusts: it answers
     "tls:<request line>" and counts its TLS connections."""
 
@@ -376,9 +376,7 @@ class HttpsUpstream:
         import asyncio
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         trustme.CA().issue_cert("upstream.internal").configure_cert(ctx)
-        self.ip, self.port, self.connections = ip, free_port(ip), 0
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
+        self.connections = 0
 
         async def handle(reader, writer):
             self.connections += 1
@@ -391,20 +389,7 @@ class HttpsUpstream:
             except (asyncio.IncompleteReadError, ConnectionError):
                 writer.close()
 
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(asyncio.start_server(handle, ip, self.port, ssl=ctx))
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(10)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().__init__(handle, ip, ctx)
 
 
 def test_tls_to_upstream_with_ssl_verify_none(proxy, dns):

@@ -340,6 +340,31 @@ def free_port(ip: str = "127.0.0.1") -> int:
     return _free_port(ip)
 
 
+class ThreadedTlsServer:
+    """An asyncio TLS server on ip:<free port>, on a thread and loop of its own, for the
+    few tests that need a TLS peer behind pyroute; `handle(reader, writer)` per connection."""
+
+    def __init__(self, handle, ip: str, ctx):
+        self.ip, self.port = ip, free_port(ip)
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(asyncio.start_server(handle, ip, self.port, ssl=ctx))
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def wait_until(cond, timeout=5.0, interval=0.02, what="condition"):
     """Poll cond() until truthy (returned) or fail after timeout."""
     deadline = time.monotonic() + timeout
