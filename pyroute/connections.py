@@ -1,25 +1,11 @@
-"""ClientConnection variants for TLS and PROXY-protocol listeners.
+"""The ClientConnection variant for TLS listeners with client certificates (CA_FILE).
 
-Only connections that need them pay for them: plain listeners keep the base class.
+Only connections that need it pay for it: other listeners keep the base class.
 """
 
 from __future__ import annotations
 
-from .proxy import ClientConnection, ProxyServer, Refused, origin_form
-
-
-class ProxiedClientConnection(ClientConnection):
-    """A client connection whose address came in a PROXY protocol header."""
-
-    __slots__ = ("proxied_ip",)
-
-    def __init__(self, server: ProxyServer, proxied_ip: bytes):
-        super().__init__(server)
-        self.proxied_ip = proxied_ip
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self.client_ip = self.proxied_ip
+from .proxy import ClientConnection, Refused, origin_form
 
 
 class ClientCertConnection(ClientConnection):
@@ -43,15 +29,3 @@ class ClientCertConnection(ClientConnection):
                 if route is not None and route.destination.verify_client_ssl:
                     raise Refused(403)
         super().on_headers_complete()
-
-
-class ProxiedClientCertConnection(ClientCertConnection):
-    __slots__ = ("proxied_ip",)
-
-    def __init__(self, server: ProxyServer, proxied_ip: bytes):
-        super().__init__(server)
-        self.proxied_ip = proxied_ip
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self.client_ip = self.proxied_ip

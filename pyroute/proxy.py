@@ -184,7 +184,7 @@ class ClientConnection(asyncio.Protocol):
         self.pool = server.pool
         self.transport = None
         self.parser = httptools.HttpRequestParser(self)
-        self.client_ip = b""
+        self.client_ip = b""  # set before connection_made when a PROXY header gave it
         self.queue: deque[Exchange] = deque()
         self.reading: Exchange | None = None  # the exchange whose request body is being read
         self.in_head = False
@@ -209,8 +209,9 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0].encode() if peer else b"unknown"
+        if not self.client_ip:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = peer[0].encode() if peer else b"unknown"
         self.last_io = self.loop.time()
         server = self.server
         server.connections.add(self)

@@ -26,7 +26,7 @@ from .acceptor import PeekingListener, listen_socket
 from .adminauth import admin_credentials
 from .balancer import Sticky, TaskSet
 from .config import Settings, SettingsError, raw_haproxy_warnings
-from .connections import ClientCertConnection, ProxiedClientCertConnection, ProxiedClientConnection
+from .connections import ClientCertConnection
 from .envservices import env_services
 from .health import HealthPolicy
 from .proxy import ClientLimit, ProxyServer
@@ -295,9 +295,10 @@ class DataPlane:
             if client_ip is None:
                 factory = proxy.factory
             else:
-                ip = client_ip.encode()
-                kind = ProxiedClientCertConnection if spec.ssl and s.ca_file else ProxiedClientConnection
-                factory = lambda: kind(proxy, ip)  # noqa: E731
+                def factory(ip=client_ip.encode()):  # the PROXY header's address, kept by connection_made
+                    conn = proxy.factory()
+                    conn.client_ip = ip
+                    return conn
             kwargs = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if context else {}
             task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
             task.add_done_callback(_log_handover_error)
