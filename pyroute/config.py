@@ -82,15 +82,20 @@ def _integer(lowest: int, highest: int | None = None) -> Parser:
     return parse
 
 
-def _seconds(value: Any, setting: str) -> float:
-    number: float | None = None
+def _float(value: Any) -> float | None:
+    """A number from the environment (text) or TOML (int or float, never a bool); None if not one."""
     if isinstance(value, str):
         try:
-            number = float(value)
+            return float(value)
         except ValueError:
-            pass
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+            return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _seconds(value: Any, setting: str) -> float:
+    number = _float(value)
     if number is None or not (math.isfinite(number) and number > 0):
         raise _bad(setting, "a number of seconds > 0", value)
     return number
@@ -121,14 +126,7 @@ def _boolean(value: Any, setting: str) -> bool:
 
 
 def _fraction(value: Any, setting: str) -> float:
-    number: float | None = None
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+    number = _float(value)
     if number is None or not (0 < number <= 1):
         raise _bad(setting, "a fraction > 0 and <= 1", value)
     return number
