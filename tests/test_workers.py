@@ -7,20 +7,16 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from support.proxy import Pyroute
+from support.proxy import Pyroute, children
 
 CONNECTIONS = 24  # fresh connections per check: both workers get some unless the hash is absurdly skewed
 
 
 def worker_pids(p: Pyroute) -> set[int]:
-    pids = set()
-    for task in Path(f"/proc/{p.proc.pid}/task").iterdir():
-        pids.update(int(x) for x in (task / "children").read_text().split())
-    return pids
+    return set(children(p.proc.pid))
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -181,7 +181,8 @@ class Pyroute:
         return rss_kib(self.proc.pid)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """pid's child processes; a thread that ends while its list is read is skipped."""
     out = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -206,7 +207,7 @@ def rss_kib(pid: int) -> int:
                     total += int(line.split()[1])
         except OSError:
             continue
-        stack += _children(p)
+        stack += children(p)
     return total
 
 
