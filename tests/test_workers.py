@@ -6,27 +6,17 @@ a batch of fresh connections reaches both; the worker pids come from /proc.
 import os
 import signal
 import threading
-import time
 
 import pytest
 
 from support.proxy import Pyroute, children
+from support.upstream import wait_until
 
 CONNECTIONS = 24  # fresh connections per check: both workers get some unless the hash is absurdly skewed
 
 
 def worker_pids(p: Pyroute) -> set[int]:
     return set(children(p.proc.pid))
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def statuses(p: Pyroute, path: str) -> list[int]:
@@ -62,7 +52,7 @@ def test_a_killed_worker_is_replaced_with_the_current_table(workers, dns, replic
         pids = worker_pids(workers)
         return len(pids) == 2 and victim not in pids
 
-    wait_for(replaced, timeout=5, what="a replacement worker")
+    wait_until(replaced, timeout=5, what="a replacement worker")
     # the replacement serves the table it was given at start, and later changes too
     assert statuses(workers, "/wk/hello") == [200] * CONNECTIONS
     workers.reconfigure(serviceName="wkill2", servicePath="/wk2", port=u.port)
@@ -81,7 +71,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(workers, dns, replicas
 
     client = threading.Thread(target=slow_request)
     client.start()
-    wait_for(lambda: u.requests("/wd/slow/1"), timeout=5, what="the slow request to reach the upstream")
+    wait_until(lambda: u.requests("/wd/slow/1"), timeout=5, what="the slow request to reach the upstream")
     workers.proc.send_signal(signal.SIGTERM)
     client.join(10)
     assert result["response"][0] == 200 and result["response"][2] == b"slow done"
