@@ -634,6 +634,7 @@ class ClientConnection(asyncio.Protocol):
         self.pool.busy.discard(upstream)
         self.queue.clear()
         self.closed = True
+        self.parser = None  # HTTP is over on this socket (and the parser-callback cycle with it)
         self.server.connections.discard(self)
         self.out.append(head)
         self.out.append(rest)
