@@ -32,6 +32,7 @@ class FakeEngine:
         self.requests: list[str] = []  # request targets, in order
         self.streams_refused = False
         self._streams: set[asyncio.Queue] = set()
+        self._handlers: set[asyncio.Task] = set()  # connections being served, cancelled by close()
         self._ids = itertools.count(1)
         self._version = itertools.count(10)
         self.loop = asyncio.new_event_loop()
@@ -58,6 +59,9 @@ class FakeEngine:
             self._server.close()
             for q in list(self._streams):
                 q.put_nowait(None)
+            for task in self._handlers:  # e.g. a client that connected and never sent a request
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
         self._call(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
@@ -133,6 +137,8 @@ class FakeEngine:
 
     # -- HTTP ------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        task = asyncio.current_task()
+        self._handlers.add(task)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
@@ -163,6 +169,7 @@ class FakeEngine:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._handlers.discard(task)
             writer.close()
 
     async def _json(self, writer, status, body):
