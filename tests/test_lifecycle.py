@@ -56,28 +56,31 @@ def test_sigterm_grace_period_bounds_the_wait(make_pyroute, dns, replicas):
     assert got and got[0] != 200
 
 
-def write(path, text):
-    path.write_text(text)
-    return str(path)
+def reloadable(make_pyroute, dns, replicas, tmp_path, text: str, workers: str):
+    """A routed pyroute whose settings file starts as `text`; reload(new_text) rewrites it and sends SIGHUP."""
+    conf = tmp_path / "pyroute.toml"
+    conf.write_text(text)
+    p = make_pyroute(PYROUTE_CONFIG=str(conf), WORKERS=workers)
+    route(p, dns, replicas[0])
+
+    def reload(new_text: str) -> None:
+        conf.write_text(new_text)
+        p.proc.send_signal(signal.SIGHUP)
+    return p, reload
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sighup_reloads_settings_and_keeps_them_on_a_bad_file(make_pyroute, dns, replicas, tmp_path, workers):
-    conf = tmp_path / "pyroute.toml"
-    write(conf, "max_request_body = 0\n")
-    p = make_pyroute(PYROUTE_CONFIG=str(conf), WORKERS=workers)
-    route(p, dns, replicas[0])
+    p, reload = reloadable(make_pyroute, dns, replicas, tmp_path, "max_request_body = 0\n", workers)
     body = b"x" * 100
     assert p.get("/lc/upload", method="POST", body=body)[0] == 200
 
-    write(conf, "max_request_body = 50\n")
-    p.proc.send_signal(signal.SIGHUP)
+    reload("max_request_body = 50\n")
     wait_until(lambda: all(p.get("/lc/upload", method="POST", body=body)[0] == 413 for _ in range(4)),
                what="the new limit in every process")
     assert p.get("/lc/upload", method="POST", body=b"x" * 50)[0] == 200
 
-    write(conf, "max_request_body = \"lots\"\n")
-    p.proc.send_signal(signal.SIGHUP)
+    reload("max_request_body = \"lots\"\n")
     wait_until(lambda: "SIGHUP: settings not reloaded" in p.log(), what="the rejection log line")
     assert "max_request_body" in p.log().split("SIGHUP: settings not reloaded")[-1].splitlines()[0]
     for _ in range(4):
@@ -87,13 +90,9 @@ def test_sighup_reloads_settings_and_keeps_them_on_a_bad_file(make_pyroute, dns,
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sighup_turns_the_access_log_on(make_pyroute, dns, replicas, tmp_path, workers):
-    conf = tmp_path / "pyroute.toml"
-    write(conf, "debug = false\n")
-    p = make_pyroute(PYROUTE_CONFIG=str(conf), WORKERS=workers)
-    route(p, dns, replicas[0])
+    p, reload = reloadable(make_pyroute, dns, replicas, tmp_path, "debug = false\n", workers)
     assert p.get("/lc/before")[0] == 200
-    write(conf, "debug = true\n")
-    p.proc.send_signal(signal.SIGHUP)
+    reload("debug = true\n")
     wait_until(lambda: "SIGHUP: settings reloaded" in p.log(), what="the reload log line")
     sent = []
 
