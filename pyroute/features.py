@@ -30,6 +30,7 @@ import httptools
 
 from .errors import PAGES, error_response
 from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
+from .patterns import compile_pattern, compile_replacement, substitute_first
 
 with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(3) (SHA-512 "$6$")
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -260,13 +261,16 @@ def _drop_authorization(req: FeatureRequest) -> None:
 
 
 def _rewrite_step(rewrites: tuple[tuple[str, str], ...]):
-    compiled = tuple((re.compile(s), r) for s, r in rewrites)
+    compiled = []
+    for search, replace in rewrites:
+        pattern = compile_pattern(search)
+        compiled.append((pattern, compile_replacement(replace, pattern)))
 
     def rewrite_path(req: FeatureRequest) -> None:
-        path = req.path.decode("latin-1")
-        for pattern, replacement in compiled:
-            path = pattern.sub(replacement, path, count=1)
-        req.path = path.encode("latin-1")
+        path = req.path
+        for pattern, template in compiled:
+            path = substitute_first(pattern, template, path)
+        req.path = path
 
     return rewrite_path
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .features import check_header_value
+from .patterns import PatternError, compile_pattern, compile_replacement
 
 MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 # A destination exists at index N when any of these carries the ".N" suffix (DFP's rule).
@@ -416,9 +417,9 @@ def _path_rewrites(value: str | None, name: str) -> tuple[tuple[str, str], ...]:
         if not comma or not search:
             raise ServiceError(400, f"{name} expects 'search,replace' pairs joined with ':', got {pair!r}")
         try:
-            re.compile(search).sub(replace, "/")
-        except (re.error, IndexError) as exc:
-            raise ServiceError(400, f"{name}: bad regex or replacement in {pair!r}: {exc}") from None
+            compile_replacement(replace, compile_pattern(search))
+        except PatternError as exc:
+            raise ServiceError(400, f"{name}: {exc}") from None
         out.append((search, replace))
     return tuple(out)
 
@@ -556,12 +557,15 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         outbound = (value("outboundhostname", index) or "").strip() or None
         if outbound:
             _check_host(outbound, "outboundHostname" + suffix)
+        excludes = tuple(_check_path(p, "servicePathExclude" + suffix)
+                         for p in _split(value("servicepathexclude", index), separator))
         if path_type == "path_reg":
-            for pattern in paths:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ServiceError(400, f"servicePath{suffix} is not a valid regex for path_reg: {exc}") from None
+            for label, patterns in (("servicePath", paths), ("servicePathExclude", excludes)):
+                for pattern in patterns:
+                    try:
+                        compile_pattern(pattern)
+                    except PatternError as exc:
+                        raise ServiceError(400, f"{label}{suffix} is not a usable regex for path_reg: {exc}") from None
         header_match = []
         for item in _split(value("serviceheader", index), separator):
             header, colon, expected = item.partition(":")
@@ -574,8 +578,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         destinations.append(Destination(
             index, paths or ("/",), tuple(domains), port, outbound,
             path_type=path_type,
-            path_excludes=tuple(_check_path(p, "servicePathExclude" + suffix)
-                                for p in _split(value("servicepathexclude", index), separator)),
+            path_excludes=excludes,
             header_match=tuple(header_match),
             user_agents=tuple(u.lower() for u in _split(value("useragent", index), separator)),
             src_port=src_port,
