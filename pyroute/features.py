@@ -43,10 +43,22 @@ UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid u
                      b"to access this content.\n</body></html>\n")
 
 
+MAX_HEADER_VALUE = 8192  # characters of one configured header value (templates included)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")  # RFC 9110 field-value without obs-text
+
+
 def check_header_value(text: str) -> str:
-    """'' when a header value is usable, else what is wrong (named for the 400 answer)."""
-    if any(c in text for c in "\r\n\0"):
-        return "header values cannot hold CR, LF or NUL"
+    """'' when a header value is usable, else what is wrong (named for the 400 answer).
+
+    Values go on the wire as bytes: visible ASCII, space and tab only. Non-ASCII (obs-text)
+    is refused rather than guessed at: an encoding the upstream or client does not expect
+    is worse than a clear 400, and it is what made compiling the route table fail."""
+    if len(text) > MAX_HEADER_VALUE:
+        return f"the value is longer than {MAX_HEADER_VALUE} characters"
+    if not _HEADER_VALUE.match(text):
+        bad = next(c for c in text if not (c == "\t" or " " <= c <= "~"))
+        kind = "a control character" if bad < " " or bad == "\x7f" else "not ASCII (percent-encode it)"
+        return f"header values may hold visible ASCII, spaces and tabs only: {bad!r} is {kind}"
     for match in FETCH.finditer(text):
         fetch = match.group(1)
         if fetch not in ("src", "dst_port") and not _REQ_HDR.match(fetch) and not _ENV.match(fetch):

@@ -376,7 +376,7 @@ def _header_edits(value: str | None, separator: str, name: str) -> tuple[tuple[s
             raise ServiceError(400, f"{name}: {header!r} is not a header name (expected 'Name value')")
         problem = check_header_value(text.strip())
         if problem:
-            raise ServiceError(400, f"{name}: {problem}")
+            raise ServiceError(400, f"{name}: {header}: {problem}")
         out.append((header, text.strip()))
     return tuple(out)
 
@@ -571,6 +571,9 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             header, colon, expected = item.partition(":")
             if not colon or not _HEADER_NAME.match(header.strip()):
                 raise ServiceError(400, f"serviceHeader{suffix} expects 'Name:value' entries, got {item!r}")
+            problem = check_header_value(expected.strip())
+            if problem:
+                raise ServiceError(400, f"serviceHeader{suffix}: {header.strip()}: {problem}")
             header_match.append((header.strip().lower(), expected.strip()))
         code_text = (value("httpsredirectcode", index) or "").strip() or "302"
         if not code_text.isdigit() or int(code_text) not in REDIRECT_CODES:

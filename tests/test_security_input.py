@@ -38,6 +38,7 @@ def refused(proxy, dns, up, *words, **params):
     params.setdefault("servicePath", "/" + params["serviceName"])
     before = proxy.admin("config", type="json")
     text_before = proxy.admin("config")
+    proxy.services.add(params["serviceName"])  # (removed after the test even if accepted)
     st, body = proxy.admin("reconfigure", params)
     assert st == 400, (st, body)
     assert body["Status"] == "NOK", body
@@ -64,6 +65,67 @@ def still_serving(proxy, dns, up, name):
     """The data plane still takes changes and answers (F2: one bad call took it down)."""
     register(proxy, dns, up, serviceName=name)
     assert echo(proxy, f"/{name}/x")[0]["target"] == f"/{name}/x"
+
+
+# -- F2: header values the data plane cannot encode are refused at validation ---------------
+@pytest.mark.parametrize("param", ["addReqHeader", "setReqHeader", "addResHeader", "setResHeader"])
+def test_F2_non_ascii_header_value_is_refused(proxy, dns, up, param):
+    message = refused(proxy, dns, up, param, "ASCII", serviceName="f2-euro", **{param: "X-Euro \u20ac"})
+    assert "X-Euro" in message
+    still_serving(proxy, dns, up, "f2-after")
+
+
+@pytest.mark.parametrize("value,problem", [
+    ("X-Ctl a\x01b", "control"),
+    ("X-Del a\x7fb", "control"),
+    ("X-Vt a\x0bb", "control"),
+    ("X-Long " + "a" * 9000, "longer"),
+])
+def test_F2_header_values_with_controls_or_unbounded_length_are_refused(proxy, dns, up, value, problem):
+    refused(proxy, dns, up, "addResHeader", problem, serviceName="f2-ctl", addResHeader=value)
+
+
+@pytest.mark.parametrize("param,value", [
+    ("delReqHeader", "X-\u20ac"),
+    ("delResHeader", "X Space"),
+    ("addReqHeader", "X-\u00e9t\u00e9 v"),
+    ("serviceHeader", "X-\u20ac:v"),
+    ("serviceHeader", "X-Key:\u20ac"),
+])
+def test_F2_every_header_parameter_is_checked(proxy, dns, up, param, value):
+    refused(proxy, dns, up, param, serviceName="f2-names", **{param: value})
+
+
+def test_F2_header_values_keep_tabs_and_visible_ascii(proxy, dns, up):
+    register(proxy, dns, up, serviceName="f2-ok", addReqHeader="X-Ok a\tb ~!#$%&'*+-.^_`|",
+             setResHeader='X-Quote "q" (c) <x>')
+    data, h = echo(proxy, "/f2-ok/x")
+    assert received(data, "X-Ok") == ["a\tb ~!#$%&'*+-.^_`|"]
+    assert h["X-Quote"] == '"q" (c) <x>'
+
+
+@pytest.fixture
+def engine():
+    e = FakeEngine()
+    yield e
+    e.close()
+
+
+def test_F2_swarm_labels_get_the_same_check(engine, make_pyroute, dns, replicas):
+    up = replicas[0]
+    for name in ("f2-label-bad", "f2-label-good"):
+        dns.set_service(name, up.ip)
+    engine.create("f2-label-bad", {"com.df.notify": "true", "com.df.servicePath": "/f2-label-bad",
+                                   "com.df.port": str(up.port), "com.df.addReqHeader": "X-Euro \u20ac"})
+    engine.create("f2-label-good", {"com.df.notify": "true", "com.df.servicePath": "/f2-label-good",
+                                    "com.df.port": str(up.port)})
+    p = make_pyroute(DOCKER_HOST=engine.docker_host, SWARM_POLL_INTERVAL="0.2")
+    wait_until(lambda: p.admin("successfulinitreload")[0] == 200, what="initial listing applied")
+    wait_until(lambda: "labels rejected" in p.log(), what="the bad labels logged")
+    assert re.search(r"f2-label-bad: labels rejected \(400\): addReqHeader.*ASCII", p.log()), p.log()
+    assert set(p.admin("config", type="json")[1]) == {"f2-label-good"}
+    assert echo(p, "/f2-label-good/x")[0]["target"] == "/f2-label-good/x"
+    assert p.get("/f2-label-bad/x")[0] == 503
 
 
 # -- F4: operator regexes run in linear time --------------------------------------------------
