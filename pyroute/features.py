@@ -39,6 +39,8 @@ with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(
 FETCH = re.compile(r"%\[([^\]]*)\]")
 _REQ_HDR = re.compile(r"req\.hdr\(([!#$%&'*+.^_`|~0-9A-Za-z-]+)\)\Z")
 _ENV = re.compile(r"env\(([A-Za-z_][A-Za-z0-9_]*)\)\Z")
+ENV_FETCH = re.compile(r"%\[env\(([A-Za-z_][A-Za-z0-9_]*)\)\]")  # the variables a header template reads
+_NOT_IN_VALUE = re.compile(r"[^\t\x20-\x7e]")
 UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid user and password "
                      b"to access this content.\n</body></html>\n")
 
@@ -116,6 +118,8 @@ class Reply:
 
 
 FORBIDDEN = Reply(403)
+REWRITE_FAILED = Reply(500)
+_NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")  # controls and space end or split a request line
 
 
 # -- header value templates ---------------------------------------------------------------
@@ -133,9 +137,9 @@ def compile_value(text: str) -> Callable[[FeatureRequest], bytes] | bytes:
         elif m := _REQ_HDR.match(fetch):
             lname = m.group(1).lower().encode()
             parts.append(lambda req, lname=lname: req.header(lname) or b"")
-        else:  # env(NAME), fixed for the life of the table
+        else:  # env(NAME), one HEADER_ENV_ALLOW lists (checked at validation), fixed for the life of the table
             value = os.environ.get(_ENV.match(fetch).group(1), "")
-            parts.append(value.replace("\r", "").replace("\n", "").encode("latin-1", "replace"))
+            parts.append(_NOT_IN_VALUE.sub("", value).encode("ascii"))
         last = match.end()
     parts.append(text[last:].encode("latin-1"))
     if all(isinstance(p, bytes) for p in parts):
@@ -278,11 +282,18 @@ def _rewrite_step(rewrites: tuple[tuple[str, str], ...]):
         pattern = compile_pattern(search)
         compiled.append((pattern, compile_replacement(replace, pattern)))
 
-    def rewrite_path(req: FeatureRequest) -> None:
+    def rewrite_path(req: FeatureRequest) -> Reply | None:
         path = req.path
         for pattern, template in compiled:
             path = substitute_first(pattern, template, path)
+        # The operator's rule, not the client, made a target that cannot be sent (too long
+        # for MAX_URI_SIZE, not origin-form): 500, as HAProxy answers a failed rewrite in
+        # its default strict mode. It is never forwarded.
+        if (len(path) + len(req.query) > req.conn.server.max_uri or path[:1] != b"/"
+                or _NOT_IN_TARGET.search(path)):
+            return REWRITE_FAILED
         req.path = path
+        return None
 
     return rewrite_path
 

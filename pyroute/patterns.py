@@ -46,8 +46,6 @@ def compile_pattern(text: str):
 
 def compile_replacement(text: str, pattern) -> tuple:
     """A replacement template as literal bytes and group numbers, checked against `pattern`."""
-    if len(text) > MAX_REPLACEMENT:
-        raise PatternError(f"the replacement is longer than {MAX_REPLACEMENT} characters")
     parts: list = []
     references = 0
     last = 0
@@ -69,6 +67,8 @@ def compile_replacement(text: str, pattern) -> tuple:
     parts.append(_literal(text[last:]))
     if references > MAX_GROUP_REFERENCES:
         raise PatternError(f"the replacement has {references} group references, at most {MAX_GROUP_REFERENCES}")
+    if len(text) > MAX_REPLACEMENT:
+        raise PatternError(f"the replacement is longer than {MAX_REPLACEMENT} characters")
     return tuple(p for p in parts if p != b"")
 
 

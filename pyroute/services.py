@@ -15,7 +15,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .features import check_header_value
+from .config import is_secret_env
+from .features import ENV_FETCH, check_header_value
 from .patterns import PatternError, compile_pattern, compile_replacement
 
 MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
@@ -31,6 +32,10 @@ COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-defla
 RAW_HAPROXY_PARAMS = {"templatefepath": "templateFePath", "templatebepath": "templateBePath",
                       "backendextra": "backendExtra"}
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+# Headers pyroute owns on both sides: message framing and hop-by-hop connection handling.
+# An edit of one would desync the client or the upstream connection (issue 14, F6).
+UNEDITABLE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
+                                "proxy-connection", "te", "trailer", "upgrade"})
 _METHOD = re.compile(r"[A-Z]+\Z")
 
 
@@ -45,6 +50,7 @@ class ServiceDefaults:
     compression_algo: str = ""  # COMPRESSION_ALGO / COMPRESSION_TYPE when a service sets none
     compression_type: str = ""
     secrets_dir: str = "/run/secrets"  # where usersSecret files live (dfp_users_<suffix>)
+    header_env_allow: frozenset[str] = frozenset()  # HEADER_ENV_ALLOW: what %[env(NAME)] may read
 
     @classmethod
     def from_settings(cls, settings) -> ServiceDefaults:
@@ -52,6 +58,7 @@ class ServiceDefaults:
             domain_algo=settings.service_domain_algo, https_only=settings.https_only, users=settings.users,
             users_pass_encrypted=settings.users_pass_encrypted, compression_algo=settings.compression_algo,
             compression_type=settings.compression_type, secrets_dir=settings.secrets_dir,
+            header_env_allow=frozenset(settings.header_env_allow),
         )
 
 
@@ -367,18 +374,36 @@ def _networks(value: str | None, separator: str, name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _header_edits(value: str | None, separator: str, name: str) -> tuple[tuple[str, str], ...]:
+def _header_edits(value: str | None, separator: str, name: str, env_allow: frozenset[str]) -> tuple[tuple[str, str], ...]:
     """DFP's "Name value" entries; the value may hold the %[...] fetches pyroute evaluates."""
     out = []
     for item in _split_entries(value, separator):
         header, _, text = item.partition(" ")
         if not _HEADER_NAME.match(header):
             raise ServiceError(400, f"{name}: {header!r} is not a header name (expected 'Name value')")
+        _check_editable(header, name)
         problem = check_header_value(text.strip())
         if problem:
             raise ServiceError(400, f"{name}: {header}: {problem}")
+        for variable in ENV_FETCH.findall(text):
+            if is_secret_env(variable):
+                raise ServiceError(400, f"{name}: {header}: %[env({variable})] is a credential and is never sent")
+            if variable not in env_allow:
+                raise ServiceError(400, f"{name}: {header}: %[env({variable})] is not allowed: list {variable} in "
+                                   "HEADER_ENV_ALLOW to send its value")
         out.append((header, text.strip()))
     return tuple(out)
+
+
+def _check_editable(header: str, name: str) -> None:
+    """Framing and hop-by-hop headers are pyroute's; Host may be replaced (setReqHeader), not added or removed."""
+    lower = header.lower()
+    if lower in UNEDITABLE_HEADERS:
+        raise ServiceError(400, f"{name}: {header} cannot be edited: pyroute sets the framing and hop-by-hop "
+                           "headers of each message itself")
+    if lower == "host" and name in ("addReqHeader", "delReqHeader"):
+        raise ServiceError(400, f"{name}: {header} cannot be added or removed (a request has exactly one); "
+                           "setReqHeader=Host <name> replaces it")
 
 
 def _split_entries(value: str | None, separator: str) -> tuple[str, ...]:
@@ -404,6 +429,7 @@ def _header_names(value: str | None, separator: str, name: str) -> tuple[str, ..
     for header in names:
         if not _HEADER_NAME.match(header):
             raise ServiceError(400, f"{name}: {header!r} is not a header name")
+        _check_editable(header, name)
     return names
 
 
@@ -622,11 +648,15 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         destinations=tuple(destinations),
         params=tuple(raw.items()),
         is_default_backend=_bool(params.get("isdefaultbackend"), "isDefaultBackend"),
-        req_add=_header_edits(params.get("addreqheader") or params.get("addheader"), separator, "addReqHeader"),
-        req_set=_header_edits(params.get("setreqheader") or params.get("setheader"), separator, "setReqHeader"),
+        req_add=_header_edits(params.get("addreqheader") or params.get("addheader"), separator, "addReqHeader",
+                              defaults.header_env_allow),
+        req_set=_header_edits(params.get("setreqheader") or params.get("setheader"), separator, "setReqHeader",
+                              defaults.header_env_allow),
         req_del=_header_names(params.get("delreqheader"), separator, "delReqHeader"),
-        res_add=_header_edits(params.get("addresheader"), separator, "addResHeader"),
-        res_set=_header_edits(params.get("setresheader"), separator, "setResHeader"),
+        res_add=_header_edits(params.get("addresheader"), separator, "addResHeader",
+                              defaults.header_env_allow),
+        res_set=_header_edits(params.get("setresheader"), separator, "setResHeader",
+                              defaults.header_env_allow),
         res_del=_header_names(params.get("delresheader"), separator, "delResHeader"),
         users=users,
         users_encrypted=users_encrypted,

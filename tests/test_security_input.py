@@ -179,3 +179,82 @@ def test_F4_replacement_group_references_as_haproxy_regsub(proxy, dns, up):
     assert echo(proxy, "/f4-groups/item/42/x?q=1")[0]["target"] == "/v42/item//f4-groups/item/42/item/x?q=1"
 
 
+# -- F6: header edits and rewrites that would break framing or leak secrets ------------------
+@pytest.mark.parametrize("param,value", [
+    ("setResHeader", "Content-Length 1"),
+    ("addResHeader", "Transfer-Encoding chunked"),
+    ("setReqHeader", "Content-Length 0"),
+    ("addReqHeader", "transfer-encoding chunked"),
+    ("addReqHeader", "Connection close"),
+    ("setResHeader", "Keep-Alive timeout=1"),
+    ("addReqHeader", "Proxy-Connection x"),
+    ("setReqHeader", "TE trailers"),
+    ("addResHeader", "Trailer X"),
+    ("setReqHeader", "Upgrade websocket"),
+    ("delResHeader", "Content-Length"),
+    ("delReqHeader", "Transfer-Encoding"),
+    ("addReqHeader", "Host second.example"),
+    ("delReqHeader", "Host"),
+])
+def test_F6_framing_and_hop_by_hop_edits_are_refused(proxy, dns, up, param, value):
+    message = refused(proxy, dns, up, param, serviceName="f6-frame", **{param: value})
+    assert value.split()[0].lower() in message.lower()
+
+
+def test_F6_set_req_host_stays_a_feature(proxy, dns, up):
+    register(proxy, dns, up, serviceName="f6-host", setReqHeader="Host backend.example")
+    data, _ = echo(proxy, "/f6-host/x", {"Host": "public.example"})
+    assert received(data, "Host") == ["backend.example"]
+
+
+def test_F6_env_fetch_needs_header_env_allow(proxy, dns, up):
+    message = refused(proxy, dns, up, "addResHeader", "PYROUTE_F6_UNLISTED", "HEADER_ENV_ALLOW",
+                      serviceName="f6-env", addResHeader="X-Leak %[env(PYROUTE_F6_UNLISTED)]")
+    assert "not-for-clients" not in message
+    register(proxy, dns, up, serviceName="f6-env-ok", addResHeader="X-Region %[env(PYROUTE_F6_REGION)]")
+    assert echo(proxy, "/f6-env-ok/x")[1]["X-Region"] == "eu-west"
+
+
+def test_F6_admin_password_is_never_sent_to_clients(make_pyroute, dns, replicas):
+    p = make_pyroute(ADMIN_USER="f6-admin", ADMIN_PASS="f6-s3cret")
+    message = refused(p, dns, replicas[0], "addResHeader", "ADMIN_PASS", serviceName="f6-leak",
+                      addResHeader="X-Leak %[env(ADMIN_PASS)]")
+    assert "f6-s3cret" not in message
+
+
+@pytest.mark.parametrize("listed", ["ADMIN_PASS", "STATS_USER", "PYROUTE_PEER_TOKEN", "MY_API_KEY", "DB_PASSWORD",
+                                    "APP_SECRET"])
+def test_F6_secrets_in_header_env_allow_stop_the_start(dns, listed):
+    p = Pyroute(dns.nameserver, HEADER_ENV_ALLOW=f"PYROUTE_F6_REGION,{listed}")
+    try:
+        with pytest.raises(PyrouteDied) as died:
+            p.start(timeout=10)
+    finally:
+        p.stop()
+    assert "HEADER_ENV_ALLOW" in str(died.value) and listed in str(died.value)
+    assert p.proc.returncode not in (None, 0)
+
+
+@pytest.mark.parametrize("rule,words", [
+    ("/f6-rw/,/a b/", ["reqPathSearchReplace", "space"]),
+    ("/f6-rw/,/a\r\nX-Injected=1\r\n/", ["reqPathSearchReplace"]),
+    ("/f6-rw/,/a\tb/", ["reqPathSearchReplace"]),
+    (r"/f6-rw/,/a\r\nX-Injected=1/", ["reqPathSearchReplace", "escape"]),
+    ("/f6-rw/(.*)," + r"\g<0>" * 2000, ["reqPathSearchReplace", "group references"]),
+    ("/f6-rw/(.*),/" + "a" * 2000, ["reqPathSearchReplace", "longer"]),
+    (r"/f6-rw/(.*),/\3", ["reqPathSearchReplace", "group"]),
+])
+def test_F6_rewrite_replacements_that_could_split_or_amplify_are_refused(proxy, dns, up, rule, words):
+    refused(proxy, dns, up, *words, serviceName="f6-rw", reqPathSearchReplace=rule)
+
+
+def test_F6_rewritten_target_past_max_uri_size_is_never_forwarded(proxy, dns, up):
+    register(proxy, dns, up, serviceName="f6-amp", reqPathSearchReplace=r"/f6-amp/(.*),/f6-amp/\1\1\1\1\1\1\1\1")
+    assert echo(proxy, "/f6-amp/ab")[0]["target"] == "/f6-amp/abababababababab"
+    up.received.clear()
+    st, _, body = proxy.get("/f6-amp/" + "x" * 2000)
+    assert st == 500, (st, body)
+    assert not [r for r in up.received if r.target.startswith("/f6-amp")]
+    assert echo(proxy, "/f6-amp/cd")[0]["target"] == "/f6-amp/cdcdcdcdcdcdcdcd"
+
+
