@@ -37,6 +37,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 UNEDITABLE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
                                 "proxy-connection", "te", "trailer", "upgrade"})
 _METHOD = re.compile(r"[A-Z]+\Z")
+_ACL_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")  # a sort key that /config writes into acl lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,8 @@ class ServiceDefaults:
     compression_type: str = ""
     secrets_dir: str = "/run/secrets"  # where usersSecret files live (dfp_users_<suffix>)
     header_env_allow: frozenset[str] = frozenset()  # HEADER_ENV_ALLOW: what %[env(NAME)] may read
+    # The proxy's own ports, which a srcPort may not take: (port, what it is, TLS?)
+    proxy_ports: tuple[tuple[int, str, bool], ...] = ()
 
     @classmethod
     def from_settings(cls, settings) -> ServiceDefaults:
@@ -59,6 +62,9 @@ class ServiceDefaults:
             users_pass_encrypted=settings.users_pass_encrypted, compression_algo=settings.compression_algo,
             compression_type=settings.compression_type, secrets_dir=settings.secrets_dir,
             header_env_allow=frozenset(settings.header_env_allow),
+            proxy_ports=((settings.port, "the admin port (PORT)", False),
+                         *((spec.port, "a public port (DEFAULT_PORTS)", spec.ssl) for spec in settings.default_ports),
+                         *((spec.port, "a public port (BIND_PORTS)", spec.ssl) for spec in settings.bind_ports)),
         )
 
 
@@ -221,6 +227,18 @@ class Service:
 
 def _shown(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
+
+
+def _check_src_port(port: int, mode: str, label: str, defaults: ServiceDefaults) -> None:
+    """A srcPort the proxy already listens on would never reach the service (issue 14, F15):
+    the admin port for every mode, the public ports for tcp, the public HTTP ports for sni
+    (an sni service may share a TLS port). An http srcPort selects requests by the public
+    port they came in on, so the public ports are its to name."""
+    for taken, what, tls in defaults.proxy_ports:
+        if port != taken or not taken:
+            continue
+        if what.startswith("the admin port") or mode == "tcp" or (mode == "sni" and not tls):
+            raise ServiceError(400, f"{label} {port} is {what}, which a reqMode={mode} service cannot use")
 
 
 def _optional_number(params: Mapping[str, str], key: str, name: str, integer: bool) -> float | int | None:
@@ -543,6 +561,8 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         https_port = _parse_port(https_text, "httpsPort" + suffix) if https_text else 0
         ssl_verify_none = _bool(value("sslverifynone", index), "sslVerifyNone" + suffix)
         src_port = _parse_port(src_text, "srcPort" + suffix) if src_text not in ("", "0") else 0
+        if src_port:
+            _check_src_port(src_port, mode, "srcPort" + suffix, defaults)
         timeouts = {
             key: _parse_seconds(value(key.lower().replace("_", ""), index), key.title().replace("_", "") + suffix)
             for key in ("timeout_client", "timeout_server", "timeout_tunnel")
@@ -633,6 +653,8 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
     if wildcard:
         domain_algo = "hdr_end"  # DFP: a leading "*" switches the whole service to suffix matching
     acl_name = params.get("aclname", "").strip() or name
+    if not _ACL_NAME.match(acl_name):
+        raise ServiceError(400, f"aclName must be letters, digits, '.', '_' or '-' (up to 200), got {acl_name!r}")
     users, users_encrypted = _auth(params, separator, defaults)
     compression_algo = " ".join((params.get("compressionalgo", "").strip() or defaults.compression_algo).lower().split())
     for algo in compression_algo.split():

@@ -258,3 +258,64 @@ def test_F6_rewritten_target_past_max_uri_size_is_never_forwarded(proxy, dns, up
     assert echo(proxy, "/f6-amp/cd")[0]["target"] == "/f6-amp/cdcdcdcdcdcdcdcd"
 
 
+# -- F15: names that reach files, /config and listeners; log lines -----------------------------
+def put_cert(p, name: str, body: bytes):
+    c = http.client.HTTPConnection("127.0.0.1", p.admin_port, timeout=10)
+    try:
+        c.request("PUT", f"{API}/cert?certName={name}", body=body)
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("name", ["x%0D%0Ay", "x%0Ay", "..", "..%2Fescape", "a%2Fb", "x%00y", "x%20y", "x%3Bid"])
+def test_F15_cert_name_outside_a_safe_file_name_is_refused(make_pyroute, tmp_path, name):
+    certs = tmp_path / "certs"
+    p = make_pyroute(DEFAULT_PORTS=f"{free_port()},{free_port()}:ssl", CERTS_DIR=str(certs))
+    leaf = trustme.CA().issue_cert("f15.test")
+    body = b"".join(b.bytes() for b in leaf.cert_chain_pems) + leaf.private_key_pem.bytes()
+    st, answer = put_cert(p, name, body)
+    assert st == 400 and answer["Status"] == "NOK" and "certName" in answer["Message"], (st, answer)
+    assert not certs.exists() or os.listdir(certs) == []
+    assert not (tmp_path / "escape.pem").exists()
+    assert put_cert(p, "f15-good.example", body)[0] == 200
+    assert os.listdir(certs) == ["f15-good.example.pem"]
+
+
+@pytest.mark.parametrize("acl", ["f15\nacl injected path_beg /", "f15 acl", "f15;x", "f15\x00x"])
+def test_F15_acl_name_outside_a_safe_token_is_refused(proxy, dns, up, acl):
+    refused(proxy, dns, up, "aclName", serviceName="f15-acl", aclName=acl)
+
+
+def test_F15_acl_names_dfp_users_write_still_work(proxy, dns, up):
+    register(proxy, dns, up, serviceName="f15-acl-ok", aclName="01-first_acl.v2")
+    assert "01-first_acl.v2" in proxy.admin("config")[1]
+
+
+@pytest.mark.parametrize("mode,conflict,words", [
+    ("tcp", "admin", ["srcPort", "PORT"]),
+    ("tcp", "http", ["srcPort", "DEFAULT_PORTS"]),
+    ("sni", "admin", ["srcPort", "PORT"]),
+    ("sni", "http", ["srcPort", "DEFAULT_PORTS"]),
+    ("http", "admin", ["srcPort", "PORT"]),
+])
+def test_F15_src_port_on_a_proxy_port_is_refused(proxy, dns, up, mode, conflict, words):
+    port = proxy.admin_port if conflict == "admin" else proxy.http_port
+    params = {"reqMode": mode, "srcPort": port}
+    if mode == "sni":
+        params["servicePath"] = "f15.example"
+    message = refused(proxy, dns, up, *words, serviceName="f15-src", **params)
+    assert str(port) in message
+    assert proxy.admin("ping")[0] == 200  # the admin port still answers the admin API
+
+
+def test_F15_log_lines_escape_control_characters(make_pyroute, dns, replicas):
+    p = make_pyroute(FILTER_PROXY_INSTANCE_NAME="true", PROXY_INSTANCE_NAME="f15")
+    st, body = p.admin("reconfigure", serviceName="f15-log\nERROR forged line", servicePath="/f15-log",
+                       port=replicas[0].port, proxyInstanceName="other")
+    assert st == 200, body
+    wait_until(lambda: "f15-log" in p.log(), what="the ignored service logged")
+    lines = p.log().splitlines()
+    assert not any(line.startswith("ERROR forged line") for line in lines), lines
+    assert any("f15-log\\nERROR forged line" in line for line in lines), lines
