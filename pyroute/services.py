@@ -52,7 +52,7 @@ class ServiceDefaults:
     compression_type: str = ""
     secrets_dir: str = "/run/secrets"  # where usersSecret files live (dfp_users_<suffix>)
     header_env_allow: frozenset[str] = frozenset()  # HEADER_ENV_ALLOW: what %[env(NAME)] may read
-    # The proxy's own ports, which a srcPort may not take: (port, what it is, TLS?)
+    # The proxy's own ports, which a srcPort may not take: (port, the setting naming it, TLS?)
     proxy_ports: tuple[tuple[int, str, bool], ...] = ()
 
     @classmethod
@@ -62,9 +62,9 @@ class ServiceDefaults:
             users_pass_encrypted=settings.users_pass_encrypted, compression_algo=settings.compression_algo,
             compression_type=settings.compression_type, secrets_dir=settings.secrets_dir,
             header_env_allow=frozenset(settings.header_env_allow),
-            proxy_ports=((settings.port, "the admin port (PORT)", False),
-                         *((spec.port, "a public port (DEFAULT_PORTS)", spec.ssl) for spec in settings.default_ports),
-                         *((spec.port, "a public port (BIND_PORTS)", spec.ssl) for spec in settings.bind_ports)),
+            proxy_ports=((settings.port, "PORT", False),
+                         *((spec.port, "DEFAULT_PORTS", spec.ssl) for spec in settings.default_ports),
+                         *((spec.port, "BIND_PORTS", spec.ssl) for spec in settings.bind_ports)),
         )
 
 
@@ -234,10 +234,11 @@ def _check_src_port(port: int, mode: str, label: str, defaults: ServiceDefaults)
     the admin port for every mode, the public ports for tcp, the public HTTP ports for sni
     (an sni service may share a TLS port). An http srcPort selects requests by the public
     port they came in on, so the public ports are its to name."""
-    for taken, what, tls in defaults.proxy_ports:
+    for taken, setting, tls in defaults.proxy_ports:
         if port != taken or not taken:
             continue
-        if what.startswith("the admin port") or mode == "tcp" or (mode == "sni" and not tls):
+        if setting == "PORT" or mode == "tcp" or (mode == "sni" and not tls):
+            what = "the admin port (PORT)" if setting == "PORT" else f"a public port ({setting})"
             raise ServiceError(400, f"{label} {port} is {what}, which a reqMode={mode} service cannot use")
 
 
