@@ -149,11 +149,11 @@ class AdminApi:
     async def reconfigure(self, request: Request) -> Response:
         if self._distributing(request):
             if not is_removal(request.params):
-                parse_service(request.params, self.registry.separator)  # refuse bad input before fanning out
+                parse_service(request.params, self.registry.separator, self.registry.defaults)  # refuse bad input before fanning out
             return await self.distribute(request, self.reconfigure)
         if self.certs is not None and any(k.lower() == "servicecert" for k in request.params):
             # serviceCert: validate the service first, then the certificate, then apply both.
-            candidate = parse_service(request.params, self.registry.separator)
+            candidate = parse_service(request.params, self.registry.separator, self.registry.defaults)
             if candidate.cert:
                 try:
                     self.certs.install(candidate.cert_name, candidate.cert.encode())

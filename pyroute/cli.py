@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from . import __version__
+from . import __version__, eventlog
 from .config import SettingsError, add_setting_flags, settings_from_args
 
 EXAMPLES = """\
@@ -58,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    eventlog.setup_logging(level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run(coro) -> None:

@@ -206,6 +206,34 @@ def _networks(value: Any, setting: str) -> tuple[ipaddress.IPv4Network | ipaddre
 _PRIVATE_NETS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,fc00::/7,::1/128"
 
 
+# Environment variables whose value is a credential: never sent in a header by %[env(NAME)],
+# even when listed in HEADER_ENV_ALLOW (which is then refused at start).
+SECRET_ENV = frozenset({"ADMIN_USER", "ADMIN_PASS", "STATS_USER", "STATS_PASS", "USERS"})
+SECRET_ENV_WORDS = ("PASS", "PWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
+
+
+def is_secret_env(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential."""
+    upper = name.upper()
+    return upper in SECRET_ENV or any(word in upper for word in SECRET_ENV_WORDS)
+
+
+def _env_names(value: Any, setting: str) -> tuple[str, ...]:
+    """HEADER_ENV_ALLOW: a comma list (or TOML list) of variable names, none of them a secret."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise _bad(setting, "a comma list of environment variable names", value)
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    for name in names:
+        if not (name.isascii() and name.replace("_", "a").isalnum() and not name[0].isdigit()):
+            raise _bad(setting, "a comma list of environment variable names", name)
+        if is_secret_env(name):
+            raise SettingsError(f"{setting}: {name} holds a credential (admin or stats user/password, USERS, or "
+                                f"a name with {', '.join(SECRET_ENV_WORDS)}) and is never sent in a header")
+    return names
+
+
 def _log_level(value: Any, setting: str) -> str:
     level = value.strip().lower() if isinstance(value, str) else None
     if level not in LOG_LEVELS:
@@ -398,6 +426,10 @@ class Settings:
                                      help="compress every service's responses: gzip and/or deflate (unless a service sets its own)")
     compression_type: str = _setting("", parse=_optional_text, shown='""',
                                      help="MIME types COMPRESSION_ALGO applies to, space separated (empty: all)")
+    header_env_allow: tuple[str, ...] = _setting(
+        (), parse=_env_names, shown='""',
+        help="environment variables %[env(NAME)] may put into header edits, comma list (credentials never; "
+             "read at start)")
     filter_proxy_instance_name: bool = _setting(False, parse=_boolean,
                                                 help="only accept services whose proxyInstanceName is PROXY_INSTANCE_NAME")
     proxy_instance_name: str = _setting("docker-flow", parse=_text, help="this proxy's instance name")
@@ -539,7 +571,24 @@ def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str]
             sources[f.name] = "default"
             continue
         sources[f.name] = source
+    _check_indirect_secrets(values, environ, problems)
     return Settings(**values, config_file=config_file, sources=MappingProxyType(sources))
+
+
+def _check_indirect_secrets(values: dict[str, Any], environ: Mapping[str, str],
+                            problems: list[SettingsError] | None) -> None:
+    """STATS_USER_ENV / STATS_PASS_ENV name the variables holding the stats credentials:
+    those are secrets whatever their names, so HEADER_ENV_ALLOW may not list them either."""
+    allowed = values.get("header_env_allow", ())
+    for pointer in ("STATS_USER_ENV", "STATS_PASS_ENV"):
+        target = environ.get(pointer, "")
+        if target and target in allowed:
+            error = SettingsError(f"HEADER_ENV_ALLOW: {target} holds the stats credentials ({pointer}) and is "
+                                  "never sent in a header")
+            if problems is None:
+                raise error
+            problems.append(error)
+            values["header_env_allow"] = tuple(n for n in allowed if n != target)
 
 
 # DFP reads these from the environment only, never from a dfp_<name> secret.

@@ -30,6 +30,7 @@ import httptools
 
 from .errors import PAGES, error_response
 from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
+from .patterns import compile_pattern, compile_replacement, substitute_first
 
 with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(3) (SHA-512 "$6$")
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -38,14 +39,28 @@ with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(
 FETCH = re.compile(r"%\[([^\]]*)\]")
 _REQ_HDR = re.compile(r"req\.hdr\(([!#$%&'*+.^_`|~0-9A-Za-z-]+)\)\Z")
 _ENV = re.compile(r"env\(([A-Za-z_][A-Za-z0-9_]*)\)\Z")
+ENV_FETCH = re.compile(r"%\[env\(([A-Za-z_][A-Za-z0-9_]*)\)\]")  # the variables a header template reads
+_NOT_IN_VALUE = re.compile(r"[^\t\x20-\x7e]")
 UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid user and password "
                      b"to access this content.\n</body></html>\n")
 
 
+MAX_HEADER_VALUE = 8192  # characters of one configured header value (templates included)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")  # RFC 9110 field-value without obs-text
+
+
 def check_header_value(text: str) -> str:
-    """'' when a header value is usable, else what is wrong (named for the 400 answer)."""
-    if any(c in text for c in "\r\n\0"):
-        return "header values cannot hold CR, LF or NUL"
+    """'' when a header value is usable, else what is wrong (named for the 400 answer).
+
+    Values go on the wire as bytes: visible ASCII, space and tab only. Non-ASCII (obs-text)
+    is refused rather than guessed at: an encoding the upstream or client does not expect
+    is worse than a clear 400, and it is what made compiling the route table fail."""
+    if len(text) > MAX_HEADER_VALUE:
+        return f"the value is longer than {MAX_HEADER_VALUE} characters"
+    if not _HEADER_VALUE.match(text):
+        bad = next(c for c in text if not (c == "\t" or " " <= c <= "~"))
+        kind = "a control character" if bad < " " or bad == "\x7f" else "not ASCII (percent-encode it)"
+        return f"header values may hold visible ASCII, spaces and tabs only: {bad!r} is {kind}"
     for match in FETCH.finditer(text):
         fetch = match.group(1)
         if fetch not in ("src", "dst_port") and not _REQ_HDR.match(fetch) and not _ENV.match(fetch):
@@ -103,6 +118,8 @@ class Reply:
 
 
 FORBIDDEN = Reply(403)
+REWRITE_FAILED = Reply(500)
+_NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")  # controls and space end or split a request line
 
 
 # -- header value templates ---------------------------------------------------------------
@@ -120,9 +137,9 @@ def compile_value(text: str) -> Callable[[FeatureRequest], bytes] | bytes:
         elif m := _REQ_HDR.match(fetch):
             lname = m.group(1).lower().encode()
             parts.append(lambda req, lname=lname: req.header(lname) or b"")
-        else:  # env(NAME), fixed for the life of the table
+        else:  # env(NAME), one HEADER_ENV_ALLOW lists (checked at validation), fixed for the life of the table
             value = os.environ.get(_ENV.match(fetch).group(1), "")
-            parts.append(value.replace("\r", "").replace("\n", "").encode("latin-1", "replace"))
+            parts.append(_NOT_IN_VALUE.sub("", value).encode("ascii"))
         last = match.end()
     parts.append(text[last:].encode("latin-1"))
     if all(isinstance(p, bytes) for p in parts):
@@ -260,13 +277,23 @@ def _drop_authorization(req: FeatureRequest) -> None:
 
 
 def _rewrite_step(rewrites: tuple[tuple[str, str], ...]):
-    compiled = tuple((re.compile(s), r) for s, r in rewrites)
+    compiled = []
+    for search, replace in rewrites:
+        pattern = compile_pattern(search)
+        compiled.append((pattern, compile_replacement(replace, pattern)))
 
-    def rewrite_path(req: FeatureRequest) -> None:
-        path = req.path.decode("latin-1")
-        for pattern, replacement in compiled:
-            path = pattern.sub(replacement, path, count=1)
-        req.path = path.encode("latin-1")
+    def rewrite_path(req: FeatureRequest) -> Reply | None:
+        path = req.path
+        for pattern, template in compiled:
+            path = substitute_first(pattern, template, path)
+        # The operator's rule, not the client, made a target that cannot be sent (too long
+        # for MAX_URI_SIZE, not origin-form): 500, as HAProxy answers a failed rewrite in
+        # its default strict mode. It is never forwarded.
+        if (len(path) + len(req.query) > req.conn.server.max_uri or path[:1] != b"/"
+                or _NOT_IN_TARGET.search(path)):
+            return REWRITE_FAILED
+        req.path = path
+        return None
 
     return rewrite_path
 

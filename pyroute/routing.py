@@ -16,11 +16,11 @@ prefix length whatever the number of services.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from .features import ResponsePlan, compile_request_steps
+from .patterns import compile_pattern
 from .services import Destination, Service
 
 HOST_CACHE_LIMIT = 4096  # distinct Host values indexed per table; a flood of junk hosts only resets it
@@ -80,14 +80,14 @@ def precedence_key(service: Service) -> tuple[int, str]:
 
 
 def _path_test(path_type: str, pattern: str) -> Callable[[bytes], bool]:
-    """HAProxy's path fetches: path (exact), path_beg, path_end, path_reg (search), path_dir."""
+    """HAProxy's path fetches: path (exact), path_beg, path_end, path_reg (search, RE2), path_dir."""
     raw = pattern.encode()
     if path_type == "path":
         return raw.__eq__
     if path_type == "path_end":
         return lambda path: path.endswith(raw)
     if path_type == "path_reg":
-        return re.compile(raw).search
+        return compile_pattern(pattern).search
     if path_type == "path_dir":
         needle = b"/" + raw.strip(b"/") + b"/"
         return lambda path: needle in (path if path.endswith(b"/") else path + b"/")

@@ -50,7 +50,7 @@ DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 MAXCONN_LOG_EVERY = 60.0  # seconds between "MAXCONN reached" log lines
 # Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
 RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
-                "dns_timeout", "separator", "service_name")
+                "dns_timeout", "separator", "service_name", "header_env_allow")
 
 
 class StartupError(Exception):

@@ -15,7 +15,9 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .features import check_header_value
+from .config import is_secret_env
+from .features import ENV_FETCH, check_header_value
+from .patterns import PatternError, compile_pattern, compile_replacement
 
 MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 # A destination exists at index N when any of these carries the ".N" suffix (DFP's rule).
@@ -30,7 +32,12 @@ COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-defla
 RAW_HAPROXY_PARAMS = {"templatefepath": "templateFePath", "templatebepath": "templateBePath",
                       "backendextra": "backendExtra"}
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+# Headers pyroute owns on both sides: message framing and hop-by-hop connection handling.
+# An edit of one would desync the client or the upstream connection (issue 14, F6).
+UNEDITABLE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
+                                "proxy-connection", "te", "trailer", "upgrade"})
 _METHOD = re.compile(r"[A-Z]+\Z")
+_ACL_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")  # a sort key that /config writes into acl lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,9 @@ class ServiceDefaults:
     compression_algo: str = ""  # COMPRESSION_ALGO / COMPRESSION_TYPE when a service sets none
     compression_type: str = ""
     secrets_dir: str = "/run/secrets"  # where usersSecret files live (dfp_users_<suffix>)
+    header_env_allow: frozenset[str] = frozenset()  # HEADER_ENV_ALLOW: what %[env(NAME)] may read
+    # The proxy's own ports, which a srcPort may not take: (port, the setting naming it, TLS?)
+    proxy_ports: tuple[tuple[int, str, bool], ...] = ()
 
     @classmethod
     def from_settings(cls, settings) -> ServiceDefaults:
@@ -51,6 +61,10 @@ class ServiceDefaults:
             domain_algo=settings.service_domain_algo, https_only=settings.https_only, users=settings.users,
             users_pass_encrypted=settings.users_pass_encrypted, compression_algo=settings.compression_algo,
             compression_type=settings.compression_type, secrets_dir=settings.secrets_dir,
+            header_env_allow=frozenset(settings.header_env_allow),
+            proxy_ports=((settings.port, "PORT", False),
+                         *((spec.port, "DEFAULT_PORTS", spec.ssl) for spec in settings.default_ports),
+                         *((spec.port, "BIND_PORTS", spec.ssl) for spec in settings.bind_ports)),
         )
 
 
@@ -215,6 +229,19 @@ def _shown(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
+def _check_src_port(port: int, mode: str, label: str, defaults: ServiceDefaults) -> None:
+    """A srcPort the proxy already listens on would never reach the service (issue 14, F15):
+    the admin port for every mode, the public ports for tcp, the public HTTP ports for sni
+    (an sni service may share a TLS port). An http srcPort selects requests by the public
+    port they came in on, so the public ports are its to name."""
+    for taken, setting, tls in defaults.proxy_ports:
+        if port != taken or not taken:
+            continue
+        if setting == "PORT" or mode == "tcp" or (mode == "sni" and not tls):
+            what = "the admin port (PORT)" if setting == "PORT" else f"a public port ({setting})"
+            raise ServiceError(400, f"{label} {port} is {what}, which a reqMode={mode} service cannot use")
+
+
 def _optional_number(params: Mapping[str, str], key: str, name: str, integer: bool) -> float | int | None:
     """A non-negative number parameter (seconds or bytes), None when absent or empty."""
     text = params.get(key, "").strip()
@@ -366,18 +393,36 @@ def _networks(value: str | None, separator: str, name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _header_edits(value: str | None, separator: str, name: str) -> tuple[tuple[str, str], ...]:
+def _header_edits(value: str | None, separator: str, name: str, env_allow: frozenset[str]) -> tuple[tuple[str, str], ...]:
     """DFP's "Name value" entries; the value may hold the %[...] fetches pyroute evaluates."""
     out = []
     for item in _split_entries(value, separator):
         header, _, text = item.partition(" ")
         if not _HEADER_NAME.match(header):
             raise ServiceError(400, f"{name}: {header!r} is not a header name (expected 'Name value')")
+        _check_editable(header, name)
         problem = check_header_value(text.strip())
         if problem:
-            raise ServiceError(400, f"{name}: {problem}")
+            raise ServiceError(400, f"{name}: {header}: {problem}")
+        for variable in ENV_FETCH.findall(text):
+            if is_secret_env(variable):
+                raise ServiceError(400, f"{name}: {header}: %[env({variable})] is a credential and is never sent")
+            if variable not in env_allow:
+                raise ServiceError(400, f"{name}: {header}: %[env({variable})] is not allowed: list {variable} in "
+                                   "HEADER_ENV_ALLOW to send its value")
         out.append((header, text.strip()))
     return tuple(out)
+
+
+def _check_editable(header: str, name: str) -> None:
+    """Framing and hop-by-hop headers are pyroute's; Host may be replaced (setReqHeader), not added or removed."""
+    lower = header.lower()
+    if lower in UNEDITABLE_HEADERS:
+        raise ServiceError(400, f"{name}: {header} cannot be edited: pyroute sets the framing and hop-by-hop "
+                           "headers of each message itself")
+    if lower == "host" and name in ("addReqHeader", "delReqHeader"):
+        raise ServiceError(400, f"{name}: {header} cannot be added or removed (a request has exactly one); "
+                           "setReqHeader=Host <name> replaces it")
 
 
 def _split_entries(value: str | None, separator: str) -> tuple[str, ...]:
@@ -403,6 +448,7 @@ def _header_names(value: str | None, separator: str, name: str) -> tuple[str, ..
     for header in names:
         if not _HEADER_NAME.match(header):
             raise ServiceError(400, f"{name}: {header!r} is not a header name")
+        _check_editable(header, name)
     return names
 
 
@@ -416,9 +462,9 @@ def _path_rewrites(value: str | None, name: str) -> tuple[tuple[str, str], ...]:
         if not comma or not search:
             raise ServiceError(400, f"{name} expects 'search,replace' pairs joined with ':', got {pair!r}")
         try:
-            re.compile(search).sub(replace, "/")
-        except (re.error, IndexError) as exc:
-            raise ServiceError(400, f"{name}: bad regex or replacement in {pair!r}: {exc}") from None
+            compile_replacement(replace, compile_pattern(search))
+        except PatternError as exc:
+            raise ServiceError(400, f"{name}: {exc}") from None
         out.append((search, replace))
     return tuple(out)
 
@@ -516,6 +562,8 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         https_port = _parse_port(https_text, "httpsPort" + suffix) if https_text else 0
         ssl_verify_none = _bool(value("sslverifynone", index), "sslVerifyNone" + suffix)
         src_port = _parse_port(src_text, "srcPort" + suffix) if src_text not in ("", "0") else 0
+        if src_port:
+            _check_src_port(src_port, mode, "srcPort" + suffix, defaults)
         timeouts = {
             key: _parse_seconds(value(key.lower().replace("_", ""), index), key.title().replace("_", "") + suffix)
             for key in ("timeout_client", "timeout_server", "timeout_tunnel")
@@ -556,17 +604,23 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         outbound = (value("outboundhostname", index) or "").strip() or None
         if outbound:
             _check_host(outbound, "outboundHostname" + suffix)
+        excludes = tuple(_check_path(p, "servicePathExclude" + suffix)
+                         for p in _split(value("servicepathexclude", index), separator))
         if path_type == "path_reg":
-            for pattern in paths:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ServiceError(400, f"servicePath{suffix} is not a valid regex for path_reg: {exc}") from None
+            for label, patterns in (("servicePath", paths), ("servicePathExclude", excludes)):
+                for pattern in patterns:
+                    try:
+                        compile_pattern(pattern)
+                    except PatternError as exc:
+                        raise ServiceError(400, f"{label}{suffix} is not a usable regex for path_reg: {exc}") from None
         header_match = []
         for item in _split(value("serviceheader", index), separator):
             header, colon, expected = item.partition(":")
             if not colon or not _HEADER_NAME.match(header.strip()):
                 raise ServiceError(400, f"serviceHeader{suffix} expects 'Name:value' entries, got {item!r}")
+            problem = check_header_value(expected.strip())
+            if problem:
+                raise ServiceError(400, f"serviceHeader{suffix}: {header.strip()}: {problem}")
             header_match.append((header.strip().lower(), expected.strip()))
         code_text = (value("httpsredirectcode", index) or "").strip() or "302"
         if not code_text.isdigit() or int(code_text) not in REDIRECT_CODES:
@@ -574,8 +628,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         destinations.append(Destination(
             index, paths or ("/",), tuple(domains), port, outbound,
             path_type=path_type,
-            path_excludes=tuple(_check_path(p, "servicePathExclude" + suffix)
-                                for p in _split(value("servicepathexclude", index), separator)),
+            path_excludes=excludes,
             header_match=tuple(header_match),
             user_agents=tuple(u.lower() for u in _split(value("useragent", index), separator)),
             src_port=src_port,
@@ -601,6 +654,8 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
     if wildcard:
         domain_algo = "hdr_end"  # DFP: a leading "*" switches the whole service to suffix matching
     acl_name = params.get("aclname", "").strip() or name
+    if not _ACL_NAME.match(acl_name):
+        raise ServiceError(400, f"aclName must be letters, digits, '.', '_' or '-' (up to 200), got {acl_name!r}")
     users, users_encrypted = _auth(params, separator, defaults)
     compression_algo = " ".join((params.get("compressionalgo", "").strip() or defaults.compression_algo).lower().split())
     for algo in compression_algo.split():
@@ -616,11 +671,15 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         destinations=tuple(destinations),
         params=tuple(raw.items()),
         is_default_backend=_bool(params.get("isdefaultbackend"), "isDefaultBackend"),
-        req_add=_header_edits(params.get("addreqheader") or params.get("addheader"), separator, "addReqHeader"),
-        req_set=_header_edits(params.get("setreqheader") or params.get("setheader"), separator, "setReqHeader"),
+        req_add=_header_edits(params.get("addreqheader") or params.get("addheader"), separator, "addReqHeader",
+                              defaults.header_env_allow),
+        req_set=_header_edits(params.get("setreqheader") or params.get("setheader"), separator, "setReqHeader",
+                              defaults.header_env_allow),
         req_del=_header_names(params.get("delreqheader"), separator, "delReqHeader"),
-        res_add=_header_edits(params.get("addresheader"), separator, "addResHeader"),
-        res_set=_header_edits(params.get("setresheader"), separator, "setResHeader"),
+        res_add=_header_edits(params.get("addresheader"), separator, "addResHeader",
+                              defaults.header_env_allow),
+        res_set=_header_edits(params.get("setresheader"), separator, "setResHeader",
+                              defaults.header_env_allow),
         res_del=_header_names(params.get("delresheader"), separator, "delResHeader"),
         users=users,
         users_encrypted=users_encrypted,

@@ -320,9 +320,9 @@ class TcpListeners:
                 if d.req_mode == "sni" and d.src_port in self.tls_ports:
                     on_tls.setdefault(d.src_port, []).append(self._target(service, d))
                     continue
-                if d.src_port in self.reserved:
-                    log.error("%s: srcPort %d is a public HTTP/TLS port; its %s destination is ignored",
-                              service.name, d.src_port, d.req_mode)
+                if d.src_port in self.reserved or d.src_port == self.settings.port:
+                    log.error("%s: srcPort %d is the admin port or a public HTTP/TLS port; its %s destination "
+                              "is ignored", service.name, d.src_port, d.req_mode)
                     continue
                 mode, targets = wanted.setdefault(d.src_port, (d.req_mode, []))
                 if mode != d.req_mode or (mode == "tcp" and targets):

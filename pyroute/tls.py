@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 import tempfile
 from collections.abc import Callable
@@ -38,10 +39,16 @@ class Certificate:
     secret: bool = False  # from a Docker secret: never written to CERTS_DIR, not listed for peers
 
 
+_CERT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
+
+
 def _check_name(name: str) -> str:
+    """certName becomes a file in CERTS_DIR and appears in log lines: letters, digits, '.', '_'
+    and '-' only, not starting with '.' (no path, no '..', no CR/LF forging a log line)."""
     name = name.strip()
-    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name or len(name) > 200:
-        raise ValueError(f"certName {name!r} is not a valid file name")
+    if not _CERT_NAME.match(name) or ".." in name:
+        raise ValueError(f"certName {name!r} is not a valid file name (letters, digits, '.', '_', '-'; "
+                         "up to 200, not starting with '.')")
     return name
 
 

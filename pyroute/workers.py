@@ -36,7 +36,7 @@ import sys
 
 import orjson
 
-from . import metrics
+from . import eventlog, metrics
 from .config import ListenSpec, Settings
 from .server import ControlPlane, DataPlane, StartupError, addresses, cert_store, reread, settle_memory, wait_for_signal
 from .summary import ready_summary
@@ -359,7 +359,7 @@ async def _worker_main(fd: int) -> int:
 def main() -> int:
     from .cli import run
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s", stream=sys.stderr)
+    eventlog.setup_logging("INFO", "%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
     result = []
 
     async def go() -> None:

@@ -20,7 +20,7 @@ with warnings.catch_warnings():
 SECRETS = tempfile.mkdtemp(prefix="pyroute-secrets-")
 with open(os.path.join(SECRETS, "dfp_users_team"), "w") as fh:
     fh.write("carol:from-secret\ndave:dave-pw\n")
-PYROUTE_ENV = {"SECRETS_DIR": SECRETS, "PYROUTE_TEST_TOKEN": "tok-123"}
+PYROUTE_ENV = {"SECRETS_DIR": SECRETS, "PYROUTE_TEST_REGION": "eu-1", "HEADER_ENV_ALLOW": "PYROUTE_TEST_REGION"}
 
 
 def basic(user, password):
@@ -115,14 +115,14 @@ def test_https_only_global(make_pyroute, dns, replicas):
 def test_request_header_edits_and_fetches(proxy, dns, up):
     register(proxy, dns, up, serviceName="f-hdr",
              addReqHeader="X-Added first,X-Client %[src],X-Port %[dst_port],X-Copy was-%[req.hdr(X-In)],"
-                          "X-Token %[env(PYROUTE_TEST_TOKEN)]",
+                          "X-Region %[env(PYROUTE_TEST_REGION)]",
              setReqHeader="X-Set forced", delReqHeader="X-Drop")
     data = echo(proxy, "/f-hdr", {"X-In": "abc", "X-Drop": "gone", "X-Set": "client-value"})
     assert received(data, "X-Added") == ["first"]
     assert received(data, "X-Client") == ["127.0.0.1"]
     assert received(data, "X-Port") == [str(proxy.http_port)]
     assert received(data, "X-Copy") == ["was-abc"]
-    assert received(data, "X-Token") == ["tok-123"]
+    assert received(data, "X-Region") == ["eu-1"]
     assert received(data, "X-Set") == ["forced"]
     assert received(data, "X-Drop") == []
 
