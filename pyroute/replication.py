@@ -63,8 +63,14 @@ class Replication:
         if self.store is not None:
             await self.store.save(self.registry.export)
 
-    def is_ready(self) -> bool:
-        return self.joined and (self.listener is None or self.listener.fetched)
+    def waiting_for(self) -> list[str]:
+        """What this replica still waits for before it is ready (empty: nothing)."""
+        reasons = []
+        if not self.joined:
+            reasons.append("not joined with its peers yet")
+        if self.listener is not None and not self.listener.fetched:
+            reasons.append("the Swarm Listener's services are not fetched yet")
+        return reasons
 
     def counters(self) -> dict:
         return {"Drift": self.drift, "Repairs": self.repairs, "Joined": self.joined,

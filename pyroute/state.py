@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 import orjson
 
 from .eventlog import event
+from .routing import CompileError, check_compiles
 from .services import Service, ServiceDefaults, ServiceError, is_removal, parse_service
 
 log = logging.getLogger("pyroute.state")
@@ -163,8 +164,17 @@ class ServiceRegistry:
         self.revision += 1
         self._publish("republish", why=why)
 
-    def _parse(self, params: Mapping[str, str]) -> Service:
-        return parse_service(params, self.separator, self.defaults)
+    def validate(self, params: Mapping[str, str]) -> Service:
+        """The service `params` describe, parsed and compiled as the data plane will, without
+        storing it. Raises ServiceError (400 when it does not compile)."""
+        service = parse_service(params, self.separator, self.defaults)
+        try:
+            check_compiles(service)
+        except CompileError as exc:
+            raise ServiceError(400, str(exc)) from None
+        return service
+
+    _parse = validate  # every entry is checked on its way in: API, listeners, env, state file, peers
 
     def _change(self, kind: str, name: str, value: object, stamp: Stamp, service: Service | None) -> None:
         if self._store(kind, name, value, stamp, service):

@@ -1,0 +1,307 @@
+"""Issue 14, the control plane's findings, against real pyroute processes:
+
+- F2: nothing the data plane cannot compile is accepted (admin API, Swarm labels, the
+  Swarm Listener, DFP_SERVICE_*, the state file); a dead worker is restarted with
+  backoff and readiness says so while it is down.
+- F7: corrupt state files are kept aside, readiness waits for state (or STATE_CORRUPT),
+  a damaged copy names the revision it lost.
+- F8: an encrypted private key is refused (PUT /cert) or skipped (CERTS_DIR) without
+  ever prompting on the process's terminal.
+- Deliver 2: every reconfigure pyroute accepts survives a restart and is served
+  (hypothesis; FUZZ_EXAMPLES raises the count).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import itertools
+import json
+import os
+import pty
+import re
+import signal
+import urllib.parse
+from pathlib import Path
+
+import orjson
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import start_pyroute, stop_pyroute
+from support.engine import FakeEngine
+from support.listener import ListenerStandIn
+from support.proxy import API, Pyroute, PyrouteDied, children
+from support.upstream import free_port, wait_until
+
+CONNECTIONS = 16  # fresh connections per check: with WORKERS=2 both workers get some
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
+
+# Changes that pass services.py's checks on the unfixed code but raise while the route
+# table is built: a header value outside Latin-1 (UnicodeEncodeError) and a str regex
+# escape that a bytes regex does not know (re.error). Either way: 4xx, nothing changes.
+UNCOMPILABLE = {
+    "latin1-header": {"servicePath": "/f2bad", "addReqHeader": "X-Euro \u20ac"},
+    "bytes-regex": {"servicePath": "/f2bad/caf\\u00e9", "pathType": "path_reg"},
+}
+
+
+# -- helpers --------------------------------------------------------------------------------
+def config(p) -> dict:
+    st_, body = p.admin("config", type="json")
+    assert st_ == 200, body
+    return body
+
+
+def readiness(p):
+    return p.admin("successfulinitreload")
+
+
+def ready(p) -> bool:
+    return readiness(p)[0] == 200
+
+
+def all_served(p, path: str, upstream) -> bool:
+    """CONNECTIONS fresh connections all answered 200 by `upstream`."""
+    answers = [p.get(path) for _ in range(CONNECTIONS)]
+    return all(a[0] == 200 and a[1]["X-Upstream"] == upstream.addr for a in answers)
+
+
+def state_document(services: dict[str, dict[str, str]], revision: int, schema: int = 1) -> bytes:
+    """A state file exactly as durable.py writes it: entries with stamps, the content hash."""
+    entries = {name: {"stamp": [i + 1, f"handmade.{i:010d}"], "value": [[k, v] for k, v in params.items()]}
+               for i, (name, params) in enumerate(services.items())}
+    canonical = {"services": {n: [e["stamp"], e["value"]] for n, e in entries.items()}, "certs": {}}
+    digest = hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return orjson.dumps({"format": schema, "revision": revision, "hash": digest, "services": entries, "certs": {}})
+
+
+def aside(directory: Path, name: str) -> list[Path]:
+    return sorted(directory.glob(f"{name}.corrupt-*"))
+
+
+def restart(p: Pyroute) -> Pyroute:
+    p.stop()
+    return p.start()
+
+
+# -- F2a: compiled before stored, replicated or answered -------------------------------------
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("case", sorted(UNCOMPILABLE))
+def test_F2_change_that_cannot_compile_is_refused_and_nothing_changes(make_pyroute, dns, replicas, tmp_path,
+                                                                      workers, case):
+    u = replicas[0]
+    state = tmp_path / "state"
+    p = make_pyroute(WORKERS=workers, STATE_DIR=str(state))
+    dns.set_service("f2good", u.ip)
+    p.reconfigure(serviceName="f2good", servicePath="/f2good", port=u.port)
+    before = (config(p), p.admin("ping")[1]["Revision"], (state / "state.json").read_bytes())
+
+    st_, body = p.admin("reconfigure", {"serviceName": "f2bad", "port": u.port, **UNCOMPILABLE[case]})
+    assert 400 <= st_ < 500 and body["Status"] == "NOK", (st_, body)
+    assert body.get("ServiceName") == "f2bad" and body["Message"], body
+    assert (config(p), p.admin("ping")[1]["Revision"], (state / "state.json").read_bytes()) == before
+    assert all_served(p, "/f2good/hello", u)
+    assert ready(p)
+
+    dns.set_service("f2next", u.ip)  # the next change is accepted and served as usual
+    p.reconfigure(serviceName="f2next", servicePath="/f2next", port=u.port)
+    assert all_served(p, "/f2next/hello", u)
+
+    restart(p)
+    wait_until(lambda: ready(p), timeout=10, what="ready after a restart on the state")
+    assert set(config(p)) == {"f2good", "f2next"}
+    assert all_served(p, "/f2good/hello", u) and all_served(p, "/f2next/hello", u)
+
+
+def test_F2_uncompilable_services_from_the_listener_and_labels_are_refused_by_name(make_pyroute, dns, replicas):
+    u = replicas[1]
+    dns.set_service("f2lst-good", u.ip)
+    dns.set_service("f2lab-good", u.ip)
+    stand_in = ListenerStandIn()
+    engine = FakeEngine()
+    try:
+        stand_in.services = [
+            {"serviceName": "f2lst-good", "servicePath": "/f2lst-good", "port": str(u.port), "replicas": "1"},
+            {"serviceName": "f2lst-bad", "servicePath": "/f2lst-bad", "port": str(u.port), "replicas": "1",
+             "addReqHeader": "X-Euro \u20ac"},
+        ]
+        good = {"com.df.notify": "true", "com.df.servicePath": "/f2lab-good", "com.df.port": str(u.port)}
+        good_id = engine.create("f2lab-good", good)
+        engine.create("f2lab-bad", {"com.df.notify": "true", "com.df.servicePath": "/f2lab-bad/caf\\u00e9",
+                                    "com.df.pathType": "path_reg", "com.df.port": str(u.port)})
+        p = make_pyroute(LISTENER_ADDRESS=stand_in.address, RELOAD_INTERVAL="100", DOCKER_HOST=engine.docker_host,
+                         SWARM_POLL_INTERVAL="0.2", SERVICE_NAME="f2-lst-proxy")
+        wait_until(lambda: ready(p), timeout=10, what="ready")
+        assert set(config(p)) == {"f2lst-good", "f2lab-good"}
+        assert all_served(p, "/f2lst-good/hello", u) and all_served(p, "/f2lab-good/hello", u)
+        log = p.log()
+        assert "f2lst-bad" in log and "f2lab-bad" in log and "Traceback" not in log
+        # a later label change that cannot compile is refused too: the route stays as it was
+        before = config(p)["f2lab-good"]
+        engine.update(good_id, {**good, "com.df.addResHeader": "X-Euro \u20ac"})
+        wait_until(lambda: re.search(r"f2lab-good.*rejected", p.log()), what="the label update refused by name")
+        assert config(p)["f2lab-good"] == before
+        assert all_served(p, "/f2lab-good/hello", u)
+    finally:
+        stand_in.close()
+        engine.close()
+
+
+def test_F2_uncompilable_dfp_service_env_stops_start_naming_it(dns, replicas):
+    p = Pyroute(dns.nameserver, DFP_SERVICE_SERVICE_NAME="f2env-bad", DFP_SERVICE_SERVICE_PATH="/f2env",
+                DFP_SERVICE_PORT=str(replicas[0].port), DFP_SERVICE_ADD_REQ_HEADER="X-Euro \u20ac")
+    with pytest.raises(PyrouteDied) as info:
+        p.start(timeout=10)
+    assert "f2env-bad" in str(info.value) and "Traceback" not in str(info.value)
+
+
+# -- F2c: a stored state that cannot be compiled ---------------------------------------------
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_F2_stored_state_with_an_uncompilable_service_starts_without_it(make_pyroute, dns, replicas, tmp_path,
+                                                                        workers):
+    u = replicas[2]
+    dns.set_service("f2c-good", u.ip)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.json").write_bytes(state_document({
+        "f2c-good": {"serviceName": "f2c-good", "servicePath": "/f2c-good", "port": str(u.port)},
+        "f2c-bad": {"serviceName": "f2c-bad", "servicePath": "/f2c-bad", "port": str(u.port),
+                    "addReqHeader": "X-Euro \u20ac"},
+        "f2c-re": {"serviceName": "f2c-re", "servicePath": "/f2c-re/caf\\u00e9", "pathType": "path_reg",
+                   "port": str(u.port)},
+    }, revision=3))
+    p = make_pyroute(STATE_DIR=str(state), WORKERS=workers)
+    wait_until(lambda: ready(p), timeout=10, what="ready")
+    assert set(config(p)) == {"f2c-good"}
+    assert all_served(p, "/f2c-good/hello", u)
+    errors = [line for line in p.log().splitlines() if " ERROR " in line]
+    assert any("f2c-bad" in line for line in errors) and any("f2c-re" in line for line in errors), p.log()
+
+
+# -- F2b: a dead worker comes back, with backoff; readiness reports it ------------------------
+def test_F2_dead_worker_is_restarted_with_backoff_and_readiness_reports_it(make_pyroute, dns, replicas):
+    u = replicas[0]
+    p = make_pyroute(WORKERS="2")
+    dns.set_service("f2w", u.ip)
+    p.reconfigure(serviceName="f2w", servicePath="/f2w", port=u.port)
+    wait_until(lambda: ready(p), what="ready")
+    delays = []
+    pids = set(children(p.proc.pid))
+    victim = min(pids)
+    for _ in range(2):  # then its replacement: a death after a short life, a longer pause before the next start
+        os.kill(victim, signal.SIGKILL)
+        st_, body = wait_until(lambda: (lambda r: r if r[0] != 200 else None)(readiness(p)), timeout=5,
+                               what="readiness to report the dead worker")
+        assert st_ == 503 and body["Status"] == "NOK" and "worker" in body["Message"], body
+        assert p.admin("ping")[0] == 200  # liveness is not readiness
+        wait_until(lambda: ready(p), timeout=15, what="ready again with a new worker")
+        now = set(children(p.proc.pid))
+        assert len(now) == 2 and victim not in now
+        assert all_served(p, "/f2w/hello", u)
+        (victim,) = now - pids
+        pids = now
+        delays = [float(d) for d in re.findall(r"starting a new one in ([0-9.]+) s", p.log())]
+    assert len(delays) == 2 and delays[1] > delays[0] > 0, p.log()
+
+
+# -- Deliver 2: every accepted change compiles and survives a restart ------------------------------
+_serial = itertools.count()
+
+
+def mostly(valid, hostile):
+    """The valid strategy 3 times in 4, so that many changes are accepted and stored."""
+    return st.integers(0, 3).flatmap(lambda n: hostile if n == 0 else valid)
+
+
+hostile_text = st.sampled_from([
+    "", " ", "\u20ac", "caf\u00e9", "\u00ff", "\U0001f600", "a\r\nb", "a\nX-Injected: 1", "\x00", "\t", "%00",
+    "%[env(ADMIN_PASS)]", "%[req.hdr(Host)]", "%[src]", "(a+)+$", "^/x/(.*)$", "\\u00e9", "\\g<0>", "[", "\\",
+    "*", "?", "x" * 3000, "Content-Length 0", "Transfer-Encoding chunked", "Connection close", "Host evil",
+    "X-A b,X-C d", "X-A", ":", "a:b:c", "../..", "/p?q#f",
+])
+plain_text = st.text("abcdefgXYZ0123-_.", min_size=1, max_size=12)
+text = mostly(plain_text, st.one_of(hostile_text, st.text(max_size=16)))
+header_value = mostly(plain_text, st.one_of(hostile_text, st.text(max_size=16)))
+header_name = mostly(st.sampled_from(["X-A", "X-Forwarded-Thing", "Cache-Control"]),
+                     st.sampled_from(["Content-Length", "Transfer-Encoding", "Host", "Connection", "X-\u00e9", "X A",
+                                      "", "X-A\r\nX-B"]))
+header_edit = mostly(st.builds(lambda n, v: f"{n} {v}", header_name, header_value),
+                     st.one_of(st.builds(lambda a, b: f"{a},{b}", text, text), hostile_text))
+path = mostly(st.builds(lambda s: "/" + s, plain_text), st.one_of(hostile_text, st.text(max_size=16)))
+regex = mostly(st.sampled_from(["^/r/[a-z]+$", "/x/(.*)", "\\.png$", "^/caf\u00e9"]),
+               st.sampled_from(["(a+)+$", "[", "\\u00e9", "(?P<x>a)(?P=x)", "\\N{EURO SIGN}", "a{99999}"]))
+OPTIONAL = {
+    "pathType": mostly(st.sampled_from(["path_beg", "path", "path_end", "path_dir"]), st.just("nope")),
+    "servicePathExclude": path,
+    "serviceDomain": mostly(st.sampled_from(["a.test", "*.b.test", "a.test,c.test"]),
+                            st.one_of(st.just("\u00e9.test"), hostile_text)),
+    "serviceDomainAlgo": mostly(st.sampled_from(["hdr", "hdr_beg", "hdr_dom", "hdr_end"]), st.just("regex")),
+    "aclName": text,
+    "outboundHostname": mostly(st.sampled_from(["up.internal", "127.0.0.1"]), text),
+    "addReqHeader": header_edit, "setReqHeader": header_edit, "delReqHeader": mostly(header_name, text),
+    "addResHeader": header_edit, "setResHeader": header_edit, "delResHeader": mostly(header_name, text),
+    "reqPathSearchReplace": mostly(st.sampled_from(["/a,/b", "^/x/(.*)$,/\\1", "/a,/\u00e9"]),
+                                   st.one_of(st.sampled_from(["(a+)+$,/z", "/a," + "\\g<0>" * 50, "/a,/b c",
+                                                              "/a,/b\\r\\nX: y", "/a"]), text)),
+    "users": mostly(st.sampled_from(["u:p", "u:p,v:q", "\u00e9:\u20ac"]), text),
+    "allowedMethods": mostly(st.sampled_from(["GET", "GET,POST"]), text),
+    "deniedMethods": mostly(st.sampled_from(["DELETE", "PUT,PATCH"]), text),
+    "allowedIPs": mostly(st.sampled_from(["10.0.0.0/8", "127.0.0.1", "::1"]), st.just("300.1.1.1")),
+    "deniedIPs": mostly(st.sampled_from(["192.0.2.0/24"]), text),
+    "httpsOnly": st.sampled_from(["true", "false", "yes"]),
+    "redirectFromDomain": mostly(st.sampled_from(["old.test"]), text),
+    "userAgent": text,
+    "serviceHeader": mostly(st.builds(lambda n, v: f"{n}:{v}", header_name, header_value), text),
+    "isDefaultBackend": st.sampled_from(["true", "false"]),
+    "compressionAlgo": mostly(st.sampled_from(["gzip", "deflate", "gzip deflate"]), st.sampled_from(["br", ""])),
+    "timeoutServer": mostly(st.sampled_from(["5", "30"]), st.sampled_from(["0", "-1", "x"])),
+    "discoveryType": mostly(st.sampled_from(["DNS", "Overlay"]), st.just("x")),
+    "sessionType": mostly(st.just("sticky-server"), st.just("x")),
+    "servicePath.1": path, "port.1": mostly(st.just("81"), st.sampled_from(["0", "x"])),
+    "addReqHeader.1": header_edit,
+}
+
+
+@st.composite
+def reconfigure_params(draw):
+    """A reconfigure from the documented parameter space (docs/reference.md), hostile now and then."""
+    suffix = draw(mostly(st.just(""), st.sampled_from(["-x", "\u00e9", "\u20ac", " x", "a" * 300, "x\r\ny", "../x"])))
+    params = {"serviceName": f"prop{next(_serial)}{suffix}", "servicePath": draw(path),
+              "port": draw(mostly(st.just("8080"), st.sampled_from(["0", "65536", "x", "", "80 "])))}
+    if draw(st.integers(0, 3)) == 0:
+        params["pathType"] = "path_reg"
+        params["servicePath"] = draw(regex)
+    for key in draw(st.lists(st.sampled_from(sorted(OPTIONAL)), max_size=4, unique=True)):
+        params[key] = draw(OPTIONAL[key])
+    return params
+
+
+def test_accepted_changes_compile_and_survive_restart(make_pyroute, dns, tmp_path):
+    p = make_pyroute(STATE_DIR=str(tmp_path / "state"))
+    accepted: dict[str, dict] = {}
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(reconfigure_params())
+    def send(params):
+        st_, body = p.admin("reconfigure", params)
+        assert st_ < 500, f"{params} -> {st_} {body}"
+        assert p.alive()
+        if st_ == 200:
+            name = body["ServiceName"]
+            assert name in config(p), f"{params} answered 200 but is not in the state"
+            accepted[name] = params
+        else:
+            assert body["Status"] == "NOK"
+
+    send()
+    restart(p)
+    wait_until(lambda: ready(p), timeout=15, what="ready after a restart with every accepted change")
+    served = config(p)
+    missing = {name: accepted[name] for name in accepted if name not in served}
+    assert not missing, f"accepted changes lost at restart: {missing}"
+    st_, body = p.admin("routes")
+    assert st_ == 200 and body["Served"] == [p.admin("ping")[1]["Revision"]], body
