@@ -207,6 +207,78 @@ def test_F2_dead_worker_is_restarted_with_backoff_and_readiness_reports_it(make_
     assert len(delays) == 2 and delays[1] > delays[0] > 0, p.log()
 
 
+# -- F8: encrypted private keys -------------------------------------------------------------------
+def encrypted_pem() -> bytes:
+    leaf = trustme.CA().issue_cert("f8.test")
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    locked = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.BestAvailableEncryption(b"secret"))
+    return leaf.cert_chain_pems[0].bytes() + locked
+
+
+def on_terminal(dns, **env) -> tuple[Pyroute, int]:
+    """pyroute with a pseudo-terminal as its controlling terminal and stdin, as under
+    `docker run -it`: a pass phrase prompt would go to (and wait on) that terminal.
+    -> (the started process, the terminal's master side, non-blocking)."""
+    master, slave = pty.openpty()
+    os.set_blocking(master, False)
+    p = Pyroute(dns.nameserver, **env)
+    p.terminal = slave
+    try:
+        p.start()
+    finally:
+        os.close(slave)
+    return p, master
+
+
+def terminal_output(master: int) -> bytes:
+    try:
+        return os.read(master, 65536)
+    except (BlockingIOError, OSError):
+        return b""
+
+
+def put_cert(p: Pyroute, name: str, pem: bytes):
+    c = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
+    try:
+        c.request("PUT", f"{API}/cert?" + urllib.parse.urlencode({"certName": name}), body=pem)
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+def test_F8_encrypted_private_key_is_refused_without_prompting(dns, tmp_path):
+    p, terminal = on_terminal(dns, CERTS_DIR=str(tmp_path / "certs"))
+    try:
+        st_, body = put_cert(p, "f8", encrypted_pem())
+        assert st_ == 400 and body["Status"] == "NOK", body
+        assert "encrypted" in body["Message"] and "unencrypted key" in body["Message"], body
+        assert b"pass phrase" not in terminal_output(terminal).lower()
+        assert p.admin("ping")[0] == 200 and not (tmp_path / "certs" / "f8.pem").exists()
+        assert "Traceback" not in p.log()
+    finally:
+        p.stop()
+        os.close(terminal)
+
+
+def test_F8_encrypted_key_in_certs_dir_is_skipped_at_start(dns, replicas, tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "locked.pem").write_bytes(encrypted_pem())
+    p, terminal = on_terminal(dns, CERTS_DIR=str(certs))
+    try:
+        u = replicas[1]
+        dns.set_service("f8svc", u.ip)
+        p.reconfigure(serviceName="f8svc", servicePath="/f8svc", port=u.port)
+        assert all_served(p, "/f8svc/hello", u)
+        assert re.search(r"locked\.pem skipped: .*encrypted", p.log()), p.log()
+        assert b"pass phrase" not in terminal_output(terminal).lower() and "Traceback" not in p.log()
+    finally:
+        p.stop()
+        os.close(terminal)
+
+
 # -- Deliver 2: every accepted change compiles and survives a restart ------------------------------
 _serial = itertools.count()
 
