@@ -134,13 +134,14 @@ class AdminApi:
 
     async def _applied(self, ok: Response) -> Response:
         """`ok` once the change is on disk and every data plane serves the current revision
-        (DFP answers 500 otherwise)."""
+        (DFP answers 500 otherwise). An accepted change is an operator supplying state."""
         if self.replication is not None:
             try:
                 await self.replication.commit()
             except OSError as exc:
                 log.error("could not save the state: %s", exc)
                 return json_response(500, f"the change is applied but could not be saved to STATE_DIR: {exc}")
+            self.replication.state_supplied("an admin change")
         failed = await self.wait_applied(self.registry.revision)
         if failed:
             return json_response(500, f"the change is saved but these workers did not apply it: {', '.join(failed)}")

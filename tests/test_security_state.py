@@ -207,6 +207,104 @@ def test_F2_dead_worker_is_restarted_with_backoff_and_readiness_reports_it(make_
     assert len(delays) == 2 and delays[1] > delays[0] > 0, p.log()
 
 
+# -- F7: corrupt state ---------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["garbage", "wrong-schema"])
+def test_F7_both_state_copies_bad_are_kept_aside_and_readiness_waits_for_an_operator(make_pyroute, dns, replicas,
+                                                                                      tmp_path, damage):
+    u = replicas[1]
+    state = tmp_path / "state"
+    state.mkdir()
+    if damage == "garbage":
+        bad = {"state.json": b"\x00garbage-current", "state.prev.json": b'{"format": 1, "revis'}
+    else:
+        doc = state_document({"f7x": {"serviceName": "f7x", "servicePath": "/f7x", "port": "1"}}, 9, schema=99)
+        bad = {"state.json": doc, "state.prev.json": doc.replace(b'"revision":9', b'"revision":8')}
+    for name, data in bad.items():
+        (state / name).write_bytes(data)
+    p = make_pyroute(STATE_DIR=str(state), SERVICE_NAME="f7-alone")  # no peers in DNS
+    wait_until(lambda: p.admin("ping")[1]["Joined"], what="the join with peers done")
+    st_, body = readiness(p)
+    assert st_ == 503 and body["Status"] == "NOK", (st_, body)
+    assert "corrupt" in body["Message"] and str(state) in body["Message"], body
+    for name, data in bad.items():  # the evidence is kept, byte for byte, under a new name
+        kept = aside(state, name)
+        assert len(kept) == 1 and kept[0].read_bytes() == data, kept
+        assert re.fullmatch(re.escape(name) + r"\.corrupt-\d{8}T\d{6}(\.\d+)?Z", kept[0].name), kept[0].name
+
+    dns.set_service("f7op", u.ip)  # an operator supplies state: ready, saved, evidence untouched
+    p.reconfigure(serviceName="f7op", servicePath="/f7op", port=u.port)
+    assert ready(p)
+    assert all_served(p, "/f7op/hello", u)
+    restart(p)
+    wait_until(lambda: ready(p), timeout=10, what="ready after restart")
+    assert set(config(p)) == {"f7op"}
+    for name, data in bad.items():
+        kept = aside(state, name)
+        assert len(kept) == 1 and kept[0].read_bytes() == data
+
+
+def test_F7_start_empty_only_with_the_explicit_setting(make_pyroute, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.json").write_bytes(b"\x00garbage")
+    p = make_pyroute(STATE_DIR=str(state), STATE_CORRUPT="start-empty")
+    wait_until(lambda: ready(p), timeout=10, what="ready with an empty state")
+    assert config(p) == {}
+    assert [f.read_bytes() for f in aside(state, "state.json")] == [b"\x00garbage"]
+    assert "STATE_CORRUPT=start-empty" in p.log()
+
+
+def test_F7_a_peer_supplies_the_state_of_a_replica_whose_files_are_corrupt(dns, replicas, tmp_path):
+    u = replicas[2]
+    name = f"f7-cluster-{os.getpid()}"
+    ips = ["127.0.0.171", "127.0.0.172"]
+    port = free_port(ips[0])
+    dns.set(f"tasks.{name}", ips)
+    started = []
+    try:
+        env = {"PORT": port, "SERVICE_NAME": name, "REPAIR_INTERVAL": "0.3"}
+        first = start_pyroute(dns, IP=ips[0], STATE_DIR=str(tmp_path / "s0"), **env)
+        started.append(first)
+        dns.set_service("f7peer", u.ip)
+        first.reconfigure(serviceName="f7peer", servicePath="/f7peer", port=u.port)
+        broken = tmp_path / "s1"
+        broken.mkdir()
+        (broken / "state.json").write_bytes(b"\x00garbage")
+        second = start_pyroute(dns, IP=ips[1], STATE_DIR=str(broken), **env)
+        started.append(second)
+        wait_until(lambda: ready(second), timeout=10, what="ready once the peer's state is merged")
+        assert set(config(second)) == {"f7peer"}
+        assert all_served(second, "/f7peer/hello", u)
+        assert len(aside(broken, "state.json")) == 1
+    finally:
+        for p in started:
+            stop_pyroute(p)
+        dns.remove(f"tasks.{name}")
+
+
+@pytest.mark.parametrize("damage", ["torn", "hash-mismatch"])
+def test_F7_one_damaged_copy_falls_back_and_names_the_lost_revision(make_pyroute, dns, replicas, tmp_path, damage):
+    u = replicas[0]
+    state = tmp_path / "state"
+    p = make_pyroute(STATE_DIR=str(state))
+    dns.set_service("f7one", u.ip)
+    p.reconfigure(serviceName="f7one", servicePath="/f7one-a", port=u.port)
+    p.reconfigure(serviceName="f7one", servicePath="/f7one-b", port=u.port)
+    p.stop()
+    current = (state / "state.json").read_bytes()
+    kept_revision = json.loads((state / "state.prev.json").read_bytes())["revision"]
+    lost_revision = json.loads(current)["revision"]
+    damaged = current[: len(current) // 2] if damage == "torn" else current.replace(b"/f7one-b", b"/f7one-X")
+    (state / "state.json").write_bytes(damaged)
+
+    p.start()
+    wait_until(lambda: ready(p), timeout=10, what="ready on the previous copy")
+    assert all_served(p, "/f7one-a/hello", u)  # the previous copy's route
+    lost = f"revision {lost_revision}" if damage == "hash-mismatch" else f"unknown, newer than {kept_revision}"
+    assert lost in p.log() and f"revision {kept_revision}" in p.log(), p.log()
+    assert [f.read_bytes() for f in aside(state, "state.json")] == [damaged]
+
+
 # -- F8: encrypted private keys -------------------------------------------------------------------
 def encrypted_pem() -> bytes:
     leaf = trustme.CA().issue_cert("f8.test")
