@@ -146,13 +146,13 @@ class ServiceRegistry:
                     if name in self._services and self._store("services", name, None, self.new_stamp(), None):
                         changed += 1
                     continue
+                value = stored_params(params)
+                current = self._entries["services"].get(_param(params, "servicename").strip())
+                if current is not None and current[1] is not None and dict(current[1]) == dict(value):
+                    continue  # unchanged: already parsed and compiled when it was stored
                 service = self._parse(params)
             except ServiceError as exc:
                 errors.append(f"{dict(params).get('serviceName', '?')}: {exc.message}")
-                continue
-            current = self._entries["services"].get(service.name)
-            value = stored_params(params)
-            if current is not None and current[1] is not None and dict(current[1]) == dict(value):
                 continue
             changed += self._store("services", service.name, value, self.new_stamp(), service)
         if changed:
