@@ -21,7 +21,7 @@ from . import metrics, statspage
 from .adminauth import allowed
 from .resolver import ResolveError
 from .routing import precedence_key
-from .services import Service, ServiceError, is_removal, parse_service
+from .services import Service, ServiceError, is_removal
 from .state import ServiceRegistry, format_stamp, parse_stamp
 from .tls import load_certificate
 
@@ -32,7 +32,7 @@ MAX_ADMIN_BODY = 1024 * 1024
 MAX_ADMIN_HEAD = 64 * 1024
 MAX_ADMIN_PIPELINE = 8  # queued requests per connection before reading pauses
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-               413: "Payload Too Large", 500: "Internal Server Error"}
+               413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class Request:
@@ -78,7 +78,7 @@ class AdminApi:
         self,
         registry: ServiceRegistry,
         wait_applied: Callable[[int], Awaitable[list[str]]],
-        is_ready: Callable[[], bool] = lambda: True,
+        not_ready: Callable[[], str] = lambda: "",
         replication=None,
         collect: Callable[[], Awaitable[dict]] | None = None,
         settings=None,
@@ -91,7 +91,7 @@ class AdminApi:
         self.certs = certs  # tls.CertStore: install(name, pem) / remove(name) / list()
         self.wait_certs = wait_certs  # -> the data planes that failed to take the current certificates
         self.wait_applied = wait_applied  # -> the data planes that failed to apply a revision
-        self.is_ready = is_ready
+        self.not_ready = not_ready  # -> why this replica is not ready, empty once it is
         self.replication = replication  # replication.Replication: durability, peers, listener
         self.collect = collect  # -> the data planes' counters, merged (metrics.merge)
         self.settings = settings
@@ -134,13 +134,14 @@ class AdminApi:
 
     async def _applied(self, ok: Response) -> Response:
         """`ok` once the change is on disk and every data plane serves the current revision
-        (DFP answers 500 otherwise)."""
+        (DFP answers 500 otherwise). An accepted change is an operator supplying state."""
         if self.replication is not None:
             try:
                 await self.replication.commit()
             except OSError as exc:
                 log.error("could not save the state: %s", exc)
                 return json_response(500, f"the change is applied but could not be saved to STATE_DIR: {exc}")
+            self.replication.state_supplied("an admin change")
         failed = await self.wait_applied(self.registry.revision)
         if failed:
             return json_response(500, f"the change is saved but these workers did not apply it: {', '.join(failed)}")
@@ -149,11 +150,11 @@ class AdminApi:
     async def reconfigure(self, request: Request) -> Response:
         if self._distributing(request):
             if not is_removal(request.params):
-                parse_service(request.params, self.registry.separator, self.registry.defaults)  # refuse bad input before fanning out
+                self.registry.validate(request.params)  # refuse bad input before fanning out
             return await self.distribute(request, self.reconfigure)
         if self.certs is not None and any(k.lower() == "servicecert" for k in request.params):
             # serviceCert: validate the service first, then the certificate, then apply both.
-            candidate = parse_service(request.params, self.registry.separator, self.registry.defaults)
+            candidate = self.registry.validate(request.params)
             if candidate.cert:
                 try:
                     self.certs.install(candidate.cert_name, candidate.cert.encode())
@@ -328,7 +329,9 @@ class AdminApi:
                         "text/html; charset=utf-8", "Cache-Control: no-store\r\n")
 
     def successful_init_reload(self, request: Request) -> Response:
-        return Response(200 if self.is_ready() else 500, b"")
+        """Readiness: 200 once ready, else 503 saying what it waits for (liveness is /ping)."""
+        reason = self.not_ready()
+        return json_response(503, f"not ready: {reason}") if reason else json_response(200, "")
 
 
 def _stamp(request: Request):

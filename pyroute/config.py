@@ -27,6 +27,7 @@ RESOLV_CONF = "/etc/resolv.conf"  # module constant so tests can point it elsewh
 DOCKER_DNS = "127.0.0.11"  # Docker's embedded resolver, present on every user network
 CONFIG_ENV = "PYROUTE_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STATE_CORRUPT_CHOICES = ("wait", "start-empty")  # what a replica does when no state file copy is usable
 DISCOVERY_TYPES = ("Overlay", "DNS")  # DFP's discoveryType values
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")
 
@@ -395,6 +396,9 @@ class Settings:
                             help="processes serving the public listeners")
     state_dir: str = _setting("", parse=_optional_text, shown='""',
                               help="directory for the durable state file; empty keeps state in memory only")
+    state_corrupt: str = _setting("wait", parse=_choice(STATE_CORRUPT_CHOICES),
+                                  help="no usable state file at start: wait (not ready until a peer or an admin "
+                                       "change supplies state) or start-empty")
     repair_interval: float = _setting(10.0, parse=_seconds,
                                       help="seconds between comparisons of this replica's state with its peers")
     listener_address: tuple[str, ...] = _setting((), parse=_address_list, shown='""',

@@ -10,6 +10,11 @@
   those that differ: a replica that was down or cut off during a change heals without
   a restart, and every peer heals from it in turn. Drift and repairs are counted.
 Swarm's DNS is the membership service; there is no consensus protocol here.
+
+Corrupt state (no usable copy of the state file, see durable.py): with STATE_CORRUPT=wait
+(the default) the replica serves what it has (nothing) but is not ready until state is
+supplied again: a peer's state merged, or a peer found with the same content, or a state
+change accepted through the admin API. STATE_CORRUPT=start-empty starts ready and empty.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Replication:
         self.listener = ListenerClient(settings, registry, self.resolver, self.commit) \
             if settings.listener_address else None
         self.joined = False  # the first pull from the peers is done
+        self.corrupt = ""  # why readiness waits for state to be supplied (STATE_CORRUPT=wait), else ""
         self.drift = 0  # times a peer was found with a different hash
         self.repairs = 0  # pulls that changed this replica's state
         self._tasks: list[asyncio.Task] = []
@@ -52,7 +58,13 @@ class Replication:
             log.warning("STATE_DIR is not set: accepted changes live in memory only")
             return
         self.store.prepare()
-        document = self.store.load()
+        document, corrupt = self.store.load()
+        if corrupt and self.settings.state_corrupt == "start-empty":
+            log.warning("%s; starting with an empty state as STATE_CORRUPT=start-empty asks", corrupt)
+        elif corrupt:
+            self.corrupt = (f"{corrupt}; not ready until a peer supplies its state or an admin change is accepted "
+                            "(STATE_CORRUPT=start-empty starts empty instead)")
+            log.error("%s", self.corrupt)
         if document is not None:
             self.registry.merge(document, f"state file in {self.store.directory}")
             log.info("restored revision %d (%d services) from %s", self.registry.revision,
@@ -63,8 +75,20 @@ class Replication:
         if self.store is not None:
             await self.store.save(self.registry.export)
 
-    def is_ready(self) -> bool:
-        return self.joined and (self.listener is None or self.listener.fetched)
+    def state_supplied(self, by: str) -> None:
+        """State came from outside (a peer, an operator): corrupt files no longer hold readiness."""
+        if self.corrupt:
+            self.corrupt = ""
+            log.warning("state supplied by %s after the state files were found corrupt: ready", by)
+
+    def waiting_for(self) -> list[str]:
+        """What this replica still waits for before it is ready (empty: nothing)."""
+        reasons = [self.corrupt] if self.corrupt else []
+        if not self.joined:
+            reasons.append("not joined with its peers yet")
+        if self.listener is not None and not self.listener.fetched:
+            reasons.append("the Swarm Listener's services are not fetched yet")
+        return reasons
 
     def counters(self) -> dict:
         return {"Drift": self.drift, "Repairs": self.repairs, "Joined": self.joined,
@@ -100,6 +124,9 @@ class Replication:
         pings = await asyncio.gather(*(self.peers.request(a, "GET", PREFIX + "ping") for a in addresses))
         others = [p for p in pings if not p.ok or _field(p, "Replica") != self.registry.replica_id]
         differing = [p.address for p in others if p.ok and _field(p, "Hash") not in (None, self.registry.hash)]
+        agreeing = [p.address for p in others if p.ok and _field(p, "Hash") == self.registry.hash]
+        if agreeing:
+            self.state_supplied(f"peer {agreeing[0]} (same content)")
         unreachable = [p.address for p in others if not p.ok]
         if unreachable and not joining:
             log.warning("repair: peers not answering: %s", ", ".join(unreachable))
@@ -120,6 +147,7 @@ class Replication:
                 log.error("peer %s sent an unusable state: %s", result.address, exc)
                 continue
             adopted += got
+            self.state_supplied(f"peer {result.address}")
         if adopted:
             if not joining:
                 self.repairs += 1

@@ -254,3 +254,25 @@ class RedirectIndex:
 
     def match(self, path: bytes, headers=None, conn=None) -> Route:
         return self.route
+
+
+class CompileError(ValueError):
+    """A service the data plane cannot turn into routes."""
+
+
+def _no_backend(host: str, port: int, service: Service, tls: bool = False) -> None:
+    return None
+
+
+def check_compiles(service: Service) -> None:
+    """Build every route `service` gives, on the plain and the TLS listeners' tables, with
+    every condition compiled (per-Host indexes compile theirs lazily), as the data plane
+    will. The control plane calls this before it stores a change, so nothing the data plane
+    cannot serve is ever accepted. Raises CompileError naming the service and the failure."""
+    try:
+        for tls_listener in (False, True):
+            table = RouteTable((service,), _no_backend, tls_listener=tls_listener)
+            PathIndex(table.routes, False, table.default)
+    except Exception as exc:  # whatever building raises would take the data plane down
+        raise CompileError(f"service {service.name} cannot be compiled into routes: "
+                           f"{type(exc).__name__}: {exc}") from None

@@ -441,6 +441,9 @@ class LocalPlanes:
     async def wait_applied(self, revision: int) -> list[str]:
         return []
 
+    def unready(self) -> list[str]:
+        return []  # this process serves, or it would not answer
+
     async def collect(self) -> dict:
         return metrics.merge([self.plane.stats_snapshot("pyroute")])
 
@@ -489,7 +492,7 @@ class ControlPlane:
             if problem is not None:
                 raise StartupError(problem)
             self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
-        self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.is_ready, self.replication,
+        self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.not_ready, self.replication,
                                   collect=self.planes.collect, settings=self.settings,
                                   credentials=admin_credentials(s), certs=self.certs,
                                   wait_certs=self.planes.wait_certs)
@@ -520,10 +523,14 @@ class ControlPlane:
                 except (ValueError, OSError) as exc:
                     log.error("certificate %s from the replicated state not installed: %s", name, exc)
 
-    def is_ready(self) -> bool:
-        """successfulinitreload (DFP): saved state, peers and the Swarm Listener loaded, and
-        the built-in Swarm listener's first listing applied."""
-        return self.replication.is_ready() and (self.listener is None or self.listener.synced.is_set())
+    def not_ready(self) -> str:
+        """Why successfulinitreload (DFP's readiness) refuses, empty once ready: saved state
+        usable, peers and the Swarm Listener loaded, the built-in Swarm listener's first
+        listing applied, and every data plane serving."""
+        reasons = self.replication.waiting_for()
+        if self.listener is not None and not self.listener.synced.is_set():
+            reasons.append("the Docker Engine's service list is not applied yet")
+        return "; ".join(reasons + self.planes.unready())
 
     def admin_address(self) -> tuple[str, int]:
         """Where the data plane reaches the admin listener (for the stats page route)."""

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 import orjson
 
 from .eventlog import event
+from .routing import CompileError, check_compiles
 from .services import Service, ServiceDefaults, ServiceError, is_removal, parse_service
 
 log = logging.getLogger("pyroute.state")
@@ -145,13 +146,13 @@ class ServiceRegistry:
                     if name in self._services and self._store("services", name, None, self.new_stamp(), None):
                         changed += 1
                     continue
+                value = stored_params(params)
+                current = self._entries["services"].get(_param(params, "servicename").strip())
+                if current is not None and current[1] is not None and dict(current[1]) == dict(value):
+                    continue  # unchanged: already parsed and compiled when it was stored
                 service = self._parse(params)
             except ServiceError as exc:
                 errors.append(f"{dict(params).get('serviceName', '?')}: {exc.message}")
-                continue
-            current = self._entries["services"].get(service.name)
-            value = stored_params(params)
-            if current is not None and current[1] is not None and dict(current[1]) == dict(value):
                 continue
             changed += self._store("services", service.name, value, self.new_stamp(), service)
         if changed:
@@ -163,8 +164,17 @@ class ServiceRegistry:
         self.revision += 1
         self._publish("republish", why=why)
 
-    def _parse(self, params: Mapping[str, str]) -> Service:
-        return parse_service(params, self.separator, self.defaults)
+    def validate(self, params: Mapping[str, str]) -> Service:
+        """The service `params` describe, parsed and compiled as the data plane will, without
+        storing it. Raises ServiceError (400 when it does not compile)."""
+        service = parse_service(params, self.separator, self.defaults)
+        try:
+            check_compiles(service)
+        except CompileError as exc:
+            raise ServiceError(400, str(exc)) from None
+        return service
+
+    _parse = validate  # every entry is checked on its way in: API, listeners, env, state file, peers
 
     def _change(self, kind: str, name: str, value: object, stamp: Stamp, service: Service | None) -> None:
         if self._store(kind, name, value, stamp, service):

@@ -56,6 +56,12 @@ def file_name(name: str) -> str:
     return name if name.endswith(".pem") else name + ".pem"
 
 
+def _refuse_pass_phrase() -> bytes:
+    """The pass phrase callback: without one OpenSSL prompts on the terminal (and blocks
+    the whole proxy under `docker run -it`); asked at all means the key is encrypted."""
+    raise ValueError("the private key is encrypted; pyroute needs an unencrypted key")
+
+
 def server_context(pem_path: str | None = None, ca_file: str = "") -> ssl.SSLContext:
     """A server context with pyroute's TLS policy; loads `pem_path` (chain + key) if given."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -67,14 +73,14 @@ def server_context(pem_path: str | None = None, ca_file: str = "") -> ssl.SSLCon
         ctx.load_verify_locations(ca_file)
         ctx.verify_mode = ssl.CERT_OPTIONAL  # a bad certificate fails the handshake; none is allowed
     if pem_path is not None:
-        ctx.load_cert_chain(pem_path)
+        ctx.load_cert_chain(pem_path, password=_refuse_pass_phrase)
     return ctx
 
 
 def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = False) -> Certificate:
     """Validate PEM text (certificate chain + matching private key) into a Certificate.
 
-    Raises ValueError saying what is wrong.
+    Raises ValueError saying what is wrong (an encrypted key included: never a prompt).
     """
     if len(pem) > MAX_PEM:
         raise ValueError("the PEM is larger than 1 MiB")

@@ -17,8 +17,10 @@ has a socketpair to the control process carrying newline-delimited JSON messages
                         {"error": "..."} a start-up problem; the worker then exits
 
 A reconfigure answers only once every live worker acknowledged its revision. A worker
-that dies is started again at once and gets the current snapshot before it binds, so it
-never serves an empty table. SIGTERM to the control process drains every worker;
+that dies (or fails to start) is started again after a pause that doubles with each
+death that follows a short life (RESTART_BACKOFF up to RESTART_BACKOFF_MAX), and gets
+the current snapshot before it binds, so it never serves an empty table. While any
+worker is down, readiness (successfulinitreload) says so. SIGTERM to the control process drains every worker;
 SIGHUP re-reads the settings there and sends them to every worker.
 If the control process dies, the workers see their socket close and exit.
 """
@@ -48,7 +50,9 @@ log = logging.getLogger("pyroute.workers")
 
 FD_ENV = "PYROUTE_WORKER_FD"
 APPLY_TIMEOUT = 5.0  # a worker that has not applied a revision by then is restarted
-RESTART_BACKOFF = 1.0  # pause before restarting a worker that died right after starting
+RESTART_BACKOFF = 1.0  # pause before restarting a dead worker; doubled per death after a short life
+RESTART_BACKOFF_MAX = 30.0
+RESTART_STABLE = 30.0  # a worker that ran this long before dying starts again from the first pause
 COLLECT_TIMEOUT = 2.0  # a worker that has not sent its counters by then is left out of that scrape
 
 
@@ -96,6 +100,8 @@ class Worker:
         self.certs_applied = 0
         self.ready: asyncio.Future | None = None
         self.started_at = 0.0
+        self.failures = 0  # deaths in a row, each after a life shorter than RESTART_STABLE
+        self.down = ""  # why it is not serving (empty while it is)
         self.changed = asyncio.Event()  # set whenever `applied` moves or the worker goes away
         self.collecting: dict[int, asyncio.Future] = {}  # collect request number -> its answer
 
@@ -103,6 +109,12 @@ class Worker:
     def name(self) -> str:
         pid = self.process.pid if self.process else "-"
         return f"worker {self.number} (pid {pid})"
+
+    @property
+    def serving(self) -> bool:
+        ready = self.ready
+        return self.writer is not None and ready is not None and ready.done() and not ready.cancelled() \
+            and ready.exception() is None
 
     def send(self, message: bytes) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -119,6 +131,7 @@ class Supervisor:
         self.certs_generation = 0
         self.snapshot: Snapshot = (0, ())
         self.stopping = False
+        self.started = False  # every first worker is up: a death from now on is restarted, not fatal
         self.stats_route: tuple[str, int] | None = None
         self._collects = 0
         self._watchers: set[asyncio.Task] = set()
@@ -126,6 +139,7 @@ class Supervisor:
     async def start(self) -> None:
         await asyncio.gather(*(self._spawn(w) for w in self.workers))
         await asyncio.gather(*(w.ready for w in self.workers))
+        self.started = True
 
     async def _spawn(self, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -167,23 +181,43 @@ class Supervisor:
                 worker.changed.set()
             elif "ready" in message and not worker.ready.done():
                 worker.ready.set_result(None)
+                worker.down = ""
             elif "error" in message:
                 error = message["error"]
         code = await worker.process.wait()
         worker.writer.close()
         worker.writer = None
         worker.changed.set()
-        if not worker.ready.done():
+        if not self.started and not worker.ready.done():  # a first worker that cannot start stops pyroute
             worker.ready.set_exception(StartupError(error or f"{worker.name} exited with status {code} while starting"))
             return
-        if self.stopping:
-            return
         loop = asyncio.get_running_loop()
-        log.error("%s exited with status %s; starting a new one", worker.name, code)
-        if loop.time() - worker.started_at < RESTART_BACKOFF:
-            await asyncio.sleep(RESTART_BACKOFF)
-        await self._spawn(worker)
-        worker.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        short_life = loop.time() - worker.started_at < RESTART_STABLE
+        worker.failures = worker.failures + 1 if short_life else 1
+        why = f"exited with status {code}" + (f" ({error})" if error else "")
+        await self._restart(worker, why)
+
+    async def _restart(self, worker: Worker, why: str) -> None:
+        """Start `worker` again after its backoff pause; readiness reports it down meanwhile."""
+        while not self.stopping:
+            delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF * 2 ** (worker.failures - 1))
+            worker.down = f"{worker.name} {why}; next start in {delay:g} s"
+            log.error("%s %s; starting a new one in %g s", worker.name, why, delay)
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            try:
+                await self._spawn(worker)
+            except OSError as exc:
+                worker.failures += 1
+                why = f"could not be started: {exc}"
+                continue
+            worker.down = f"{worker.name} is starting"
+            return
+
+    def unready(self) -> list[str]:
+        """Why each worker that is not serving is down (empty when all serve)."""
+        return [w.down or f"{w.name} is starting" for w in self.workers if not w.serving]
 
     # -- the `planes` interface the control plane uses -------------------------------------
     def publish(self, snapshot: Snapshot) -> None:

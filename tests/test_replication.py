@@ -180,7 +180,7 @@ def test_corrupt_or_partial_state_file_falls_back_to_the_last_good_copy(cluster,
     (state / "state.json").write_bytes(current[: len(current) // 2])  # a torn write
     p = c.start(0)
     assert served_by(p, "/rep-disk-1/hello") == (200, replicas[2].addr)  # the previous copy
-    assert "unusable" in p.log() and "last good state copy" in p.log()
+    assert "unusable" in p.log() and "last good state copy" in p.log() and "revision unknown" in p.log()
     c.stop(0)
 
     # a well-formed file whose content does not match its hash is refused the same way
@@ -190,18 +190,21 @@ def test_corrupt_or_partial_state_file_falls_back_to_the_last_good_copy(cluster,
     assert "does not match its hash" in p.log()
     c.stop(0)
 
+    assert len(list(state.glob("state.json.corrupt-*"))) == 2  # each damaged copy kept aside, not reused
+
     # a crash between the two renames of a save: no state.json, a complete temp file
-    (state / "state.json").unlink()
     (state / "state.json.tmp").write_bytes(current)
     p = c.start(0)
     assert served_by(p, "/rep-disk-2/hello") == (200, replicas[2].addr)
     c.stop(0)
 
-    # nothing usable: it still starts (empty) and says why
+    # nothing usable: it starts, keeps the files aside and is not ready until state is
+    # supplied (F7: tests/test_security_state.py covers the rules)
     for name in ("state.json", "state.json.tmp", "state.prev.json"):
         (state / name).write_bytes(b"\x00garbage")
     p = c.start(0)
-    wait_until(lambda: ready(p), timeout=10, what="ready without any state file")
+    wait_until(lambda: p.admin("ping")[1]["Joined"], timeout=10, what="joined")
+    assert p.admin("successfulinitreload")[0] == 503
     assert routes(p) == {}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import http.client
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import tempfile
 import time
 import urllib.parse
@@ -45,6 +47,7 @@ class Pyroute:
         self.stderr_path = os.path.join(self._logdir, "stderr.log")
         self.proc: subprocess.Popen | None = None
         self.services: set[str] = set()
+        self.terminal: int | None = None  # a pty's slave fd: the process's stdin and controlling terminal
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> "Pyroute":
@@ -53,8 +56,12 @@ class Pyroute:
         env.update(self.env)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self._stderr = open(self.stderr_path, "wb")
+        terminal = {} if self.terminal is None else {
+            "stdin": self.terminal, "start_new_session": True,
+            "preexec_fn": lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0)}  # as under `docker run -it`
         self.proc = subprocess.Popen([sys.executable, "-m", "pyroute"], env=env, cwd=self._logdir,
-                                     stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr)
+                                     **{"stdin": subprocess.DEVNULL, **terminal},
+                                     stdout=self._stderr, stderr=self._stderr)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
