@@ -47,8 +47,8 @@ from support.rawlog import RawLogBackend
 
 CORPUS = Path(__file__).parent / "corpus"
 FULL = os.environ.get("ADVERSARIAL_FULL") == "1"
-PYROUTE_ENV = {"TIMEOUT_SERVER": "3"}
-ANSWER_TIMEOUT = 6.0  # longer than TIMEOUT_SERVER: pyroute always says something first
+PYROUTE_ENV = {"TIMEOUT_SERVER": "2"}
+ANSWER_TIMEOUT = 3.0  # longer than TIMEOUT_SERVER: pyroute always says something first
 MAX_RESPONSE_HEAD = 64 * 1024  # pyroute refuses a larger upstream response head (502)
 POISON = b"HTTP/1.1 200 OK\r\nX-Seen: POISON\r\nContent-Length: 6\r\n\r\nPOISON"
 
@@ -71,6 +71,8 @@ KNOWN_FAILING: dict[str, str] = {
     "smuggler/default/xprespace-20/tecl": "F11",
     "smuggler/default/xprespace-a0/tecl": "F11",
     "smuggler/default/xprespace-ff/tecl": "F11",
+    "smuggler/exhaustive/underjoin1/tecl": "F11",  # ADVERSARIAL_FULL=1 only
+    "smuggler/exhaustive/contentEnc/tecl": "F11",  # ADVERSARIAL_FULL=1 only
     "portswigger/underjoin1/tecl": "F11",
     "portswigger/contentEnc/tecl": "F11",
     "portswigger/encode/tecl": "F11",
