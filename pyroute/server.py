@@ -200,7 +200,7 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         pool = UpstreamPool(loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)
         access_log = _access_log(s, loop)
-        limit = ClientLimit(s.maxconn)  # HTTP and HTTPS clients count together, as HAProxy's maxconn
+        limit = ClientLimit(s.maxconn, s.maxconn_per_ip)  # HTTP and HTTPS clients count together, as HAProxy's maxconn
         limit.on_full, limit.on_room = self._stop_accepting, self._resume_accepting
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log, limit)
         self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table, self.stats.unrouted, access_log, limit)
@@ -225,6 +225,7 @@ class DataPlane:
         self.proxy.access_log = self.tls_proxy.access_log = _access_log(settings, asyncio.get_running_loop())
         errors.use_directory(settings.error_pages_dir)
         self.proxy.limit.set_maxconn(settings.maxconn)
+        self.proxy.limit.addresses.cap = settings.maxconn_per_ip
 
     def _stop_accepting(self) -> None:
         now = asyncio.get_running_loop().time()

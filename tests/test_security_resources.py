@@ -3,6 +3,9 @@ DNS server stalls requests when a cached name expires), F16 (per-address connect
 minimum request body rate, cross-site admin calls)."""
 from __future__ import annotations
 
+import select
+import socket
+import threading
 import time
 
 from support.upstream import wait_until
@@ -46,3 +49,86 @@ def test_F12_first_lookup_of_a_blackholed_name_waits_bounded_then_503(make_pyrou
     status, _, _ = p.get("/f12never/x", timeout=10)  # no answer ever cached: the lookup's timeout bounds it
     assert status == 503
     assert dns.queries_for("f12-never", rcode="DROPPED")
+
+
+# -- F16: one client address cannot hold what every client shares --------------------------------
+
+def _get(sock: socket.socket, path: str) -> bytes:
+    """One GET on `sock`; -> the response head and body as far as one read gives, or b"" at EOF."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: f16\r\n\r\n".encode())
+    try:
+        return sock.recv(65536)
+    except ConnectionResetError:
+        return b""
+
+
+def _connect(p, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", p.http_port), timeout=10, source_address=(source, 0))
+
+
+def test_F16_maxconn_per_ip_closes_the_connection_over_the_cap(make_pyroute, dns, replicas):
+    up = replicas[0]
+    p = make_pyroute(MAXCONN_PER_IP="2")
+    dns.set_service("f16-cap", up.ip)
+    p.reconfigure(serviceName="f16-cap", servicePath="/f16cap", port=up.port)
+    first, second = _connect(p), _connect(p)
+    for s in (first, second):
+        assert _get(s, "/f16cap/hello").startswith(b"HTTP/1.1 200")
+    third = _connect(p)  # the kernel completes the handshake; pyroute closes it at once
+    assert _get(third, "/f16cap/third") == b""
+    assert not up.requests("/f16cap/third")
+    other = _connect(p, "127.0.0.2")  # another client address is not affected
+    assert _get(other, "/f16cap/other").startswith(b"HTTP/1.1 200")
+    assert _get(first, "/f16cap/again").startswith(b"HTTP/1.1 200")  # nor are the admitted ones
+    second.close()  # room again for 127.0.0.1 once pyroute saw the close
+    wait_until(lambda: _get(_connect(p), "/f16cap/later").startswith(b"HTTP/1.1 200"), timeout=5,
+               what="a new connection from 127.0.0.1 once one of its two closed")
+    for s in (first, third, other):
+        s.close()
+
+
+class _RawUpstream:
+    """An upstream that reads whatever comes and never answers; `closed` is set when
+    pyroute closes (or resets) the connection it opened."""
+
+    def __init__(self, ip: str):
+        self.listener = socket.create_server((ip, 0))
+        self.ip, self.port = ip, self.listener.getsockname()[1]
+        self.accepted = threading.Event()
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        self.accepted.set()
+        with conn:
+            try:
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+        self.closed.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_F16_body_slower_than_min_body_rate_gets_408_and_frees_the_upstream(make_pyroute, dns):
+    upstream = _RawUpstream("127.0.0.21")
+    p = make_pyroute(TIMEOUT_CLIENT="1", MIN_BODY_RATE="20")
+    dns.set_service("f16-slow", upstream.ip)
+    p.reconfigure(serviceName="f16-slow", servicePath="/f16slow", port=upstream.port)
+    with _connect(p) as s:
+        s.sendall(b"POST /f16slow/upload HTTP/1.1\r\nHost: f16\r\nContent-Length: 1000\r\n\r\n")
+        upstream.accepted.wait(5)
+        answer, sent = b"", 0
+        deadline = time.monotonic() + 30  # the head's 60 bytes buy 3 s: a 408 comes after about 4 s
+        while not answer and sent < 1000 and time.monotonic() < deadline:
+            s.sendall(b"x")  # 5 bytes/s, each well inside TIMEOUT_CLIENT: only the rate can stop it
+            sent += 1
+            if select.select([s], [], [], 0.2)[0]:
+                answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), (sent, answer)
+    assert sent < 1000
+    assert upstream.closed.wait(5), "the upstream connection of the cut request was not closed"
+    upstream.close()
