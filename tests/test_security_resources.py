@@ -3,6 +3,9 @@ DNS server stalls requests when a cached name expires), F16 (per-address connect
 minimum request body rate, cross-site admin calls)."""
 from __future__ import annotations
 
+import base64
+import http.client
+import json
 import select
 import socket
 import threading
@@ -132,3 +135,55 @@ def test_F16_body_slower_than_min_body_rate_gets_408_and_frees_the_upstream(make
     assert sent < 1000
     assert upstream.closed.wait(5), "the upstream connection of the cut request was not closed"
     upstream.close()
+
+
+def _admin_call(p, method: str, query: str, headers: dict[str, str]) -> tuple[int, dict]:
+    c = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
+    try:
+        c.request(method, f"/v1/docker-flow-proxy/{query}", headers=headers)
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+def test_F16_cross_site_admin_change_with_credentials_is_refused(make_pyroute, dns, replicas):
+    up = replicas[0]
+    dns.set_service("f16-csrf", up.ip)
+    p = make_pyroute(ADMIN_USER="admin", ADMIN_PASS="s3cret")
+    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()}
+    query = f"reconfigure?serviceName=f16-csrf&servicePath=/f16csrf&port={up.port}"
+    # what a browser holding the admin credentials sends for <img src=...> on another site
+    for browser in ({"Sec-Fetch-Site": "cross-site", "Referer": "https://evil.example/page"},
+                    {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+                    {"Referer": "https://evil.example/page"},
+                    {"Origin": "null"},
+                    {"Sec-Fetch-Site": "same-site", "Origin": "https://other.example.com"}):
+        for method in ("GET", "POST"):
+            status, body = _admin_call(p, method, query, {**auth, **browser})
+            assert (status, body["Status"]) == (403, "NOK"), (method, browser, status, body)
+    assert p.get("/f16csrf/hello")[0] == 503  # nothing changed
+    status, body = _admin_call(p, "GET", "remove?serviceName=nothing", {**auth, "Sec-Fetch-Site": "cross-site"})
+    assert status == 403
+    # reading is not a change: a cross-site GET of /config is not refused (the browser cannot read it)
+    assert _admin_call(p, "GET", "config?type=json", {**auth, "Sec-Fetch-Site": "cross-site"})[0] == 200
+    # curl, DFSL and scripts send none of those headers: GET works, and so does POST
+    status, body = _admin_call(p, "GET", query, auth)
+    assert (status, body["Status"]) == (200, "OK"), body
+    assert p.get("/f16csrf/hello")[0] == 200
+    status, body = _admin_call(p, "POST", "remove?serviceName=f16-csrf", auth)
+    assert (status, body["Status"]) == (200, "OK"), body
+    # the operator's own browser on the admin API itself: same origin
+    host = f"{p.admin_host}:{p.admin_port}"
+    status, _ = _admin_call(p, "GET", query, {**auth, "Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin",
+                                              "Referer": f"http://{host}/v1/docker-flow-proxy/config"})
+    assert status == 200
+
+
+def test_F16_without_admin_credentials_cross_site_get_still_works_as_in_dfp(make_pyroute, dns, replicas):
+    up = replicas[0]
+    dns.set_service("f16-open", up.ip)
+    p = make_pyroute()
+    status, body = _admin_call(p, "GET", f"reconfigure?serviceName=f16-open&servicePath=/f16open&port={up.port}",
+                               {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"})
+    assert (status, body["Status"]) == (200, "OK")
