@@ -139,9 +139,13 @@ class Resolver:
         return entry.addresses if entry is not None else ()
 
     def forget(self, keep: set[str]) -> None:
-        """Drop cached names no route uses any more (called when the route table changes)."""
+        """Drop every cached name but `keep`."""
         for host in [h for h in self._cache if h not in keep]:
             del self._cache[host]
+
+    def forget_host(self, host: str) -> None:
+        """Drop a name no route dials any more (called as the route table changes)."""
+        self._cache.pop(host, None)
 
 
 def _describe(host: str, exc: Exception) -> str:

@@ -11,6 +11,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from support.upstream import wait_until
 
 
@@ -187,3 +189,146 @@ def test_F16_without_admin_credentials_cross_site_get_still_works_as_in_dfp(make
     status, body = _admin_call(p, "GET", f"reconfigure?serviceName=f16-open&servicePath=/f16open&port={up.port}",
                                {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"})
     assert (status, body["Status"]) == (200, "OK")
+
+
+# -- F9: a change compiles only what changed --------------------------------------------------
+
+def _backend(host, port, service, tls=False):
+    return host, port
+
+
+def _table(services, previous=None, longest=False):
+    from pyroute.routing import RouteTable
+    return RouteTable(services, _backend, longest_match=longest, previous=previous)
+
+
+def _service(name: str, path: str, **extra: str):
+    from pyroute.services import parse_service
+    return parse_service({"serviceName": name, "servicePath": path, "port": "80", **extra})
+
+
+def test_F9_a_change_to_one_service_reuses_every_other_services_compiled_routes():
+    services = [_service(f"f9-{i}", f"/f9-{i}/", **({"serviceDomain": "a.test"} if i % 3 == 0 else {}))
+                for i in range(200)]
+    before = _table(services)
+    changed = _service("f9-7", "/moved", addReqHeader="X-F9 1")
+    added = _service("f9-new", "/new")
+    after = _table([*services[:7], changed, *services[8:150], *services[151:], added], previous=before)
+    old = {(r.service.name, r.destination.index): r for r in before.routes}
+    new = {(r.service.name, r.destination.index): r for r in after.routes}
+    for key, route in new.items():
+        if key[0] in ("f9-7", "f9-new"):
+            assert key not in old or route is not old[key]
+        else:
+            assert route is old[key], key  # the very same object: features, backend and stats not rebuilt
+            assert route.request_steps is old[key].request_steps
+    assert {r.service.name for r in after.compiled} == {"f9-7", "f9-new"}
+    assert ("f9-150", 0) not in new
+    assert after.match(None, b"/moved/x").service is changed
+    assert after.match(None, b"/f9-7/x") is None
+    assert after.match(b"a.test", b"/f9-150/x") is None and after.match(b"a.test", b"/new/x").service is added
+    assert before.match(None, b"/f9-7/x").service is services[7]  # the previous table is untouched
+
+
+def test_F9_many_adds_in_one_gap_move_only_neighbours():
+    services = [_service(f"f9gap-{i:03d}", f"/g{i}") for i in range(100)]
+    table = _table(services)
+    for n in range(100):  # each lands right after the previous one: the gap runs out, neighbours move
+        services.append(_service(f"f9gap-050-{n:03d}", f"/g50/{n}"))
+        table = _table(services, previous=table)
+        assert len(table.compiled) < 40  # the new service and a window of neighbours, not the table
+    full = _table(services)
+    for s in services:
+        path = s.destinations[0].paths[0].encode() + b"/x"
+        assert table.match(None, path).service.name == full.match(None, path).service.name
+
+
+_F9_NAMES = [f"f9h-{c}" for c in "abcdefgh"]
+_F9_PATHS = ["/", "/a", "/a/b", "/b", "/.well-known/acme", "/ab"]
+
+
+def _f9_service(draw):
+    import hypothesis.strategies as st
+    params = {"serviceName": draw(st.sampled_from(_F9_NAMES)), "port": "80",
+              "servicePath": draw(st.sampled_from(_F9_PATHS))}
+    if draw(st.booleans()):
+        params["aclName"] = draw(st.sampled_from(["01", "50", "99"]))
+    kind = draw(st.sampled_from(["plain", "domain", "pathtype", "default", "redirect", "exclude", "indexed"]))
+    if kind == "domain":
+        params["serviceDomain"] = draw(st.sampled_from(["a.test", "b.test", "*.test"]))
+    elif kind == "pathtype":
+        params["pathType"] = draw(st.sampled_from(["path", "path_end", "path_dir"]))
+    elif kind == "default":
+        params["isDefaultBackend"] = "true"
+    elif kind == "redirect":
+        params["serviceDomain"] = "a.test"
+        params["redirectFromDomain"] = "old.test"
+    elif kind == "exclude":
+        params["servicePathExclude"] = "/a/b"
+    elif kind == "indexed":
+        params["servicePath.1"] = draw(st.sampled_from(_F9_PATHS))
+        params["port.1"] = "81"
+    from pyroute.services import parse_service
+    return parse_service(params)
+
+
+@pytest.mark.parametrize("gap", [None, 4], ids=["default-gap", "gap-4-relabels-often"])
+def test_F9_incremental_tables_route_as_a_full_build_does(gap, monkeypatch):
+    import pyroute.routing
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    if gap is not None:  # so few free priorities that inserts keep relabelling their neighbours
+        monkeypatch.setattr(pyroute.routing, "PRIORITY_GAP", gap)
+    probes = [(host, path) for host in (None, b"a.test", b"b.test:8080", b"c.test", b"old.test", b"other")
+              for path in (b"/", b"/a", b"/a/b/c", b"/ab", b"/b/x", b"/.well-known/acme/t", b"/zzz", b"/a/")]
+
+    @st.composite
+    def changes(draw):
+        return [(draw(st.sampled_from(["put", "remove"])), _f9_service(draw)) for _ in range(draw(st.integers(1, 25)))]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(changes(), st.booleans())
+    def check(steps, longest):
+        current: dict[str, object] = {}
+        table = _table((), longest=longest)
+        for action, service in steps:
+            if action == "put":
+                current[service.name] = service
+            else:
+                current.pop(service.name, None)
+            table = _table(tuple(current.values()), previous=table, longest=longest)
+            full = _table(tuple(current.values()), longest=longest)
+            for host, path in probes:
+                got, want = table.match(host, path, [], None), full.match(host, path, [], None)
+                assert (got and (got.service.name, got.destination.index)) == \
+                       (want and (want.service.name, want.destination.index)), (host, path, steps)
+    check()
+
+
+def test_F9_requests_keep_being_answered_while_changes_stream_with_10k_routes(make_pyroute, dns, replicas, tmp_path):
+    from pyroute.state import ServiceRegistry
+
+    up = replicas[0]
+    dns.set_service("f9-live", up.ip)
+    registry = ServiceRegistry()
+    registry.upsert_many([{"serviceName": f"f9-bulk-{i}", "servicePath": f"/f9-bulk-{i}", "port": "80"}
+                          for i in range(10000)])
+    (tmp_path / "state.json").write_bytes(json.dumps(registry.export()).encode())
+    p = make_pyroute(STATE_DIR=str(tmp_path), TIMEOUT_CLIENT="30")
+    p.reconfigure(serviceName="f9-live", servicePath="/f9live", port=up.port)
+    results = []
+    c = p.conn(timeout=30)  # one keep-alive client across every change
+    for n in range(30):
+        p.reconfigure(serviceName=f"f9-bulk-{n * 37}", servicePath=f"/f9-moved-{n}", port="80")
+        c.request("GET", f"/f9live/{n}")
+        r = c.getresponse()
+        r.read()
+        results.append((r.status, r.headers.get("X-Upstream")))
+        c.request("GET", f"/f9-moved-{n}/x")  # the moved route is served at once (no upstream: 503)
+        r = c.getresponse()
+        r.read()
+        results.append((r.status, None))
+    c.close()
+    assert results == [(200, up.addr), (503, None)] * 30
+    status, body = p.admin("config", type="json")
+    assert status == 200 and len(body) == 10001
