@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import select
 import socket
 import threading
@@ -59,12 +60,25 @@ def test_F12_first_lookup_of_a_blackholed_name_waits_bounded_then_503(make_pyrou
 # -- F16: one client address cannot hold what every client shares --------------------------------
 
 def _get(sock: socket.socket, path: str) -> bytes:
-    """One GET on `sock`; -> the response head and body as far as one read gives, or b"" at EOF."""
+    """One GET on `sock`; -> the whole response (Content-Length framed), or b"" when closed."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: f16\r\n\r\n".encode())
+    data = b""
     try:
-        return sock.recv(65536)
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
     except ConnectionResetError:
-        return b""
+        return data
 
 
 def _connect(p, source: str = "127.0.0.1") -> socket.socket:
