@@ -18,7 +18,7 @@ import httptools
 import orjson
 
 from . import metrics, statspage
-from .adminauth import allowed
+from .adminauth import BROWSER_HEADERS, STATE_CHANGING, allowed, cross_site
 from .resolver import ResolveError
 from .routing import precedence_key
 from .services import Service, ServiceError, is_removal
@@ -31,14 +31,15 @@ PREFIX = "/v1/docker-flow-proxy/"
 MAX_ADMIN_BODY = 1024 * 1024
 MAX_ADMIN_HEAD = 64 * 1024
 MAX_ADMIN_PIPELINE = 8  # queued requests per connection before reading pauses
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-               413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+               409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class Request:
-    __slots__ = ("method", "target", "path", "params", "body", "authorization")
+    __slots__ = ("method", "target", "path", "params", "body", "authorization", "browser")
 
-    def __init__(self, method: str, target: str, body: bytes, authorization: bytes | None = None):
+    def __init__(self, method: str, target: str, body: bytes, authorization: bytes | None = None,
+                 browser: dict[bytes, str] | None = None):
         parts = urlsplit(target)
         self.method = method
         self.target = target
@@ -48,6 +49,7 @@ class Request:
             self.params.setdefault(key, value)  # first value wins, as gorilla/schema does
         self.body = body
         self.authorization = authorization
+        self.browser = browser or {}  # adminauth.BROWSER_HEADERS the request carried (cross-site check)
 
     @classmethod
     def of(cls, method: str, path: str, params: dict[str, str], body: bytes) -> "Request":
@@ -120,6 +122,11 @@ class AdminApi:
             response = json_response(401, "the admin API needs a user and password (HTTP basic auth)")
             response.headers = 'WWW-Authenticate: Basic realm="pyroute admin"\r\n'
             return response
+        if self.credentials is not None and request.path.startswith(PREFIX) \
+                and request.path[len(PREFIX):].strip("/") in STATE_CHANGING:
+            why = cross_site(request.browser)
+            if why is not None:
+                return json_response(403, f"a cross-site request cannot change the proxy ({why})")
         if request.path == "/metrics" and self.collect is not None:
             return Response(200, metrics.render_prometheus(await self.collect()), "text/plain; version=0.0.4")
         if request.path.startswith(PREFIX):
@@ -394,6 +401,7 @@ class AdminConnection(asyncio.Protocol):
         self.timeout = timeout  # TIMEOUT_ADMIN: idle, or slow to send a request
         self.timer: asyncio.TimerHandle | None = None
         self.authorization: bytes | None = None
+        self.browser: dict[bytes, str] = {}
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
         self.requests: deque[tuple[Request, bool]] = deque()  # pipelined requests, answered in order
@@ -436,13 +444,17 @@ class AdminConnection(asyncio.Protocol):
         self.body = []
         self.size = 0
         self.authorization = None
+        self.browser = {}
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.size += len(name) + len(value)
         if self.size > MAX_ADMIN_HEAD:
             raise ValueError("request head too large")
-        if name.lower() == b"authorization":
+        name = name.lower()
+        if name == b"authorization":
             self.authorization = value
+        elif name in BROWSER_HEADERS:
+            self.browser[name] = value.decode("latin-1")
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -461,7 +473,7 @@ class AdminConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body),
-                          self.authorization)
+                          self.authorization, self.browser)
         self.requests.append((request, not self.keep_alive))
         if len(self.requests) >= MAX_ADMIN_PIPELINE:
             self.transport.pause_reading()

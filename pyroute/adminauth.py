@@ -51,3 +51,38 @@ def allowed(header: bytes | None, credentials: tuple[str, str] | None) -> bool:
         return False
     expected = f"{credentials[0]}:{credentials[1]}".encode()
     return hmac.compare_digest(decoded, expected)
+
+
+# Cross-site requests (CSRF). A browser that once authenticated to the admin API sends the
+# cached basic credentials with any request another site makes it send (<img src>, a form
+# POST), and DFP's state changes are plain GETs. Requiring a custom header or POST would
+# break Docker Flow Swarm Listener and every curl script, which send GETs with basic auth
+# and none of the headers below. So the rule looks at what only browsers send: the Fetch
+# metadata header Sec-Fetch-Site, Origin and Referer. A change whose request names
+# another site in any of them is refused; reads are left alone (a cross-site page cannot
+# read the answer). Browsers without Fetch metadata (before 2023 for Safari) that also
+# strip Referer are the gap; admin credentials should not live in a browser at all.
+STATE_CHANGING = frozenset({"reconfigure", "remove", "reload", "cert"})
+BROWSER_HEADERS = frozenset({b"origin", b"referer", b"sec-fetch-site", b"host"})
+SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})  # "none": typed in the address bar, a bookmark
+
+
+def cross_site(headers: dict[bytes, str]) -> str | None:
+    """Why a request (BROWSER_HEADERS, lower-case names) comes from another site, or None."""
+    fetch_site = headers.get(b"sec-fetch-site")
+    if fetch_site is not None and fetch_site.strip().lower() not in SAME_ORIGIN_FETCH:
+        return f"Sec-Fetch-Site: {fetch_site}"
+    host = headers.get(b"host", "").strip().lower()
+    for name in (b"origin", b"referer"):
+        value = headers.get(name)
+        if value is not None and _authority(value) != host:
+            return f"{name.decode().capitalize()}: {value}"
+    return None
+
+
+def _authority(url: str) -> str | None:
+    """"https://Host:8080/path" -> "host:8080"; None for "null" and anything else."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    return rest.split("/", 1)[0].split("?", 1)[0].lower()

@@ -475,6 +475,12 @@ class Settings:
                                           "per service: maxRequestBody")
     maxconn: int = _setting(5000, parse=_integer(1),
                             help="concurrent client connections per process; above it new ones wait in the backlog")
+    maxconn_per_ip: int = _setting(0, parse=_integer(0),
+                                   help="concurrent client connections per client address (after PROXY protocol), "
+                                        "0 = no limit; over it a new connection is closed at once")
+    min_body_rate: int = _setting(500, parse=_integer(0),
+                                  help="bytes/s a request body must average: it must arrive within TIMEOUT_CLIENT "
+                                       "plus 1 s per MIN_BODY_RATE bytes (slower: 408), 0 = off")
     drain_grace: float = _setting(10.0, parse=_seconds,
                                   help="seconds requests in flight may take to finish after SIGTERM")
     error_pages_dir: str = _setting("", parse=_optional_text, shown='""',

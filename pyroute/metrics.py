@@ -136,10 +136,10 @@ class DataStats:
             stats = self.services[name] = ServiceStats(name)
         return stats
 
-    def keep_only(self, names: set[str]) -> None:
-        """Forget the counters of services that are no longer configured."""
-        for name in [n for n in self.services if n not in names]:
-            del self.services[name]
+    def forget(self, names: set[str]) -> None:
+        """Drop the counters of services that are no longer configured."""
+        for name in names:
+            self.services.pop(name, None)
 
 
 def process_info(name: str) -> dict:

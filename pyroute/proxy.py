@@ -22,6 +22,7 @@ import httptools
 
 from . import features
 from .errors import error_head_only, error_response
+from .limits import AddressLimit, body_too_slow
 from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
 from .resolver import ResolveError
 from .routing import RouteTable
@@ -85,23 +86,30 @@ class Exchange:
 class ClientLimit:
     """MAXCONN for one process: the open client sockets of every public listener, HTTP and
     HTTPS alike, tunnels included. Reaching it calls on_full (the listeners stop accepting,
-    new connections wait in the kernel's backlog); dropping below calls on_room."""
+    new connections wait in the kernel's backlog); dropping below calls on_room.
+    MAXCONN_PER_IP (`addresses`) refuses a connection whose client address has that many."""
 
-    __slots__ = ("maxconn", "clients", "full", "on_full", "on_room")
+    __slots__ = ("maxconn", "clients", "full", "on_full", "on_room", "addresses")
 
-    def __init__(self, maxconn: int):
+    def __init__(self, maxconn: int, maxconn_per_ip: int = 0):
         self.maxconn = maxconn
         self.clients = 0
         self.full = False
         self.on_full = self.on_room = lambda: None
+        self.addresses = AddressLimit(maxconn_per_ip)
 
-    def opened(self) -> None:
+    def opened(self, address: bytes) -> bool:
+        """Count a new client connection; False (not counted: close it) over MAXCONN_PER_IP."""
+        if not self.addresses.admit(address):
+            return False
         self.clients += 1
         if self.clients >= self.maxconn and not self.full:
             self.full = True
             self.on_full()
+        return True
 
-    def closed(self) -> None:
+    def closed(self, address: bytes) -> None:
+        self.addresses.release(address)
         self.clients -= 1
         if self.full and self.clients < self.maxconn:
             self.full = False
@@ -133,7 +141,7 @@ class ProxyServer:
         self.accepted = 0
         self.closed_received = 0  # bytes of connections already closed
         self.closed_sent = 0
-        self.limit = limit or ClientLimit(settings.maxconn)  # shared by the process's ProxyServers
+        self.limit = limit or ClientLimit(settings.maxconn, settings.maxconn_per_ip)  # shared by the process's ProxyServers
         self.configure(settings)
 
     def configure(self, settings) -> None:
@@ -214,9 +222,14 @@ class ClientConnection(asyncio.Protocol):
             self.client_ip = peer[0].encode() if peer else b"unknown"
         self.last_io = self.loop.time()
         server = self.server
+        if not server.limit.opened(self.client_ip):  # MAXCONN_PER_IP: closed at once, as HAProxy's
+            self.parser = None  # `tcp-request connection reject`; connection_lost then has nothing to undo
+            self.closed = True
+            log.info("refusing a connection from %s: MAXCONN_PER_IP reached", self.client_ip.decode())
+            transport.abort()
+            return
         server.connections.add(self)
         server.accepted += 1
-        server.limit.opened()
 
     def data_received(self, data: bytes) -> None:
         self.last_io = now = self.loop.time()
@@ -235,11 +248,13 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(refused.status if isinstance(refused, _Refused) else 400, str(exc))
 
     def connection_lost(self, exc) -> None:
+        if self.parser is None:
+            return  # refused in connection_made: never counted
         self.closed = True
         self.parser = None  # it holds our bound callbacks: without the cycle we die by refcount
         server = self.server
         server.connections.discard(self)
-        server.limit.closed()
+        server.limit.closed(self.client_ip)
         if self.queue:  # requests that never got (all of) their response
             now = self.loop.time()
             for ex in self.queue:
@@ -640,7 +655,8 @@ class ClientConnection(asyncio.Protocol):
         self.out.append(rest)
         to_client = b"".join(self.out)
         self.out.clear()
-        tunnel = Tunnel(self.server, ex.route.destination.timeout_tunnel or self.server.settings.timeout_tunnel)
+        tunnel = Tunnel(self.server, ex.route.destination.timeout_tunnel or self.server.settings.timeout_tunnel,
+                        self.client_ip)
         tunnel.start(self.transport, upstream.transport, to_client, ex.upgrade)
         return True
 
@@ -675,6 +691,9 @@ class ClientConnection(asyncio.Protocol):
         elif self.reading is not None and not self.paused:
             if now - self.last_io > settings.timeout_client:
                 self._refuse(408, "client timeout while sending the body")
+            elif body_too_slow(now, self.reading.head_done, self.received - self.received_mark,
+                               settings.timeout_client, settings.min_body_rate):
+                self._refuse(408, "request body slower than MIN_BODY_RATE")
         elif not self.queue:
             idle = settings.timeout_http_keep_alive if self.served else settings.timeout_http_request
             if now - self.last_io > idle:

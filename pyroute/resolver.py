@@ -7,11 +7,15 @@ record TTL capped by DNS_TTL_CAP (default 5 s).
 
 The hot path only calls :meth:`Resolver.cached`, a dict lookup. An entry is refreshed
 in the background once 3/4 of its life has passed and a request used it, so busy
-routes never wait on DNS; a request that finds no fresh entry awaits
-:meth:`Resolver.resolve`, shared by every request that asks for the same name at once.
-When a refresh fails the last good answer is kept (stale-on-error) so a DNS hiccup
-never takes a working route down; a name that never resolved fails fast, for that
-route only, and is looked up again by a later request.
+routes never wait on DNS. Once a name has resolved, no request waits on DNS again: an
+expired answer is still served at once while one background refresh per name runs
+(a DNS server that stops answering would otherwise hold every request for the whole
+lookup timeout each time the entry expires). A failed refresh keeps the last good
+answer (stale-on-error) and is retried after a backoff that doubles up to DNS_TTL_CAP,
+so a DNS hiccup never takes a working route down and a recovered server is seen as
+soon as a change would be. Only a name that never resolved makes a request await
+:meth:`Resolver.resolve` (shared by every request that asks at once, bounded by the
+lookup timeout); it fails fast, for that route only, and is looked up again later.
 """
 
 from __future__ import annotations
@@ -35,14 +39,15 @@ class ResolveError(Exception):
 
 
 class _Entry:
-    __slots__ = ("addresses", "refresh_at", "expires", "error")
+    __slots__ = ("addresses", "refresh_at", "expires", "error", "failures")
 
-    def __init__(self, addresses: tuple[str, ...], life: float, error: str = ""):
+    def __init__(self, addresses: tuple[str, ...], life: float, error: str = "", failures: int = 0):
         now = time.monotonic()
         self.addresses = addresses
         self.refresh_at = now + life * REFRESH_AT
         self.expires = now + life
         self.error = error
+        self.failures = failures  # failed refreshes in a row since the last good answer (backoff)
 
 
 def is_ip(host: str) -> bool:
@@ -64,27 +69,23 @@ class Resolver:
         self.failures = 0
 
     def cached(self, host: str) -> tuple[str, ...] | None:
-        """Usable addresses for `host` without waiting, or None: then await resolve()."""
+        """Usable addresses for `host` without waiting (stale ones included, a refresh is
+        started for those), or None when the name never resolved: then await resolve()."""
         entry = self._cache.get(host)
         if entry is None or not entry.addresses:
             return None
-        now = time.monotonic()
-        if now < entry.refresh_at:
-            return entry.addresses
-        if now < entry.expires:
-            if host not in self._inflight:
-                self._start_lookup(host)
-            return entry.addresses
-        return None
+        if time.monotonic() >= entry.refresh_at and host not in self._inflight:
+            self._start_lookup(host)
+        return entry.addresses
 
     async def resolve(self, host: str) -> tuple[str, ...]:
-        """Addresses for `host`, looking them up if the cache has none fresh."""
+        """Addresses for `host`: the cached ones, even expired, else the lookup's answer."""
+        addresses = self.cached(host)
+        if addresses is not None:
+            return addresses
         entry = self._cache.get(host)
-        now = time.monotonic()
-        if entry is not None and now < entry.expires:
-            if entry.addresses:
-                return entry.addresses
-            raise ResolveError(entry.error)
+        if entry is not None and time.monotonic() < entry.expires:
+            raise ResolveError(entry.error)  # a recent failure (negative cache)
         future = self._inflight.get(host) or self._start_lookup(host)
         return await asyncio.shield(future)
 
@@ -106,7 +107,9 @@ class Resolver:
             stale = self._cache.get(host)
             if stale is not None and stale.addresses:
                 log.warning("%s; keeping the last good answer %s", reason, ",".join(stale.addresses))
-                self._cache[host] = _Entry(stale.addresses, min(self.ttl_cap, NEGATIVE_TTL))
+                failures = stale.failures + 1
+                backoff = min(self.ttl_cap, NEGATIVE_TTL * 2 ** (failures - 1))  # until the next refresh may start
+                self._cache[host] = _Entry(stale.addresses, backoff / REFRESH_AT, failures=failures)
                 future.set_result(stale.addresses)
             else:
                 self._cache[host] = _Entry((), min(self.ttl_cap, NEGATIVE_TTL), reason)
@@ -136,9 +139,13 @@ class Resolver:
         return entry.addresses if entry is not None else ()
 
     def forget(self, keep: set[str]) -> None:
-        """Drop cached names no route uses any more (called when the route table changes)."""
+        """Drop every cached name but `keep`."""
         for host in [h for h in self._cache if h not in keep]:
             del self._cache[host]
+
+    def forget_host(self, host: str) -> None:
+        """Drop a name no route dials any more (called as the route table changes)."""
+        self._cache.pop(host, None)
 
 
 def _describe(host: str, exc: Exception) -> str:

@@ -16,6 +16,7 @@ prefix length whatever the number of services.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,7 +25,10 @@ from .patterns import compile_pattern
 from .services import Destination, Service
 
 HOST_CACHE_LIMIT = 4096  # distinct Host values indexed per table; a flood of junk hosts only resets it
-LONGEST_RANK = 1 << 20  # rank = (LONGEST_RANK - pattern length) * LONGEST_RANK + priority in longest-match order
+LONGEST_RANK = 1 << 48  # rank = (LONGEST_RANK - pattern length) * LONGEST_RANK + priority in longest-match order
+NO_RANK = LONGEST_RANK * LONGEST_RANK * 2  # the rank of "no match", below every real one
+PRIORITY_GAP = 1 << 16  # priorities between neighbouring services at a full build: room for later inserts
+MAX_INCREMENTAL = 64  # services changed at once above which (and above 1/8 of all) a table is built whole
 
 
 class Route:
@@ -43,6 +47,16 @@ class Route:
         self.features = bool(self.request_steps or self.response_plan)  # False: the proxy's plain path
         self.stats = stats  # metrics.ServiceStats, shared by every route of the service and kept across tables
         self.sticky = None  # balancer.Sticky for sessionType=sticky-server: picks the route variant per request
+
+    def moved(self, priority: int) -> Route:
+        """This route at another priority, sharing everything compiled (a table relabelled
+        its neighbourhood to make room for a new service)."""
+        route = Route.__new__(Route)
+        for name in Route.__slots__:
+            setattr(route, name, getattr(self, name))
+        route.priority = priority
+        route.sticky = None  # the data plane binds a Sticky to each new route object
+        return route
 
     def __repr__(self) -> str:
         return f"Route({self.service.name}#{self.destination.index} -> {self.backend!r})"
@@ -68,7 +82,9 @@ def normalize_host(raw: bytes) -> str:
     return host.rsplit(":", 1)[0] if ":" in host else host
 
 
-def precedence_key(service: Service) -> tuple[int, str]:
+def precedence_key(service: Service) -> tuple[int, str, str]:
+    """DFP's order: /.well-known services first, "/" last, the rest by aclName (then name,
+    so the order is total and does not depend on the order services arrived in)."""
     paths = [p for d in service.destinations for p in d.paths]
     if any(p.startswith("/.well-known") for p in paths):
         group = 0
@@ -76,7 +92,7 @@ def precedence_key(service: Service) -> tuple[int, str]:
         group = 2
     else:
         group = 1
-    return group, service.acl_name
+    return group, service.acl_name, service.name
 
 
 def _path_test(path_type: str, pattern: str) -> Callable[[bytes], bool]:
@@ -118,33 +134,89 @@ def _condition(d: Destination, path_type: str, pattern: str) -> Callable[[bytes,
 
 
 class PathIndex:
-    """Routes one host can reach. Plain path_beg routes are bucketed by prefix length (one
-    dict lookup per distinct length, first route wins per prefix); routes with other
-    conditions (pathType, excludes, headers, userAgent, srcPort) are tested in rank order
-    only when they outrank the best plain match; the default backend catches the rest."""
+    """Routes one set of routes can reach by path. Plain path_beg routes are bucketed by
+    prefix length (one dict lookup per distinct length, the first route by priority wins
+    per prefix); routes with other conditions (pathType, excludes, headers, userAgent,
+    srcPort) are tested in rank order only when they outrank the best plain match; the
+    default backend catches the rest. `updated()` derives the index of a changed route
+    set, sharing every bucket the change does not touch."""
 
-    __slots__ = ("buckets", "conditional", "default", "longest", "match")
+    __slots__ = ("buckets", "claims", "conditional", "default", "longest", "match")
 
     def __init__(self, routes: Iterable[Route], longest: bool = False, default: Route | None = None):
-        by_length: dict[int, dict[bytes, Route]] = {}
+        claims: dict[bytes, tuple[Route, ...]] = {}
         conditional = []
-        for route in routes:
+        for route in routes:  # in priority order
             d = route.destination
             for path in d.paths:
                 if d.conditional:
-                    rank = (LONGEST_RANK - len(path)) * LONGEST_RANK + route.priority if longest else route.priority
-                    conditional.append((rank, route, _condition(d, d.path_type, path)))
+                    conditional.append(_conditional_entry(route, path, longest))
                 else:
                     prefix = path.encode()
-                    by_length.setdefault(len(prefix), {}).setdefault(prefix, route)
+                    claims[prefix] = (*claims.get(prefix, ()), route)
+        by_length: dict[int, dict[bytes, Route]] = {}
+        for prefix, claimants in claims.items():
+            by_length.setdefault(len(prefix), {})[prefix] = claimants[0]
+        conditional.sort(key=_rank)
+        self._finish(by_length, claims, tuple(conditional), longest, default)
+
+    def _finish(self, by_length: dict[int, dict[bytes, Route]], claims: dict[bytes, tuple[Route, ...]],
+                conditional: tuple, longest: bool, default: Route | None) -> None:
         self.buckets = tuple(sorted(by_length.items(), reverse=longest))
-        self.conditional = tuple(sorted(conditional, key=lambda entry: entry[0]))
+        self.claims = claims  # prefix -> every plain route claiming it, by priority (for updates)
+        self.conditional = conditional
         self.default = default
         self.longest = longest
         if conditional or default is not None:
             self.match = self._match_conditions
         else:
             self.match = self._match_longest if longest else self._match_first
+
+    def updated(self, removed: Iterable[Route], added: Iterable[Route], default: Route | None) -> PathIndex:
+        """This index with `removed` routes gone and `added` ones in; self is left as it was."""
+        claims = dict(self.claims)
+        by_length = dict(self.buckets)
+        copied: set[int] = set()
+        conditional = self.conditional
+        gone = {id(r) for r in removed if r.destination.conditional}
+        if gone:
+            conditional = tuple(entry for entry in conditional if id(entry[1]) not in gone)
+        new_conditional = []
+        touched: set[bytes] = set()
+        for route in removed:
+            if not route.destination.conditional:
+                for path in route.destination.paths:
+                    prefix = path.encode()
+                    claims[prefix] = tuple(r for r in claims.get(prefix, ()) if r is not route)
+                    touched.add(prefix)
+        for route in added:
+            d = route.destination
+            for path in d.paths:
+                if d.conditional:
+                    new_conditional.append(_conditional_entry(route, path, self.longest))
+                else:
+                    prefix = path.encode()
+                    claims[prefix] = tuple(sorted((*claims.get(prefix, ()), route), key=_priority))
+                    touched.add(prefix)
+        for prefix in touched:
+            length = len(prefix)
+            if length not in copied:  # copy-on-write: the previous table keeps its bucket
+                copied.add(length)
+                by_length[length] = dict(by_length.get(length, {}))
+            bucket = by_length[length]
+            if claims[prefix]:
+                bucket[prefix] = claims[prefix][0]
+            else:
+                del claims[prefix]
+                bucket.pop(prefix, None)
+        for length in copied:
+            if not by_length[length]:
+                del by_length[length]
+        if new_conditional:
+            conditional = tuple(sorted((*conditional, *new_conditional), key=_rank))
+        index = PathIndex.__new__(PathIndex)
+        index._finish(by_length, claims, conditional, self.longest, default)
+        return index
 
     def _match_first(self, path: bytes, headers=None, conn=None) -> Route | None:
         best = None
@@ -167,77 +239,257 @@ class PathIndex:
                 route = prefixes.get(path[:length])
                 if route is not None:
                     return (LONGEST_RANK - length) * LONGEST_RANK + route.priority, route
-        return LONGEST_RANK * LONGEST_RANK * 2, None
+        return NO_RANK, None
 
-    def _match_conditions(self, path: bytes, headers, conn) -> Route | None:
+    def best(self, path: bytes, headers, conn) -> tuple[int, Route | None]:
+        """(rank, route) of the best match without the default backend; lower rank wins."""
         if self.longest:
             best_rank, best = self._plain_longest(path)
         else:
             best = self._match_first(path)
-            best_rank = best.priority if best is not None else LONGEST_RANK * LONGEST_RANK * 2
+            best_rank = best.priority if best is not None else NO_RANK
         for rank, route, test in self.conditional:
             if rank >= best_rank:
                 break
             if test(path, headers, conn):
-                return route
-        return best if best is not None else self.default
+                return rank, route
+        return best_rank, best
+
+    def _match_conditions(self, path: bytes, headers, conn) -> Route | None:
+        route = self.best(path, headers, conn)[1]
+        return route if route is not None else self.default
+
+
+def _priority(route: Route) -> int:
+    return route.priority
+
+
+def _rank(entry: tuple) -> int:
+    return entry[0]
+
+
+def _conditional_entry(route: Route, path: str, longest: bool) -> tuple:
+    d = route.destination
+    rank = (LONGEST_RANK - len(path)) * LONGEST_RANK + route.priority if longest else route.priority
+    return rank, route, _condition(d, d.path_type, path)
+
+
+class _Compiled:
+    """One service's routes in one table, reused by the next table while the service
+    object stays the same: its priorities [base, end) keep their place in the order."""
+
+    __slots__ = ("service", "key", "base", "end", "routes")
+
+    def __init__(self, service: Service, key: tuple, base: int, routes: tuple[Route, ...]):
+        self.service = service
+        self.key = key
+        self.base = base
+        self.end = base + len(service.destinations)
+        self.routes = routes
 
 
 class RouteTable:
-    """An immutable snapshot of every route, in DFP precedence order."""
+    """An immutable snapshot of every route, in DFP precedence order.
+
+    Built from the previous table when one is given: only the services that changed are
+    compiled (the others' Route objects, features and backends are the previous table's),
+    and only the index entries they sit in are rebuilt, so a change costs the event loop
+    in proportion to the change, not to the number of routes. Priorities are spaced
+    PRIORITY_GAP apart so a new service fits between its neighbours without renumbering
+    them; when it does not (or most services changed), the table is built whole.
+    """
 
     def __init__(self, services: Iterable[Service], make_backend: Callable[..., Any], revision: int = 0,
                  longest_match: bool = False, make_stats: Callable[[str], Any] = lambda name: None,
-                 first: Iterable[Service] = (), tls_listener: bool = False):
+                 first: Iterable[Service] = (), tls_listener: bool = False, previous: RouteTable | None = None):
         """`make_backend(host, port, service, tls=...)`; `first`: pyroute's own services (the
         stats page), matched before every other one; `tls_listener`: the table of the TLS
-        ports, where a destination's httpsPort replaces its port."""
+        ports, where a destination's httpsPort replaces its port; `previous`: the table this
+        one replaces, whose compiled routes are reused."""
         self.revision = revision
         self.longest_match = longest_match
-        self.services = tuple(sorted(services, key=precedence_key))
-        routes = []
-        for service in (*first, *self.services):
-            for destination in service.destinations:
-                if destination.req_mode != "http":
-                    continue  # tcp/sni destinations have their own listeners (tcp.py)
-                port = (destination.https_port or destination.port) if tls_listener else destination.port
-                if not port or (destination.verify_client_ssl and not tls_listener):
-                    continue  # only an httpsPort, or client certificates required: not over plain HTTP
-                host = destination.outbound_hostname or service.name
-                backend = make_backend(host, port, service, tls=destination.ssl_verify_none)
-                routes.append(Route(service, destination, backend, len(routes), make_stats(service.name)))
-        self.routes = tuple(routes)
-        # DFP's default_backend: the first destination of the first isDefaultBackend service
-        self.default = next((r for r in routes if r.service.is_default_backend), None)
-        self._hostless = PathIndex((r for r in routes if not _host_names(r)), longest_match, self.default)
-        self._has_domains = any(_host_names(r) or r.destination.redirect_from for r in routes)
-        self._by_host: dict[bytes | None, PathIndex] = {}
+        self.tls_listener = tls_listener
+        self.make_backend = make_backend
+        self.make_stats = make_stats
+        self.first = tuple(first)
+        services = tuple(services)
+        self.compiled: list[Route] = []  # the routes compiled for this table (the rest are reused)
+        self.removed: list[Route] = []  # the previous table's routes this one no longer has
+        self.gone: list[Service] = []  # the previous table's services this one does not have (replaced included)
+        self.came: list[Service] = []  # this table's services the previous one did not have
+        if previous is None or not self._compatible(previous) or not self._update(previous, services):
+            self._build(services, previous)
+        self._routes: tuple[Route, ...] | None = None
 
+    # -- building ----------------------------------------------------------------------
+    def _compatible(self, previous: RouteTable) -> bool:
+        return (previous.longest_match == self.longest_match and previous.tls_listener == self.tls_listener
+                and previous.make_backend == self.make_backend and previous.make_stats == self.make_stats
+                and len(previous.first) == len(self.first)
+                and all(a is b for a, b in zip(previous.first, self.first)))
+
+    def _compile(self, service: Service, key: tuple, base: int) -> _Compiled:
+        routes = []
+        for number, destination in enumerate(service.destinations):  # priority: base + place in the service
+            if destination.req_mode != "http":
+                continue  # tcp/sni destinations have their own listeners (tcp.py)
+            port = (destination.https_port or destination.port) if self.tls_listener else destination.port
+            if not port or (destination.verify_client_ssl and not self.tls_listener):
+                continue  # only an httpsPort, or client certificates required: not over plain HTTP
+            host = destination.outbound_hostname or service.name
+            backend = self.make_backend(host, port, service, tls=destination.ssl_verify_none)
+            routes.append(Route(service, destination, backend, base + number, self.make_stats(service.name)))
+        self.compiled += routes
+        return _Compiled(service, key, base, tuple(routes))
+
+    def _build(self, services: tuple[Service, ...], previous: RouteTable | None) -> None:
+        keyed = [((-1, f"{i:09d}", s.name), s) for i, s in enumerate(self.first)]
+        keyed += sorted(((precedence_key(s), s) for s in services), key=_first)
+        self._order = [self._compile(s, key, i * PRIORITY_GAP) for i, (key, s) in enumerate(keyed)]
+        self._keys = [c.key for c in self._order]
+        self._by_id = {id(c.service): c for c in self._order[len(self.first):]}
+        if previous is not None:
+            self.removed = list(previous.routes)
+            self.gone = list(previous.services)
+        self.came = list(services)
+        routes = [r for c in self._order for r in c.routes]
+        self.default = next((r for r in routes if r.service.is_default_backend), None)
+        self._hostless = PathIndex((r for r in routes if not _host_names(r)), self.longest_match, self.default)
+        self._hosted = tuple(r for r in routes if _host_names(r) or r.destination.redirect_from)
+        self._by_host: dict[bytes | None, PathIndex | RedirectIndex | None] = {}
+
+    def _update(self, previous: RouteTable, services: tuple[Service, ...]) -> bool:
+        """Derive this table from `previous` by the services that changed; False when a full
+        build is the better (or the only) way."""
+        now = dict(zip(map(id, services), services))
+        before = previous._by_id
+        gone = [before[i] for i in before.keys() - now.keys()]
+        came = [now[i] for i in now.keys() - before.keys()]
+        if len(gone) + len(came) > max(MAX_INCREMENTAL, len(services) // 8):
+            return False
+        order, keys = list(previous._order), list(previous._keys)
+        by_id = dict(before)
+        for c in gone:
+            at = bisect_left(keys, c.key)
+            del order[at], keys[at]
+            del by_id[id(c.service)]
+        self.removed = [r for c in gone for r in c.routes]
+        for service in sorted(came, key=precedence_key):
+            key = precedence_key(service)
+            at = bisect_left(keys, key)
+            if at < len(keys) and keys[at] == key:
+                return False  # two services with one name: cannot happen in a registry snapshot
+            low = order[at - 1].end if at else 0
+            high = order[at].base if at < len(order) else low + 2 * PRIORITY_GAP
+            room = high - low - len(service.destinations)
+            base = low + room // 2 if room >= 2 else self._spread(order, by_id, at, len(service.destinations))
+            compiled = self._compile(service, key, base)
+            order.insert(at, compiled)
+            keys.insert(at, key)
+            by_id[id(service)] = compiled
+        self._order, self._keys, self._by_id = order, keys, by_id
+        self.gone = [c.service for c in gone]
+        self.came = came
+        changed = [*self.removed, *self.compiled]
+        if any(r.service.is_default_backend for r in changed):
+            self.default = next((r for c in order for r in c.routes if r.service.is_default_backend), None)
+        else:
+            self.default = previous.default
+        self._hostless = previous._hostless.updated(
+            [r for r in self.removed if not _host_names(r)], [r for r in self.compiled if not _host_names(r)],
+            self.default)
+        hosted = [r for r in changed if _host_names(r) or r.destination.redirect_from]
+        if hosted:
+            self._hosted = tuple(sorted({*previous._hosted, *hosted} - set(self.removed), key=_priority))
+            self._by_host = {}  # the Hosts whose indexes the change touches are not known: all rebuilt lazily
+        else:
+            self._hosted = previous._hosted
+            self._by_host = dict(previous._by_host)  # every Host's own index is still right
+        return True
+
+    def _spread(self, order: list[_Compiled], by_id: dict[int, _Compiled], at: int, size: int) -> int:
+        """No priority is free between the neighbours of a new service going in at `at`:
+        spread a window of neighbours evenly over a range wide enough (doubling the window
+        until it is at most half full), moving their routes (Route.moved), and return the
+        base left free for the new service's `size` destinations."""
+        width = 1
+        while True:
+            i, j = max(0, at - width), min(len(order), at + width)
+            members = order[i:j]
+            low = order[i - 1].end if i else 0
+            high = order[j].base if j < len(order) else low + (len(members) + 2) * PRIORITY_GAP
+            slot = max([size, *(len(c.service.destinations) for c in members)]) + 1
+            spacing = (high - low) // (len(members) + 1)
+            if spacing >= 2 * slot or (i == 0 and j == len(order)):
+                break
+            width *= 2
+        if spacing < slot:
+            spacing = slot  # the whole table is full: the range above the last service is unbounded
+        for k, c in enumerate(members):
+            base = low + (k + (k >= at - i)) * spacing
+            moved = tuple(r.moved(base + r.priority - c.base) for r in c.routes)
+            order[i + k] = relabelled = _Compiled(c.service, c.key, base, moved)
+            if id(c.service) in by_id:
+                by_id[id(c.service)] = relabelled
+            self.removed += c.routes
+            self.compiled += moved
+        return low + (at - i) * spacing
+
+    # -- what the table holds ---------------------------------------------------------------
+    @property
+    def services(self) -> tuple[Service, ...]:
+        """The services (pyroute's own excluded), in precedence order."""
+        return tuple(c.service for c in self._order[len(self.first):])
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """Every route, in match order (built on first use: a swap does not pay for it)."""
+        if self._routes is None:
+            self._routes = tuple(r for c in self._order for r in c.routes)
+        return self._routes
+
+    # -- matching -----------------------------------------------------------------------------
     def match(self, host: bytes | None, path: bytes, headers: list | None = None, conn: Any = None) -> Route | None:
         """The route for a request; `host` is the raw Host header, `path` excludes the query;
         `headers` and `conn` (the client connection) only serve routes with conditions."""
-        if not self._has_domains:
+        if not self._hosted:
             return self._hostless.match(path, headers, conn)
-        index = self._by_host.get(host)
-        if index is None:
-            index = self._index_for(host)
-        return index.match(path, headers, conn)
+        own = self._by_host.get(host, _UNKNOWN)
+        if own is _UNKNOWN:
+            own = self._index_for(host)
+        if own is None:  # no route names this Host: the routes without a domain decide
+            return self._hostless.match(path, headers, conn)
+        if own.__class__ is RedirectIndex:
+            return own.route
+        rank, route = own.best(path, headers, conn)
+        other_rank, other = self._hostless.best(path, headers, conn)
+        if other_rank < rank:
+            route = other
+        return route if route is not None else self.default
 
-    def _index_for(self, raw_host: bytes | None) -> PathIndex | RedirectIndex:
+    def _index_for(self, raw_host: bytes | None) -> PathIndex | RedirectIndex | None:
+        """The index of the routes whose domains match this Host (None: there are none)."""
         host = normalize_host(raw_host) if raw_host else ""
-        reachable = [
-            r
-            for r in self.routes
-            if not _host_names(r) or any(_host_matches(r.service.domain_algo, d, host) for d in _host_names(r))
-        ]
-        redirecting = next((r for r in self.routes if any(
+        redirecting = next((r for r in self._hosted if any(
             host.startswith(d) for d in r.destination.redirect_from)), None)  # DFP: hdr_beg(host) -i
-        # redirectFromDomain is a frontend rule in DFP: it answers for that Host whatever the path
-        index = RedirectIndex(redirecting) if redirecting else PathIndex(reachable, self.longest_match, self.default)
+        if redirecting is not None:
+            # redirectFromDomain is a frontend rule in DFP: it answers for that Host whatever the path
+            index = RedirectIndex(redirecting)
+        else:
+            own = [r for r in self._hosted if _host_names(r)
+                   and any(_host_matches(r.service.domain_algo, d, host) for d in _host_names(r))]
+            index = PathIndex(own, self.longest_match) if own else None
         if len(self._by_host) >= HOST_CACHE_LIMIT:
             self._by_host.clear()
         self._by_host[raw_host] = index
         return index
+
+
+_UNKNOWN = object()  # a Host not looked at yet (None means: no route names it)
+
+
+def _first(pair: tuple) -> tuple:
+    return pair[0]
 
 
 def _host_names(route: Route) -> tuple[str, ...]:

@@ -167,6 +167,8 @@ class DataPlane:
         self.stats_service: tuple[Service, ...] = ()  # the stats page's route, once its address is known
         self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
         self._next_tasksets: dict[tuple, TaskSet] = {}
+        self._tls_services: set[str] = set()  # services with an httpsPort or verifyClientSsl: a TLS table of its own
+        self._dialed: dict[str, int] = {}  # host -> services dialing it (the resolver's cache follows)
         self._tick_handle: asyncio.TimerHandle | None = None
         self.src_port_servers: dict[int, Listener] = {}  # srcPort listeners opened at runtime
         self._listeners_lock = asyncio.Lock()
@@ -200,7 +202,7 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         pool = UpstreamPool(loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)
         access_log = _access_log(s, loop)
-        limit = ClientLimit(s.maxconn)  # HTTP and HTTPS clients count together, as HAProxy's maxconn
+        limit = ClientLimit(s.maxconn, s.maxconn_per_ip)  # HTTP and HTTPS clients count together, as HAProxy's maxconn
         limit.on_full, limit.on_room = self._stop_accepting, self._resume_accepting
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log, limit)
         self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table, self.stats.unrouted, access_log, limit)
@@ -225,6 +227,7 @@ class DataPlane:
         self.proxy.access_log = self.tls_proxy.access_log = _access_log(settings, asyncio.get_running_loop())
         errors.use_directory(settings.error_pages_dir)
         self.proxy.limit.set_maxconn(settings.maxconn)
+        self.proxy.limit.addresses.cap = settings.maxconn_per_ip
 
     def _stop_accepting(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -327,32 +330,63 @@ class DataPlane:
                 log.error("%s", exc)
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
-        """Compile and swap in a new route table: requests in flight keep the one they matched on."""
-        self._next_tasksets = {}
+        """Compile and swap in a new route table: requests in flight keep the one they matched on.
+        The table is derived from the current one, and everything here follows its delta
+        (`gone`/`came` services), so a change costs the loop in proportion to its size."""
+        self._next_tasksets = dict(self.tasksets)  # reused routes keep theirs; _backend adds new ones
         table = RouteTable(services, self._backend, revision, self.settings.longest_match,
-                           self.stats.service, self.stats_service)
-        for route in table.routes:
+                           self.stats.service, self.stats_service, previous=self.proxy.table)
+        changed = (*table.gone, *table.came)
+        for service in table.gone:
+            self._tls_services.discard(service.name)
+        self._tls_services.update(s.name for s in table.came
+                                  if any(d.https_port or d.verify_client_ssl for d in s.destinations))
+        tls_table = table
+        if self._tls_services:
+            separate = self.tls_proxy.table if self.tls_proxy.table is not self.proxy.table else None
+            tls_table = RouteTable(services, self._backend, revision, self.settings.longest_match,
+                                   self.stats.service, self.stats_service, tls_listener=True, previous=separate)
+        for route in (*table.compiled, *(tls_table.compiled if tls_table is not table else ())):
             cookie = route.service.balancing.sticky_cookie
             if cookie is not None and isinstance(route.backend, TaskSet):
                 route.sticky = Sticky(route, route.backend, cookie)
         self.proxy.table = table
-        if any(d.https_port or d.verify_client_ssl for service in services for d in service.destinations):
-            self.tls_proxy.table = RouteTable(services, self._backend, revision, self.settings.longest_match,
-                                              self.stats.service, self.stats_service, tls_listener=True)
-        else:
-            self.tls_proxy.table = table
-        self.tcp.apply(services)
-        for key, taskset in self.tasksets.items():
-            if self._next_tasksets.get(key) is not taskset:
-                taskset.close()
-        self.tasksets = self._next_tasksets
+        self.tls_proxy.table = tls_table
+        if any(d.req_mode != "http" for s in changed for d in s.destinations):
+            self.tcp.apply(services)
+        self._close_unused_tasksets(table, tls_table)
         self.revision = revision
         self.services = services
         self.stats.reloads += 1
-        self.stats.keep_only({route.service.name for route in table.routes})
-        self.resolver.forget({host for service in services for host in service.dial_hosts})
-        if self._tick_handle is not None:  # started already: bring the srcPort listeners in line with the new table
-            asyncio.get_running_loop().create_task(self.sync_src_ports())
+        came = {s.name for s in table.came}
+        self.stats.forget({s.name for s in table.gone if s.name not in came})
+        self._count_dial_hosts(table.gone, -1)
+        self._count_dial_hosts(table.came, 1)
+        if self._tick_handle is not None and any(d.src_port for s in changed for d in s.destinations):
+            asyncio.get_running_loop().create_task(self.sync_src_ports())  # srcPort listeners follow the table
+
+    def _close_unused_tasksets(self, *tables: RouteTable) -> None:
+        """Close the task sets only routes of the previous tables used."""
+        candidates = {id(r.backend) for t in tables for r in t.removed if isinstance(r.backend, TaskSet)}
+        if candidates:
+            used = {id(r.backend) for t in tables for r in t.routes}
+            for key, taskset in list(self._next_tasksets.items()):
+                if id(taskset) in candidates and id(taskset) not in used:
+                    taskset.close()
+                    del self._next_tasksets[key]
+        self.tasksets = self._next_tasksets
+
+    def _count_dial_hosts(self, services: list[Service], step: int) -> None:
+        """Keep the number of services dialing each host; the resolver forgets a host at 0."""
+        dialed = self._dialed
+        for service in services:
+            for host in set(service.dial_hosts):
+                count = dialed.get(host, 0) + step
+                if count > 0:
+                    dialed[host] = count
+                else:
+                    dialed.pop(host, None)
+                    self.resolver.forget_host(host)
 
     def serve_stats_from(self, host: str, port: int) -> None:
         """Route STATS_URI on the public ports to the stats page at host:port (the admin listener)."""

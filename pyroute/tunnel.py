@@ -16,10 +16,11 @@ import asyncio
 class Tunnel:
     """Both ends of one upgraded connection and its inactivity limit."""
 
-    __slots__ = ("client", "upstream", "timeout", "last_io", "loop", "server", "closed")
+    __slots__ = ("client", "upstream", "timeout", "last_io", "loop", "server", "closed", "client_ip")
 
-    def __init__(self, server, timeout: float):
+    def __init__(self, server, timeout: float, client_ip: bytes):
         self.server = server  # proxy.ProxyServer: its `tunnels` set is what the tick checks
+        self.client_ip = client_ip  # the client connection's count in the server's ClientLimit
         self.loop = server.loop
         self.timeout = timeout
         self.last_io = self.loop.time()
@@ -85,7 +86,7 @@ class TunnelEnd(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         if self is self.tunnel.client:
-            self.tunnel.server.limit.closed()
+            self.tunnel.server.limit.closed(self.tunnel.client_ip)
         self.tunnel.close()
 
     def pause_writing(self) -> None:

@@ -3,7 +3,8 @@
 - TTL 600 on every answer (what libnetwork serves), so a proxy that honours the TTL
   misses every change for ten minutes;
 - ``<svc>`` and ``tasks.<svc>`` each answer one A record per replica;
-- unknown names get NXDOMAIN; names can be switched to SERVFAIL.
+- unknown names get NXDOMAIN; names can be switched to SERVFAIL, or blackholed (the
+  question is logged with rcode "DROPPED" and never answered, as an unreachable server).
 UDP and TCP on the same ephemeral port of 127.0.0.1.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import time
 
 from dnslib import QTYPE, RCODE, RR, A
+from dnslib.dns import DNSError
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 
@@ -31,6 +33,7 @@ class SwarmDNS:
         self._lock = threading.Lock()
         self._records: dict[str, list[str]] = {}
         self._servfail: set[str] = set()
+        self._blackholed: set[str] = set()
         self.queries: list[tuple[float, str, str, str]] = []  # (time, name, qtype, rcode)
         quiet = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
         res = _Resolver(self)
@@ -76,6 +79,15 @@ class SwarmDNS:
         with self._lock:
             (self._servfail.add if on else self._servfail.discard)(name.lower())
 
+    def blackhole(self, name: str, on: bool = True) -> None:
+        """Questions for `name` get no answer at all (a DNS server that went away)."""
+        with self._lock:
+            (self._blackholed.add if on else self._blackholed.discard)(name.lower())
+
+    def blackhole_service(self, svc: str, on: bool = True) -> None:
+        self.blackhole(svc, on)
+        self.blackhole(f"tasks.{svc}", on)
+
     def set_service(self, svc: str, ips: list[str] | str) -> None:
         """Like a Swarm service: ``svc`` and ``tasks.svc`` both list the replicas."""
         self.set(svc, ips)
@@ -102,6 +114,10 @@ class SwarmDNS:
         with self._lock:
             fail = name in self._servfail
             ips = self._records.get(name)
+            dropped = name in self._blackholed
+        if dropped:
+            self.queries.append((time.monotonic(), name, qtype, "DROPPED"))
+            raise DNSError(f"blackholed: {name}")  # dnslib's handler sends nothing back
         if fail:
             reply.header.rcode = RCODE.SERVFAIL
         elif ips is None:
