@@ -4,7 +4,9 @@ Pure functions on bytes, so they are cheap to benchmark and test alone.
 
 Requests: hop-by-hop headers (Connection and every header it names, Keep-Alive, TE,
 Trailer, Upgrade, Proxy-*) are dropped, X-Forwarded-For gets the client address
-appended and X-Forwarded-Proto is set; Host and everything else pass unchanged.
+appended and X-Forwarded-Proto is set; Host and everything else pass unchanged. A
+Connection header naming Content-Length, Transfer-Encoding or Host is refused: dropping
+a framing header would forward the body as the next request(s) (request smuggling).
 Transfer-Encoding stays: pyroute keeps chunked framing end to end (re-framing each
 chunk), so the upstream sees the same message framing the client chose.
 
@@ -33,6 +35,8 @@ _RESPONSE_HEADER = re.compile(
     rb"\n(content-length|transfer-encoding|connection|keep-alive|proxy-[!#$%&'*+.^_`|~0-9a-z-]*|trailer|upgrade|te)[ \t]*:",
     re.I,
 )
+# Headers a Connection header may not name: the message's framing and its Host are never hop-by-hop.
+NEVER_HOP_BY_HOP_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _CONTENT_LENGTH = (b"Content-Length", b"content-length")
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
@@ -45,6 +49,10 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
         if name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     return tokens
+
+
+class ConnectionNamesFraming(ValueError):
+    """A request whose Connection header names Content-Length, Transfer-Encoding or Host (400)."""
 
 
 REQUEST_LINE_END_11 = b" HTTP/1.1\r\n"
@@ -63,6 +71,7 @@ def request_head(
 
     An HTTP/1.0 request stays HTTP/1.0 so that the upstream answers in a form an
     HTTP/1.0 client can read (never chunked); such an upstream connection is not reused.
+    Raises ConnectionNamesFraming (checked only when a Connection header is present).
     """
     parts = [method, b" ", target, line_end]
     forwarded_for = b""
@@ -72,6 +81,8 @@ def request_head(
         if lname in HOP_BY_HOP:
             if lname == b"connection" and named is None:
                 named = connection_tokens(headers)
+                if not named.isdisjoint(NEVER_HOP_BY_HOP_REQUEST):
+                    raise ConnectionNamesFraming("Connection names a framing header or Host")
             continue
         if lname == _XFF:
             forwarded_for = forwarded_for + b", " + value if forwarded_for else value

@@ -229,7 +229,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             self._after_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            refused = exc.__context__
+            refused = exc.__context__  # what a callback raised: _Refused(status), else 400 (e.g. a ValueError)
             if refused is None and str(exc) == CLOSED_CONNECTION:
                 return self._pause(PAUSE_CLOSING)  # answer what came before, then close; ignore the rest
             self._refuse(refused.status if isinstance(refused, _Refused) else 400, str(exc))

