@@ -11,7 +11,9 @@ Transfer-Encoding stays: pyroute keeps chunked framing end to end (re-framing ea
 chunk), so the upstream sees the same message framing the client chose.
 
 Responses: forwarded as received when nothing needs removing (the common case,
-detected with a few substring tests), else rebuilt line by line.
+detected with a few substring tests), else rebuilt line by line. A response whose
+Connection header names Content-Length or Transfer-Encoding is malformed (502): without
+its framing header the client could not tell where it ends.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _RESPONSE_HEADER = re.compile(
 )
 # Headers a Connection header may not name: the message's framing and its Host are never hop-by-hop.
 NEVER_HOP_BY_HOP_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _CONTENT_LENGTH = (b"Content-Length", b"content-length")
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
@@ -112,7 +115,8 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
     out (e.g. nginx's "Connection: keep-alive"); None when only a full rewrite will do
     (not HTTP/1.1, or a Connection header naming other headers).
     Raises AmbiguousResponse for framing llhttp lets through but a client could read
-    differently (two Transfer-Encoding lines; a status line that is not HTTP/1.0 or 1.1).
+    differently (two Transfer-Encoding lines; a status line that is not HTTP/1.0 or 1.1;
+    a Connection header naming Content-Length or Transfer-Encoding).
     """
     names = _RESPONSE_HEADER.findall(head)
     if head.startswith(b"HTTP/1.1 "):  # the common cases, decided without match objects
@@ -139,8 +143,12 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
             transfer_encoding = True
             close_delimited = not head[match.end() : line_end].rstrip().lower().endswith(b"chunked")
         else:
-            if name == b"connection" and head[match.end() : line_end].strip().lower() not in (b"keep-alive", b"close"):
-                rewrite = True
+            if name == b"connection":
+                value = head[match.end() : line_end].strip().lower()
+                if value not in (b"keep-alive", b"close"):
+                    if not _FRAMING.isdisjoint(token.strip() for token in value.split(b",")):
+                        raise AmbiguousResponse("Connection names a framing header")
+                    rewrite = True
             cuts.append((match.start() - 1, line_end))  # from the CR before the line to its CR
     if rewrite:
         return close_delimited, None

@@ -109,3 +109,29 @@ def test_F1_other_connection_tokens_still_forwarded(proxy, fr):
         assert c.read_response()[0].status_code == 200
     rec = fr.requests("/fr/echo")[-1]
     assert rec.header("X-Kept") == ["2"] and not rec.header("X-Hop") and not rec.header("Connection")
+
+
+# -- F5 and F13 (a-c): malformed upstream responses are 502, the connection discarded -------------
+
+BAD_RESPONSES = {
+    "F5 Connection: Content-Length": b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok",
+    "F5 Connection: transfer-encoding in a list": b"HTTP/1.1 200 OK\r\nConnection: keep-alive, transfer-encoding\r\n"
+                                                  b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "F5 second Connection line": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+                                 b"Connection: CONTENT-LENGTH\r\n\r\nok",
+    "F5 HTTP/1.0 status line": b"HTTP/1.0 200 OK\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_RESPONSES))
+def test_F5_F13_malformed_upstream_framing_is_502(proxy, fr, raw_route, name):
+    up, prefix = raw_route
+    up.answer = BAD_RESPONSES[name]
+    with proxy.raw(timeout=5) as c:
+        c.request("GET", prefix + "/x", [("Host", "a")])
+        resp, body = c.read_response()
+        assert resp.status_code == 502 and b"Bad Gateway" in body, (name, resp, body[:200])
+        c.request("GET", "/fr/hello", [("Host", "a")])  # the client connection is still in step
+        resp, body = c.read_response()
+        assert resp.status_code == 200 and body == b"hello, world!", (name, resp, body)
+    wait_until(lambda: up.closed_by_proxy == [True], what="pyroute to discard the upstream connection")
