@@ -40,6 +40,7 @@ _RESPONSE_HEADER = re.compile(
 # Headers a Connection header may not name: the message's framing and its Host are never hop-by-hop.
 NEVER_HOP_BY_HOP_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING_HEADER = re.compile(rb"\n(?:content-length|transfer-encoding)[ \t]*:", re.I)
 _CONTENT_LENGTH = (b"Content-Length", b"content-length")
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
@@ -116,7 +117,8 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
     (not HTTP/1.1, or a Connection header naming other headers).
     Raises AmbiguousResponse for framing llhttp lets through but a client could read
     differently (two Transfer-Encoding lines; a status line that is not HTTP/1.0 or 1.1;
-    a Connection header naming Content-Length or Transfer-Encoding).
+    a Connection header naming Content-Length or Transfer-Encoding; a Transfer-Encoding
+    whose last coding is not chunked).
     """
     names = _RESPONSE_HEADER.findall(head)
     if head.startswith(b"HTTP/1.1 "):  # the common cases, decided without match objects
@@ -141,7 +143,12 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
             if transfer_encoding:
                 raise AmbiguousResponse("Transfer-Encoding given twice")
             transfer_encoding = True
-            close_delimited = not head[match.end() : line_end].rstrip().lower().endswith(b"chunked")
+            # RFC 9112 §6.3 makes such a response close-delimited, but pyroute passes bodies on
+            # without decoding transfer codings, and a client that reads "xchunked" (or any coding
+            # it does not know) differently would lose the message boundary: refused.
+            if head[match.end() : line_end].rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                raise AmbiguousResponse("Transfer-Encoding whose last coding is not chunked")
+            close_delimited = False
         else:
             if name == b"connection":
                 value = head[match.end() : line_end].strip().lower()
@@ -161,6 +168,12 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
         previous = end
     pieces.append(head[previous:])
     return close_delimited, b"".join(pieces)
+
+
+def inspect_interim_head(head: bytes) -> None:
+    """A 1xx head has no body (RFC 9110 §8.6, §6.1): one that declares framing is malformed."""
+    if _FRAMING_HEADER.search(head):
+        raise AmbiguousResponse("1xx response with Content-Length or Transfer-Encoding")
 
 
 class AmbiguousResponse(ValueError):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections import deque
 
 import httptools
@@ -41,6 +43,7 @@ PAUSE_BUFFER = 4  # too much body buffered while connecting
 PAUSE_UPGRADE = 8  # an Upgrade request waits for the upstream's 101 (or its refusal)
 PAUSE_CLOSING = 16  # the last request asked to close: nothing more is read
 CLOSED_CONNECTION = "Data after `Connection: close`"  # llhttp's error for bytes after such a request
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: closing sends a TCP reset
 
 
 class Exchange:
@@ -472,6 +475,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.responded:  # part of the response is out: only a reset tells the client it is cut short
             ex.broken = "sD" if status == 504 else "SD"
             self.flush()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a TCP RST, not the FIN a plain abort sends (a clean end to the client)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             self.transport.abort()
             return
         self._respond_locally(ex, status)

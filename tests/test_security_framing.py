@@ -120,6 +120,13 @@ BAD_RESPONSES = {
     "F5 second Connection line": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
                                  b"Connection: CONTENT-LENGTH\r\n\r\nok",
     "F5 HTTP/1.0 status line": b"HTTP/1.0 200 OK\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 2\r\n\r\nok",
+    "F13 head over 64 KiB in one read": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "F13 Transfer-Encoding: xchunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "F13 Transfer-Encoding: gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nok",
+    "F13 100 with Content-Length": b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\n"
+                                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "F13 103 with Transfer-Encoding": b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                      b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
 }
 
 
@@ -135,3 +142,30 @@ def test_F5_F13_malformed_upstream_framing_is_502(proxy, fr, raw_route, name):
         resp, body = c.read_response()
         assert resp.status_code == 200 and body == b"hello, world!", (name, resp, body)
     wait_until(lambda: up.closed_by_proxy == [True], what="pyroute to discard the upstream connection")
+
+
+def test_F13_upstream_reset_mid_close_delimited_body_resets_the_client(proxy, fr, raw_route):
+    up, prefix = raw_route
+    up.answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart-of-the-body"
+    go = threading.Event()
+    up.after = lambda conn: (go.wait(10), reset(conn))
+    s = socket.create_connection(("127.0.0.1", proxy.http_port), timeout=10)
+    try:
+        s.sendall(b"GET " + prefix.encode() + b"/x HTTP/1.1\r\n" + H + b"\r\n")
+        got = b""
+        while b"part-of-the-body" not in got:  # the body has started reaching the client
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200 "), got
+        go.set()  # now the upstream resets its connection
+        rest, ending = read_until_closed(s)
+    finally:
+        go.set()
+        s.close()
+    assert ending == "reset", (ending, rest)
+
+
+def test_F13_clean_close_still_ends_a_close_delimited_body(proxy, fr):
+    status, _, body = proxy.get("/fr/close/1000")
+    assert status == 200 and len(body) == 1000
