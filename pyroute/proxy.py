@@ -232,6 +232,8 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             self._after_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
+            if self.closed:  # a local answer closed the connection mid-read: the rest is not parsed
+                return
             refused = exc.__context__  # what a callback raised: _Refused(status), else 400 (e.g. a ValueError)
             if refused is None and str(exc) == CLOSED_CONNECTION:
                 return self._pause(PAUSE_CLOSING)  # answer what came before, then close; ignore the rest
@@ -364,7 +366,10 @@ class ClientConnection(asyncio.Protocol):
             self._pause(PAUSE_PIPELINE)
             return
         if ex.local:
-            return self._respond_locally(ex, ex.local)
+            self._respond_locally(ex, ex.local)
+            if self.closed:  # llhttp would go on with the rest of the read: nothing after a refusal
+                raise _Closed  # may reach an upstream
+            return
         # The fast path, inline: a cached address and a pooled connection.
         address = ex.route.backend.address()
         if address is not None:
@@ -712,6 +717,10 @@ class _Refused(Exception):
 
 
 Refused = _Refused  # for connection subclasses elsewhere (connections.ClientCertConnection)
+
+
+class _Closed(Exception):
+    """Raised inside a parser callback once the connection is closed: llhttp stops there."""
 
 
 def _origin_form(url: bytes, host: bytes | None, method: bytes) -> tuple[bytes | None, bytes | None]:

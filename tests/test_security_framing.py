@@ -169,3 +169,25 @@ def test_F13_upstream_reset_mid_close_delimited_body_resets_the_client(proxy, fr
 def test_F13_clean_close_still_ends_a_close_delimited_body(proxy, fr):
     status, _, body = proxy.get("/fr/close/1000")
     assert status == 200 and len(body) == 1000
+
+
+# -- F10: nothing after a local refusal reaches an upstream ---------------------------------------
+
+F10_REFUSED_FIRST = {
+    "no Host": b"GET /fr/hello HTTP/1.1\r\n\r\n",
+    "GET *": b"GET * HTTP/1.1\r\n" + H + b"\r\n",
+    "body over maxRequestBody (413)": b"POST /small-fr/upload HTTP/1.1\r\n" + H + b"Content-Length: 20\r\n\r\n" + b"x" * 20,
+    "chunked HTTP/1.0 keep-alive": b"POST /fr/upload HTTP/1.0\r\n" + H + b"Connection: keep-alive\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(F10_REFUSED_FIRST))
+def test_F10_pipelined_request_after_a_local_refusal_is_not_forwarded(proxy, dns, fr, name):
+    dns.set_service("small-fr", fr.ip)
+    proxy.reconfigure(serviceName="small-fr", servicePath="/small-fr", port=fr.port, maxRequestBody="10")
+    assert proxy.get("/fr/hello")[0] == 200  # a pooled upstream connection: forwarding would be immediate
+    got, closed = exchange(proxy, F10_REFUSED_FIRST[name] + b"GET /fr/echo/pipelined HTTP/1.1\r\n" + H + b"\r\n")
+    assert got.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 ")) and got.count(b"HTTP/1.1 ") == 1 and closed, (name, got)
+    assert_victim_served(proxy, fr)  # recorded after anything forwarded before it
+    assert [r.target for r in fr.requests()] == ["/fr/hello", "/fr/hello"], name
