@@ -151,6 +151,14 @@ class ProxyServer:
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
 
+    def _close_after_queue(self) -> None:
+        """Read nothing more: the requests already queued are answered, then the connection closes."""
+        last = self.queue[-1]
+        last.keep_alive = False
+        last.close_after = True  # (recomputed, to the same, by a response head still to come)
+        self.in_head = False
+        self._pause(PAUSE_CLOSING)
+
     def check_timeouts(self, now: float) -> None:
         """Called by the server's tick: enforce the client-side and tunnel timeouts."""
         for conn in list(self.connections):
@@ -656,15 +664,27 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _refuse(self, status: int, why: str) -> None:
-        """A request that cannot be parsed: answer (if nothing else is in flight) and close."""
+        """A request that cannot be parsed (or did not arrive in time): answer it and close.
+
+        Requests read whole before it keep their responses: the connection closes after the
+        last of them instead, and the broken request is dropped without an answer.
+        """
         log.debug("refusing request from %s: %s", self.client_ip.decode(), why)
+        queue = self.queue
+        reading = self.reading
+        now = self.loop.time()
+        termination = "cR" if status == 408 else "PR"
+        if reading is not None and len(queue) > 1:  # its body broke while it waited behind others
+            queue.pop()
+            self._account(reading, reading.status, termination, now)
+            self.reading = reading = None
+        if reading is None and queue:
+            return self._close_after_queue()
         self.closed = True
         for ex in self.queue:
             if ex.upstream is not None:
                 ex.upstream.abort()
         responded = any(ex.responded for ex in self.queue)
-        now = self.loop.time()
-        termination = "cR" if status == 408 else "PR"
         for ex in self.queue:  # the one whose body was being read gets the refusal; the others are cut off
             self._account(ex, status if ex is self.reading and not responded else ex.status, termination, now)
         if not responded:
@@ -675,6 +695,14 @@ class ClientConnection(asyncio.Protocol):
                     self.server.access_log.refused(self, status)
         self.queue.clear()
         self.transport.close()
+
+    def _close_after_queue(self) -> None:
+        """Read nothing more: the requests already queued are answered, then the connection closes."""
+        last = self.queue[-1]
+        last.keep_alive = False
+        last.close_after = True  # (recomputed, to the same, by a response head still to come)
+        self.in_head = False
+        self._pause(PAUSE_CLOSING)
 
     def check_timeouts(self, now: float) -> None:
         settings = self.server.settings

@@ -191,3 +191,31 @@ def test_F10_pipelined_request_after_a_local_refusal_is_not_forwarded(proxy, dns
     assert got.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 ")) and got.count(b"HTTP/1.1 ") == 1 and closed, (name, got)
     assert_victim_served(proxy, fr)  # recorded after anything forwarded before it
     assert [r.target for r in fr.requests()] == ["/fr/hello", "/fr/hello"], name
+
+
+# -- F11: a forwarded request keeps its response when garbage follows it ----------------------
+
+def test_F11_garbage_after_a_forwarded_post_closes_after_its_response(proxy, fr):
+    body = b"hello"
+    got, closed = exchange(proxy, b"POST /fr/upload HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\n" + body
+                           + b"\x00this is not HTTP\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 ") == 1, got
+    assert b'"len":5' in got, got
+    assert closed
+    assert [(r.method, r.target, r.body_len) for r in fr.requests()] == [("POST", "/fr/upload", 5)]
+
+
+def test_F11_pipelined_requests_before_a_broken_one_keep_their_responses(proxy, fr):
+    got, closed = exchange(proxy, b"GET /fr/hello HTTP/1.1\r\n" + H + b"\r\n" + b"GET /fr/hello HTTP/1.1\r\n" + H + b"\r\n"
+                           + b"GET /fr/x HTTP/1.1\r\nX(bad): 1\r\n\r\n")
+    assert got.count(b"HTTP/1.1 200 ") == 2 and got.count(b"HTTP/1.1 ") == 2, got
+    assert closed
+    assert [r.target for r in fr.requests()] == ["/fr/hello", "/fr/hello"]
+
+
+def test_F11_broken_body_behind_a_request_in_flight_is_dropped_after_its_response(proxy, fr):
+    got, closed = exchange(proxy, b"GET /fr/slow/0.2 HTTP/1.1\r\n" + H + b"\r\n"
+                           + b"POST /fr/upload HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 ") == 1 and got.endswith(b"slow done"), got
+    assert closed
+    assert [r.target for r in fr.requests()] == ["/fr/slow/0.2"]
