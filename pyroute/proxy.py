@@ -247,6 +247,17 @@ class ClientConnection(asyncio.Protocol):
                 return self._pause(PAUSE_CLOSING)  # answer what came before, then close; ignore the rest
             self._refuse(refused.status if isinstance(refused, _Refused) else 400, str(exc))
 
+    def eof_received(self) -> bool:
+        """The client half-closed (shutdown(SHUT_WR), `nc -N`): the requests it sent whole are
+        answered, then the connection closes. With nothing to answer, a request cut short or an
+        upgrade pending (a tunnel would never see this end), it closes now. (TLS transports
+        close on EOF whatever this returns.)"""
+        queue = self.queue
+        if self.closed or not queue or self.reading is not None or queue[-1].upgrade is not None:
+            return False
+        self._close_after_queue()
+        return True
+
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.parser = None  # it holds our bound callbacks: without the cycle we die by refcount

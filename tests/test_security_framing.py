@@ -219,3 +219,42 @@ def test_F11_broken_body_behind_a_request_in_flight_is_dropped_after_its_respons
     assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 ") == 1 and got.endswith(b"slow done"), got
     assert closed
     assert [r.target for r in fr.requests()] == ["/fr/slow/0.2"]
+
+
+# -- F14: a half-closed client gets its response --------------------------------------------------
+
+def test_F14_half_closed_client_gets_its_response_then_close(proxy, fr):
+    s = socket.create_connection(("127.0.0.1", proxy.http_port), timeout=10)
+    try:
+        s.sendall(b"GET /fr/hello HTTP/1.1\r\n" + H + b"\r\n")
+        s.shutdown(socket.SHUT_WR)
+        got, ending = read_until_closed(s)
+    finally:
+        s.close()
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"hello, world!"), got
+    assert ending == "eof"
+
+
+def test_F14_half_closed_client_gets_every_pipelined_response(proxy, fr):
+    s = socket.create_connection(("127.0.0.1", proxy.http_port), timeout=10)
+    try:
+        s.sendall(b"POST /fr/upload HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc"
+                  + b"GET /fr/hello HTTP/1.1\r\n" + H + b"\r\n")
+        s.shutdown(socket.SHUT_WR)
+        got, ending = read_until_closed(s)
+    finally:
+        s.close()
+    assert got.count(b"HTTP/1.1 200 ") == 2 and b'"len":3' in got and got.endswith(b"hello, world!"), got
+    assert ending == "eof"
+
+
+def test_F14_half_close_in_the_middle_of_a_body_closes(proxy, fr):
+    """A request that can never complete is not answered: the connection just closes."""
+    s = socket.create_connection(("127.0.0.1", proxy.http_port), timeout=10)
+    try:
+        s.sendall(b"POST /fr/upload HTTP/1.1\r\n" + H + b"Content-Length: 10\r\n\r\nabc")
+        s.shutdown(socket.SHUT_WR)
+        got, ending = read_until_closed(s)
+    finally:
+        s.close()
+    assert ending in ("eof", "reset") and not got.startswith(b"HTTP/1.1 200"), got
