@@ -35,6 +35,7 @@ log = logging.getLogger("pyroute.proxy")
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens
 UNLIMITED = 1 << 62  # "no body limit", as a number a chunk count never reaches
+HEAD_LINE_ROOM = 64  # raw bytes per head line beyond the limits' count: method, version, ": ", CRLF
 
 # Why reading from the client is paused (a bit each, reading resumes when none is left).
 PAUSE_PIPELINE = 1  # a later request waits behind the one in flight
@@ -53,7 +54,7 @@ class Exchange:
         "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
         "close_after", "reply", "on_response", "stats", "method", "url", "started", "head_done", "sent_at",
-        "response_at", "status", "address", "broken", "upgrade", "body_left",
+        "response_at", "status", "address", "broken", "upgrade", "body_left", "chunk_mark",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -83,6 +84,7 @@ class Exchange:
         self.broken = ""  # termination code when the exchange was cut short by pyroute's side
         self.upgrade: bytes | None = None  # an Upgrade request: client bytes sent ahead of the 101
         self.body_left = UNLIMITED  # chunked body bytes still allowed (MAX_REQUEST_BODY)
+        self.chunk_mark = -1  # body_left at the last chunk-size line (unchanged since: trailers)
 
 
 class ClientLimit:
@@ -146,6 +148,10 @@ class ProxyServer:
         self.max_header_size = settings.max_header_size
         self.max_headers = settings.max_headers
         self.max_body = settings.max_request_body or UNLIMITED
+        # llhttp's caller holds an unfinished head line whole until it ends, so raw head (and
+        # trailer) bytes are counted as they arrive and refused past what the limits allow.
+        self.max_head_bytes = (settings.max_uri_size + settings.max_header_size
+                               + HEAD_LINE_ROOM * (settings.max_headers + 1))
         self.pool.connect_timeout = settings.timeout_connect
 
     def factory(self) -> ClientConnection:
@@ -187,6 +193,7 @@ class ClientConnection(asyncio.Protocol):
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
         "out", "served", "closed", "received", "sent", "sent_mark", "received_mark", "upgrade",
+        "head_bytes", "in_trailers", "trailers_at",
     )
 
     def __init__(self, server: ProxyServer):
@@ -199,7 +206,10 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.reading: Exchange | None = None  # the exchange whose request body is being read
         self.in_head = False
-        self.head_started = 0.0
+        self.head_started = 0.0  # when the head (or the trailer section) being read began
+        self.head_bytes = 0  # raw bytes of that head (or trailer section) so far
+        self.in_trailers = False  # a chunked body's last chunk came: its trailers are being read
+        self.trailers_at = 0  # the body's body_left when they began
         self.last_io = 0.0
         self.paused = 0
         self.out: list[bytes] = []  # response bytes to write at the next flush()
@@ -231,10 +241,14 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_io = now = self.loop.time()
-        self.received += len(data)
-        if not self.in_head and self.reading is None:  # these bytes start a request head
+        size = len(data)
+        self.received += size
+        if self.in_head or self.in_trailers:
+            self.head_bytes += size
+        elif self.reading is None:  # these bytes start a request head
             self.in_head = True
             self.head_started = now
+            self.head_bytes = size
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -246,6 +260,26 @@ class ClientConnection(asyncio.Protocol):
             if refused is None and str(exc) == CLOSED_CONNECTION:
                 return self._pause(PAUSE_CLOSING)  # answer what came before, then close; ignore the rest
             self._refuse(refused.status if isinstance(refused, _Refused) else 400, str(exc))
+        else:
+            if self.in_head:  # still unfinished after this read
+                if self.head_bytes > self.server.max_head_bytes:
+                    self._refuse(431, "request head too large")
+            elif self.reading is not None and self.reading.chunked:
+                self._watch_trailers(self.reading, now)
+
+    def _watch_trailers(self, ex: Exchange, now: float) -> None:
+        """After a read of a chunked body: no data since the last chunk-size line means the last
+        chunk came and trailers are arriving (or a chunk's data is late). Those bytes get a head's
+        limit and deadline (TIMEOUT_HTTP_REQUEST), not TIMEOUT_CLIENT that every byte renews."""
+        if ex.chunk_mark != ex.body_left:  # data followed the last chunk-size line
+            self.in_trailers = False
+        elif not self.in_trailers or self.trailers_at != ex.body_left:
+            self.in_trailers = True
+            self.trailers_at = ex.body_left
+            self.head_started = now
+            self.head_bytes = 0  # (counted from the next read: this one held the last chunk)
+        elif self.head_bytes > self.server.max_head_bytes:
+            self._refuse(400, "chunk trailers too large")
 
     def eof_received(self) -> bool:
         """The client half-closed (shutdown(SHUT_WR), `nc -N`): the requests it sent whole are
@@ -404,13 +438,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self.reading
-        if ex.local:
-            return  # answered locally: the body is read and dropped
         if ex.chunked:
-            ex.body_left -= len(body)
+            ex.body_left -= len(body)  # (also for a dropped body: _watch_trailers sees it move)
+            if ex.local:
+                return  # answered locally: the body is read and dropped
             if ex.body_left < 0:
                 raise _Refused(413)
             body = b"%x\r\n%b\r\n" % (len(body), body)
+        elif ex.local:
+            return
         upstream = ex.upstream
         if upstream is not None:
             upstream.last_io = self.last_io
@@ -418,15 +454,26 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._buffer(ex, body)
 
+    def on_chunk_header(self) -> None:
+        ex = self.reading
+        ex.chunk_mark = ex.body_left
+
     def on_message_complete(self) -> None:
         ex = self.reading
         self.reading = None
         ex.request_done = True
-        if ex.chunked and not ex.local:
-            if ex.upstream is not None:
-                ex.upstream.transport.write(CHUNK_END)
-            else:
-                self._buffer(ex, CHUNK_END)
+        if ex.chunked:
+            self.in_trailers = False
+            if self.headers:  # trailer fields came through on_header: they belong to no head
+                self.headers = []
+                self.host = self.upgrade = None
+                self.chunked = False
+                self.length = self.head_size = 0
+            if not ex.local:
+                if ex.upstream is not None:
+                    ex.upstream.transport.write(CHUNK_END)
+                else:
+                    self._buffer(ex, CHUNK_END)
 
     # -- forwarding ------------------------------------------------------------------------
     def _limit_body(self, ex: Exchange, length: int) -> None:
@@ -723,7 +770,10 @@ class ClientConnection(asyncio.Protocol):
             if now - self.head_started > settings.timeout_http_request:
                 self._refuse(408, "request head timeout")
         elif self.reading is not None and not self.paused:
-            if now - self.last_io > settings.timeout_client:
+            if self.in_trailers:
+                if now - self.head_started > settings.timeout_http_request:
+                    self._refuse(408, "chunk trailers timeout")
+            elif now - self.last_io > settings.timeout_client:
                 self._refuse(408, "client timeout while sending the body")
         elif not self.queue:
             idle = settings.timeout_http_keep_alive if self.served else settings.timeout_http_request

@@ -171,6 +171,105 @@ def test_F13_clean_close_still_ends_a_close_delimited_body(proxy, fr):
     assert status == 200 and len(body) == 1000
 
 
+# -- F3: unterminated header lines and trailers -------------------------------------------------
+
+def stream_bounded(socks: list[socket.socket], piece: bytes, bound: int) -> None:
+    """Send `piece` round-robin on every socket, `bound` bytes at most on each (less once the
+    proxy has answered or closed it); then the client waits for the answer."""
+    sent = {s: 0 for s in socks}
+    live = list(socks)
+    while live:
+        readable, _, _ = select.select(live, [], [], 0)
+        for s in list(live):
+            if s in readable or sent[s] + len(piece) > bound:
+                live.remove(s)
+                continue
+            try:
+                s.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                live.remove(s)
+                continue
+            sent[s] += len(piece)
+
+
+def test_F3_endless_header_value_gets_431_and_memory_stays_bounded(proxy, fr):
+    before = proxy.rss_kib()
+    socks = [socket.create_connection(("127.0.0.1", proxy.http_port), timeout=10) for _ in range(8)]
+    try:
+        for s in socks:
+            s.sendall(b"GET /fr/hello HTTP/1.1\r\n" + H + b"X-Endless: ")
+        stream_bounded(socks, b"a" * 4096, HEAD_BOUND)
+        answers = [read_until_closed(s) for s in socks]  # the head never ends: only a refusal answers
+    finally:
+        for s in socks:
+            s.close()
+    for got, ending in answers:
+        assert got.startswith(b"HTTP/1.1 431 "), (got[:200], ending)
+        assert ending in ("eof", "reset")
+    grown = proxy.rss_kib() - before
+    assert grown < 4 * 1024, f"RSS grew by {grown} KiB"
+    assert not fr.requests()
+
+
+def test_F3_endless_trailer_gets_400_and_memory_stays_bounded(proxy, fr):
+    before = proxy.rss_kib()
+    s = socket.create_connection(("127.0.0.1", proxy.http_port), timeout=10)
+    try:
+        s.sendall(b"POST /fr/upload HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n0\r\nX-Endless-Trailer: ")
+        stream_bounded([s], b"t" * 4096, HEAD_BOUND)
+        got, ending = read_until_closed(s)  # the trailer never ends: only a refusal answers
+    finally:
+        s.close()
+    assert got.startswith(b"HTTP/1.1 400 ") and ending in ("eof", "reset"), (got[:200], ending)
+    grown = proxy.rss_kib() - before
+    assert grown < 4 * 1024, f"RSS grew by {grown} KiB"
+    assert not [r for r in fr.requests() if r.complete]
+
+
+def test_F3_trailer_has_the_head_deadline(proxy, fr):
+    """A trailer trickling in one byte at a time (TIMEOUT_CLIENT never expires) is cut at
+    TIMEOUT_HTTP_REQUEST after the last chunk."""
+    s = socket.create_connection(("127.0.0.1", proxy.http_port), timeout=10)
+    start = time.monotonic()
+    got = b""
+    try:
+        s.sendall(b"POST /fr/upload HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: ")
+        s.settimeout(0.25)
+        while time.monotonic() - start < 5 * TIMEOUT_HTTP_REQUEST:  # the attack: one byte every 0.25 s
+            try:
+                s.sendall(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                got = s.recv(65536)
+                break
+            except (socket.timeout, TimeoutError):
+                continue
+        s.settimeout(5)
+        rest, _ = read_until_closed(s)
+        got += rest
+    finally:
+        s.close()
+    assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+    assert not [r for r in fr.requests() if r.complete]
+
+
+def test_F3_trailer_fields_never_reach_the_next_request(proxy, fr):
+    """Trailers are dropped by re-framing; none of them leaks into the next head."""
+    with proxy.raw() as c:
+        c.send_raw(b"POST /fr/upload HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+                   b"Host: evil\r\nX-Trailer: 1\r\n\r\n"
+                   b"GET /fr/echo HTTP/1.1\r\n" + H + b"\r\n")
+        c.expect("POST", "/", [("Host", "a"), ("Transfer-Encoding", "chunked")])
+        assert c.read_response()[0].status_code == 200
+        c.expect("GET", "/", [("Host", "a")])
+        assert c.read_response()[0].status_code == 200
+    echoed = fr.requests("/fr/echo")[-1]
+    assert echoed.header("Host") == ["a"] and not echoed.header("X-Trailer"), echoed.headers
+    assert echoed.body_len == 0 and echoed.complete
+
+
 # -- F10: nothing after a local refusal reaches an upstream ---------------------------------------
 
 F10_REFUSED_FIRST = {
