@@ -284,10 +284,12 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client half-closed (shutdown(SHUT_WR), `nc -N`): the requests it sent whole are
         answered, then the connection closes. With nothing to answer, a request cut short or an
-        upgrade pending (a tunnel would never see this end), it closes now. (TLS transports
-        close on EOF whatever this returns.)"""
+        upgrade pending (a tunnel would never see this end), it closes now; and on TLS, whose
+        transports close on EOF whatever this returns (and log a warning for True)."""
         queue = self.queue
         if self.closed or not queue or self.reading is not None or queue[-1].upgrade is not None:
+            return False
+        if self.transport.get_extra_info("sslcontext") is not None:
             return False
         self._close_after_queue()
         return True
