@@ -548,10 +548,12 @@ class ClientConnection(asyncio.Protocol):
         if ex.responded:  # part of the response is out: only a reset tells the client it is cut short
             ex.broken = "sD" if status == 504 else "SD"
             self.flush()
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:  # a TCP RST, not the FIN a plain abort sends (a clean end to the client)
+            transport = self.transport
+            sock = transport.get_extra_info("socket")
+            if sock is not None and not transport.is_closing():
+                # a TCP reset: a plain abort sends a FIN, which the client takes for a clean end
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-            self.transport.abort()
+            transport.abort()
             return
         self._respond_locally(ex, status)
 
