@@ -4,12 +4,16 @@ Pure functions on bytes, so they are cheap to benchmark and test alone.
 
 Requests: hop-by-hop headers (Connection and every header it names, Keep-Alive, TE,
 Trailer, Upgrade, Proxy-*) are dropped, X-Forwarded-For gets the client address
-appended and X-Forwarded-Proto is set; Host and everything else pass unchanged.
+appended and X-Forwarded-Proto is set; Host and everything else pass unchanged. A
+Connection header naming Content-Length, Transfer-Encoding or Host is refused: dropping
+a framing header would forward the body as the next request(s) (request smuggling).
 Transfer-Encoding stays: pyroute keeps chunked framing end to end (re-framing each
 chunk), so the upstream sees the same message framing the client chose.
 
 Responses: forwarded as received when nothing needs removing (the common case,
-detected with a few substring tests), else rebuilt line by line.
+detected with a few substring tests), else rebuilt line by line. A response whose
+Connection header names Content-Length or Transfer-Encoding is malformed (502): without
+its framing header the client could not tell where it ends.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ _RESPONSE_HEADER = re.compile(
     rb"\n(content-length|transfer-encoding|connection|keep-alive|proxy-[!#$%&'*+.^_`|~0-9a-z-]*|trailer|upgrade|te)[ \t]*:",
     re.I,
 )
+# Headers a Connection header may not name: the message's framing and its Host are never hop-by-hop.
+NEVER_HOP_BY_HOP_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING_HEADER = re.compile(rb"\n(?:content-length|transfer-encoding)[ \t]*:", re.I)
 _CONTENT_LENGTH = (b"Content-Length", b"content-length")
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
@@ -45,6 +53,10 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
         if name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     return tokens
+
+
+class ConnectionNamesFraming(ValueError):
+    """A request whose Connection header names Content-Length, Transfer-Encoding or Host (400)."""
 
 
 REQUEST_LINE_END_11 = b" HTTP/1.1\r\n"
@@ -63,6 +75,7 @@ def request_head(
 
     An HTTP/1.0 request stays HTTP/1.0 so that the upstream answers in a form an
     HTTP/1.0 client can read (never chunked); such an upstream connection is not reused.
+    Raises ConnectionNamesFraming (checked only when a Connection header is present).
     """
     parts = [method, b" ", target, line_end]
     forwarded_for = b""
@@ -72,6 +85,8 @@ def request_head(
         if lname in HOP_BY_HOP:
             if lname == b"connection" and named is None:
                 named = connection_tokens(headers)
+                if not named.isdisjoint(NEVER_HOP_BY_HOP_REQUEST):
+                    raise ConnectionNamesFraming("Connection names a framing header or Host")
             continue
         if lname == _XFF:
             forwarded_for = forwarded_for + b", " + value if forwarded_for else value
@@ -101,7 +116,9 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
     out (e.g. nginx's "Connection: keep-alive"); None when only a full rewrite will do
     (not HTTP/1.1, or a Connection header naming other headers).
     Raises AmbiguousResponse for framing llhttp lets through but a client could read
-    differently (two Transfer-Encoding lines; a status line that is not HTTP/1.0 or 1.1).
+    differently (two Transfer-Encoding lines; a status line that is not HTTP/1.0 or 1.1;
+    a Connection header naming Content-Length or Transfer-Encoding; a Transfer-Encoding
+    whose last coding is not chunked).
     """
     names = _RESPONSE_HEADER.findall(head)
     if head.startswith(b"HTTP/1.1 "):  # the common cases, decided without match objects
@@ -126,10 +143,19 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
             if transfer_encoding:
                 raise AmbiguousResponse("Transfer-Encoding given twice")
             transfer_encoding = True
-            close_delimited = not head[match.end() : line_end].rstrip().lower().endswith(b"chunked")
+            # RFC 9112 §6.3 makes such a response close-delimited, but pyroute passes bodies on
+            # without decoding transfer codings, and a client that reads "xchunked" (or any coding
+            # it does not know) differently would lose the message boundary: refused.
+            if head[match.end() : line_end].rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                raise AmbiguousResponse("Transfer-Encoding whose last coding is not chunked")
+            close_delimited = False
         else:
-            if name == b"connection" and head[match.end() : line_end].strip().lower() not in (b"keep-alive", b"close"):
-                rewrite = True
+            if name == b"connection":
+                value = head[match.end() : line_end].strip().lower()
+                if value not in (b"keep-alive", b"close"):
+                    if not _FRAMING.isdisjoint(token.strip() for token in value.split(b",")):
+                        raise AmbiguousResponse("Connection names a framing header")
+                    rewrite = True
             cuts.append((match.start() - 1, line_end))  # from the CR before the line to its CR
     if rewrite:
         return close_delimited, None
@@ -142,6 +168,12 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
         previous = end
     pieces.append(head[previous:])
     return close_delimited, b"".join(pieces)
+
+
+def inspect_interim_head(head: bytes) -> None:
+    """A 1xx head has no body (RFC 9110 §8.6, §6.1): one that declares framing is malformed."""
+    if _FRAMING_HEADER.search(head):
+        raise AmbiguousResponse("1xx response with Content-Length or Transfer-Encoding")
 
 
 class AmbiguousResponse(ValueError):

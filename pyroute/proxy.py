@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections import deque
 
 import httptools
@@ -34,6 +36,7 @@ log = logging.getLogger("pyroute.proxy")
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens
 UNLIMITED = 1 << 62  # "no body limit", as a number a chunk count never reaches
+HEAD_LINE_ROOM = 64  # raw bytes per head line beyond the limits' count: method, version, ": ", CRLF
 
 # Why reading from the client is paused (a bit each, reading resumes when none is left).
 PAUSE_PIPELINE = 1  # a later request waits behind the one in flight
@@ -42,6 +45,7 @@ PAUSE_BUFFER = 4  # too much body buffered while connecting
 PAUSE_UPGRADE = 8  # an Upgrade request waits for the upstream's 101 (or its refusal)
 PAUSE_CLOSING = 16  # the last request asked to close: nothing more is read
 CLOSED_CONNECTION = "Data after `Connection: close`"  # llhttp's error for bytes after such a request
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: closing sends a TCP reset
 
 
 class Exchange:
@@ -51,7 +55,7 @@ class Exchange:
         "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
         "close_after", "reply", "on_response", "stats", "method", "url", "started", "head_done", "sent_at",
-        "response_at", "status", "address", "broken", "upgrade", "body_left",
+        "response_at", "status", "address", "broken", "upgrade", "body_left", "chunk_mark",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -81,6 +85,7 @@ class Exchange:
         self.broken = ""  # termination code when the exchange was cut short by pyroute's side
         self.upgrade: bytes | None = None  # an Upgrade request: client bytes sent ahead of the 101
         self.body_left = UNLIMITED  # chunked body bytes still allowed (MAX_REQUEST_BODY)
+        self.chunk_mark = -1  # body_left at the last chunk-size line (unchanged since: trailers)
 
 
 class ClientLimit:
@@ -151,10 +156,22 @@ class ProxyServer:
         self.max_header_size = settings.max_header_size
         self.max_headers = settings.max_headers
         self.max_body = settings.max_request_body or UNLIMITED
+        # llhttp's caller holds an unfinished head line whole until it ends, so raw head (and
+        # trailer) bytes are counted as they arrive and refused past what the limits allow.
+        self.max_head_bytes = (settings.max_uri_size + settings.max_header_size
+                               + HEAD_LINE_ROOM * (settings.max_headers + 1))
         self.pool.connect_timeout = settings.timeout_connect
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
+
+    def _close_after_queue(self) -> None:
+        """Read nothing more: the requests already queued are answered, then the connection closes."""
+        last = self.queue[-1]
+        last.keep_alive = False
+        last.close_after = True  # (recomputed, to the same, by a response head still to come)
+        self.in_head = False
+        self._pause(PAUSE_CLOSING)
 
     def check_timeouts(self, now: float) -> None:
         """Called by the server's tick: enforce the client-side and tunnel timeouts."""
@@ -184,6 +201,7 @@ class ClientConnection(asyncio.Protocol):
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
         "out", "served", "closed", "received", "sent", "sent_mark", "received_mark", "upgrade",
+        "head_bytes", "in_trailers", "trailers_at",
     )
 
     def __init__(self, server: ProxyServer):
@@ -196,7 +214,10 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.reading: Exchange | None = None  # the exchange whose request body is being read
         self.in_head = False
-        self.head_started = 0.0
+        self.head_started = 0.0  # when the head (or the trailer section) being read began
+        self.head_bytes = 0  # raw bytes of that head (or trailer section) so far
+        self.in_trailers = False  # a chunked body's last chunk came: its trailers are being read
+        self.trailers_at = 0  # the body's body_left when they began
         self.last_io = 0.0
         self.paused = 0
         self.out: list[bytes] = []  # response bytes to write at the next flush()
@@ -233,19 +254,58 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_io = now = self.loop.time()
-        self.received += len(data)
-        if not self.in_head and self.reading is None:  # these bytes start a request head
+        size = len(data)
+        self.received += size
+        if self.in_head or self.in_trailers:
+            self.head_bytes += size
+        elif self.reading is None:  # these bytes start a request head
             self.in_head = True
             self.head_started = now
+            self.head_bytes = size
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._after_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            refused = exc.__context__
+            if self.closed:  # a local answer closed the connection mid-read: the rest is not parsed
+                return
+            refused = exc.__context__  # what a callback raised: _Refused(status), else 400 (e.g. a ValueError)
             if refused is None and str(exc) == CLOSED_CONNECTION:
                 return self._pause(PAUSE_CLOSING)  # answer what came before, then close; ignore the rest
             self._refuse(refused.status if isinstance(refused, _Refused) else 400, str(exc))
+        else:
+            if self.in_head:  # still unfinished after this read
+                if self.head_bytes > self.server.max_head_bytes:
+                    self._refuse(431, "request head too large")
+            elif self.reading is not None and self.reading.chunked:
+                self._watch_trailers(self.reading, now)
+
+    def _watch_trailers(self, ex: Exchange, now: float) -> None:
+        """After a read of a chunked body: no data since the last chunk-size line means the last
+        chunk came and trailers are arriving (or a chunk's data is late). Those bytes get a head's
+        limit and deadline (TIMEOUT_HTTP_REQUEST), not TIMEOUT_CLIENT that every byte renews."""
+        if ex.chunk_mark != ex.body_left:  # data followed the last chunk-size line
+            self.in_trailers = False
+        elif not self.in_trailers or self.trailers_at != ex.body_left:
+            self.in_trailers = True
+            self.trailers_at = ex.body_left
+            self.head_started = now
+            self.head_bytes = 0  # (counted from the next read: this one held the last chunk)
+        elif self.head_bytes > self.server.max_head_bytes:
+            self._refuse(400, "chunk trailers too large")
+
+    def eof_received(self) -> bool:
+        """The client half-closed (shutdown(SHUT_WR), `nc -N`): the requests it sent whole are
+        answered, then the connection closes. With nothing to answer, a request cut short or an
+        upgrade pending (a tunnel would never see this end), it closes now; and on TLS, whose
+        transports close on EOF whatever this returns (and log a warning for True)."""
+        queue = self.queue
+        if self.closed or not queue or self.reading is not None or queue[-1].upgrade is not None:
+            return False
+        if self.transport.get_extra_info("sslcontext") is not None:
+            return False
+        self._close_after_queue()
+        return True
 
     def connection_lost(self, exc) -> None:
         if self.parser is None:
@@ -376,7 +436,10 @@ class ClientConnection(asyncio.Protocol):
             self._pause(PAUSE_PIPELINE)
             return
         if ex.local:
-            return self._respond_locally(ex, ex.local)
+            self._respond_locally(ex, ex.local)
+            if self.closed:  # llhttp would go on with the rest of the read: nothing after a refusal
+                raise _Closed  # may reach an upstream
+            return
         # The fast path, inline: a cached address and a pooled connection.
         address = ex.route.backend.address()
         if address is not None:
@@ -392,13 +455,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self.reading
-        if ex.local:
-            return  # answered locally: the body is read and dropped
         if ex.chunked:
-            ex.body_left -= len(body)
+            ex.body_left -= len(body)  # (also for a dropped body: _watch_trailers sees it move)
+            if ex.local:
+                return  # answered locally: the body is read and dropped
             if ex.body_left < 0:
                 raise _Refused(413)
             body = b"%x\r\n%b\r\n" % (len(body), body)
+        elif ex.local:
+            return
         upstream = ex.upstream
         if upstream is not None:
             upstream.last_io = self.last_io
@@ -406,15 +471,26 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._buffer(ex, body)
 
+    def on_chunk_header(self) -> None:
+        ex = self.reading
+        ex.chunk_mark = ex.body_left
+
     def on_message_complete(self) -> None:
         ex = self.reading
         self.reading = None
         ex.request_done = True
-        if ex.chunked and not ex.local:
-            if ex.upstream is not None:
-                ex.upstream.transport.write(CHUNK_END)
-            else:
-                self._buffer(ex, CHUNK_END)
+        if ex.chunked:
+            self.in_trailers = False
+            if self.headers:  # trailer fields came through on_header: they belong to no head
+                self.headers = []
+                self.host = self.upgrade = None
+                self.chunked = False
+                self.length = self.head_size = 0
+            if not ex.local:
+                if ex.upstream is not None:
+                    ex.upstream.transport.write(CHUNK_END)
+                else:
+                    self._buffer(ex, CHUNK_END)
 
     # -- forwarding ------------------------------------------------------------------------
     def _limit_body(self, ex: Exchange, length: int) -> None:
@@ -487,7 +563,12 @@ class ClientConnection(asyncio.Protocol):
         if ex.responded:  # part of the response is out: only a reset tells the client it is cut short
             ex.broken = "sD" if status == 504 else "SD"
             self.flush()
-            self.transport.abort()
+            transport = self.transport
+            sock = transport.get_extra_info("socket")
+            if sock is not None and not transport.is_closing():
+                # a TCP reset: a plain abort sends a FIN, which the client takes for a clean end
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            transport.abort()
             return
         self._respond_locally(ex, status)
 
@@ -661,15 +742,27 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _refuse(self, status: int, why: str) -> None:
-        """A request that cannot be parsed: answer (if nothing else is in flight) and close."""
+        """A request that cannot be parsed (or did not arrive in time): answer it and close.
+
+        Requests read whole before it keep their responses: the connection closes after the
+        last of them instead, and the broken request is dropped without an answer.
+        """
         log.debug("refusing request from %s: %s", self.client_ip.decode(), why)
+        queue = self.queue
+        reading = self.reading
+        now = self.loop.time()
+        termination = "cR" if status == 408 else "PR"
+        if reading is not None and len(queue) > 1:  # its body broke while it waited behind others
+            queue.pop()
+            self._account(reading, reading.status, termination, now)
+            self.reading = reading = None
+        if reading is None and queue:
+            return self._close_after_queue()
         self.closed = True
         for ex in self.queue:
             if ex.upstream is not None:
                 ex.upstream.abort()
         responded = any(ex.responded for ex in self.queue)
-        now = self.loop.time()
-        termination = "cR" if status == 408 else "PR"
         for ex in self.queue:  # the one whose body was being read gets the refusal; the others are cut off
             self._account(ex, status if ex is self.reading and not responded else ex.status, termination, now)
         if not responded:
@@ -681,6 +774,14 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
         self.transport.close()
 
+    def _close_after_queue(self) -> None:
+        """Read nothing more: the requests already queued are answered, then the connection closes."""
+        last = self.queue[-1]
+        last.keep_alive = False
+        last.close_after = True  # (recomputed, to the same, by a response head still to come)
+        self.in_head = False
+        self._pause(PAUSE_CLOSING)
+
     def check_timeouts(self, now: float) -> None:
         settings = self.server.settings
         if self.closed:
@@ -689,7 +790,10 @@ class ClientConnection(asyncio.Protocol):
             if now - self.head_started > settings.timeout_http_request:
                 self._refuse(408, "request head timeout")
         elif self.reading is not None and not self.paused:
-            if now - self.last_io > settings.timeout_client:
+            if self.in_trailers:
+                if now - self.head_started > settings.timeout_http_request:
+                    self._refuse(408, "chunk trailers timeout")
+            elif now - self.last_io > settings.timeout_client:
                 self._refuse(408, "client timeout while sending the body")
             elif body_too_slow(now, self.reading.head_done, self.received - self.received_mark,
                                settings.timeout_client, settings.min_body_rate):
@@ -725,6 +829,10 @@ class _Refused(Exception):
 
 
 Refused = _Refused  # for connection subclasses elsewhere (connections.ClientCertConnection)
+
+
+class _Closed(Exception):
+    """Raised inside a parser callback once the connection is closed: llhttp stops there."""
 
 
 def _origin_form(url: bytes, host: bytes | None, method: bytes) -> tuple[bytes | None, bytes | None]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import httptools
 
-from .headers import inspect_response_head
+from .headers import AmbiguousResponse, inspect_interim_head, inspect_response_head
 from .resolver import Resolver, is_ip
 
 log = logging.getLogger("pyroute.upstream")
@@ -250,11 +250,13 @@ class UpstreamConnection(asyncio.Protocol):
             if not was_closed:
                 self.pool.discard(self)
             return
-        if self.close_delimited and not self.in_head:
+        if self.close_delimited and not self.in_head and exc is None:  # a clean close ends the body
             self._complete(False)
             return
         self.owner = None
-        owner.response_failed(self, "upstream closed the connection", retryable=self.reused and not self.responded)
+        # A reset (exc) cuts a close-delimited body short: the client gets a reset too, never a clean end.
+        reason = f"upstream reset the connection: {exc}" if exc is not None else "upstream closed the connection"
+        owner.response_failed(self, reason, retryable=self.reused and not self.responded)
 
     def pause_writing(self) -> None:
         if self.owner is not None:
@@ -278,9 +280,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.extra = True
             return
         end += 4
+        if end - start > MAX_RESPONSE_HEAD:  # (a head that arrived in pieces is checked as they come)
+            raise AmbiguousResponse("response head too large")
         head = view[start:end] if start or end < len(view) else view
         self.emit_from = self.scan_from = end
         if status < 200:
+            inspect_interim_head(head)
             if status == 101:  # llhttp stops right after this head (HttpParserUpgrade)
                 self.switch_head = head
                 self.extra = True  # anything but the switch llhttp signals is a broken upstream

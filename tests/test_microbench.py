@@ -7,8 +7,9 @@ Each also asserts the result, so a regression in behaviour fails here too.
 """
 
 import httptools
+import pytest
 
-from pyroute.headers import inspect_response_head, request_head, rewrite_response_head
+from pyroute.headers import AmbiguousResponse, inspect_response_head, request_head, rewrite_response_head
 from pyroute.routing import RouteTable
 from pyroute.services import parse_service
 
@@ -100,8 +101,9 @@ def test_response_head_inspect_cases():
     assert inspect_response_head(RESPONSE_HEAD_KEEPALIVE) == (False, RESPONSE_HEAD)
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert inspect_response_head(chunked) == (False, chunked)
-    gzip_only = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"
-    assert inspect_response_head(gzip_only) == (True, gzip_only)
+    for last_not_chunked in (b"gzip", b"xchunked", b"chunked, gzip"):  # F13: refused, not close-delimited
+        with pytest.raises(AmbiguousResponse):
+            inspect_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + last_not_chunked + b"\r\n\r\n")
     assert inspect_response_head(b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\n") == (True, None)
     named = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: X-Secret\r\nX-Secret: 1\r\n\r\n"
     assert inspect_response_head(named) == (False, None)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from support.rawupstream import reset
 from support.upstream import wait_until
 
 PYROUTE_ENV = {"DEBUG": "true", "TIMEOUT_SERVER": "1", "STATS_USER": "admin", "STATS_PASS": "s3cret"}
@@ -174,9 +175,11 @@ def test_access_log_200_no_route_and_timeout(proxy, svc):
 
 
 def test_access_log_client_abort(proxy, svc):
+    # An abort is a reset: a FIN alone is a half-close, and the request is still answered (F14).
     with socket.create_connection(("127.0.0.1", proxy.http_port)) as s:
         s.sendall(b"GET /obs/slow/0.5?abort HTTP/1.1\r\nHost: t\r\n\r\n")
         wait_until(lambda: svc.requests("/obs/slow/0.5?abort"), what="the request reached the upstream")
+        reset(s)
     entry = access_line(proxy, "/obs/slow/0.5?abort", status=0, termination="CD", service="obs-a")
     assert entry["response_ms"] is None and entry["bytes"] == 0
 

@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from support.rawupstream import RawUpstream
 from support.upstream import wait_until
 
 PYROUTE_ENV = {"MAX_URI_SIZE": "200", "MAX_HEADER_SIZE": "2048", "MAX_HEADERS": "20", "MAX_REQUEST_BODY": "1000"}
@@ -253,43 +254,6 @@ BAD_RESPONSES = {
     "101 unasked": b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\nraw",
     "bad chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
 }
-
-
-class RawUpstream:
-    """Answers every request head with fixed bytes; records whether pyroute then closed."""
-
-    def __init__(self, ip="127.0.0.41"):
-        import threading
-        self.sock = socket.socket()
-        self.sock.bind((ip, 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.answer = b""
-        self.closed_by_proxy = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.settimeout(10)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                head += chunk
-            conn.sendall(self.answer)
-            try:
-                self.closed_by_proxy.append(conn.recv(1) == b"")   # pyroute discards the connection
-            except OSError:
-                self.closed_by_proxy.append(True)
-            conn.close()
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
