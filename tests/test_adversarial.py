@@ -52,46 +52,10 @@ ANSWER_TIMEOUT = 3.0  # longer than TIMEOUT_SERVER: pyroute always says somethin
 MAX_RESPONSE_HEAD = 64 * 1024  # pyroute refuses a larger upstream response head (502)
 POISON = b"HTTP/1.1 200 OK\r\nX-Seen: POISON\r\nContent-Length: 6\r\n\r\nPOISON"
 
-# Cases that fail on today's main, each with the finding of issue 14 it is (see the report
-# of the branch that added this file). Strict: when a fix lands, the case XPASSes and fails
-# until its line here is removed.
-KNOWN_FAILING: dict[str, str] = {
-    # The Connection header names a framing header: pyroute drops it and forwards the body
-    # as the next request(s).
-    "portswigger/connection/tecl": "F1",
-    "issue14/F1 Connection names Content-Length": "F1",
-    "issue14/F1 Connection names Transfer-Encoding": "F1",
-    "issue14/F1 Connection names Transfer-Encoding, request in a chunk": "F1",
-    "issue14/F1 Connection names Content-Length among others": "F1",
-    # A request already forwarded, then bytes that do not parse: the client gets 400 in
-    # place of the answer the upstream gave. The `tecl` ones: the mutated line is not a
-    # Transfer-Encoding to pyroute (rightly), so the POST has no body and the chunk
-    # that follows is the garbage.
-    "smuggler/default/xprespace-09/tecl": "F11",
-    "smuggler/default/xprespace-20/tecl": "F11",
-    "smuggler/default/xprespace-a0/tecl": "F11",
-    "smuggler/default/xprespace-ff/tecl": "F11",
-    "smuggler/exhaustive/underjoin1/tecl": "F11",  # ADVERSARIAL_FULL=1 only
-    "smuggler/exhaustive/contentEnc/tecl": "F11",  # ADVERSARIAL_FULL=1 only
-    "portswigger/underjoin1/tecl": "F11",
-    "portswigger/contentEnc/tecl": "F11",
-    "portswigger/encode/tecl": "F11",
-    "portswigger/removed/tecl": "F11",
-    "http_garden/bonus-03 NUL after a chunked request": "F11",
-    "issue14/F11 POST forwarded, then garbage in the same packet": "F11",
-    # A request pyroute refused itself, with another in the same read: that one is forwarded.
-    "issue14/F10 missing Host, then a pipelined request": "F10",
-    "issue14/F10 GET *, then a pipelined request": "F10",
-    # The upstream's Connection names its framing header: the client gets the response
-    # unframed on a connection kept open.
-    "response/F5 Connection names Content-Length": "F5",
-    "response/F5 Connection names Transfer-Encoding": "F5",
-    # xchunked taken as chunked; a 1xx's Content-Length forwarded; a head over the limit
-    # forwarded when it arrives in one read.
-    "response/F13 TE xchunked": "F13",
-    "response/F13 1xx with Content-Length": "F13",
-    "response/F13 70 KB head in one read": "F13",
-}
+# Cases known to fail, each with the finding it is (an issue number and F-number), marked
+# strict xfail so that the fix shows as an XPASS until its line here is removed. Issue 14's
+# F1, F5, F10, F11 and F13 were here until their fixes landed; none fails today.
+KNOWN_FAILING: dict[str, str] = {}
 
 
 @dataclass
@@ -206,7 +170,7 @@ def response_cases() -> list[ResponseCase]:
 def _marked(case_id: str):
     if finding := KNOWN_FAILING.get(case_id):
         return pytest.param(case_id, id=case_id,
-                            marks=pytest.mark.xfail(strict=True, reason=f"{finding}, fixed on branch sec-framing"))
+                            marks=pytest.mark.xfail(strict=True, reason=f"{finding}: known to fail until its fix lands"))
     return pytest.param(case_id, id=case_id)
 
 
