@@ -18,11 +18,11 @@ import time
 
 from pyroute.config import Settings
 from pyroute.metrics import DataStats
-from pyroute.proxy import ProxyServer
+from pyroute.dataplane.client import ProxyServer
 from pyroute.resolver import Resolver
-from pyroute.routing import RouteTable
+from pyroute.dataplane.routing import RouteTable
 from pyroute.services import parse_service
-from pyroute.upstream import Backend, UpstreamConnection, UpstreamPool
+from pyroute.dataplane.upstream import Backend, UpstreamConnection, UpstreamPool
 
 REQUEST = b"GET /demo/hello HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n"
 RESPONSES = {

@@ -24,7 +24,7 @@ import time
 from pyroute.config import Settings
 from pyroute.server import DataPlane, LocalPlanes
 from pyroute.services import ServiceDefaults
-from pyroute.state import ServiceRegistry
+from pyroute.controlplane.registry import ServiceRegistry
 
 
 def service_params(i: int, domains: float, rng: random.Random) -> dict[str, str]:

@@ -1,3 +1,3 @@
-from .cli import main
+from pyroute.commands.cli import main
 
 raise SystemExit(main())

@@ -20,10 +20,10 @@ from bisect import bisect_left
 
 import orjson
 
-from .eventlog import event
-from .resolver import is_ip
+from pyroute.eventlog import event
+from pyroute.resolver import is_ip
 
-log = logging.getLogger("pyroute.health")
+log = logging.getLogger("pyroute.dataplane.health")
 
 # Upper bounds (seconds) of the request duration histogram buckets; +Inf is implicit.
 DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -18,28 +18,29 @@ import signal
 import socket
 from collections.abc import Callable
 
-from . import metrics, statspage
-from .accesslog import AccessLog
-from .admin import AdminApi, AdminConnection
-from . import errors
-from .acceptor import PeekingListener, listen_socket
-from .adminauth import admin_credentials
-from .balancer import Sticky, TaskSet
-from .config import Settings, SettingsError, raw_haproxy_warnings
-from .connections import ClientCertConnection
-from .envservices import env_services
-from .health import HealthPolicy
-from .proxy import ClientLimit, ProxyServer
-from .replication import Replication
-from .resolver import Resolver, is_ip, report_unreachable_dns
-from .routing import RouteTable
-from .services import Service, ServiceDefaults, ServiceError, parse_service
-from .state import ServiceRegistry, Snapshot
-from .summary import ready_summary
-from .swarm import EngineClient, EngineError, SwarmListener, listener_enabled, socket_problem
-from .tcp import Port, TcpListeners, Tunnel
-from .tls import CertStore, file_name
-from .upstream import Backend, UpstreamPool
+from pyroute import metrics
+from pyroute.controlplane import statspage
+from pyroute.dataplane.accesslog import AccessLog
+from pyroute.controlplane.admin import AdminApi, AdminConnection
+from pyroute.dataplane import pages
+from pyroute.dataplane.acceptor import PeekingListener, listen_socket
+from pyroute.controlplane.adminauth import admin_credentials
+from pyroute.dataplane.balancer import Sticky, TaskSet
+from pyroute.config import Settings, SettingsError, raw_haproxy_warnings
+from pyroute.dataplane.clientcert import ClientCertConnection
+from pyroute.controlplane.envservices import env_services
+from pyroute.dataplane.health import HealthPolicy
+from pyroute.dataplane.client import ClientLimit, ProxyServer
+from pyroute.controlplane.replication import Replication
+from pyroute.resolver import Resolver, is_ip, report_unreachable_dns
+from pyroute.dataplane.routing import RouteTable
+from pyroute.services import Service, ServiceDefaults, ServiceError, parse_service
+from pyroute.controlplane.registry import ServiceRegistry, Snapshot
+from pyroute.summary import ready_summary
+from pyroute.controlplane.swarm import EngineClient, EngineError, SwarmListener, listener_enabled, socket_problem
+from pyroute.dataplane.l4 import Port, TcpListeners, Tunnel
+from pyroute.tls import CertStore, file_name
+from pyroute.dataplane.upstream import Backend, UpstreamPool
 
 log = logging.getLogger("pyroute")
 
@@ -212,7 +213,7 @@ class DataPlane:
         public = {spec.port for spec in s.default_ports + s.bind_ports}
         tls_ports = {spec.port for spec in s.default_ports + s.bind_ports if spec.ssl}
         self.tcp = TcpListeners(s, loop, self._backend, listen, public, tls_ports)
-        errors.use_directory(s.error_pages_dir)
+        pages.use_directory(s.error_pages_dir)
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply re-read settings (SIGHUP) at once; RESTART_ONLY ones keep their values."""
@@ -225,7 +226,7 @@ class DataPlane:
         if self.proxy.access_log is not None:
             self.proxy.access_log.flush()  # (lines logged so far go out under the old settings)
         self.proxy.access_log = self.tls_proxy.access_log = _access_log(settings, asyncio.get_running_loop())
-        errors.use_directory(settings.error_pages_dir)
+        pages.use_directory(settings.error_pages_dir)
         self.proxy.limit.set_maxconn(settings.maxconn)
         self.proxy.limit.addresses.cap = settings.maxconn_per_ip
 
@@ -660,7 +661,7 @@ async def wait_for_signal(on_hup: Callable[[], None] | None = None) -> None:
 async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain. `load` re-reads the settings on SIGHUP."""
     if settings.workers > 1:
-        from .workers import serve_with_workers
+        from pyroute.workers import serve_with_workers
 
         return await serve_with_workers(settings, load)
     app = Pyroute(settings)

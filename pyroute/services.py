@@ -15,9 +15,9 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import is_secret_env
-from .features import ENV_FETCH, check_header_value
-from .patterns import PatternError, compile_pattern, compile_replacement
+from pyroute.config import is_secret_env
+from pyroute.dataplane.features import ENV_FETCH, check_header_value
+from pyroute.patterns import PatternError, compile_pattern, compile_replacement
 
 MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 # A destination exists at index N when any of these carries the ".N" suffix (DFP's rule).

@@ -6,7 +6,7 @@ restored, and where routes come from.
 
 from __future__ import annotations
 
-from .config import Settings
+from pyroute.config import Settings
 
 
 def discovery(settings: Settings, docker_labels: bool) -> str:

@@ -38,13 +38,13 @@ import sys
 
 import orjson
 
-from . import eventlog, metrics
-from .config import ListenSpec, Settings
-from .server import ControlPlane, DataPlane, StartupError, addresses, cert_store, reread, settle_memory, wait_for_signal
-from .summary import ready_summary
-from .services import ServiceDefaults, parse_service
-from .state import Snapshot
-from .tls import CertStore
+from pyroute import eventlog, metrics
+from pyroute.config import ListenSpec, Settings
+from pyroute.server import ControlPlane, DataPlane, StartupError, addresses, cert_store, reread, settle_memory, wait_for_signal
+from pyroute.summary import ready_summary
+from pyroute.services import ServiceDefaults, parse_service
+from pyroute.controlplane.registry import Snapshot
+from pyroute.tls import CertStore
 
 log = logging.getLogger("pyroute.workers")
 
@@ -391,7 +391,7 @@ async def _worker_main(fd: int) -> int:
 
 
 def main() -> int:
-    from .cli import run
+    from pyroute.commands.cli import run
 
     eventlog.setup_logging("INFO", "%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
     result = []

@@ -10,7 +10,7 @@ import yaml
 
 from pyroute.config import ListenSpec, load_settings
 from pyroute.services import parse_service
-from pyroute.swarm import service_params
+from pyroute.controlplane.swarm import service_params
 from support.engine import FakeEngine
 from support.upstream import wait_until
 

@@ -183,7 +183,7 @@ def test_sni_passthrough_routes_on_the_client_hello(proxy, dns, tls_backend):
 
 
 def test_client_hello_parser_needs_whole_hello():
-    from pyroute.tcp import NotTls, client_hello_sni
+    from pyroute.dataplane.l4 import NotTls, client_hello_sni
 
     ctx = ssl.create_default_context()
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -281,7 +281,7 @@ def test_proxy_protocol_only_from_trusted_peers(pp_proxy):
 
 
 def test_proxy_header_parser():
-    from pyroute.proxyproto import BadHeader, parse_header
+    from pyroute.dataplane.proxyproto import BadHeader, parse_header
 
     v1 = b"PROXY TCP6 2001:db8::1 2001:db8::2 1 2\r\nGET"
     assert parse_header(v1) == (len(v1) - 3, "2001:db8::1")

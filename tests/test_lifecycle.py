@@ -129,7 +129,7 @@ def test_builtin_error_pages_are_dfp_style(proxy):
 
 def test_every_error_page_is_a_complete_response():
     import h11
-    from pyroute.errors import PAGES, error_head_only, error_response
+    from pyroute.dataplane.pages import PAGES, error_head_only, error_response
     assert {400, 403, 405, 408, 413, 414, 429, 431, 500, 502, 503, 504} <= set(PAGES)
     for status in PAGES:
         for close in (False, True):

@@ -9,8 +9,8 @@ Each also asserts the result, so a regression in behaviour fails here too.
 import httptools
 import pytest
 
-from pyroute.headers import AmbiguousResponse, inspect_response_head, request_head, rewrite_response_head
-from pyroute.routing import RouteTable
+from pyroute.dataplane.headers import AmbiguousResponse, inspect_response_head, request_head, rewrite_response_head
+from pyroute.dataplane.routing import RouteTable
 from pyroute.services import parse_service
 
 WRK_REQUEST = b"GET /demo/hello HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n"

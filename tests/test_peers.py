@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import httptools
 import pytest
 
-from pyroute.peers import Peers, http_request
+from pyroute.controlplane.peers import Peers, http_request
 from pyroute.resolver import Resolver
 from support.upstream import free_port
 

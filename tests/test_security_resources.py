@@ -212,7 +212,7 @@ def _backend(host, port, service, tls=False):
 
 
 def _table(services, previous=None, longest=False):
-    from pyroute.routing import RouteTable
+    from pyroute.dataplane.routing import RouteTable
     return RouteTable(services, _backend, longest_match=longest, previous=previous)
 
 
@@ -288,11 +288,11 @@ def _f9_service(draw):
 
 @pytest.mark.parametrize("gap", [None, 4], ids=["default-gap", "gap-4-relabels-often"])
 def test_F9_incremental_tables_route_as_a_full_build_does(gap, monkeypatch):
-    import pyroute.routing
+    import pyroute.dataplane.routing
     from hypothesis import HealthCheck, given, settings, strategies as st
 
     if gap is not None:  # so few free priorities that inserts keep relabelling their neighbours
-        monkeypatch.setattr(pyroute.routing, "PRIORITY_GAP", gap)
+        monkeypatch.setattr(pyroute.dataplane.routing, "PRIORITY_GAP", gap)
     probes = [(host, path) for host in (None, b"a.test", b"b.test:8080", b"c.test", b"old.test", b"other")
               for path in (b"/", b"/a", b"/a/b/c", b"/ab", b"/b/x", b"/.well-known/acme/t", b"/zzz", b"/a/")]
 
@@ -320,7 +320,7 @@ def test_F9_incremental_tables_route_as_a_full_build_does(gap, monkeypatch):
 
 
 def test_F9_requests_keep_being_answered_while_changes_stream_with_10k_routes(make_pyroute, dns, replicas, tmp_path):
-    from pyroute.state import ServiceRegistry
+    from pyroute.controlplane.registry import ServiceRegistry
 
     up = replicas[0]
     dns.set_service("f9-live", up.ip)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyroute.services import ServiceError
-from pyroute.state import ServiceRegistry, StateError
+from pyroute.controlplane.registry import ServiceRegistry, StateError
 
 NAMES = ["a", "b", "c"]
 
@@ -110,7 +110,7 @@ def test_malformed_documents_are_refused_whole(mutate):
 
 
 def test_bad_stamp_parameter_is_a_400():
-    from pyroute.admin import Request, _stamp
+    from pyroute.controlplane.admin import Request, _stamp
     with pytest.raises(ServiceError) as exc:
         _stamp(Request("GET", "/x?pyrouteStamp=abc", b""))
     assert exc.value.status == 400

@@ -2,7 +2,7 @@
 DFSL's label conversion, the initial listing, events, and polling when the stream breaks."""
 import pytest
 
-from pyroute.swarm import service_params
+from pyroute.controlplane.swarm import service_params
 from support.engine import FakeEngine
 from support.upstream import wait_until
 
@@ -145,7 +145,7 @@ def test_listener_runs_in_the_control_process_with_workers(engine, make_pyroute,
 # -- settings --------------------------------------------------------------------------------------
 def test_listener_is_on_when_docker_host_is_set_or_the_socket_exists(tmp_path):
     from pyroute.config import load_settings
-    from pyroute.swarm import listener_enabled
+    from pyroute.controlplane.swarm import listener_enabled
 
     default = load_settings([], {})
     assert default.docker_host == "unix:///var/run/docker.sock" and default.sources["docker_host"] == "default"

@@ -24,9 +24,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .services import Destination, Service
+from pyroute.services import Destination, Service
 
-log = logging.getLogger("pyroute.tcp")
+log = logging.getLogger("pyroute.dataplane.l4")
 
 MAX_CLIENT_HELLO = 16 * 1024 + 5 * 4  # a ClientHello spread over a few records at most
 MAX_PENDING = 256 * 1024  # client bytes buffered while the upstream connection opens

@@ -24,16 +24,16 @@ import logging
 
 import orjson
 
-from .admin import PREFIX
-from .adminauth import admin_credentials
-from .config import Settings
-from .durable import StateFile
-from .listener import ListenerClient
-from .peers import PeerResult, Peers
-from .resolver import Resolver, ResolveError
-from .state import ServiceRegistry, StateError
+from pyroute.controlplane.admin import PREFIX
+from pyroute.controlplane.adminauth import admin_credentials
+from pyroute.config import Settings
+from pyroute.controlplane.statefile import StateFile
+from pyroute.controlplane.dfsl import ListenerClient
+from pyroute.controlplane.peers import PeerResult, Peers
+from pyroute.resolver import Resolver, ResolveError
+from pyroute.controlplane.registry import ServiceRegistry, StateError
 
-log = logging.getLogger("pyroute.replication")
+log = logging.getLogger("pyroute.controlplane.replication")
 
 
 class Replication:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-log = logging.getLogger("pyroute.health")
+log = logging.getLogger("pyroute.dataplane.health")
 
 
 @dataclass(frozen=True, slots=True)

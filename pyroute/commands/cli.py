@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, eventlog
-from .config import SettingsError, add_setting_flags, settings_from_args
+from pyroute import __version__, eventlog
+from pyroute.config import SettingsError, add_setting_flags, settings_from_args
 
 EXAMPLES = """\
 examples:
@@ -77,26 +77,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyroute {__version__}")
         return 0
     if args.command == "check-config":
-        from .checkconfig import main as check_config
+        from pyroute.commands.check_config import main as check_config
 
         return check_config(args.file)
     if args.command == "routes":
-        from .showroutes import main as show_routes
+        from pyroute.commands.routes import main as show_routes
 
         return show_routes(args.admin, args.user, args.password)
 
-    from .server import StartupError
+    from pyroute.server import StartupError
 
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from pyroute.commands.demo import run_demo
 
             setup_logging("info")
             run(run_demo(args.http_port, args.admin_port))
             return 0
         settings = settings_from_args(args)
         setup_logging(settings.log_level)
-        from .server import serve
+        from pyroute.server import serve
 
         run(serve(settings, lambda: settings_from_args(args)))
     except (SettingsError, StartupError) as exc:

@@ -15,7 +15,7 @@ import logging
 import os
 from functools import lru_cache
 
-log = logging.getLogger("pyroute.errors")
+log = logging.getLogger("pyroute.dataplane.pages")
 
 PAGES = {
     400: ("Bad Request", "Your browser sent an invalid request."),

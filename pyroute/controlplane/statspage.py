@@ -15,7 +15,7 @@ import datetime
 import hmac
 from html import escape
 
-from .metrics import UNROUTED
+from pyroute.metrics import UNROUTED
 
 REFRESH = 5  # seconds between automatic reloads of the page
 

@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 import httptools
 
-from .headers import AmbiguousResponse, inspect_interim_head, inspect_response_head
-from .resolver import Resolver, is_ip
+from pyroute.dataplane.headers import AmbiguousResponse, inspect_interim_head, inspect_response_head
+from pyroute.resolver import Resolver, is_ip
 
-log = logging.getLogger("pyroute.upstream")
+log = logging.getLogger("pyroute.dataplane.upstream")
 
 MAX_RESPONSE_HEAD = 64 * 1024  # a response head larger than this is refused (502)
 CHUNK_END = b"0\r\n\r\n"  # the last chunk of a chunked body (no trailers)

@@ -25,10 +25,10 @@ import logging
 import socket
 from collections.abc import Callable
 
-from .proxyproto import PEEK, BadHeader, parse_header
-from .tcp import MAX_CLIENT_HELLO, NotTls, Port, client_hello_sni
+from pyroute.dataplane.proxyproto import PEEK, BadHeader, parse_header
+from pyroute.dataplane.l4 import MAX_CLIENT_HELLO, NotTls, Port, client_hello_sni
 
-log = logging.getLogger("pyroute.acceptor")
+log = logging.getLogger("pyroute.dataplane.acceptor")
 
 ACCEPT_BATCH = 64
 

@@ -20,9 +20,9 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .features import ResponsePlan, compile_request_steps
-from .patterns import compile_pattern
-from .services import Destination, Service
+from pyroute.dataplane.features import ResponsePlan, compile_request_steps
+from pyroute.patterns import compile_pattern
+from pyroute.services import Destination, Service
 
 HOST_CACHE_LIMIT = 4096  # distinct Host values indexed per table; a flood of junk hosts only resets it
 LONGEST_RANK = 1 << 48  # rank = (LONGEST_RANK - pattern length) * LONGEST_RANK + priority in longest-match order

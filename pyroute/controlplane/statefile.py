@@ -21,9 +21,9 @@ from datetime import datetime, timezone
 
 import orjson
 
-from .state import StateError, read_document
+from pyroute.controlplane.registry import StateError, read_document
 
-log = logging.getLogger("pyroute.durable")
+log = logging.getLogger("pyroute.controlplane.statefile")
 
 CURRENT = "state.json"
 PREVIOUS = "state.prev.json"

@@ -5,7 +5,7 @@ Only connections that need it pay for it: other listeners keep the base class.
 
 from __future__ import annotations
 
-from .proxy import ClientConnection, Refused, origin_form
+from pyroute.dataplane.client import ClientConnection, Refused, origin_form
 
 
 class ClientCertConnection(ClientConnection):

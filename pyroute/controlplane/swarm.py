@@ -23,10 +23,10 @@ import socket
 import urllib.parse
 from collections.abc import AsyncIterator
 
-from .services import ServiceError
-from .state import ServiceRegistry
+from pyroute.services import ServiceError
+from pyroute.controlplane.registry import ServiceRegistry
 
-log = logging.getLogger("pyroute.swarm")
+log = logging.getLogger("pyroute.controlplane.swarm")
 
 API_VERSION = "v1.41"  # what Docker 20.10 speaks; newer engines accept it too
 NOTIFY_FILTER = {"label": ["com.df.notify=true"]}

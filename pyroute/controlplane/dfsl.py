@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
-from .config import Settings
-from .peers import PeerError, http_request, resolve_host
-from .resolver import Resolver, ResolveError
-from .state import ServiceRegistry
+from pyroute.config import Settings
+from pyroute.controlplane.peers import PeerError, http_request, resolve_host
+from pyroute.resolver import Resolver, ResolveError
+from pyroute.controlplane.registry import ServiceRegistry
 
-log = logging.getLogger("pyroute.listener")
+log = logging.getLogger("pyroute.controlplane.dfsl")
 
 LISTENER_PORT = 8080
 GET_SERVICES = "/v1/docker-flow-swarm-listener/get-services"

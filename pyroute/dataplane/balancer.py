@@ -23,13 +23,13 @@ import random
 
 import aiodns
 
-from .health import HealthMonitor, HealthPolicy
-from .headers import inspect_response_head
-from .resolver import ResolveError
-from .routing import Route
-from .upstream import UpstreamConnection, UpstreamPool
+from pyroute.dataplane.health import HealthMonitor, HealthPolicy
+from pyroute.dataplane.headers import inspect_response_head
+from pyroute.resolver import ResolveError
+from pyroute.dataplane.routing import Route
+from pyroute.dataplane.upstream import UpstreamConnection, UpstreamPool
 
-log = logging.getLogger("pyroute.balancer")
+log = logging.getLogger("pyroute.dataplane.balancer")
 
 NO_ANSWER = (1, 4)  # aiodns: "no data" and NXDOMAIN mean the service has no task
 MAX_REDISPATCH = 3  # other tasks tried after a failed connect (HAProxy's retries)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from .config import ListenSpec, load_settings
-from .server import Pyroute
+from pyroute.config import ListenSpec, load_settings
+from pyroute.server import Pyroute
 
 HELLO = b"hello, world!\n"
 

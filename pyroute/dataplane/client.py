@@ -22,16 +22,16 @@ from collections import deque
 
 import httptools
 
-from . import features
-from .errors import error_head_only, error_response
-from .limits import AddressLimit, body_too_slow
-from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
-from .resolver import ResolveError
-from .routing import RouteTable
-from .tunnel import Tunnel
-from .upstream import CHUNK_END, UpstreamConnection, UpstreamPool
+from pyroute.dataplane import features
+from pyroute.dataplane.pages import error_head_only, error_response
+from pyroute.dataplane.limits import AddressLimit, body_too_slow
+from pyroute.dataplane.headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
+from pyroute.resolver import ResolveError
+from pyroute.dataplane.routing import RouteTable
+from pyroute.dataplane.tunnel import Tunnel
+from pyroute.dataplane.upstream import CHUNK_END, UpstreamConnection, UpstreamPool
 
-log = logging.getLogger("pyroute.proxy")
+log = logging.getLogger("pyroute.dataplane.client")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens

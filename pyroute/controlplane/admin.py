@@ -17,15 +17,16 @@ from urllib.parse import parse_qsl, urlsplit
 import httptools
 import orjson
 
-from . import metrics, statspage
-from .adminauth import BROWSER_HEADERS, STATE_CHANGING, allowed, cross_site
-from .resolver import ResolveError
-from .routing import precedence_key
-from .services import Service, ServiceError, is_removal
-from .state import ServiceRegistry, format_stamp, parse_stamp
-from .tls import load_certificate
+from pyroute import metrics
+from pyroute.controlplane import statspage
+from pyroute.controlplane.adminauth import BROWSER_HEADERS, STATE_CHANGING, allowed, cross_site
+from pyroute.resolver import ResolveError
+from pyroute.dataplane.routing import precedence_key
+from pyroute.services import Service, ServiceError, is_removal
+from pyroute.controlplane.registry import ServiceRegistry, format_stamp, parse_stamp
+from pyroute.tls import load_certificate
 
-log = logging.getLogger("pyroute.admin")
+log = logging.getLogger("pyroute.controlplane.admin")
 
 PREFIX = "/v1/docker-flow-proxy/"
 MAX_ADMIN_BODY = 1024 * 1024

@@ -14,7 +14,7 @@ import hmac
 import logging
 import os
 
-log = logging.getLogger("pyroute.admin")
+log = logging.getLogger("pyroute.controlplane.admin")
 
 
 def _secret(directory: str, name: str) -> str | None:

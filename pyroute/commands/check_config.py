@@ -15,9 +15,9 @@ import os
 import sys
 from collections.abc import Mapping
 
-from .config import _SETTINGS, ListenSpec, Settings, SettingsError, raw_haproxy_warnings, settings_from_args
-from .swarm import listener_enabled, socket_problem
-from .tls import MAX_PEM, SECRET_PREFIXES, load_certificate
+from pyroute.config import _SETTINGS, ListenSpec, Settings, SettingsError, raw_haproxy_warnings, settings_from_args
+from pyroute.controlplane.swarm import listener_enabled, socket_problem
+from pyroute.tls import MAX_PEM, SECRET_PREFIXES, load_certificate
 
 MASKED = frozenset({"admin_pass", "stats_pass", "users"})  # shown as *** when set
 

@@ -23,11 +23,11 @@ from collections.abc import Callable, Mapping
 
 import orjson
 
-from .eventlog import event
-from .routing import CompileError, check_compiles
-from .services import Service, ServiceDefaults, ServiceError, is_removal, parse_service
+from pyroute.eventlog import event
+from pyroute.dataplane.routing import CompileError, check_compiles
+from pyroute.services import Service, ServiceDefaults, ServiceError, is_removal, parse_service
 
-log = logging.getLogger("pyroute.state")
+log = logging.getLogger("pyroute.controlplane.registry")
 
 Snapshot = tuple[int, tuple[Service, ...]]
 Stamp = tuple[int, str]  # (Lamport counter, "<replica id>.<sequence>"): unique per change

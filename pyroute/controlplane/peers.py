@@ -16,9 +16,9 @@ from urllib.parse import urlencode
 
 import httptools
 
-from .resolver import Resolver, is_ip
+from pyroute.resolver import Resolver, is_ip
 
-log = logging.getLogger("pyroute.peers")
+log = logging.getLogger("pyroute.controlplane.peers")
 
 PEER_TIMEOUT = 5.0  # seconds for one whole request to a peer or the listener
 MAX_ANSWER = 64 * 1024 * 1024  # a state document with many certificates stays far below

@@ -28,9 +28,9 @@ from collections.abc import Callable
 
 import httptools
 
-from .errors import PAGES, error_response
-from .headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
-from .patterns import compile_pattern, compile_replacement, substitute_first
+from pyroute.dataplane.pages import PAGES, error_response
+from pyroute.dataplane.headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
+from pyroute.patterns import compile_pattern, compile_replacement, substitute_first
 
 with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(3) (SHA-512 "$6$")
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -213,7 +213,7 @@ def _proto_header_step(code: int, redirect_when: bytes | None):
 
 def _domain_redirect_step(sources: tuple[str, ...], target: str):
     """DFP: ``http-request redirect code 301 prefix http://<first domain> if { hdr_beg(host) -i <from> }``."""
-    from .routing import normalize_host  # (routing imports this module; by now it is loaded)
+    from pyroute.dataplane.routing import normalize_host  # (routing imports this module; by now it is loaded)
 
     prefix = b"http://" + target.encode()
 
