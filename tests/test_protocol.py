@@ -1,0 +1,202 @@
+"""The fast protocol tier: the client protocol fed bytes in memory (tests/support/memory.py).
+
+Framing, pipelining, keep-alive and pyroute's own error answers, checked on the bytes each
+side was sent, in milliseconds per test. The black-box tier (real processes and sockets)
+covers the same ground end to end; this tier pins the state machine down case by case.
+"""
+import pytest
+
+from support.memory import Rig
+
+DEMO = {"serviceName": "demo", "servicePath": "/demo"}
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture
+def rig():
+    r = Rig([DEMO], {"MAX_URI_SIZE": "100", "MAX_HEADER_SIZE": "512", "MAX_REQUEST_BODY": "50"})
+    yield r
+    r.close()
+
+
+def head_lines(data: bytes) -> list[bytes]:
+    return data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+def test_a_get_goes_upstream_with_forwarding_headers_and_its_response_comes_back_unchanged(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo/a HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n")
+    lines = head_lines(up.received())
+    assert lines[0] == b"GET /demo/a HTTP/1.1"
+    assert b"Host: h" in lines and b"X-A: 1" in lines
+    assert b"X-Forwarded-For: 127.0.0.1" in lines and b"X-Forwarded-Proto: http" in lines
+    up.reply(OK)
+    assert client.received() == OK
+    assert rig.pool.idle[up.conn.address] == [up.conn]  # back in the pool for the next request
+    assert not client.transport.closed
+
+
+def test_keep_alive_requests_reuse_the_pooled_upstream_connection(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    for n in range(3):
+        client.send(b"GET /demo/%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)
+        assert up.received().startswith(b"GET /demo/%d " % n)
+        up.reply(OK)
+        assert client.received() == OK
+    assert not up.transport.closed
+
+
+def test_pipelined_requests_go_upstream_one_at_a_time_and_answer_in_order(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo/1 HTTP/1.1\r\nHost: h\r\n\r\nGET /demo/2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert up.received().startswith(b"GET /demo/1 ")
+    assert not client.transport.reading  # the second waits: nothing more is read meanwhile
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    assert client.received() == b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1"
+    assert up.received().startswith(b"GET /demo/2 ")
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+    assert client.received() == b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2"
+    assert client.transport.reading
+
+
+def test_a_chunked_request_is_reframed_without_its_extensions(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"POST /demo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\n\r\n")
+    sent = up.received()
+    head, body = sent.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head.split(b"\r\n")
+    assert body == b"3\r\nabc\r\n0\r\n\r\n"
+
+
+def test_a_chunked_response_passes_through_and_the_connection_stays_open(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo HTTP/1.1\r\nHost: h\r\n\r\n")
+    up.received()
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    up.reply(response[:30])
+    up.reply(response[30:])
+    assert client.received() == response
+    assert not client.transport.closed and rig.pool.idle[up.conn.address] == [up.conn]
+
+
+def test_a_close_delimited_response_ends_the_client_connection_after_it(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo HTTP/1.1\r\nHost: h\r\n\r\n")
+    up.received()
+    up.reply(b"HTTP/1.1 200 OK\r\n\r\nbody")
+    up.hang_up()
+    data = client.received()
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in head_lines(data)
+    assert data.endswith(b"body")
+    assert client.transport.closed and not client.transport.aborted
+
+
+def test_an_http10_client_gets_connection_close_and_the_socket_closes(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo HTTP/1.0\r\nHost: h\r\n\r\n")
+    assert up.received().startswith(b"GET /demo HTTP/1.0\r\n")
+    up.reply(OK)
+    assert b"Connection: close" in head_lines(client.received())
+    assert client.transport.closed
+
+
+def test_connection_close_from_the_client_is_honoured_and_later_bytes_are_not_forwarded(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /demo/2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert up.received().count(b"GET ") == 1
+    up.reply(OK)
+    assert b"Connection: close" in head_lines(client.received())
+    assert client.transport.closed
+    assert up.received() == b""
+
+
+def test_hop_by_hop_response_headers_are_removed(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo HTTP/1.1\r\nHost: h\r\n\r\n")
+    up.received()
+    up.reply(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: s\r\n"
+             b"Content-Length: 2\r\n\r\nok")
+    lines = [line.lower() for line in head_lines(client.received())]
+    assert not any(line.startswith((b"keep-alive", b"x-secret", b"connection")) for line in lines)
+
+
+def test_a_head_response_has_no_body_whatever_its_content_length(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"HEAD /demo HTTP/1.1\r\nHost: h\r\n\r\n")
+    up.received()
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert client.received() == b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    client.send(b"GET /demo HTTP/1.1\r\nHost: h\r\n\r\n")  # the connection is in step for the next one
+    assert up.received().startswith(b"GET /demo ")
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n", 503),
+    (b"GET /demo HTTP/1.1\r\n\r\n", 400),
+    (b"POST /demo HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"GET /demo/" + b"x" * 200 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 414),
+    (b"GET /demo HTTP/1.1\r\nHost: h\r\nX-Big: " + b"x" * 600 + b"\r\n\r\n", 431),
+    (b"POST /demo HTTP/1.1\r\nHost: h\r\nContent-Length: 51\r\n\r\n", 413),
+    (b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", 405),
+    (b"GET /demo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+], ids=["no route", "no Host", "CL and TE", "long URI", "big head", "big body", "CONNECT", "two Hosts"])
+def test_pyroute_answers_itself_and_forwards_nothing(rig, request_bytes, status):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(request_bytes)
+    data = client.received()
+    assert data.startswith(b"HTTP/1.1 %d " % status), data[:80]
+    assert up.received() == b""
+    if status != 503:
+        assert client.transport.closed and b"Connection: close" in head_lines(data)
+
+
+def test_a_chunked_body_over_the_limit_is_cut_with_413(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"POST /demo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send(b"40\r\n" + b"x" * 64 + b"\r\n")
+    assert client.received().startswith(b"HTTP/1.1 413 ")
+    assert client.transport.closed
+    assert up.transport.aborted  # the upstream saw part of a message: that connection cannot be reused
+
+
+def test_an_invalid_response_is_a_502_and_its_connection_is_dropped(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo HTTP/1.1\r\nHost: h\r\n\r\n")
+    up.received()
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok")
+    assert client.received().startswith(b"HTTP/1.1 502 ")
+    assert up.transport.aborted and up.conn not in rig.pool.idle.get(up.conn.address, [])
+
+
+def test_bytes_after_the_end_of_a_response_never_reach_the_client(rig):
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo HTTP/1.1\r\nHost: h\r\n\r\n")
+    up.received()
+    up.reply(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON")
+    data = client.received()
+    assert b"POISON" not in data and data.startswith(b"HTTP/1.1 502 ")
+    assert up.transport.aborted
+
+
+def test_a_post_is_never_replayed_when_its_pooled_connection_dies(rig):
+    up = rig.idle_upstream()
+    up.conn.reused = True  # a pooled connection the upstream may have closed while it idled
+    client = rig.client()
+    client.send(b"POST /demo HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+    assert up.received().endswith(b"\r\n\r\nhi")
+    up.hang_up()
+    assert client.received().startswith(b"HTTP/1.1 502 ")  # (a replay would dial port 9: 503)
