@@ -22,7 +22,8 @@ import statistics
 import time
 
 from pyroute.config import Settings
-from pyroute.server import DataPlane, LocalPlanes
+from pyroute.dataplane.plane import DataPlane
+from pyroute.process import LocalPlanes
 from pyroute.services import ServiceDefaults
 from pyroute.controlplane.registry import ServiceRegistry
 

@@ -494,6 +494,16 @@ class Settings:
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
 
+    @property
+    def stats_enabled(self) -> bool:
+        """The stats page is served once STATS_USER and STATS_PASS are both set ("none" included)."""
+        return bool(self.stats_user and self.stats_pass)
+
+    @property
+    def stats_path(self) -> str:
+        """The path part of STATS_URI: what the stats route matches on (as a path prefix)."""
+        return self.stats_uri.split("?", 1)[0]
+
 
 _SETTINGS = tuple(f for f in fields(Settings) if "parse" in f.metadata)
 _NAMES = frozenset(f.name for f in _SETTINGS)

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pyroute.config import is_secret_env
-from pyroute.dataplane.features import ENV_FETCH, check_header_value
 from pyroute.patterns import PatternError, compile_pattern, compile_replacement
 
 MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
@@ -38,6 +37,35 @@ UNEDITABLE_HEADERS = frozenset({"content-length", "transfer-encoding", "connecti
                                 "proxy-connection", "te", "trailer", "upgrade"})
 _METHOD = re.compile(r"[A-Z]+\Z")
 _ACL_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")  # a sort key that /config writes into acl lines
+# The %[...] fetches a header template may use (HAProxy sample fetches pyroute evaluates).
+FETCH = re.compile(r"%\[([^\]]*)\]")
+REQ_HDR = re.compile(r"req\.hdr\(([!#$%&'*+.^_`|~0-9A-Za-z-]+)\)\Z")
+ENV = re.compile(r"env\(([A-Za-z_][A-Za-z0-9_]*)\)\Z")
+ENV_FETCH = re.compile(r"%\[env\(([A-Za-z_][A-Za-z0-9_]*)\)\]")  # the variables a header template reads
+MAX_HEADER_VALUE = 8192  # characters of one configured header value (templates included)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")  # RFC 9110 field-value without obs-text
+
+
+def check_header_value(text: str) -> str:
+    """'' when a header value is usable, else what is wrong (named for the 400 answer).
+
+    Values go on the wire as bytes: visible ASCII, space and tab only. Non-ASCII (obs-text)
+    is refused rather than guessed at: an encoding the upstream or client does not expect
+    is worse than a clear 400, and it is what made compiling the route table fail."""
+    if len(text) > MAX_HEADER_VALUE:
+        return f"the value is longer than {MAX_HEADER_VALUE} characters"
+    if not _HEADER_VALUE.match(text):
+        bad = next(c for c in text if not (c == "\t" or " " <= c <= "~"))
+        kind = "a control character" if bad < " " or bad == "\x7f" else "not ASCII (percent-encode it)"
+        return f"header values may hold visible ASCII, spaces and tabs only: {bad!r} is {kind}"
+    for match in FETCH.finditer(text):
+        fetch = match.group(1)
+        if fetch not in ("src", "dst_port") and not REQ_HDR.match(fetch) and not ENV.match(fetch):
+            return (f"%[{fetch}] is not supported: pyroute evaluates %[src], %[dst_port], "
+                    "%[req.hdr(Name)] and %[env(NAME)] only")
+    return ""
+
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -707,3 +735,16 @@ def _deprecated_rewrite(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
 def is_removal(raw: Mapping[str, str]) -> bool:
     """DFP: replicas=0 on a reconfigure of a non-global service means remove it."""
     return _lower_keys(raw).get("replicas", "").strip() == "0"
+
+
+def precedence_key(service: Service) -> tuple[int, str, str]:
+    """DFP's order: /.well-known services first, "/" last, the rest by aclName (then name,
+    so the order is total and does not depend on the order services arrived in)."""
+    paths = [p for d in service.destinations for p in d.paths]
+    if any(p.startswith("/.well-known") for p in paths):
+        group = 0
+    elif "/" in paths:
+        group = 2
+    else:
+        group = 1
+    return group, service.acl_name, service.name

@@ -275,3 +275,10 @@ class CertStore:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         ssl_object.context = ctx
         return None
+
+
+def cert_store(settings, persist: bool = True) -> CertStore:
+    """The certificate store the settings describe (CERTS_DIR, secrets, PREFERRED_CERTIFICATE,
+    CA_FILE); `persist` False for a worker, whose control process writes the files."""
+    return CertStore(settings.certs_dir, settings.secrets_dir, settings.preferred_certificate, settings.ca_file,
+                     persist=persist)

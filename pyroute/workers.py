@@ -40,7 +40,11 @@ import orjson
 
 from pyroute import eventlog, metrics
 from pyroute.config import ListenSpec, Settings
-from pyroute.server import ControlPlane, DataPlane, StartupError, addresses, cert_store, reread, settle_memory, wait_for_signal
+from pyroute.controlplane.plane import ControlPlane
+from pyroute.dataplane.plane import DataPlane
+from pyroute.listen import StartupError, addresses
+from pyroute.process import reread, settle_memory, wait_for_signal
+from pyroute.tls import cert_store
 from pyroute.summary import ready_summary
 from pyroute.services import ServiceDefaults, parse_service
 from pyroute.controlplane.registry import Snapshot

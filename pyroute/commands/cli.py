@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return show_routes(args.admin, args.user, args.password)
 
-    from pyroute.server import StartupError
+    from pyroute.listen import StartupError
 
     try:
         if args.command == "demo":
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         settings = settings_from_args(args)
         setup_logging(settings.log_level)
-        from pyroute.server import serve
+        from pyroute.process import serve
 
         run(serve(settings, lambda: settings_from_args(args)))
     except (SettingsError, StartupError) as exc:

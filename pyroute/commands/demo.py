@@ -12,7 +12,7 @@ import asyncio
 import signal
 
 from pyroute.config import ListenSpec, load_settings
-from pyroute.server import Pyroute
+from pyroute.process import Pyroute
 
 HELLO = b"hello, world!\n"
 

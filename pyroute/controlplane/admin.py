@@ -21,8 +21,7 @@ from pyroute import metrics
 from pyroute.controlplane import statspage
 from pyroute.controlplane.adminauth import BROWSER_HEADERS, STATE_CHANGING, allowed, cross_site
 from pyroute.resolver import ResolveError
-from pyroute.dataplane.routing import precedence_key
-from pyroute.services import Service, ServiceError, is_removal
+from pyroute.services import Service, ServiceError, is_removal, precedence_key
 from pyroute.controlplane.registry import ServiceRegistry, format_stamp, parse_stamp
 from pyroute.tls import load_certificate
 
@@ -114,7 +113,7 @@ class AdminApi:
 
     async def handle(self, request: Request) -> Response:
         settings = self.settings
-        if settings is not None and statspage.enabled(settings) and request.path.startswith(statspage.path(settings)):
+        if settings is not None and settings.stats_enabled and request.path.startswith(settings.stats_path):
             # Requests under the stats path come from the public ports' stats route: only the page is here.
             if request.target.startswith(settings.stats_uri):
                 return await self.stats_page(request)  # behind STATS_USER/STATS_PASS, not the admin credentials

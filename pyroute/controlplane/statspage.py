@@ -20,15 +20,6 @@ from pyroute.metrics import UNROUTED
 REFRESH = 5  # seconds between automatic reloads of the page
 
 
-def enabled(settings) -> bool:
-    return bool(settings.stats_user and settings.stats_pass)
-
-
-def path(settings) -> str:
-    """The path part of STATS_URI: what the stats route matches on (as a path prefix)."""
-    return settings.stats_uri.split("?", 1)[0]
-
-
 def authorized(settings, authorization: str) -> bool:
     """Basic auth against STATS_USER/STATS_PASS; "none"/"none" means no authentication (DFP)."""
     if settings.stats_user == "none" and settings.stats_pass == "none":

@@ -30,43 +30,17 @@ import httptools
 
 from pyroute.dataplane.pages import PAGES, error_response
 from pyroute.dataplane.headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
+from pyroute.dataplane.headers import normalize_host
 from pyroute.patterns import compile_pattern, compile_replacement, substitute_first
+from pyroute.services import ENV, FETCH, REQ_HDR
 
 with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(3) (SHA-512 "$6$")
     warnings.simplefilter("ignore", DeprecationWarning)
     import crypt
 
-FETCH = re.compile(r"%\[([^\]]*)\]")
-_REQ_HDR = re.compile(r"req\.hdr\(([!#$%&'*+.^_`|~0-9A-Za-z-]+)\)\Z")
-_ENV = re.compile(r"env\(([A-Za-z_][A-Za-z0-9_]*)\)\Z")
-ENV_FETCH = re.compile(r"%\[env\(([A-Za-z_][A-Za-z0-9_]*)\)\]")  # the variables a header template reads
 _NOT_IN_VALUE = re.compile(r"[^\t\x20-\x7e]")
 UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid user and password "
                      b"to access this content.\n</body></html>\n")
-
-
-MAX_HEADER_VALUE = 8192  # characters of one configured header value (templates included)
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")  # RFC 9110 field-value without obs-text
-
-
-def check_header_value(text: str) -> str:
-    """'' when a header value is usable, else what is wrong (named for the 400 answer).
-
-    Values go on the wire as bytes: visible ASCII, space and tab only. Non-ASCII (obs-text)
-    is refused rather than guessed at: an encoding the upstream or client does not expect
-    is worse than a clear 400, and it is what made compiling the route table fail."""
-    if len(text) > MAX_HEADER_VALUE:
-        return f"the value is longer than {MAX_HEADER_VALUE} characters"
-    if not _HEADER_VALUE.match(text):
-        bad = next(c for c in text if not (c == "\t" or " " <= c <= "~"))
-        kind = "a control character" if bad < " " or bad == "\x7f" else "not ASCII (percent-encode it)"
-        return f"header values may hold visible ASCII, spaces and tabs only: {bad!r} is {kind}"
-    for match in FETCH.finditer(text):
-        fetch = match.group(1)
-        if fetch not in ("src", "dst_port") and not _REQ_HDR.match(fetch) and not _ENV.match(fetch):
-            return (f"%[{fetch}] is not supported: pyroute evaluates %[src], %[dst_port], "
-                    "%[req.hdr(Name)] and %[env(NAME)] only")
-    return ""
 
 
 class FeatureRequest:
@@ -134,11 +108,11 @@ def compile_value(text: str) -> Callable[[FeatureRequest], bytes] | bytes:
             parts.append(lambda req: req.conn.client_ip)
         elif fetch == "dst_port":
             parts.append(lambda req: str(req.local_port()).encode())
-        elif m := _REQ_HDR.match(fetch):
+        elif m := REQ_HDR.match(fetch):
             lname = m.group(1).lower().encode()
             parts.append(lambda req, lname=lname: req.header(lname) or b"")
         else:  # env(NAME), one HEADER_ENV_ALLOW lists (checked at validation), fixed for the life of the table
-            value = os.environ.get(_ENV.match(fetch).group(1), "")
+            value = os.environ.get(ENV.match(fetch).group(1), "")
             parts.append(_NOT_IN_VALUE.sub("", value).encode("ascii"))
         last = match.end()
     parts.append(text[last:].encode("latin-1"))
@@ -213,8 +187,6 @@ def _proto_header_step(code: int, redirect_when: bytes | None):
 
 def _domain_redirect_step(sources: tuple[str, ...], target: str):
     """DFP: ``http-request redirect code 301 prefix http://<first domain> if { hdr_beg(host) -i <from> }``."""
-    from pyroute.dataplane.routing import normalize_host  # (routing imports this module; by now it is loaded)
-
     prefix = b"http://" + target.encode()
 
     def domain_redirect(req: FeatureRequest) -> Reply | None:

@@ -205,3 +205,12 @@ def rewrite_response_head(head: bytes, connection: bytes | None, drop_chunked: b
         parts += (b"Connection: ", connection, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def normalize_host(raw: bytes) -> str:
+    """Host header value -> lower-case name without the port ("[::1]:80" -> "[::1]")."""
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end != -1 else host
+    return host.rsplit(":", 1)[0] if ":" in host else host

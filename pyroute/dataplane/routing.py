@@ -22,7 +22,8 @@ from typing import Any
 
 from pyroute.dataplane.features import ResponsePlan, compile_request_steps
 from pyroute.patterns import compile_pattern
-from pyroute.services import Destination, Service
+from pyroute.dataplane.headers import normalize_host
+from pyroute.services import Destination, Service, precedence_key
 
 HOST_CACHE_LIMIT = 4096  # distinct Host values indexed per table; a flood of junk hosts only resets it
 LONGEST_RANK = 1 << 48  # rank = (LONGEST_RANK - pattern length) * LONGEST_RANK + priority in longest-match order
@@ -71,28 +72,6 @@ def _host_matches(algo: str, pattern: str, host: str) -> bool:
         return host == pattern
     # hdr_dom: a dot-delimited run of the host equals the pattern (HAProxy's -m dom)
     return f".{pattern}." in f".{host}."
-
-
-def normalize_host(raw: bytes) -> str:
-    """Host header value -> lower-case name without the port ("[::1]:80" -> "[::1]")."""
-    host = raw.decode("latin-1").strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    return host.rsplit(":", 1)[0] if ":" in host else host
-
-
-def precedence_key(service: Service) -> tuple[int, str, str]:
-    """DFP's order: /.well-known services first, "/" last, the rest by aclName (then name,
-    so the order is total and does not depend on the order services arrived in)."""
-    paths = [p for d in service.destinations for p in d.paths]
-    if any(p.startswith("/.well-known") for p in paths):
-        group = 0
-    elif "/" in paths:
-        group = 2
-    else:
-        group = 1
-    return group, service.acl_name, service.name
 
 
 def _path_test(path_type: str, pattern: str) -> Callable[[bytes], bool]:

@@ -1,74 +1,37 @@
-"""Wiring: the data plane (public listeners) and the control plane (admin API, registry).
-
-With WORKERS=1 both run in one process. With more, the control plane runs in the main
-process and supervises that many worker processes, each a DataPlane on the same ports
-(SO_REUSEPORT); see workers.py. Either way the control plane publishes each snapshot to
-every data plane and answers a change only once all of them serve it.
+"""The data plane of one process: public listeners (HTTP, TLS, PROXY, srcPort, tcp/sni),
+the proxy servers, resolver and pool, the route tables it is handed, and the
+housekeeping tick. It never imports the control plane: snapshots arrive through `apply`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import errno
-import gc
 import logging
-import os
-import signal
 import socket
-from collections.abc import Callable
 
 from pyroute import metrics
-from pyroute.controlplane import statspage
-from pyroute.dataplane.accesslog import AccessLog
-from pyroute.controlplane.admin import AdminApi, AdminConnection
+from pyroute.config import Settings
 from pyroute.dataplane import pages
 from pyroute.dataplane.acceptor import PeekingListener, listen_socket
-from pyroute.controlplane.adminauth import admin_credentials
+from pyroute.dataplane.accesslog import AccessLog
 from pyroute.dataplane.balancer import Sticky, TaskSet
-from pyroute.config import Settings, SettingsError, raw_haproxy_warnings
-from pyroute.dataplane.clientcert import ClientCertConnection
-from pyroute.controlplane.envservices import env_services
-from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.client import ClientLimit, ProxyServer
-from pyroute.controlplane.replication import Replication
-from pyroute.resolver import Resolver, is_ip, report_unreachable_dns
-from pyroute.dataplane.routing import RouteTable
-from pyroute.services import Service, ServiceDefaults, ServiceError, parse_service
-from pyroute.controlplane.registry import ServiceRegistry, Snapshot
-from pyroute.summary import ready_summary
-from pyroute.controlplane.swarm import EngineClient, EngineError, SwarmListener, listener_enabled, socket_problem
+from pyroute.dataplane.clientcert import ClientCertConnection
+from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners, Tunnel
-from pyroute.tls import CertStore, file_name
+from pyroute.dataplane.routing import RouteTable
 from pyroute.dataplane.upstream import Backend, UpstreamPool
+from pyroute.listen import LISTEN_BACKLOG, StartupError, listen, listen_error
+from pyroute.resolver import Resolver, is_ip
+from pyroute.services import Service, parse_service
+from pyroute.tls import CertStore, cert_store
 
 log = logging.getLogger("pyroute")
 
-LISTEN_BACKLOG = 1024
 STATS_SERVICE = "pyroute-stats"  # the service name of the stats page's own route
 TLS_HANDSHAKE_TIMEOUT = 10.0
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 MAXCONN_LOG_EVERY = 60.0  # seconds between "MAXCONN reached" log lines
-# Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
-RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
-                "dns_timeout", "separator", "service_name", "header_env_allow")
-
-
-class StartupError(Exception):
-    """A problem that stops pyroute from starting, phrased as what to do about it."""
-
-
-def _startup_error(exc: OSError, host: str, port: int, what: str) -> StartupError:
-    """An error binding a port, phrased as what to do about it."""
-    if exc.errno == errno.EADDRINUSE:
-        return StartupError(f"{what} port {host}:{port} is already in use: stop what holds it or choose another port")
-    if exc.errno == errno.EACCES:
-        return StartupError(
-            f"no permission to listen on {host}:{port} ({what}): use a port above 1023, "
-            "or grant the capability (setcap cap_net_bind_service=+ep on the python binary, "
-            "or run the container as root)"
-        )
-    return StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}")
 
 
 class Listener:
@@ -83,7 +46,7 @@ class Listener:
         try:
             self.sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG, reuse_port=True)
         except OSError as exc:
-            raise _startup_error(exc, host, port, "HTTP") from None
+            raise listen_error(exc, host, port, "HTTP") from None
         self.sock.setblocking(False)
         self.factory = factory
         self.server: asyncio.AbstractServer | None = None
@@ -121,32 +84,6 @@ class Listener:
         self.closed = True
         self.pause()
         self.sock.close()
-
-
-def cert_store(settings: Settings, persist: bool = True) -> CertStore:
-    return CertStore(settings.certs_dir, settings.secrets_dir, settings.preferred_certificate, settings.ca_file,
-                     persist=persist)
-
-
-async def listen(factory, host: str, port: int, what: str, reuse_port: bool = False) -> asyncio.AbstractServer:
-    """create_server with errors people can act on."""
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.create_server(factory, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
-    except OSError as exc:
-        raise _startup_error(exc, host, port, what) from None
-
-
-listen_error = _startup_error  # (the TLS/PROXY listeners bind their sockets themselves)
-
-
-def addresses(servers: list[asyncio.AbstractServer]) -> str:
-    out = []
-    for server in servers:
-        for sock in server.sockets:
-            host, port = sock.getsockname()[:2]
-            out.append(f"{host}:{port}")
-    return ", ".join(out) or "(none)"
 
 
 class DataPlane:
@@ -392,10 +329,10 @@ class DataPlane:
     def serve_stats_from(self, host: str, port: int) -> None:
         """Route STATS_URI on the public ports to the stats page at host:port (the admin listener)."""
         s = self.settings
-        if not statspage.enabled(s):
+        if not s.stats_enabled:
             return
         self.stats_service = (parse_service(
-            {"serviceName": STATS_SERVICE, "servicePath": statspage.path(s), "port": str(port), "outboundHostname": host}),)
+            {"serviceName": STATS_SERVICE, "servicePath": s.stats_path, "port": str(port), "outboundHostname": host}),)
         self.apply(self.revision, self.services)
 
     def stats_snapshot(self, name: str) -> dict:
@@ -456,222 +393,3 @@ def _access_log(settings: Settings, loop) -> AccessLog | None:
 def _log_handover_error(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.info("handing over an accepted connection failed: %s", task.exception())
-
-
-class LocalPlanes:
-    """The data plane in this very process (WORKERS=1): applying is immediate."""
-
-    def __init__(self, plane: DataPlane):
-        self.plane = plane
-
-    def publish(self, snapshot: Snapshot) -> None:
-        self.plane.apply(*snapshot)
-
-    def publish_certs(self, certs: CertStore) -> None:
-        pass  # the data plane shares the control plane's store
-
-    async def wait_certs(self) -> list[str]:
-        return []
-
-    async def wait_applied(self, revision: int) -> list[str]:
-        return []
-
-    def unready(self) -> list[str]:
-        return []  # this process serves, or it would not answer
-
-    async def collect(self) -> dict:
-        return metrics.merge([self.plane.stats_snapshot("pyroute")])
-
-
-class ControlPlane:
-    """Registry and admin API; hands every snapshot to the data planes."""
-
-    def __init__(self, settings: Settings, planes, certs: CertStore):
-        self.settings = settings
-        self.planes = planes
-        instance = settings.proxy_instance_name if settings.filter_proxy_instance_name else None
-        self.registry = ServiceRegistry(settings.separator, ServiceDefaults.from_settings(settings), instance)
-        self.replication = Replication(settings, self.registry)
-        self.certs = certs
-        self.servers: list[asyncio.AbstractServer] = []
-        self.listener: SwarmListener | None = None
-        self.restored = (0, 0)  # (services, revision) in STATE_DIR at start, for the start-up summary
-        self._dns_check: asyncio.Future | None = None
-
-    async def start(self) -> None:
-        for warning in raw_haproxy_warnings():
-            log.warning("%s", warning)
-        try:
-            self.replication.load()  # the saved state goes into the first table the data planes get
-        except OSError as exc:
-            raise StartupError(
-                f"STATE_DIR {self.settings.state_dir!r} is not usable: {exc.strerror or exc}: mount a volume there "
-                f"writable by uid {os.getuid()} (the image's user is pyroute), point STATE_DIR at a writable "
-                "directory, or leave STATE_DIR empty to keep the routes in memory only") from None
-        self.restored = (len(self.registry.services()), self.registry.revision)
-        for params in env_services(os.environ):
-            try:
-                self.registry.reconfigure(params)
-            except ServiceError as exc:
-                raise StartupError(f"DFP_SERVICE_* service {params.get('servicename', '?')!r}: {exc.message}") from None
-        self.registry.subscribe(self.planes.publish)
-        self.registry.subscribe(self._certs_from_state)
-        self.certs.subscribe(self.planes.publish_certs)
-        s = self.settings
-        if listener_enabled(s.docker_host, s.sources.get("docker_host", "default") != "default"):
-            try:
-                client = EngineClient(s.docker_host)
-            except EngineError as exc:
-                raise StartupError(str(exc)) from None
-            problem = socket_problem(s.docker_host)
-            if problem is not None:
-                raise StartupError(problem)
-            self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
-        self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.not_ready, self.replication,
-                                  collect=self.planes.collect, settings=self.settings,
-                                  credentials=admin_credentials(s), certs=self.certs,
-                                  wait_certs=self.planes.wait_certs)
-        if api.credentials is None:
-            log.warning("the admin API on %s:%d is unauthenticated: anyone who reaches it can change routes "
-                        "(set ADMIN_USER and ADMIN_PASS, or the secrets dfp_admin_user / dfp_admin_pass)", s.ip, s.port)
-        self.servers.append(await listen(lambda: AdminConnection(api, s.timeout_admin), s.ip, s.port, "admin API"))
-        self.replication.start()  # join (pull from peers), then repair; the DFSL listener fetch
-        self._dns_check = asyncio.ensure_future(report_unreachable_dns(self.replication.resolver, s.service_name))
-        if self.listener is not None:
-            self.listener.start()
-            log.info("Swarm listener on %s: services labelled com.df.notify=true become routes", s.docker_host)
-
-    def reconfigure(self, settings: Settings) -> None:
-        """Re-read settings (SIGHUP): the admin credentials may have changed."""
-        self.settings = settings
-        self.api.credentials = admin_credentials(settings)
-        self.api.settings = settings
-
-    def _certs_from_state(self, snapshot) -> None:
-        """Certificates that came with replicated state (a peer's PUT /cert, a join, a repair)
-        go into the certificate store; the store itself keeps them in CERTS_DIR."""
-        have = {name: pem.strip() for name, pem in self.certs.pems().items()}
-        for name, pem in self.registry.certs().items():
-            if have.get(file_name(name)) != pem.strip():
-                try:
-                    self.certs.install(name, pem.encode())
-                except (ValueError, OSError) as exc:
-                    log.error("certificate %s from the replicated state not installed: %s", name, exc)
-
-    def not_ready(self) -> str:
-        """Why successfulinitreload (DFP's readiness) refuses, empty once ready: saved state
-        usable, peers and the Swarm Listener loaded, the built-in Swarm listener's first
-        listing applied, and every data plane serving."""
-        reasons = self.replication.waiting_for()
-        if self.listener is not None and not self.listener.synced.is_set():
-            reasons.append("the Docker Engine's service list is not applied yet")
-        return "; ".join(reasons + self.planes.unready())
-
-    def admin_address(self) -> tuple[str, int]:
-        """Where the data plane reaches the admin listener (for the stats page route)."""
-        host, port = self.servers[0].sockets[0].getsockname()[:2]
-        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port
-
-    def close(self) -> None:
-        if self.listener is not None:
-            self.listener.stop()
-        if self._dns_check is not None:
-            self._dns_check.cancel()
-        self.replication.close()
-        for server in self.servers:
-            server.close()
-
-
-class Pyroute:
-    """Both planes in one process (WORKERS=1; also what the demo and tests embed)."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.certs = cert_store(settings)
-        self.certs.load()
-        self.data = DataPlane(settings, self.certs)
-        self.control = ControlPlane(settings, LocalPlanes(self.data), self.certs)
-
-    @property
-    def registry(self) -> ServiceRegistry:
-        return self.control.registry
-
-    async def start(self) -> None:
-        self.data.prepare()
-        await self.control.start()
-        self.data.serve_stats_from(*self.control.admin_address())
-        await self.data.start()
-        settle_memory()
-        waiting = [f"{spec.port} (TLS, opens with the first certificate)" for spec in self.data.tls_waiting]
-        log.info("%s", ready_summary(self.settings, ", ".join([addresses(self.data.servers), *waiting]),
-                                     addresses(self.control.servers), self.control))
-
-    async def stop(self, grace: float = 5.0) -> None:
-        self.control.close()
-        await self.data.drain(grace)
-
-    def reconfigure(self, settings: Settings) -> None:
-        self.settings = settings
-        self.control.reconfigure(settings)
-        self.data.reconfigure(settings)
-
-
-def settle_memory() -> None:
-    """Once started: move every object made so far out of the garbage collector's view.
-
-    A proxy's per-request objects die by reference counting; what the cyclic collector
-    would otherwise rescan on every full collection is the ~100k long-lived objects of
-    the interpreter, uvloop and pyroute itself, a pause of milliseconds that lands on
-    whichever requests are in flight. Freezing them keeps collections short.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-
-def reread(current: Settings, load: Callable[[], Settings]) -> Settings | None:
-    """The settings a SIGHUP asks for, or None (logged) when the file is bad.
-
-    RESTART_ONLY settings keep their running values, with a warning if they changed.
-    """
-    try:
-        new = load()
-    except SettingsError as exc:
-        log.error("SIGHUP: settings not reloaded, keeping the current ones: %s", exc)
-        return None
-    kept = {name: getattr(current, name) for name in RESTART_ONLY if getattr(new, name) != getattr(current, name)}
-    if kept:
-        log.warning("SIGHUP: %s only change on restart; keeping the running values", ", ".join(sorted(kept)))
-    log.info("SIGHUP: settings reloaded from %s", new.config_file or "the environment")
-    logging.getLogger().setLevel(new.log_level.upper())
-    return dataclasses.replace(new, **kept)
-
-
-async def wait_for_signal(on_hup: Callable[[], None] | None = None) -> None:
-    """Return on SIGTERM or SIGINT; call `on_hup` on each SIGHUP."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if on_hup is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
-
-
-async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain. `load` re-reads the settings on SIGHUP."""
-    if settings.workers > 1:
-        from pyroute.workers import serve_with_workers
-
-        return await serve_with_workers(settings, load)
-    app = Pyroute(settings)
-    await app.start()
-
-    def on_hup() -> None:
-        new = reread(app.settings, load) if load is not None else None
-        if new is not None:
-            app.reconfigure(new)
-
-    await wait_for_signal(on_hup)
-    log.info("stopping: draining connections (up to %g s)", app.settings.drain_grace)
-    await app.stop(app.settings.drain_grace)
