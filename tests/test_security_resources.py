@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
 import select
+import signal
 import socket
 import threading
 import time
@@ -422,3 +424,54 @@ def test_F9_a_format_1_state_file_from_the_previous_release_loads(make_pyroute, 
         status, headers, _ = p.get(path)
         assert (status, headers.get("X-Upstream")) == (200, up.addr), path
 
+
+F9_CONNECTIONS = 16  # fresh connections per check: the kernel spreads them over both workers
+
+
+def test_F9_workers_2_serve_every_add_replace_and_remove_as_it_is_answered(make_pyroute, dns, replicas):
+    from support.proxy import children
+
+    a, b = replicas[0], replicas[1]
+    dns.set_service("f9w-a", a.ip)
+    dns.set_service("f9w-b", b.ip)
+    p = make_pyroute(WORKERS="2")
+    for i in range(40):  # services no step touches: every worker must keep routing them
+        p.reconfigure(serviceName=f"f9w-fill-{i}", servicePath=f"/f9fill{i:02d}", port=a.port, outboundHostname="f9w-a")
+    expected: dict[str, str | None] = {"/f9fill00/x": a.addr, "/f9fill39/x": a.addr}
+
+    def check(step: str) -> None:
+        for path, upstream in expected.items():
+            answers = [p.get(path) for _ in range(F9_CONNECTIONS)]
+            got = [(s, h.get("X-Upstream")) if upstream else s for s, h, _ in answers]
+            assert got == [(200, upstream) if upstream else 503] * F9_CONNECTIONS, (step, path)
+
+    def put(name: str, path: str, host: str) -> None:
+        p.reconfigure(serviceName=name, servicePath=path, port=a.port, outboundHostname=host)
+
+    put("f9w-1", "/f9one", "f9w-a")
+    expected["/f9one/x"] = a.addr
+    check("add f9w-1")
+    put("f9w-2", "/f9two", "f9w-b")
+    expected["/f9two/x"] = b.addr
+    check("add f9w-2")
+    put("f9w-1", "/f9one", "f9w-b")
+    expected["/f9one/x"] = b.addr
+    check("replace f9w-1: another upstream")
+    put("f9w-2", "/f9moved", "f9w-b")
+    expected.update({"/f9two/x": None, "/f9moved/x": b.addr})
+    check("replace f9w-2: another path")
+    p.remove("f9w-1")
+    expected["/f9one/x"] = None
+    check("remove f9w-1")
+    assert p.admin("reload", recreate="true")[0] == 200  # a revision with no change
+    check("reload?recreate=true")
+    victim = min(children(p.proc.pid))  # its replacement starts from the whole snapshot
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(children(p.proc.pid)) == 2 and victim not in children(p.proc.pid)
+               and p.admin("successfulinitreload")[0] == 200, timeout=10, what="a replacement worker serving")
+    put("f9w-1", "/f9one", "f9w-a")
+    expected["/f9one/x"] = a.addr
+    check("add f9w-1 again, after a worker restart")
+    p.remove("f9w-fill-39")
+    expected["/f9fill39/x"] = None
+    check("remove a service loaded before the restart")
