@@ -7,14 +7,26 @@ has a socketpair to the control process carrying newline-delimited JSON messages
     control -> worker   {"settings": {...}}              first, and again after each SIGHUP
                         {"certs": {name: pem, ...}, "generation": G}  at start and after every
                                                          certificate change
-                        {"revision": N, "services": [...]}  every snapshot (raw DFP params)
+                        {"revision": N, "services": [...]}  the whole snapshot (raw DFP params),
+                                                         first, before the worker binds
+                        {"revision": N, "base": B, "services": [...], "removed": [names]}
+                                                         every later snapshot, as its change from
+                                                         revision B: services added or replaced
+                                                         and names removed
                         {"stats_route": [host, port]}    route STATS_URI to the admin listener there
                         {"collect": K}                   send your counters (a /metrics scrape)
     worker -> control   {"ready": true}  after its listeners are bound (it has a table by then)
                         {"applied": N}   after it swapped in revision N
                         {"collected": K, "stats": {...}}  the answer to collect K (metrics.snapshot)
                         {"certs_applied": G}  after it took certificate generation G
-                        {"error": "..."} a start-up problem; the worker then exits
+                        {"error": "..."} a start-up problem, or a change out of step; the worker
+                                         then exits
+
+A change costs the worker in proportion to the change (issue 14, F9): it parses only the
+services the message carries and keeps every other parsed Service object, so its route
+table reuses their compiled routes. A change message that does not follow the revision
+the worker has is a bug the worker cannot repair: it exits, and its replacement starts
+from the whole snapshot.
 
 A reconfigure answers only once every live worker acknowledged its revision. A worker
 that dies (or fails to start) is started again after a pause that doubles with each
@@ -46,7 +58,7 @@ from pyroute.listen import StartupError, addresses
 from pyroute.process import reread, settle_memory, wait_for_signal
 from pyroute.tls import cert_store
 from pyroute.summary import ready_summary
-from pyroute.services import ServiceDefaults, parse_service
+from pyroute.services import Service, ServiceDefaults, parse_service
 from pyroute.controlplane.registry import Snapshot
 from pyroute.tls import CertStore
 
@@ -90,7 +102,41 @@ def _certs_message(certs: CertStore, generation: int) -> bytes:
 
 def _snapshot_message(snapshot: Snapshot) -> bytes:
     revision, services = snapshot
-    return orjson.dumps({"revision": revision, "services": [list(s.params) for s in services]}) + b"\n"
+    return orjson.dumps({"revision": revision, "services": [s.params for s in services]}) + b"\n"
+
+
+def _change_message(base: int, revision: int, changed: list[Service], removed: list[str]) -> bytes:
+    return orjson.dumps({"revision": revision, "base": base, "services": [s.params for s in changed],
+                         "removed": removed}) + b"\n"
+
+
+class OutOfStep(Exception):
+    """A change message that does not follow the revision the worker has."""
+
+
+class WorkerServices:
+    """A worker's copy of the control process's services: parsed once each, kept by name."""
+
+    def __init__(self):
+        self.revision: int | None = None
+        self.by_name: dict[str, Service] = {}
+
+    def follow(self, message: dict, separator: str, defaults: ServiceDefaults) -> tuple[Service, ...]:
+        """The services after `message` (a whole snapshot or a change); raises OutOfStep
+        for a change that does not follow this copy's revision."""
+        if "base" in message:
+            if message["base"] != self.revision:
+                raise OutOfStep(f"a change from revision {message['base']} reached a worker at revision "
+                                 f"{self.revision}")
+            for name in message["removed"]:
+                self.by_name.pop(name, None)
+        else:
+            self.by_name = {}
+        for params in message["services"]:
+            service = parse_service(dict(params), separator, defaults)
+            self.by_name[service.name] = service
+        self.revision = message["revision"]
+        return tuple(self.by_name.values())
 
 
 class Worker:
@@ -134,6 +180,7 @@ class Supervisor:
         self.workers = [Worker(n) for n in range(settings.workers)]
         self.certs_generation = 0
         self.snapshot: Snapshot = (0, ())
+        self._sent: dict[str, Service] = {}  # the snapshot's services by name: what workers have
         self.stopping = False
         self.started = False  # every first worker is up: a death from now on is restarted, not fatal
         self.stats_route: tuple[str, int] | None = None
@@ -225,8 +272,14 @@ class Supervisor:
 
     # -- the `planes` interface the control plane uses -------------------------------------
     def publish(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        message = _snapshot_message(snapshot)
+        """Send workers what changed since the last snapshot (the registry hands out the
+        very same Service object for a service that did not change)."""
+        revision, services = snapshot
+        now = {s.name: s for s in services}
+        changed = [s for s in services if self._sent.get(s.name) is not s]
+        removed = [name for name in self._sent if name not in now]
+        message = _change_message(self.snapshot[0], revision, changed, removed)
+        self.snapshot, self._sent = snapshot, now
         for worker in self.workers:
             worker.send(message)
 
@@ -342,6 +395,7 @@ async def serve_with_workers(settings: Settings, load=None) -> None:
 async def _worker_main(fd: int) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     plane: DataPlane | None = None
+    copy = WorkerServices()
     name = f"worker pid {os.getpid()}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -370,8 +424,13 @@ async def _worker_main(fd: int) -> int:
                 plane.certs.replace_all(message["certs"])
                 writer.write(orjson.dumps({"certs_applied": message["generation"]}) + b"\n")
             elif "revision" in message:
-                separator, defaults = plane.settings.separator, ServiceDefaults.from_settings(plane.settings)
-                services = tuple(parse_service(dict(params), separator, defaults) for params in message["services"])
+                try:
+                    services = copy.follow(message, plane.settings.separator,
+                                           ServiceDefaults.from_settings(plane.settings))
+                except OutOfStep as exc:  # exit: the replacement starts from the whole snapshot
+                    writer.write(orjson.dumps({"error": str(exc)}) + b"\n")
+                    await writer.drain()
+                    raise
                 plane.apply(message["revision"], services)
                 writer.write(orjson.dumps({"applied": message["revision"]}) + b"\n")
                 if not plane.servers:  # first table in hand: now accept traffic

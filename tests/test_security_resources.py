@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
 import select
+import signal
 import socket
 import threading
 import time
@@ -346,3 +348,130 @@ def test_F9_requests_keep_being_answered_while_changes_stream_with_10k_routes(ma
     assert results == [(200, up.addr), (503, None)] * 30
     status, body = p.admin("config", type="json")
     assert status == 200 and len(body) == 10001
+
+
+# -- F9: the control plane's share of a change (state hash, state file, workers) --------------
+
+def test_F9_incremental_state_hash_equals_a_from_scratch_hash():
+    import orjson
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from pyroute.controlplane.registry import STATE_FORMAT, ServiceRegistry, content_hash, read_document
+
+    names = ["f9s-a", "f9s-b", "f9s-c", "f9s-d"]
+    step = st.tuples(st.sampled_from(["put", "remove", "cert", "uncert", "merge"]), st.sampled_from(names),
+                     st.sampled_from(["/p", "/q", "/r"]))
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(step, min_size=1, max_size=30))
+    def check(steps):
+        registry, peer = ServiceRegistry(), ServiceRegistry()
+        for action, name, path in steps:
+            if action == "put":  # an add or a replace
+                registry.reconfigure({"serviceName": name, "servicePath": path, "port": "80"})
+            elif action == "remove":
+                registry.remove(name)
+            elif action == "cert":
+                registry.put_cert(name, f"PEM {path}")
+            elif action == "uncert":
+                registry.remove_cert(name)
+            else:  # entries adopted from a peer, several at once
+                peer.reconfigure({"serviceName": name, "servicePath": path, "port": "81"})
+                peer.remove(names[(names.index(name) + 1) % len(names)])
+                registry.merge(peer.export(), "peer")
+            document = orjson.loads(registry.export_json())
+            assert document["format"] == STATE_FORMAT == 2
+            entries = read_document(document)  # checks the document's hash against its content too
+            assert registry.hash == document["hash"] == content_hash(entries)
+            reordered = {kind: dict(reversed(entries[kind].items())) for kind in entries}
+            assert content_hash(reordered) == registry.hash  # the sum does not depend on entry order
+    check()
+
+
+def _format_1_state_file(services: dict[str, dict[str, str] | None], revision: int) -> bytes:
+    """A state file as the previous release wrote it: format 1, sha256 over the whole content."""
+    import hashlib
+    entries = {name: {"stamp": [i + 1, f"oldrelease.{i:010d}"],
+                      "value": None if params is None else [[k, v] for k, v in params.items()]}
+               for i, (name, params) in enumerate(services.items())}
+    canonical = {"services": {n: [e["stamp"], e["value"]] for n, e in entries.items()}, "certs": {}}
+    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json.dumps({"format": 1, "revision": revision, "hash": digest, "services": entries,
+                       "certs": {}}).encode()
+
+
+def test_F9_a_format_1_state_file_from_the_previous_release_loads(make_pyroute, dns, replicas, tmp_path):
+    from pyroute.controlplane.registry import read_document
+
+    up = replicas[0]
+    dns.set_service("f9-old", up.ip)
+    dns.set_service("f9-new", up.ip)
+    (tmp_path / "state.json").write_bytes(_format_1_state_file(
+        {"f9-old": {"serviceName": "f9-old", "servicePath": "/f9old", "port": str(up.port)},
+         "f9-gone": None}, revision=7))  # a removal's tombstone
+    p = make_pyroute(STATE_DIR=str(tmp_path))
+    status, headers, _ = p.get("/f9old/x")
+    assert (status, headers.get("X-Upstream")) == (200, up.addr)
+    assert p.admin("ping")[1]["Revision"] == 7
+    assert not list(tmp_path.glob("*.corrupt-*"))  # read as a good copy, not kept aside
+    p.reconfigure(serviceName="f9-new", servicePath="/f9new", port=up.port)
+    saved = json.loads((tmp_path / "state.json").read_bytes())
+    assert saved["format"] == 2 and saved["hash"] == p.admin("ping")[1]["Hash"]
+    entries = read_document(saved)  # the new hash matches its content
+    assert set(entries["services"]) == {"f9-old", "f9-gone", "f9-new"} and entries["services"]["f9-gone"][1] is None
+    p.stop()
+    p.start()
+    for path in ("/f9old/x", "/f9new/x"):
+        status, headers, _ = p.get(path)
+        assert (status, headers.get("X-Upstream")) == (200, up.addr), path
+
+
+F9_CONNECTIONS = 16  # fresh connections per check: the kernel spreads them over both workers
+
+
+def test_F9_workers_2_serve_every_add_replace_and_remove_as_it_is_answered(make_pyroute, dns, replicas):
+    from support.proxy import children
+
+    a, b = replicas[0], replicas[1]
+    dns.set_service("f9w-a", a.ip)
+    dns.set_service("f9w-b", b.ip)
+    p = make_pyroute(WORKERS="2")
+    for i in range(40):  # services no step touches: every worker must keep routing them
+        p.reconfigure(serviceName=f"f9w-fill-{i}", servicePath=f"/f9fill{i:02d}", port=a.port, outboundHostname="f9w-a")
+    expected: dict[str, str | None] = {"/f9fill00/x": a.addr, "/f9fill39/x": a.addr}
+
+    def check(step: str) -> None:
+        for path, upstream in expected.items():
+            answers = [p.get(path) for _ in range(F9_CONNECTIONS)]
+            got = [(s, h.get("X-Upstream")) if upstream else s for s, h, _ in answers]
+            assert got == [(200, upstream) if upstream else 503] * F9_CONNECTIONS, (step, path)
+
+    def put(name: str, path: str, host: str) -> None:
+        p.reconfigure(serviceName=name, servicePath=path, port=a.port, outboundHostname=host)
+
+    put("f9w-1", "/f9one", "f9w-a")
+    expected["/f9one/x"] = a.addr
+    check("add f9w-1")
+    put("f9w-2", "/f9two", "f9w-b")
+    expected["/f9two/x"] = b.addr
+    check("add f9w-2")
+    put("f9w-1", "/f9one", "f9w-b")
+    expected["/f9one/x"] = b.addr
+    check("replace f9w-1: another upstream")
+    put("f9w-2", "/f9moved", "f9w-b")
+    expected.update({"/f9two/x": None, "/f9moved/x": b.addr})
+    check("replace f9w-2: another path")
+    p.remove("f9w-1")
+    expected["/f9one/x"] = None
+    check("remove f9w-1")
+    assert p.admin("reload", recreate="true")[0] == 200  # a revision with no change
+    check("reload?recreate=true")
+    victim = min(children(p.proc.pid))  # its replacement starts from the whole snapshot
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(children(p.proc.pid)) == 2 and victim not in children(p.proc.pid)
+               and p.admin("successfulinitreload")[0] == 200, timeout=10, what="a replacement worker serving")
+    put("f9w-1", "/f9one", "f9w-a")
+    expected["/f9one/x"] = a.addr
+    check("add f9w-1 again, after a worker restart")
+    p.remove("f9w-fill-39")
+    expected["/f9fill39/x"] = None
+    check("remove a service loaded before the restart")

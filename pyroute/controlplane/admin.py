@@ -241,7 +241,7 @@ class AdminApi:
     def state(self, request: Request) -> Response:
         """The whole state document (services, removals, certificates): what joining and
         repairing peers pull."""
-        return Response(200, orjson.dumps(self.registry.export()))
+        return Response(200, self.registry.export_json())
 
     async def reload(self, request: Request) -> Response:
         # Routes are applied in-process on every change, so a plain reload has nothing to do.

@@ -12,6 +12,12 @@ A distributed change is stamped once by the replica that fans it out, so every r
 stores it identically. ``revision`` is a Lamport clock: it grows with every change and
 jumps to a peer's when a newer stamp arrives, so it orders replicas roughly by freshness;
 ``hash`` is a digest of the content alone, equal on two replicas exactly when they agree.
+
+A change must cost the event loop in proportion to the change, not to the state (issue 14,
+F9), so the registry keeps per entry what whole-state operations need: the entry's digest
+(``hash`` is their sum, updated by taking the old entry's out and putting the new one's in)
+and its serialised form (the state document is those pieces joined). Format 1 documents
+(a whole-content sha256, written by earlier releases) are still read.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ log = logging.getLogger("pyroute.controlplane.registry")
 Snapshot = tuple[int, tuple[Service, ...]]
 Stamp = tuple[int, str]  # (Lamport counter, "<replica id>.<sequence>"): unique per change
 KINDS = ("services", "certs")  # services: name -> params pairs; certs: name -> PEM; None = removed
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: hash = sum of per-entry digests; 1: sha256 of the whole content (read only)
+READABLE_FORMATS = (1, 2)
+HASH_MODULUS = 2 ** 256
 NOT_STORED = ("distribute", "pyroutestamp")  # request-only parameters, never part of a service
 
 
@@ -40,8 +48,24 @@ class StateError(ValueError):
     """A state document (file or peer answer) that is malformed."""
 
 
+def entry_digest(kind: str, name: str, stamp: Stamp, value: object) -> int:
+    """sha256 of one entry's canonical JSON ``[kind, name, stamp, value]``, as an integer."""
+    return int.from_bytes(hashlib.sha256(orjson.dumps([kind, name, stamp, value])).digest(), "big")
+
+
+def format_hash(total: int) -> str:
+    return f"{total % HASH_MODULUS:064x}"
+
+
 def content_hash(entries: Mapping[str, Mapping[str, tuple[Stamp, object]]]) -> str:
-    """sha256 over the canonical JSON of the entries (stamps included, revision excluded)."""
+    """The format-2 hash computed from scratch: every entry's digest summed modulo 2**256
+    (order-independent, so the registry can keep it up to date one entry at a time)."""
+    return format_hash(sum(entry_digest(kind, name, stamp, value)
+                           for kind in KINDS for name, (stamp, value) in entries.get(kind, {}).items()))
+
+
+def content_hash_v1(entries: Mapping[str, Mapping[str, tuple[Stamp, object]]]) -> str:
+    """The format-1 hash: sha256 over the canonical JSON of the whole content."""
     canonical = {kind: {name: [list(stamp), value] for name, (stamp, value) in entries.get(kind, {}).items()}
                  for kind in KINDS}
     return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
@@ -73,7 +97,10 @@ class ServiceRegistry:
         self._sequence = 0
         self._services: dict[str, Service] = {}
         self._entries: dict[str, dict[str, tuple[Stamp, object]]] = {kind: {} for kind in KINDS}
-        self.hash = content_hash(self._entries)
+        self._digests: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}  # entry_digest per entry
+        self._digest_sum = 0  # of every entry's digest, modulo HASH_MODULUS
+        self._exported: dict[str, dict[str, bytes]] = {kind: {} for kind in KINDS}  # '"name":{entry}' per entry
+        self.hash = format_hash(self._digest_sum)
         self._subscribers: list[Callable[[Snapshot], None]] = []
 
     def subscribe(self, callback: Callable[[Snapshot], None]) -> None:
@@ -194,6 +221,10 @@ class ServiceRegistry:
                 self._services.pop(name, None)
             else:
                 self._services[name] = service or self._parse(dict(value))
+        digest = entry_digest(kind, name, stamp, value)
+        self._digest_sum = (self._digest_sum - self._digests[kind].get(name, 0) + digest) % HASH_MODULUS
+        self._digests[kind][name] = digest
+        self._exported[kind][name] = orjson.dumps(name) + b":" + orjson.dumps({"stamp": stamp, "value": value})
         if bump:
             self.revision = max(self.revision + 1, stamp[0])
         return True
@@ -201,22 +232,28 @@ class ServiceRegistry:
     def _publish(self, what: str, **fields) -> None:
         """Log the change as one structured event with the revision it produced, then hand
         the new snapshot to the data planes."""
-        self.hash = content_hash(self._entries)
+        self.hash = format_hash(self._digest_sum)
         event(log, what, **fields, revision=self.revision, services=len(self._services), hash=self.hash[:12])
         snapshot = self.snapshot()
         for callback in self._subscribers:
             callback(snapshot)
 
     # -- whole-state exchange (state file, peers) --------------------------------------
+    def export_json(self) -> bytes:
+        """The state document, serialised: what the state file holds and what peers pull.
+
+        Joined from each entry's stored serialisation, so the event loop pays a copy of the
+        bytes, not a walk over every entry."""
+        head = orjson.dumps({"format": STATE_FORMAT, "revision": self.revision, "hash": format_hash(self._digest_sum)})
+        parts = [head[:-1]]
+        for kind in KINDS:
+            parts += (b',"', kind.encode(), b'":{', b",".join(self._exported[kind].values()), b"}")
+        parts.append(b"}")
+        return b"".join(parts)
+
     def export(self) -> dict:
-        """The state document: what the state file holds and what peers pull."""
-        return {
-            "format": STATE_FORMAT,
-            "revision": self.revision,
-            "hash": self.hash,
-            **{kind: {name: {"stamp": list(stamp), "value": value} for name, (stamp, value) in entries.items()}
-               for kind, entries in self._entries.items()},
-        }
+        """The state document as a dict (export_json parsed)."""
+        return orjson.loads(self.export_json())
 
     def merge(self, document: Mapping, origin: str) -> int:
         """Adopt every entry of `document` newer than ours (one publication); -> entries adopted.
@@ -227,7 +264,10 @@ class ServiceRegistry:
         entries = read_document(document)
         adopted, newest = 0, 0
         for kind in KINDS:
+            mine = self._entries[kind]
             for name, (stamp, value) in entries[kind].items():
+                if name in mine and mine[name][0] >= stamp:
+                    continue  # not newer: skipped before parsing, so an equal document costs no parse
                 service = None
                 if kind == "services" and value is not None:
                     try:
@@ -245,10 +285,14 @@ class ServiceRegistry:
 
 
 def read_document(document: Mapping) -> dict[str, dict[str, tuple[Stamp, object]]]:
-    """Validate a state document; -> its entries. Raises StateError."""
+    """Validate a state document (format 1 or 2); -> its entries. Raises StateError.
+
+    Checking the hash walks every entry: this runs when a document is read (state file at
+    start, a peer's state), never per change."""
     try:
-        if document.get("format") != STATE_FORMAT:
-            raise StateError(f"unknown state format {document.get('format')!r}")
+        layout = document.get("format")
+        if type(layout) is not int or layout not in READABLE_FORMATS:
+            raise StateError(f"unknown state format {layout!r}")
         if not isinstance(document.get("revision"), int) or document["revision"] < 0:
             raise StateError("revision is missing or not a non-negative integer")
         entries: dict[str, dict[str, tuple[Stamp, object]]] = {}
@@ -268,7 +312,8 @@ def read_document(document: Mapping) -> dict[str, dict[str, tuple[Stamp, object]
         raise
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise StateError(f"malformed state document: {exc!r}") from None
-    if content_hash(entries) != document.get("hash"):
+    expected = content_hash(entries) if layout == 2 else content_hash_v1(entries)
+    if expected != document.get("hash"):
         raise StateError("content does not match its hash (partial or corrupt)")
     return entries
 

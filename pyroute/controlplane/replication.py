@@ -73,7 +73,7 @@ class Replication:
     async def commit(self) -> None:
         """Make the registry's current state durable (raises OSError when the disk fails)."""
         if self.store is not None:
-            await self.store.save(self.registry.export)
+            await self.store.save(self.registry.export_json)
 
     def state_supplied(self, by: str) -> None:
         """State came from outside (a peer, an operator): corrupt files no longer hold readiness."""

@@ -112,8 +112,9 @@ class StateFile:
         log.error("state file %s is unusable (%s); kept as %s", self._path(reading.name), reading.problem, aside)
         return aside
 
-    async def save(self, export: Callable[[], dict]) -> None:
-        """Persist the state `export()` gives, durably; raises OSError if the disk refuses.
+    async def save(self, export: Callable[[], bytes]) -> None:
+        """Persist the state document `export()` serialises, durably; raises OSError if the
+        disk refuses.
 
         Callers change the state, then save. Writes are serialised and take the state as
         it is when the write starts, so one write covers every save asked for before it
@@ -125,7 +126,7 @@ class StateFile:
             if self._covered >= mine:
                 return
             covers = self._requested
-            data = orjson.dumps(export())
+            data = export()
             await asyncio.to_thread(self._write, data)
             self._covered = covers
             self.writes += 1
