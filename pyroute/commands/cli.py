@@ -6,7 +6,12 @@ import argparse
 import sys
 
 from pyroute import __version__, eventlog
+from pyroute.commands.check_config import main as check_config
+from pyroute.commands.demo import run_demo
+from pyroute.commands.routes import main as show_routes
 from pyroute.config import SettingsError, add_setting_flags, settings_from_args
+from pyroute.listen import StartupError
+from pyroute.process import run, serve
 
 EXAMPLES = """\
 examples:
@@ -60,13 +65,6 @@ def setup_logging(level: str) -> None:
     eventlog.setup_logging(level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def run(coro) -> None:
-    """Run on uvloop: pyroute's hot path is written for it."""
-    import uvloop
-
-    uvloop.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
@@ -77,27 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyroute {__version__}")
         return 0
     if args.command == "check-config":
-        from pyroute.commands.check_config import main as check_config
-
         return check_config(args.file)
     if args.command == "routes":
-        from pyroute.commands.routes import main as show_routes
-
         return show_routes(args.admin, args.user, args.password)
-
-    from pyroute.listen import StartupError
 
     try:
         if args.command == "demo":
-            from pyroute.commands.demo import run_demo
-
             setup_logging("info")
             run(run_demo(args.http_port, args.admin_port))
             return 0
         settings = settings_from_args(args)
         setup_logging(settings.log_level)
-        from pyroute.process import serve
-
         run(serve(settings, lambda: settings_from_args(args)))
     except (SettingsError, StartupError) as exc:
         print(f"pyroute: {exc}", file=sys.stderr)
