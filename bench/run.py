@@ -495,7 +495,7 @@ def reconfigure(admin_port: int, service: str, path: str, port: int) -> None:
         raise RuntimeError(f"reconfigure {service} -> {status} {body[:200]!r}")
 
 
-def pyroute_env(admin_port: int, port: int, dns_port: int, workers: int) -> dict:
+def pyroute_env(admin_port: int, port: int, dns_port: int, workers: int, tree: Path = REPO_DIR) -> dict:
     return {
         "PORT": str(admin_port),
         "IP": "127.0.0.1",
@@ -505,14 +505,15 @@ def pyroute_env(admin_port: int, port: int, dns_port: int, workers: int) -> dict
         "WORKERS": str(workers),
         "SERVICE_NAME": "bench-proxy",  # no peers: our DNS does not know tasks.bench-proxy
         "LOG_LEVEL": "warning",
-        "PYTHONPATH": str(REPO_DIR),  # the working tree, installed or not
+        "PYTHONPATH": str(tree),  # the working tree (or --baseline's), installed or not
     }
 
 
 def start_pyroute(procs: Processes, tmp: Path, upstream_port: int, dns_port: int,
-                  workers: int, extra_routes: int = 0, env: dict | None = None, suffix: str = "") -> Target:
-    """pyroute from the working tree; its workers share cpu 1 with the upstream, or
-    spread over both cpus (sharing cpu 0 with wrk) when WORKERS > 1."""
+                  workers: int, extra_routes: int = 0, env: dict | None = None, suffix: str = "",
+                  tree: Path = REPO_DIR) -> Target:
+    """pyroute from the working tree (or `tree`: --baseline); its workers share cpu 1 with
+    the upstream, or spread over both cpus (sharing cpu 0 with wrk) when WORKERS > 1."""
     name = "pyroute" + (f" w={workers}" if workers > 1 else "") + \
         (f" +{extra_routes} routes" if extra_routes else "") + suffix
     port, admin_port, tls_port = free_port(), free_port(), free_port()
@@ -524,7 +525,7 @@ def start_pyroute(procs: Processes, tmp: Path, upstream_port: int, dns_port: int
     tls_env = {"DEFAULT_PORTS": f"{port},{tls_port}:ssl", "CERTS_DIR": str(work / "certs"),
                "SECRETS_DIR": str(work / "secrets")}
     target.proc = procs.start(PYROUTE_CMD, cpus, target.log,
-                              env={**pyroute_env(admin_port, port, dns_port, workers), **tls_env, **(env or {})},
+                              env={**pyroute_env(admin_port, port, dns_port, workers, tree), **tls_env, **(env or {})},
                               cwd=work)
     wait_pyroute_ready(admin_port, target.proc)
     reconfigure(admin_port, UPSTREAM_SERVICE, "/", upstream_port)
@@ -535,11 +536,15 @@ def start_pyroute(procs: Processes, tmp: Path, upstream_port: int, dns_port: int
 
 
 def start_target(kind: str, workers: int, extra_routes: int, procs: Processes, tmp: Path,
-                 upstream_port: int, dns_port: int) -> Target:
+                 upstream_port: int, dns_port: int, baseline: Path | None = None) -> Target:
     """Start one target; a target that does not start is returned marked failed."""
     try:
         if kind == "pyroute":
             return start_pyroute(procs, tmp, upstream_port, dns_port, workers, extra_routes)
+        if kind == "pyroute-baseline":  # another checkout, for before/after in one run
+            rev = subprocess.run(["git", "-C", str(baseline), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True).stdout.strip() or baseline.name
+            return start_pyroute(procs, tmp, upstream_port, dns_port, workers, suffix=f" @{rev}", tree=baseline)
         if kind == "pyroute-log":  # DEBUG=true: a JSON access log line per request, into its log file
             return start_pyroute(procs, tmp, upstream_port, dns_port, workers, env={"DEBUG": "true"},
                                  suffix=" +access log")
@@ -842,6 +847,9 @@ def parse_args(argv=None):
     p.add_argument("--upstream", choices=["auto", "builtin"], default="auto",
                    help="auto = nginx when installed, else bench/upstream.py")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out" / "results.md")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another checkout of pyroute (e.g. a git worktree of the commit before a change): "
+                        "measured as the target 'pyroute @<rev>' beside this tree's")
     args = p.parse_args(argv)
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown:
@@ -855,6 +863,8 @@ def target_plan(args) -> list[tuple[str, int, int]]:
     for kind in args.targets:
         if kind == "pyroute":
             plan += [("pyroute", w, 0) for w in args.workers]
+            if args.baseline is not None:
+                plan.append(("pyroute-baseline", args.workers[0], 0))
             if args.extra_routes:
                 plan.append(("pyroute", args.workers[0], args.extra_routes))
         elif kind == "pyroute-log":
@@ -888,7 +898,7 @@ def start_targets(args, workloads, procs, tmp, upstream_port, dns_port) -> list[
     """Start and check every planned target; one that fails either is kept, marked failed."""
     targets = []
     for kind, workers, extra in target_plan(args):
-        target = start_target(kind, workers, extra, procs, tmp, upstream_port, dns_port)
+        target = start_target(kind, workers, extra, procs, tmp, upstream_port, dns_port, args.baseline)
         if not target.failed:
             target.broken = check_target(target, workloads)
         problems = [target.failed] if target.failed else [f"{w}: {why}" for w, why in target.broken.items()]
