@@ -721,9 +721,10 @@ class ClientConnection(ReadPauses, asyncio.Protocol):
         self.out.append(rest)
         to_client = b"".join(self.out)
         self.out.clear()
-        tunnel = Tunnel(self.server, ex.route.destination.timeout_tunnel or self.server.settings.timeout_tunnel,
-                        self.client_ip)
-        tunnel.start(self.transport, upstream.transport, to_client, ex.upgrade)
+        server = self.server
+        Tunnel(server.tunnels, server.limit, self.loop).take_over(
+            self.client_ip, self.transport, upstream.transport, to_client, ex.upgrade,
+            ex.route.destination.timeout_tunnel or server.settings.timeout_tunnel)
         return True
 
     def _refuse(self, status: int, why: str) -> None:
