@@ -362,3 +362,125 @@ def test_silent_sni_client_closes_after_timeout_client(proxy, dns, tls_backend):
     with socket.create_connection(("127.0.0.1", src), timeout=10) as s:
         s.sendall(b"\x16\x03\x01")  # the start of a record, never finished
         assert _closed_by_peer(s)
+
+
+# -- MAXCONN and MAXCONN_PER_IP count every tunnel ---------------------------------------------
+def _tcp_tunnel(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A tcp tunnel proven open (accepted and connected): one keep-alive /hello through it."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _read_hello(s).startswith(b"HTTP/1.1 200")
+    return s
+
+
+def _unanswered(sock: socket.socket) -> bool:
+    """Nothing comes back on `sock` for 2 s: it waits in the kernel's backlog, not accepted."""
+    sock.settimeout(2)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except (socket.timeout, TimeoutError):
+        return True
+    return False
+
+
+def test_maxconn_counts_tcp_tunnels_and_pauses_the_tcp_listener(make_pyroute, dns, replicas):
+    """MAXCONN counts client sockets "tunnels included" (ARCHITECTURE.md): reqMode=tcp
+    tunnels fill it for HTTP clients, HTTP clients fill it for tcp tunnels, and at the
+    limit the srcPort listener waits like the HTTP port; a close lets the waiting one in."""
+    up = replicas[0]
+    p = make_pyroute(MAXCONN="2")
+    src = free_port()
+    dns.set_service("l4-mc", up.ip)
+    dns.set_service("l4-mc-http", up.ip)
+    p.reconfigure(serviceName="l4-mc", reqMode="tcp", srcPort=src, port=up.port)
+    p.reconfigure(serviceName="l4-mc-http", servicePath="/hello", port=up.port)
+    wait_until(lambda: _connects(src), what="tcp listener open")  # (each probe closes again)
+
+    first, second = _tcp_tunnel(src), _tcp_tunnel(src)
+    wait_until(lambda: "MAXCONN 2 reached" in p.log(), what="the MAXCONN log line")
+    waiting = p.raw(timeout=10)  # two tunnels fill it: an HTTP client waits in the backlog
+    waiting.request("GET", "/hello", [("Host", "a")])
+    assert _unanswered(waiting.sock)
+    first.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")  # the open tunnels keep working
+    assert _read_hello(first).startswith(b"HTTP/1.1 200")
+    first.close()  # room again: the waiting client is accepted and answered
+    waiting.sock.settimeout(10)
+    assert waiting.read_response()[0].status_code == 200
+
+    # now one tunnel and one HTTP client fill it: a new tcp connection waits too
+    tcp_waiting = socket.create_connection(("127.0.0.1", src), timeout=10)
+    tcp_waiting.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _unanswered(tcp_waiting)
+    waiting.close()
+    tcp_waiting.settimeout(10)
+    assert _read_hello(tcp_waiting).startswith(b"HTTP/1.1 200")
+    second.close()
+    tcp_waiting.close()
+
+
+def test_maxconn_counts_sni_tunnels_and_pauses_the_sni_listener(make_pyroute, dns, replicas, tls_backend):
+    up = replicas[0]
+    p = make_pyroute(MAXCONN="1")
+    src = free_port()
+    dns.set_service("l4-mc-sni", BACKEND_IP)
+    dns.set_service("l4-mc-sni-http", up.ip)
+    p.reconfigure(serviceName="l4-mc-sni", reqMode="sni", srcPort=src, port=tls_backend.port,
+                  servicePath="pass.test")
+    p.reconfigure(serviceName="l4-mc-sni-http", servicePath="/hello", port=up.port)
+    wait_until(lambda: _connects(src), what="sni listener open")
+
+    ctx = client_context(tls_backend.ca)
+    tunnel = ctx.wrap_socket(socket.create_connection(("127.0.0.1", src), timeout=10), server_hostname="pass.test")
+    tunnel.sendall(b"ping")
+    assert tunnel.recv(100) == b"backend:ping"
+    waiting = p.raw(timeout=10)  # the sni tunnel fills MAXCONN=1: an HTTP client waits
+    waiting.request("GET", "/hello", [("Host", "a")])
+    assert _unanswered(waiting.sock)
+    tunnel.close()
+    waiting.sock.settimeout(10)
+    assert waiting.read_response()[0].status_code == 200
+
+    sni_waiting = socket.create_connection(("127.0.0.1", src), timeout=10)  # the HTTP client fills it now
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="pass.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sni_waiting.sendall(outgoing.read())  # the ClientHello: no ServerHello while it waits
+    assert _unanswered(sni_waiting)
+    waiting.close()
+    sni_waiting.settimeout(10)
+    assert sni_waiting.recv(100)  # accepted: the backend's ServerHello comes through
+    sni_waiting.close()
+
+
+def test_maxconn_per_ip_counts_tcp_tunnels(make_pyroute, dns, replicas):
+    """MAXCONN_PER_IP counts one address's tunnels with its HTTP connections: over the cap
+    a new connection of either kind is closed at once; other addresses are not affected."""
+    up = replicas[0]
+    p = make_pyroute(MAXCONN_PER_IP="2")
+    src = free_port()
+    dns.set_service("l4-ip", up.ip)
+    dns.set_service("l4-ip-http", up.ip)
+    p.reconfigure(serviceName="l4-ip", reqMode="tcp", srcPort=src, port=up.port)
+    p.reconfigure(serviceName="l4-ip-http", servicePath="/hello", port=up.port)
+    wait_until(lambda: _connects(src), what="tcp listener open")
+    first, second = _tcp_tunnel(src), _tcp_tunnel(src)
+    with socket.create_connection(("127.0.0.1", src), timeout=10) as third:
+        assert _closed_by_peer(third)  # a third tunnel from 127.0.0.1: closed at once
+    assert not up.requests("/hello/over-the-cap")
+    with socket.create_connection(("127.0.0.1", p.http_port), timeout=10) as http:
+        http.sendall(b"GET /hello/over-the-cap HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _closed_by_peer(http)  # and so is an HTTP connection from it
+    assert not up.requests("/hello/over-the-cap")
+    _tcp_tunnel(src, "127.0.0.2").close()  # another address is not affected
+    first.close()  # room again for 127.0.0.1 once pyroute saw the close
+
+    def admitted() -> bool:
+        with socket.create_connection(("127.0.0.1", src), timeout=10) as s:
+            s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            try:
+                return s.recv(100).startswith(b"HTTP/1.1 200")
+            except ConnectionResetError:  # refused: pyroute has not seen the close yet
+                return False
+
+    wait_until(admitted, timeout=5, what="a tunnel from 127.0.0.1 once one of its two closed")
+    second.close()

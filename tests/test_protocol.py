@@ -200,3 +200,62 @@ def test_a_post_is_never_replayed_when_its_pooled_connection_dies(rig):
     assert up.received().endswith(b"\r\n\r\nhi")
     up.hang_up()
     assert client.received().startswith(b"HTTP/1.1 502 ")  # (a replay would dial port 9: 503)
+
+
+UPGRADE = b"GET /demo/ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def upgraded(rig):
+    """A client connection whose upstream answered 101: (client, upstream), now a tunnel."""
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(UPGRADE + b"early")  # bytes sent ahead of the 101 wait for the tunnel
+    assert up.received().startswith(b"GET /demo/ws ")
+    assert not client.transport.reading
+    up.reply(SWITCH + b"hello")
+    assert client.received() == SWITCH + b"hello"
+    assert up.received() == b"early"
+    return client, up
+
+
+def test_an_upgraded_connection_tunnels_bytes_both_ways_with_backpressure(rig):
+    client, up = upgraded(rig)
+    client_end, upstream_end = client.transport.protocol, up.transport.protocol
+    assert client.transport.reading and up.transport.reading
+    client_end.data_received(b"ping")
+    upstream_end.data_received(b"pong")
+    assert up.received() == b"ping" and client.received() == b"pong"
+    client_end.pause_writing()  # the client's send buffer is full: stop reading the upstream
+    assert not up.transport.reading and client.transport.reading
+    upstream_end.pause_writing()  # and the upstream's: stop reading the client too
+    assert not client.transport.reading
+    client_end.resume_writing()
+    assert up.transport.reading and not client.transport.reading
+    upstream_end.resume_writing()
+    assert client.transport.reading
+
+
+def test_a_tunnel_passes_half_closes_on_and_keeps_its_place_in_maxconn_until_closed(rig):
+    client, up = upgraded(rig)
+    assert rig.limit.clients == 1 and len(rig.server.tunnels) == 1  # counted from accept, through the switch
+    client_end, upstream_end = client.transport.protocol, up.transport.protocol
+    assert client_end.eof_received() is True  # the client is done sending: the upstream is told
+    assert up.transport.eof_written and not up.transport.closed
+    upstream_end.data_received(b"last words")  # the other direction still flows
+    assert client.received() == b"last words"
+    assert upstream_end.eof_received() is False  # both sides done: the tunnel closes
+    assert client.transport.closed and up.transport.closed
+    rig.settle()
+    assert rig.limit.clients == 0 and not rig.server.tunnels
+
+
+def test_an_idle_tunnel_is_cut_by_the_tick_after_timeout_tunnel(rig):
+    client, up = upgraded(rig)
+    now = rig.loop.time()
+    rig.server.check_timeouts(now + rig.settings.timeout_tunnel - 1)
+    assert not client.transport.closed
+    rig.server.check_timeouts(now + rig.settings.timeout_tunnel + 1)
+    assert client.transport.aborted and up.transport.aborted
+    rig.settle()
+    assert rig.limit.clients == 0

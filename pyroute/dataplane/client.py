@@ -23,6 +23,7 @@ from collections import deque
 import httptools
 
 from pyroute.dataplane import features
+from pyroute.dataplane.flow import PEER_FULL, ReadPauses
 from pyroute.dataplane.pages import error_head_only, error_response
 from pyroute.dataplane.limits import AddressLimit, body_too_slow
 from pyroute.dataplane.headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
@@ -38,9 +39,9 @@ MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connecti
 UNLIMITED = 1 << 62  # "no body limit", as a number a chunk count never reaches
 HEAD_LINE_ROOM = 64  # raw bytes per head line beyond the limits' count: method, version, ": ", CRLF
 
-# Why reading from the client is paused (a bit each, reading resumes when none is left).
-PAUSE_PIPELINE = 1  # a later request waits behind the one in flight
-PAUSE_UPSTREAM = 2  # the upstream's socket buffer is full
+# Why reading from the client is paused (a bit each, reading resumes when none is left: flow.py).
+PAUSE_UPSTREAM = PEER_FULL  # the upstream's socket buffer is full
+PAUSE_PIPELINE = 2  # a later request waits behind the one in flight
 PAUSE_BUFFER = 4  # too much body buffered while connecting
 PAUSE_UPGRADE = 8  # an Upgrade request waits for the upstream's 101 (or its refusal)
 PAUSE_CLOSING = 16  # the last request asked to close: nothing more is read
@@ -196,7 +197,7 @@ class ProxyServer:
         self.pool.sweep(now)
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(ReadPauses, asyncio.Protocol):
     __slots__ = (
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
@@ -685,25 +686,9 @@ class ClientConnection(asyncio.Protocol):
         log.info("%s via %s:%s: %s", ex.route.service.name, *upstream.address, reason)
         self._fail(ex, status)
 
-    def upstream_writable(self, writable: bool) -> None:
-        if writable:
-            self._resume(PAUSE_UPSTREAM)
-        else:
-            self._pause(PAUSE_UPSTREAM)
+    upstream_writable = ReadPauses.peer_writable  # the upstream's send buffer filled or drained
 
-    # -- flow control, errors, timeouts ---------------------------------------------------------
-    def _pause(self, reason: int) -> None:
-        if not self.paused and not self.closed:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def _resume(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused and not self.closed:
-                self.last_io = self.loop.time()  # the client was not idle while we did not read
-                self.transport.resume_reading()
-
+    # -- flow control (_pause/_resume: flow.ReadPauses), errors, timeouts -------------------------
     def _after_upgrade(self, rest: bytes) -> None:
         """llhttp stops after an Upgrade (or CONNECT) head: HTTP may end on this connection.
 
@@ -736,9 +721,10 @@ class ClientConnection(asyncio.Protocol):
         self.out.append(rest)
         to_client = b"".join(self.out)
         self.out.clear()
-        tunnel = Tunnel(self.server, ex.route.destination.timeout_tunnel or self.server.settings.timeout_tunnel,
-                        self.client_ip)
-        tunnel.start(self.transport, upstream.transport, to_client, ex.upgrade)
+        server = self.server
+        Tunnel(server.tunnels, server.limit, self.loop).take_over(
+            self.client_ip, self.transport, upstream.transport, to_client, ex.upgrade,
+            ex.route.destination.timeout_tunnel or server.settings.timeout_tunnel)
         return True
 
     def _refuse(self, status: int, why: str) -> None:

@@ -8,12 +8,11 @@ An sni service whose srcPort is one of the proxy's own TLS ports gets no listene
 its own: that port's acceptor (acceptor.py) peeks the SNI and hands matching
 connections over (``tls_sni``), terminating the rest itself.
 
-Each tunnel is two protocols pausing each other's reading when a send buffer fills
-(backpressure both ways). Timeouts are stamps checked by the data plane's tick:
-the client's first bytes must arrive within timeoutClient, the upstream connect within
-min(TIMEOUT_CONNECT, timeoutServer), and an established tunnel closes after
-timeoutTunnel without a byte in either direction. A service that cannot be reached
-closes only the connection that wanted it.
+Each connection is a tunnel.Tunnel from accept (the one HTTP upgrades use too): it
+counts toward MAXCONN and MAXCONN_PER_IP, and the listeners pause with the others at
+MAXCONN. A port's timeouts: the client's first bytes must arrive within timeoutClient,
+the upstream connect within min(TIMEOUT_CONNECT, timeoutServer), and an established
+tunnel closes after timeoutTunnel without a byte in either direction.
 """
 
 from __future__ import annotations
@@ -24,12 +23,13 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyroute.dataplane.tunnel import NoTarget, Tunnel, TunnelEnd
+from pyroute.listen import StartupError
 from pyroute.services import Destination, Service
 
 log = logging.getLogger("pyroute.dataplane.l4")
 
 MAX_CLIENT_HELLO = 16 * 1024 + 5 * 4  # a ClientHello spread over a few records at most
-MAX_PENDING = 256 * 1024  # client bytes buffered while the upstream connection opens
 
 
 # -- the ClientHello SNI parser -------------------------------------------------------------
@@ -132,152 +132,21 @@ class Port:
                 return target
         return None
 
-
-# -- the tunnel ---------------------------------------------------------------------------------
-class Tunnel(asyncio.Protocol):
-    """The client side of one tcp/sni connection."""
-
-    def __init__(self, listeners: "TcpListeners", port: Port | None):
-        self.listeners = listeners
-        self.loop = listeners.loop
-        self.port = port
-        self.transport = None
-        self.upstream: Upstream | None = None
-        self.target: Target | None = None
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.started = 0.0
-        self.last_io = 0.0
-        self.closed = False
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.started = self.last_io = self.loop.time()
-        if self.port is None:  # accepted just as its service went away
-            self.closed = True
-            transport.close()
-            return
-        self.listeners.tunnels.add(self)
-        if self.port.mode == "tcp":
-            self._open(self.port.targets[0])
-
-    def data_received(self, data: bytes) -> None:
-        self.last_io = self.loop.time()
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.transport.write(data)
-            return
-        self.pending.append(data)
-        self.pending_size += len(data)
-        if self.target is None:  # sni: wait for the whole ClientHello
-            try:
-                name = client_hello_sni(b"".join(self.pending))
-            except NotTls as exc:
-                return self._give_up(f"sni port: {exc}")
-            if name is None:
-                return
-            target = self.port.for_sni(name)
-            if target is None:
-                return self._give_up(f"no sni service for {name!r}")
-            self._open(target)
-        elif self.pending_size > MAX_PENDING:
-            self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        if self.upstream is not None and self.upstream.transport.can_write_eof():
-            self.upstream.transport.write_eof()
-            return True  # half-close: the other direction keeps flowing
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        self.listeners.tunnels.discard(self)
-        if self.upstream is not None:
-            self.upstream.transport.close()
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.transport.resume_reading()
-
-    def _open(self, target: Target) -> None:
-        self.target = target
-        self.started = self.loop.time()
-        self.loop.create_task(self._connect(target))
-
-    async def _connect(self, target: Target) -> None:
-        backend = target.backend
+    def pick(self, first_bytes: bytes) -> Target | None:
+        """The target of a connection that sent `first_bytes` so far (tcp: its one target,
+        whatever they are); None while an sni port needs more; raises NoTarget."""
+        if self.mode == "tcp":
+            return self.targets[0]
         try:
-            address = backend.address() or await backend.resolve()
-            _, upstream = await asyncio.wait_for(
-                self.loop.create_connection(lambda: Upstream(self), *address), target.timeout_connect)
-        except Exception as exc:  # resolve errors, refusals, timeouts: this connection only
-            return self._give_up(f"{target.service}: cannot connect: {exc or 'timeout'}")
-        if self.closed:
-            upstream.transport.close()
-            return
-        self.upstream = upstream
-        self.last_io = self.loop.time()
-        if self.pending:
-            upstream.transport.writelines(self.pending)
-            self.pending = []
-            self.pending_size = 0
-        self.transport.resume_reading()
-
-    def _give_up(self, why: str) -> None:
-        log.info("closing %s connection: %s", self.port.mode, why)
-        self.closed = True
-        self.transport.close()
-
-    def check_timeout(self, now: float) -> None:
-        if self.closed:
-            return
-        if self.upstream is not None:
-            limit, since = self.target.timeout_tunnel, max(self.last_io, self.upstream.last_io)
-        elif self.target is not None:
-            limit, since = self.target.timeout_connect, self.started
-        else:
-            limit, since = self.port.timeout_client, self.started
-        if now - since > limit:
-            self.closed = True
-            self.transport.abort()
-            if self.upstream is not None:
-                self.upstream.transport.abort()
-
-
-class Upstream(asyncio.Protocol):
-    """The service side of a tunnel."""
-
-    def __init__(self, tunnel: Tunnel):
-        self.tunnel = tunnel
-        self.transport = None
-        self.last_io = tunnel.loop.time()
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.last_io = self.tunnel.loop.time()
-        self.tunnel.transport.write(data)
-
-    def eof_received(self) -> bool:
-        if self.tunnel.transport.can_write_eof():
-            self.tunnel.transport.write_eof()
-            return True
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.tunnel.closed = True
-        self.tunnel.transport.close()
-
-    def pause_writing(self) -> None:
-        self.tunnel.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.tunnel.transport.resume_reading()
+            name = client_hello_sni(first_bytes)
+        except NotTls as exc:
+            raise NoTarget(f"sni port: {exc}") from None
+        if name is None:
+            return None
+        target = self.for_sni(name)
+        if target is None:
+            raise NoTarget(f"no sni service for {name!r}")
+        return target
 
 
 # -- the listeners ------------------------------------------------------------------------------
@@ -285,16 +154,17 @@ class TcpListeners:
     """Opens and closes one listener per tcp/sni srcPort as snapshots come and go."""
 
     def __init__(self, settings, loop: asyncio.AbstractEventLoop, make_backend: Callable[..., object],
-                 listen: Callable, reserved: set[int], tls_ports: set[int]):
+                 listener: Callable, limit, reserved: set[int], tls_ports: set[int]):
         self.settings = settings
         self.loop = loop
         self.make_backend = make_backend
-        self.listen = listen  # server.listen
+        self.listener = listener  # plane.Listener: (factory, host, port, what) -> a listener pausable at MAXCONN
+        self.limit = limit  # the process's ClientLimit: every tunnel counts in it
         self.reserved = reserved  # the public HTTP/TLS ports: never taken by a tcp/sni service
         self.tls_ports = tls_ports  # ...except TLS ones by sni services, served through their acceptor
         self.tls_sni: dict[int, Port] = {}  # TLS port -> its sni services
         self.ports: dict[int, Port] = {}
-        self.servers: dict[int, asyncio.AbstractServer] = {}
+        self.servers: dict = {}  # port -> plane.Listener
         self.tunnels: set[Tunnel] = set()
         self._sync: asyncio.Task | None = None
 
@@ -347,13 +217,20 @@ class TcpListeners:
                 log.info("tcp/sni listener on port %d closed", port)
             for port in to_open:
                 try:
-                    self.servers[port] = await self.listen(
-                        lambda port=port: Tunnel(self, self.ports.get(port)), self.settings.bind_address, port,
-                        f"{self.ports[port].mode} srcPort", reuse_port=True)
-                    log.info("%s listener on port %d open", self.ports[port].mode, port)
-                except Exception as exc:  # a taken port fails that service's listener only
+                    listener = self.servers[port] = self.listener(
+                        lambda port=port: self.tunnel(self.ports.get(port)), self.settings.bind_address, port,
+                        f"{self.ports[port].mode} srcPort")
+                except StartupError as exc:  # a taken port fails that service's listener only
                     log.error("%s", exc)
                     self.ports.pop(port, None)
+                    continue
+                if not self.limit.full:  # (at MAXCONN it starts accepting when the limit has room)
+                    await listener.serve()
+                log.info("%s listener on port %d open", self.ports[port].mode, port)
+
+    def tunnel(self, port: Port | None, client_ip: bytes = b"") -> TunnelEnd:
+        """The protocol of a new tcp/sni client connection (`port` None: its service just went)."""
+        return Tunnel(self.tunnels, self.limit, self.loop, port, client_ip).client
 
     def check_timeouts(self, now: float) -> None:
         for tunnel in list(self.tunnels):
@@ -364,4 +241,4 @@ class TcpListeners:
             server.close()
         self.servers.clear()
         for tunnel in list(self.tunnels):
-            tunnel.transport.close()
+            tunnel.close()

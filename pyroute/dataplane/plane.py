@@ -18,10 +18,10 @@ from pyroute.dataplane.balancer import Sticky, TaskSet
 from pyroute.dataplane.client import ClientLimit, ProxyServer
 from pyroute.dataplane.clientcert import ClientCertConnection
 from pyroute.dataplane.health import HealthPolicy
-from pyroute.dataplane.l4 import Port, TcpListeners, Tunnel
+from pyroute.dataplane.l4 import Port, TcpListeners
 from pyroute.dataplane.routing import RouteTable
 from pyroute.dataplane.upstream import Backend, UpstreamPool
-from pyroute.listen import LISTEN_BACKLOG, StartupError, listen, listen_error
+from pyroute.listen import LISTEN_BACKLOG, StartupError, listen_error
 from pyroute.resolver import Resolver, is_ip
 from pyroute.services import Service, parse_service
 from pyroute.tls import CertStore, cert_store
@@ -42,11 +42,11 @@ class Listener:
     kernel's backlog until accepting resumes. Nothing already accepted is touched.
     """
 
-    def __init__(self, factory, host: str, port: int):
+    def __init__(self, factory, host: str, port: int, what: str = "HTTP"):
         try:
             self.sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG, reuse_port=True)
         except OSError as exc:
-            raise listen_error(exc, host, port, "HTTP") from None
+            raise listen_error(exc, host, port, what) from None
         self.sock.setblocking(False)
         self.factory = factory
         self.server: asyncio.AbstractServer | None = None
@@ -149,7 +149,7 @@ class DataPlane:
             self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
         public = {spec.port for spec in s.default_ports + s.bind_ports}
         tls_ports = {spec.port for spec in s.default_ports + s.bind_ports if spec.ssl}
-        self.tcp = TcpListeners(s, loop, self._backend, listen, public, tls_ports)
+        self.tcp = TcpListeners(s, loop, self._backend, Listener, limit, public, tls_ports)
         pages.use_directory(s.error_pages_dir)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -172,12 +172,16 @@ class DataPlane:
         if now >= self._maxconn_logged + MAXCONN_LOG_EVERY:  # at the limit this can happen many times a second
             self._maxconn_logged = now
             log.warning("MAXCONN %d reached: not accepting new connections until one closes", self.settings.maxconn)
-        for listener in [*self.servers, *self.src_port_servers.values()]:
+        for listener in self._public_listeners():
             listener.pause()
 
     def _resume_accepting(self) -> None:
-        for listener in [*self.servers, *self.src_port_servers.values()]:
+        for listener in self._public_listeners():
             listener.resume()
+
+    def _public_listeners(self) -> list:
+        """Every listener whose connections count toward MAXCONN: HTTP, TLS, srcPort, tcp/sni."""
+        return [*self.servers, *self.src_port_servers.values(), *self.tcp.servers.values()]
 
     async def start(self) -> None:
         if self.proxy is None:
@@ -230,7 +234,8 @@ class DataPlane:
         def serve(sock: socket.socket, client_ip: str | None, sni_target) -> None:
             if sni_target is not None:
                 tunnel_port = Port("tcp", (sni_target,))
-                task = loop.create_task(loop.connect_accepted_socket(lambda: Tunnel(self.tcp, tunnel_port), sock))
+                ip = client_ip.encode() if client_ip is not None else b""  # the PROXY header's address
+                task = loop.create_task(loop.connect_accepted_socket(lambda: self.tcp.tunnel(tunnel_port, ip), sock))
                 task.add_done_callback(_log_handover_error)
                 return
             if client_ip is None:

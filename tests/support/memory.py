@@ -31,6 +31,7 @@ class MemoryTransport(asyncio.Transport):
         self.closed = False
         self.aborted = False
         self.reading = True
+        self.eof_written = False
         self.peer = peer
         self.protocol = None
 
@@ -67,6 +68,18 @@ class MemoryTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         self.reading = True
 
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self):
+        return self.protocol
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
     def get_extra_info(self, name, default=None):
         return {"peername": self.peer}.get(name, default)
 
@@ -89,6 +102,7 @@ class Rig:
         table = RouteTable(parsed, lambda host, port, service, tls=False: Backend(host, port, self.resolver, tls),
                            1, s.longest_match, self.stats.service)
         self.server = ProxyServer(s, self.loop, self.pool, table, self.stats.unrouted)
+        self.limit = self.server.limit
 
     def close(self) -> None:
         self.loop.run_until_complete(asyncio.sleep(0))
