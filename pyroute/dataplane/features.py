@@ -1,7 +1,8 @@
 """Per-route features, compiled into request and response steps when a route table is built.
 
 A route with no feature has empty step tuples and the proxy never calls into this module
-for it. A route with features runs its request steps in DESIGN.md's fixed phase order:
+for it. A route with features runs its request steps in this fixed phase order (the order
+compile_request_steps builds them in):
 
     access   IP allow/deny lists (403), https/domain redirects (30x), denyHttp and
              method rules (403), basic auth (401; Authorization is not forwarded)

@@ -31,7 +31,6 @@ class HealthMonitor:
     def __init__(self, taskset, policy: HealthPolicy):
         self.taskset = taskset
         self.policy = policy
-        self.probes = 0
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -65,7 +64,6 @@ class HealthMonitor:
 
     async def probe(self, address: tuple[str, int]) -> tuple[bool, str]:
         """(passed, why not): a TCP connect, plus GET <path> answering 2xx/3xx when a path is set."""
-        self.probes += 1
         writer = None
         try:
             async with asyncio.timeout(self.policy.timeout):
