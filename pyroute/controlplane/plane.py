@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 
-from pyroute.config import Settings, raw_haproxy_warnings
+from pyroute.config import Settings, startup_warnings
 from pyroute.controlplane.admin import AdminApi, AdminConnection
 from pyroute.controlplane.adminauth import admin_credentials
 from pyroute.controlplane.envservices import env_services
@@ -41,7 +41,7 @@ class ControlPlane:
         self._dns_check: asyncio.Future | None = None
 
     async def start(self) -> None:
-        for warning in raw_haproxy_warnings():
+        for warning in startup_warnings(self.settings):
             log.warning("%s", warning)
         try:
             self.replication.load()  # the saved state goes into the first table the data planes get
