@@ -329,7 +329,7 @@ class AdminApi:
         return json_response(200, "", Revision=self.registry.revision, Served=revisions, Routes=routes)
 
     async def stats_page(self, request: Request) -> Response:
-        if not statspage.authorized(self.settings, (request.authorization or b"").decode("latin-1")):
+        if not statspage.authorized(self.settings, request.authorization):
             return Response(401, b"401 Unauthorized: the stats page needs STATS_USER/STATS_PASS\n",
                             "text/plain", 'WWW-Authenticate: Basic realm="pyroute stats"\r\n')
         return Response(200, statspage.render(await self.collect(), self.registry.revision),

@@ -8,7 +8,6 @@ the whole exchange bounded by a timeout, answers read whole and size-capped.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from urllib.parse import urlencode
 
 import httptools
 
+from pyroute.basicauth import authorization
 from pyroute.resolver import Resolver, is_ip
 
 log = logging.getLogger("pyroute.controlplane.peers")
@@ -102,8 +102,7 @@ class Peers:
     def _auth_header(self) -> str:
         if self.credentials is None:
             return ""
-        token = base64.b64encode(":".join(self.credentials).encode()).decode()
-        return f"Authorization: Basic {token}\r\n"
+        return f"Authorization: {authorization(*self.credentials)}\r\n"
 
     async def addresses(self) -> tuple[str, ...]:
         """Every replica's IP (this one included). Raises resolver.ResolveError."""
