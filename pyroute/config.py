@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from pyroute.dockersecrets import read_secret
+
 RESOLV_CONF = "/etc/resolv.conf"  # module constant so tests can point it elsewhere
 DOCKER_DNS = "127.0.0.11"  # Docker's embedded resolver, present on every user network
 CONFIG_ENV = "PYROUTE_CONFIG"
@@ -620,10 +622,11 @@ def _secrets(namespace: argparse.Namespace, environ: Mapping[str, str], file_val
         if f.name in SECRET_EXEMPT:
             continue
         try:
-            with open(os.path.join(str(directory), f"dfp_{f.name}"), encoding="utf-8") as fh:
-                found[f.name] = fh.read().strip()
+            value = read_secret(str(directory), f"dfp_{f.name}")
         except OSError:
-            continue
+            continue  # unreadable: the env var or the file applies, and check-config names the secret
+        if value is not None:
+            found[f.name] = value
     return found
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pyroute.config import BALANCE_ALGORITHMS, COMPRESSION_ALGOS, DISCOVERY_TYPES, DOMAIN_ALGOS, is_secret_env
+from pyroute.dockersecrets import read_secret
 from pyroute.patterns import PatternError, compile_pattern, compile_replacement
 
 MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
@@ -510,10 +511,12 @@ def _read_users_secret(defaults: ServiceDefaults, suffix: str) -> list[tuple[str
         raise ServiceError(400, f"usersSecret must be a plain secret name suffix, got {suffix!r}")
     path = os.path.join(defaults.secrets_dir, f"dfp_users_{suffix}")
     try:
-        with open(path, encoding="utf-8") as fh:
-            return _user_list(fh.read(), ",")
+        text = read_secret(defaults.secrets_dir, f"dfp_users_{suffix}")
     except OSError as exc:
         raise ServiceError(400, f"usersSecret {suffix!r}: cannot read {path}: {exc.strerror or exc}") from None
+    if text is None:
+        raise ServiceError(400, f"usersSecret {suffix!r}: there is no secret {path}")
+    return _user_list(text, ",")
 
 
 def _auth(params: dict[str, str], separator: str, defaults: ServiceDefaults):

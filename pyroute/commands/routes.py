@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 from pyroute.basicauth import authorization
+from pyroute.dockersecrets import read_secret
 
 PATH = "/v1/docker-flow-proxy/routes"
 
@@ -28,8 +29,7 @@ def credentials(user: str | None, password: str | None, environ=os.environ) -> t
 
     def secret(name: str) -> str | None:
         try:
-            with open(os.path.join(secrets, name), encoding="utf-8") as fh:
-                return fh.read().strip() or None
+            return read_secret(secrets, name) or None
         except OSError:
             return None
 

@@ -9,19 +9,16 @@ use the same credentials.
 from __future__ import annotations
 
 import logging
-import os
 
 from pyroute.basicauth import Userlist
+from pyroute.dockersecrets import read_secret
 
 log = logging.getLogger("pyroute.controlplane.admin")
 
 
 def _secret(directory: str, name: str) -> str | None:
     try:
-        with open(os.path.join(directory, name), encoding="utf-8") as fh:
-            return fh.read().strip() or None
-    except FileNotFoundError:
-        return None
+        return read_secret(directory, name) or None
     except OSError as exc:
         log.error("cannot read the secret %s in %s: %s", name, directory, exc.strerror or exc)
         return None
