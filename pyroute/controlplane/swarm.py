@@ -182,17 +182,10 @@ class SwarmListener:
         self.names: dict[str, str] = {}  # service id -> route name we applied
         self.applied: dict[str, dict[str, str]] = {}  # service id -> params last applied
         self.synced = asyncio.Event()  # the first full listing has been applied
-        self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _run(self) -> None:
-        """Stream events; when the stream breaks, list again every poll interval until it is back."""
+    async def run(self) -> None:
+        """Stream events; when the stream breaks, list again every poll interval until it is
+        back. Runs until cancelled (the control plane's close)."""
         while True:
             stream = self.client.events({"type": ["service"]})
             first = asyncio.ensure_future(anext(stream))
