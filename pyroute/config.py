@@ -23,13 +23,17 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from pyroute.dockersecrets import read_secret
+
 RESOLV_CONF = "/etc/resolv.conf"  # module constant so tests can point it elsewhere
 DOCKER_DNS = "127.0.0.11"  # Docker's embedded resolver, present on every user network
 CONFIG_ENV = "PYROUTE_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STATE_CORRUPT_CHOICES = ("wait", "start-empty")  # what a replica does when no state file copy is usable
 DISCOVERY_TYPES = ("Overlay", "DNS")  # DFP's discoveryType values
-BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")
+BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")  # DFP's balance values, plus p2c
+DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")  # DFP's serviceDomainAlgo values
+COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-deflate (no HTTP client asks for it)
 
 
 class SettingsError(Exception):
@@ -108,13 +112,6 @@ def _text(value: Any, setting: str) -> str:
     return value.strip()
 
 
-def _any_text(value: Any, setting: str) -> str:
-    """A string that may be empty (e.g. STATS_USER: empty means the stats page is off)."""
-    if not isinstance(value, str):
-        raise _bad(setting, "a string", value)
-    return value.strip()
-
-
 def _boolean(value: Any, setting: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -152,7 +149,7 @@ def _separator(value: Any, setting: str) -> str:
 
 
 def _optional_text(value: Any, setting: str) -> str:
-    """A string that may be empty (empty = the feature is off / automatic)."""
+    """A string that may be empty (empty = the feature is off / automatic, e.g. STATS_USER)."""
     if not isinstance(value, str):
         raise _bad(setting, "a string", value)
     return value.strip()
@@ -160,15 +157,15 @@ def _optional_text(value: Any, setting: str) -> str:
 
 def _domain_algo(value: Any, setting: str) -> str:
     algo = value.strip().lower().removesuffix("(host)") if isinstance(value, str) else None
-    if algo not in ("hdr", "hdr_beg", "hdr_dom", "hdr_end"):
-        raise _bad(setting, "one of hdr, hdr_beg, hdr_dom, hdr_end (optionally with '(host)')", value)
+    if algo not in DOMAIN_ALGOS:
+        raise _bad(setting, f"one of {', '.join(DOMAIN_ALGOS)} (optionally with '(host)')", value)
     return algo
 
 
 def _compression_algo(value: Any, setting: str) -> str:
     algos = value.lower().split() if isinstance(value, str) else None
-    if algos is None or any(a not in ("gzip", "deflate", "identity") for a in algos):
-        raise _bad(setting, "a space-separated list of gzip, deflate, identity (or empty)", value)
+    if algos is None or any(a not in COMPRESSION_ALGOS for a in algos):
+        raise _bad(setting, f"a space-separated list of {', '.join(COMPRESSION_ALGOS)} (or empty)", value)
     return " ".join(algos)
 
 
@@ -376,7 +373,8 @@ class Settings:
     timeout_connect: float = _setting(5.0, parse=_seconds, help="seconds to establish an upstream connection")
     timeout_client: float = _setting(20.0, parse=_seconds, help="seconds of client inactivity allowed")
     timeout_server: float = _setting(20.0, parse=_seconds, help="seconds of upstream inactivity allowed")
-    timeout_queue: float = _setting(30.0, parse=_seconds, help="seconds a request may wait for an upstream slot")
+    timeout_queue: float = _setting(30.0, parse=_seconds,
+                                    help="DFP's queue timeout; accepted for compatibility, no effect yet (no server queue)")
     timeout_tunnel: float = _setting(3600.0, parse=_seconds,
                                      help="seconds of inactivity on a tunnel (WebSocket, CONNECT)")
     timeout_http_request: float = _setting(5.0, parse=_seconds, help="seconds to receive a full request head")
@@ -418,7 +416,7 @@ class Settings:
         help="CIDRs allowed to send a PROXY protocol header on accept-proxy listeners")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
     service_domain_algo: str = _setting("hdr_beg", parse=_domain_algo,
-                                        help="default serviceDomainAlgo: hdr, hdr_beg, hdr_dom or hdr_end")
+                                        help="default serviceDomainAlgo: " + ", ".join(DOMAIN_ALGOS))
     longest_match: bool = _setting(False, parse=_boolean,
                                    help="route by longest matching path first instead of DFP's aclName order")
     https_only: bool = _setting(False, parse=_boolean, help="redirect every service's plain HTTP to HTTPS")
@@ -445,10 +443,10 @@ class Settings:
                                        help="with DEBUG: log only errors (status >= 400, aborted requests)")
     access_log_sample: float = _setting(1.0, parse=_fraction,
                                         help="with DEBUG: the fraction of requests logged (0 < x <= 1)")
-    stats_user: str = _setting("", parse=_any_text, shown='""', env_indirect=True,
+    stats_user: str = _setting("", parse=_optional_text, shown='""', env_indirect=True,
                                help="stats page user; the page is off unless user and password are set "
                                     "(none/none: no authentication)")
-    stats_pass: str = _setting("", parse=_any_text, shown='""', env_indirect=True, help="stats page password")
+    stats_pass: str = _setting("", parse=_optional_text, shown='""', env_indirect=True, help="stats page password")
     stats_uri: str = _setting("/admin?stats", parse=_stats_uri, env_indirect=True,
                               help="where the stats page is served on the public ports")
     docker_host: str = _setting("unix:///var/run/docker.sock", parse=_text,
@@ -624,10 +622,11 @@ def _secrets(namespace: argparse.Namespace, environ: Mapping[str, str], file_val
         if f.name in SECRET_EXEMPT:
             continue
         try:
-            with open(os.path.join(str(directory), f"dfp_{f.name}"), encoding="utf-8") as fh:
-                found[f.name] = fh.read().strip()
+            value = read_secret(str(directory), f"dfp_{f.name}")
         except OSError:
-            continue
+            continue  # unreadable: the env var or the file applies, and check-config names the secret
+        if value is not None:
+            found[f.name] = value
     return found
 
 
@@ -636,11 +635,22 @@ RAW_HAPROXY_ENV = ("EXTRA_GLOBAL", "EXTRA_FRONTEND", "CFG_TEMPLATE_PATH", "CAPTU
                    "DEBUG_HTTP_FORMAT", "DEBUG_TCP_FORMAT", "RESOLVERS")
 
 
-def raw_haproxy_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
-    """One warning per raw-HAProxy env var that is set."""
+# DFP settings pyroute accepts, so a DFP service definition keeps starting, but does not act on
+# yet: setting one draws a warning saying why.
+NO_EFFECT_YET = {
+    "timeout_queue": "pyroute has no server queue yet: a request goes straight to an upstream connection, "
+                     "bounded by TIMEOUT_CONNECT",
+}
+
+
+def startup_warnings(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per raw-HAProxy env var that is set and per set setting that has no effect yet
+    (logged at start, printed by check-config)."""
     environ = os.environ if environ is None else environ
-    return [f"{name} is set but ignored: pyroute does not take raw HAProxy config (see docs/dfp-compatibility.md)"
-            for name in RAW_HAPROXY_ENV if environ.get(name, "").strip()]
+    return ([f"{name} is set but ignored: pyroute does not take raw HAProxy config (see docs/dfp-compatibility.md)"
+             for name in RAW_HAPROXY_ENV if environ.get(name, "").strip()]
+            + [f"{name.upper()} is set but has no effect: {why} (see docs/dfp-compatibility.md)"
+               for name, why in NO_EFFECT_YET.items() if settings.sources.get(name, "default") != "default"])
 
 
 def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:

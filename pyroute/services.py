@@ -15,18 +15,17 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pyroute.config import is_secret_env
+from pyroute.config import BALANCE_ALGORITHMS, COMPRESSION_ALGOS, DISCOVERY_TYPES, DOMAIN_ALGOS, is_secret_env
+from pyroute.dockersecrets import read_secret
 from pyroute.patterns import PatternError, compile_pattern, compile_replacement
 
 MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 # A destination exists at index N when any of these carries the ".N" suffix (DFP's rule).
 _INDEX_MARKERS = ("servicepath", "port", "servicedomain", "httpsport")
-DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")
 DEFAULT_DOMAIN_ALGO = "hdr_beg"
 REQ_MODES = ("http", "tcp", "sni")
 PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
-COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-deflate (no HTTP client asks for it)
 # DFP parameters that carry raw HAProxy configuration: pyroute has no HAProxy to hand them to.
 RAW_HAPROXY_PARAMS = {"templatefepath": "templateFePath", "templatebepath": "templateBePath",
                       "backendextra": "backendExtra"}
@@ -145,7 +144,6 @@ class Destination:
 
 
 SESSION_TYPES = ("sticky-server",)
-BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +363,7 @@ def _parse_balancing(params: Mapping[str, str], name: str) -> Balancing:
 
     discovery = params.get("discoverytype", "").strip() or None
     if discovery is not None:
-        match = [d for d in ("Overlay", "DNS") if d.lower() == discovery.lower()]
+        match = [d for d in DISCOVERY_TYPES if d.lower() == discovery.lower()]
         if not match:
             raise ServiceError(400, f"discoveryType must be Overlay or DNS, got {discovery!r}")
         discovery = match[0]
@@ -513,10 +511,12 @@ def _read_users_secret(defaults: ServiceDefaults, suffix: str) -> list[tuple[str
         raise ServiceError(400, f"usersSecret must be a plain secret name suffix, got {suffix!r}")
     path = os.path.join(defaults.secrets_dir, f"dfp_users_{suffix}")
     try:
-        with open(path, encoding="utf-8") as fh:
-            return _user_list(fh.read(), ",")
+        text = read_secret(defaults.secrets_dir, f"dfp_users_{suffix}")
     except OSError as exc:
         raise ServiceError(400, f"usersSecret {suffix!r}: cannot read {path}: {exc.strerror or exc}") from None
+    if text is None:
+        raise ServiceError(400, f"usersSecret {suffix!r}: there is no secret {path}")
+    return _user_list(text, ",")
 
 
 def _auth(params: dict[str, str], separator: str, defaults: ServiceDefaults):

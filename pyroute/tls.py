@@ -8,8 +8,7 @@ name, then wildcard (``*.example.com``), then the default (PREFERRED_CERTIFICATE
 first loaded). Hot add/replace replaces the name -> context maps in one assignment, so
 handshakes in progress keep the context they picked and open connections are untouched.
 
-API-installed certificates are written atomically (temp file, fsync, rename, fsync dir)
-so a restart serves them again.
+API-installed certificates are written with files.atomic_write so a restart serves them again.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ import ssl
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from pyroute.files import atomic_write
 
 log = logging.getLogger("pyroute.tls")
 
@@ -108,30 +109,6 @@ def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = Fa
     return Certificate(name, pem, tuple(names), ctx, decoded.get("notAfter", ""), secret)
 
 
-def write_atomically(directory: str, name: str, data: bytes) -> None:
-    """Write `data` to directory/name so that a crash leaves the old file or the new one."""
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class CertStore:
     """The certificates in use; `install`/`remove`/`list` are the API other modules call."""
 
@@ -192,7 +169,7 @@ class CertStore:
         cert = load_certificate(name, pem, self.ca_file)
         if self.persist:
             try:
-                write_atomically(self.certs_dir, name, pem)
+                atomic_write(self.certs_dir, name, pem)
             except OSError as exc:
                 raise OSError(f"cannot save {name} in {self.certs_dir}: {exc.strerror or exc}") from None
         self._certs[name] = cert

@@ -342,3 +342,22 @@ def test_example_defaults_are_the_real_defaults(tmp_path):
     s = load_settings(["--config", path], {})
     assert set(name for name, source in s.sources.items() if source == "file") == set(SETTING_FIELDS)
     assert s == dataclasses.replace(Settings(), workers=s.workers, config_file=path)
+
+
+# --- accepted for DFP, without effect yet -------------------------------------------
+
+
+def test_timeout_queue_set_anywhere_warns_that_it_has_no_effect(tmp_path):
+    """TIMEOUT_QUEUE is DFP's name and still parses, but pyroute has no server queue: set in
+    the environment or the file it draws a warning; left at its default, none."""
+    path = write_toml(tmp_path, "timeout_queue = 12\n")
+    for settings in (load_settings([], {"TIMEOUT_QUEUE": "12"}), load_settings(["--config", path], {})):
+        assert settings.timeout_queue == 12
+        [warning] = config.startup_warnings(settings, {})
+        assert warning.startswith("TIMEOUT_QUEUE is set but has no effect: pyroute has no server queue yet")
+    assert config.startup_warnings(load_settings([], {}), {}) == []
+
+
+def test_startup_warnings_name_each_raw_haproxy_variable_set():
+    warnings = config.startup_warnings(Settings(), {"EXTRA_GLOBAL": "x", "RESOLVERS": " ", "CFG_TEMPLATE_PATH": "/t"})
+    assert [w.split()[0] for w in warnings] == ["EXTRA_GLOBAL", "CFG_TEMPLATE_PATH"]

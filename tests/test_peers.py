@@ -1,4 +1,4 @@
-"""The fan-out client (pyroute/peers.py) against real sockets: method, path, query and
+"""The fan-out client (pyroute/controlplane/peers.py) against real sockets: method, path, query and
 body reach every replica, distribute=false replaces distribute=true, and a replica that
 refuses, stays silent, or answers garbage is reported with why, not waited on forever."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import httptools
 import pytest
 
-from pyroute.controlplane.peers import Peers, http_request
+from pyroute.controlplane.peers import Peers
 from pyroute.resolver import Resolver
 from support.upstream import free_port
 
@@ -92,24 +92,3 @@ def test_a_failing_replica_is_reported_with_why(mode, why):
     assert ok.ok and not bad.ok and not dead.ok
     assert bad.status == 0 and why in bad.error and bad.error
     assert dead.status == 0 and dead.error  # connection refused
-
-
-def test_http_request_refuses_a_truncated_answer():
-    async def main():
-        port = free_port("127.0.0.124")
-
-        class Short(asyncio.Protocol):
-            def connection_made(self, t):
-                t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-                t.close()
-
-        server = await asyncio.get_running_loop().create_server(Short, "127.0.0.124", port)
-        try:
-            await http_request("127.0.0.124", port, "GET", "/", timeout=2)
-        except Exception as exc:
-            return exc
-        finally:
-            server.close()
-
-    exc = asyncio.run(main())
-    assert "before the answer was complete" in str(exc)

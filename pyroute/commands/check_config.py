@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from pyroute.config import _SETTINGS, ListenSpec, Settings, SettingsError, raw_haproxy_warnings, settings_from_args
+from pyroute.config import _SETTINGS, ListenSpec, Settings, SettingsError, settings_from_args, startup_warnings
 from pyroute.controlplane.swarm import listener_enabled, socket_problem
 from pyroute.tls import MAX_PEM, SECRET_PREFIXES, load_certificate
 
@@ -122,7 +122,7 @@ def check(config_file: str | None, environ: Mapping[str, str] | None = None) -> 
     value_width = min(40, max(len(r[1]) for r in rows))
     lines = [f"{'SETTING':<{width}}  {'VALUE':<{value_width}}  FROM"]
     lines += [f"{n:<{width}}  {v:<{value_width}}  {o}" for n, v, o in rows]
-    return lines, problems, raw_haproxy_warnings(environ)
+    return lines, problems, startup_warnings(settings, environ)
 
 
 def main(config_file: str | None) -> int:

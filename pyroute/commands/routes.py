@@ -8,12 +8,14 @@ else the secrets dfp_admin_user / dfp_admin_pass in SECRETS_DIR.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sys
 import urllib.error
 import urllib.request
+
+from pyroute.basicauth import authorization
+from pyroute.dockersecrets import read_secret
 
 PATH = "/v1/docker-flow-proxy/routes"
 
@@ -27,8 +29,7 @@ def credentials(user: str | None, password: str | None, environ=os.environ) -> t
 
     def secret(name: str) -> str | None:
         try:
-            with open(os.path.join(secrets, name), encoding="utf-8") as fh:
-                return fh.read().strip() or None
+            return read_secret(secrets, name) or None
         except OSError:
             return None
 
@@ -41,8 +42,7 @@ def fetch(admin_url: str, auth: tuple[str, str] | None, timeout: float = 10.0) -
     """The routes document; raises RuntimeError with a message saying what to do."""
     request = urllib.request.Request(admin_url.rstrip("/") + PATH)
     if auth is not None:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Authorization", authorization(*auth))
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())

@@ -329,7 +329,7 @@ class AdminApi:
         return json_response(200, "", Revision=self.registry.revision, Served=revisions, Routes=routes)
 
     async def stats_page(self, request: Request) -> Response:
-        if not statspage.authorized(self.settings, (request.authorization or b"").decode("latin-1")):
+        if not statspage.authorized(self.settings, request.authorization):
             return Response(401, b"401 Unauthorized: the stats page needs STATS_USER/STATS_PASS\n",
                             "text/plain", 'WWW-Authenticate: Basic realm="pyroute stats"\r\n')
         return Response(200, statspage.render(await self.collect(), self.registry.revision),
@@ -365,25 +365,17 @@ def render_config(services: list[Service], revision: int) -> str:
         for d in service.destinations:
             acl = f"{service.acl_name}{d.index}"
             backend = f"{service.acl_name}-be{d.port}_{d.index}"
-            conditions = []
-            if d.paths:
-                lines.append(f"    acl url_{acl} {d.path_type} {' '.join(d.paths)}")
-                conditions.append(f"url_{acl}")
-            if d.path_excludes:
-                lines.append(f"    acl url_exclude_{acl} path_beg {' '.join(d.path_excludes)}")
-                conditions.append(f"!url_exclude_{acl}")
-            if d.domains:
-                lines.append(f"    acl domain_{acl} {service.domain_algo}(host) -i {' '.join(d.domains)}")
-                conditions.append(f"domain_{acl}")
-            for n, (name, value) in enumerate(d.header_match):
-                lines.append(f"    acl hdr_{acl}_{n} hdr({name}) {value}")
-                conditions.append(f"hdr_{acl}_{n}")
-            if d.user_agents:
-                lines.append(f"    acl user_agent_{acl} hdr_sub(User-Agent) -i {' '.join(d.user_agents)}")
-                conditions.append(f"user_agent_{acl}")
-            if d.src_port:
-                lines.append(f"    acl srcPort_{acl} dst_port {d.src_port}")
-                conditions.append(f"srcPort_{acl}")
+            # (condition in use_backend, the acl's test or nothing when the route has no such rule)
+            acls = [
+                (f"url_{acl}", d.paths and f"{d.path_type} {' '.join(d.paths)}"),
+                (f"!url_exclude_{acl}", d.path_excludes and f"path_beg {' '.join(d.path_excludes)}"),
+                (f"domain_{acl}", d.domains and f"{service.domain_algo}(host) -i {' '.join(d.domains)}"),
+                *((f"hdr_{acl}_{n}", f"hdr({name}) {value}") for n, (name, value) in enumerate(d.header_match)),
+                (f"user_agent_{acl}", d.user_agents and f"hdr_sub(User-Agent) -i {' '.join(d.user_agents)}"),
+                (f"srcPort_{acl}", d.src_port and f"dst_port {d.src_port}"),
+            ]
+            conditions = [condition for condition, test in acls if test]
+            lines += [f"    acl {condition.lstrip('!')} {test}" for condition, test in acls if test]
             lines.append(f"    use_backend {backend} if {' '.join(conditions)}")
             if service.is_default_backend and default is None:
                 default = backend

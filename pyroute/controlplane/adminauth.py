@@ -8,21 +8,17 @@ use the same credentials.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import logging
-import os
+
+from pyroute.basicauth import Userlist
+from pyroute.dockersecrets import read_secret
 
 log = logging.getLogger("pyroute.controlplane.admin")
 
 
 def _secret(directory: str, name: str) -> str | None:
     try:
-        with open(os.path.join(directory, name), encoding="utf-8") as fh:
-            return fh.read().strip() or None
-    except FileNotFoundError:
-        return None
+        return read_secret(directory, name) or None
     except OSError as exc:
         log.error("cannot read the secret %s in %s: %s", name, directory, exc.strerror or exc)
         return None
@@ -41,16 +37,7 @@ def admin_credentials(settings) -> tuple[str, str] | None:
 
 def allowed(header: bytes | None, credentials: tuple[str, str] | None) -> bool:
     """Does the Authorization header carry `credentials`? Always True when there are none."""
-    if credentials is None:
-        return True
-    if not header or header[:6].lower() != b"basic ":
-        return False
-    try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    expected = f"{credentials[0]}:{credentials[1]}".encode()
-    return hmac.compare_digest(decoded, expected)
+    return credentials is None or Userlist([credentials]).allows(header)
 
 
 # Cross-site requests (CSRF). A browser that once authenticated to the admin API sends the

@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from pyroute.config import Settings
-from pyroute.controlplane.peers import PeerError, http_request, resolve_host
+from pyroute.controlplane.peers import PEER_TIMEOUT, USER_AGENT, resolve_host
+from pyroute.httpclient import HttpClientError, request
 from pyroute.resolver import Resolver, ResolveError
 from pyroute.controlplane.registry import ServiceRegistry
 
@@ -63,8 +64,8 @@ class ListenerClient:
             try:
                 services = await self._get(address, GET_SERVICES)
                 if not isinstance(services, list) or not all(isinstance(s, dict) for s in services):
-                    raise PeerError("get-services did not answer a JSON array of objects")
-            except (PeerError, ResolveError, orjson.JSONDecodeError) as exc:
+                    raise HttpClientError("get-services did not answer a JSON array of objects")
+            except (HttpClientError, ResolveError, orjson.JSONDecodeError) as exc:
                 log.warning("swarm listener %s: %s", address, exc)
                 continue
             items = [{str(k): str(v) for k, v in s.items()} for s in services]
@@ -85,13 +86,15 @@ class ListenerClient:
         for address in self.addresses:
             try:
                 await self._get(address, NOTIFY_SERVICES, parse=False)
-            except (PeerError, ResolveError) as exc:
+            except (HttpClientError, ResolveError) as exc:
                 failed.append(f"{address} ({exc})")
         return failed
 
     async def _get(self, address: str, path: str, parse: bool = True):
         host, port = split_address(address)
-        status, body = await http_request(await resolve_host(self.resolver, host), port, "GET", path)
+        ip = await resolve_host(self.resolver, host)
+        status, body = await request((ip, port), "GET", path, host=f"{ip}:{port}", headers={"User-Agent": USER_AGENT},
+                                     timeout=PEER_TIMEOUT)
         if status != 200:
-            raise PeerError(f"{path} answered {status}")
+            raise HttpClientError(f"{path} answered {status}")
         return orjson.loads(body) if parse else body

@@ -1,78 +1,24 @@
-"""Talking to the other proxy replicas (and the Swarm Listener): a small HTTP/1.1 client,
-the `tasks.<SERVICE_NAME>` lookup, and the distribute fan-out.
-
-Control-plane traffic only: one short request per connection (``Connection: close``),
-the whole exchange bounded by a timeout, answers read whole and size-capped.
+"""Talking to the other proxy replicas: the `tasks.<SERVICE_NAME>` lookup and the
+distribute fan-out, over pyroute's own HTTP client (httpclient.py): one short request per
+replica, the whole exchange bounded by PEER_TIMEOUT.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-import httptools
-
+from pyroute.basicauth import authorization
+from pyroute.httpclient import HttpClientError, request
 from pyroute.resolver import Resolver, is_ip
 
 log = logging.getLogger("pyroute.controlplane.peers")
 
 PEER_TIMEOUT = 5.0  # seconds for one whole request to a peer or the listener
-MAX_ANSWER = 64 * 1024 * 1024  # a state document with many certificates stays far below
-
-
-class PeerError(Exception):
-    """A request to a peer that got no HTTP answer (refused, timed out, garbled)."""
-
-
-class _Answer:
-    def __init__(self):
-        self.body: list[bytes] = []
-        self.size = 0
-        self.done = False
-
-    def on_body(self, body: bytes) -> None:
-        self.size += len(body)
-        if self.size > MAX_ANSWER:
-            raise PeerError("answer too large")
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
-async def http_request(host: str, port: int, method: str, target: str, body: bytes = b"",
-                       timeout: float = PEER_TIMEOUT, extra_headers: str = "") -> tuple[int, bytes]:
-    """One HTTP/1.1 exchange -> (status, body); `extra_headers` are whole CRLF-ended lines.
-    Raises PeerError."""
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                head = (f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
-                        f"Connection: close\r\nUser-Agent: pyroute-peer\r\n{extra_headers}\r\n")
-                writer.write(head.encode("latin-1") + body)
-                answer = _Answer()
-                parser = httptools.HttpResponseParser(answer)
-                while not answer.done:
-                    data = await reader.read(65536)
-                    if not data:
-                        break
-                    parser.feed_data(data)
-                if not answer.done:
-                    raise PeerError("connection closed before the answer was complete")
-                return parser.get_status_code(), b"".join(answer.body)
-            finally:
-                writer.close()
-    except PeerError:
-        raise
-    except TimeoutError:
-        raise PeerError(f"no answer within {timeout:g} s") from None
-    except (OSError, httptools.HttpParserError) as exc:
-        raise PeerError(str(exc) or type(exc).__name__) from None
+USER_AGENT = "pyroute-peer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +45,10 @@ class Peers:
         self.credentials = credentials  # the admin credentials: replicas require the same ones
 
     @property
-    def _auth_header(self) -> str:
+    def _headers(self) -> dict[str, str]:
         if self.credentials is None:
-            return ""
-        token = base64.b64encode(":".join(self.credentials).encode()).decode()
-        return f"Authorization: Basic {token}\r\n"
+            return {"User-Agent": USER_AGENT}
+        return {"User-Agent": USER_AGENT, "Authorization": authorization(*self.credentials)}
 
     async def addresses(self) -> tuple[str, ...]:
         """Every replica's IP (this one included). Raises resolver.ResolveError."""
@@ -114,9 +59,9 @@ class Peers:
 
     async def request(self, address: str, method: str, target: str, body: bytes = b"") -> PeerResult:
         try:
-            status, answer = await http_request(address, self.port, method, target, body, self.timeout,
-                                                self._auth_header)
-        except PeerError as exc:
+            status, answer = await request((address, self.port), method, target, host=f"{address}:{self.port}",
+                                           headers=self._headers, body=body, timeout=self.timeout)
+        except HttpClientError as exc:
             return PeerResult(address, 0, b"", str(exc))
         return PeerResult(address, status, answer)
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 
-from pyroute.config import Settings, raw_haproxy_warnings
+from pyroute.config import Settings, startup_warnings
 from pyroute.controlplane.admin import AdminApi, AdminConnection
 from pyroute.controlplane.adminauth import admin_credentials
 from pyroute.controlplane.envservices import env_services
@@ -38,10 +38,10 @@ class ControlPlane:
         self.servers: list[asyncio.AbstractServer] = []
         self.listener: SwarmListener | None = None
         self.restored = (0, 0)  # (services, revision) in STATE_DIR at start, for the start-up summary
-        self._dns_check: asyncio.Future | None = None
+        self._tasks: list[asyncio.Future] = []  # the DNS check and the Swarm listener, cancelled by close()
 
     async def start(self) -> None:
-        for warning in raw_haproxy_warnings():
+        for warning in startup_warnings(self.settings):
             log.warning("%s", warning)
         try:
             self.replication.load()  # the saved state goes into the first table the data planes get
@@ -78,9 +78,9 @@ class ControlPlane:
                         "(set ADMIN_USER and ADMIN_PASS, or the secrets dfp_admin_user / dfp_admin_pass)", s.ip, s.port)
         self.servers.append(await listen(lambda: AdminConnection(api, s.timeout_admin), s.ip, s.port, "admin API"))
         self.replication.start()  # join (pull from peers), then repair; the DFSL listener fetch
-        self._dns_check = asyncio.ensure_future(report_unreachable_dns(self.replication.resolver, s.service_name))
+        self._tasks.append(asyncio.ensure_future(report_unreachable_dns(self.replication.resolver, s.service_name)))
         if self.listener is not None:
-            self.listener.start()
+            self._tasks.append(asyncio.ensure_future(self.listener.run()))
             log.info("Swarm listener on %s: services labelled com.df.notify=true become routes", s.docker_host)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -115,10 +115,8 @@ class ControlPlane:
         return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port
 
     def close(self) -> None:
-        if self.listener is not None:
-            self.listener.stop()
-        if self._dns_check is not None:
-            self._dns_check.cancel()
+        for task in self._tasks:
+            task.cancel()
         self.replication.close()
         for server in self.servers:
             server.close()

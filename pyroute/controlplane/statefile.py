@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 import orjson
 
 from pyroute.controlplane.registry import StateError, read_document
+from pyroute.files import atomic_write
 
 log = logging.getLogger("pyroute.controlplane.statefile")
 
@@ -127,26 +128,6 @@ class StateFile:
                 return
             covers = self._requested
             data = export()
-            await asyncio.to_thread(self._write, data)
+            await asyncio.to_thread(atomic_write, self.directory, CURRENT, data, temp=TEMP, previous=PREVIOUS)
             self._covered = covers
             self.writes += 1
-
-    def _write(self, data: bytes) -> None:
-        temp = os.path.join(self.directory, TEMP)
-        current = os.path.join(self.directory, CURRENT)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if os.path.exists(current):
-            os.replace(current, os.path.join(self.directory, PREVIOUS))
-        os.replace(temp, current)
-        dirfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)

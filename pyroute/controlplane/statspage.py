@@ -9,30 +9,20 @@ request counters; it reloads itself every REFRESH seconds.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
-import hmac
 from html import escape
 
+from pyroute.basicauth import Userlist
 from pyroute.metrics import UNROUTED
 
 REFRESH = 5  # seconds between automatic reloads of the page
 
 
-def authorized(settings, authorization: str) -> bool:
+def authorized(settings, authorization: bytes | None) -> bool:
     """Basic auth against STATS_USER/STATS_PASS; "none"/"none" means no authentication (DFP)."""
     if settings.stats_user == "none" and settings.stats_pass == "none":
         return True
-    scheme, _, encoded = authorization.partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        user, colon, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    return bool(colon) and hmac.compare_digest(user.encode(), settings.stats_user.encode()) and \
-        hmac.compare_digest(password.encode(), settings.stats_pass.encode())
+    return Userlist([(settings.stats_user, settings.stats_pass)]).allows(authorization)
 
 
 def _classes(responses) -> dict[str, int]:

@@ -8,9 +8,8 @@ follows ``/events`` so a created, updated, scaled or removed service changes the
 routes at once. When the event stream breaks it polls the service list until the
 stream is back, so nothing is missed either way.
 
-The Engine API is spoken over its unix socket (or tcp://) with a small HTTP/1.1
-client of our own: one connection per request, ``Connection: close``, JSON bodies,
-and a chunked stream for ``/events``.
+The Engine API is spoken over its unix socket (or tcp://) with pyroute's own HTTP client
+(httpclient.py): one connection per request, JSON bodies, and a stream for ``/events``.
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ import socket
 import urllib.parse
 from collections.abc import AsyncIterator
 
-from pyroute.services import ServiceError
 from pyroute.controlplane.registry import ServiceRegistry
+from pyroute.httpclient import Endpoint, HttpClientError, open_request, request
+from pyroute.services import ServiceError
 
 log = logging.getLogger("pyroute.controlplane.swarm")
 
@@ -32,7 +32,6 @@ API_VERSION = "v1.41"  # what Docker 20.10 speaks; newer engines accept it too
 NOTIFY_FILTER = {"label": ["com.df.notify=true"]}
 LABEL_PREFIX = "com.df."
 STACK_LABEL = "com.docker.stack.namespace"
-MAX_BODY = 64 * 1024 * 1024
 RETRY_STREAM = 1.0  # seconds between attempts to reopen a broken event stream
 
 
@@ -88,76 +87,43 @@ def socket_problem(docker_host: str) -> str | None:
 
 
 class EngineClient:
-    """Just enough HTTP/1.1 to read the Docker Engine API."""
+    """Just enough of the Docker Engine API, over pyroute's HTTP client."""
 
     def __init__(self, docker_host: str, timeout: float = 10.0):
         self.docker_host = docker_host
-        self.timeout = timeout
-        self._unix = socket_path(docker_host)
-        if self._unix is None:
+        self.timeout = timeout  # for one listing, or for an event stream to start
+        self._endpoint: Endpoint | None = socket_path(docker_host)
+        if self._endpoint is None:
             parsed = urllib.parse.urlsplit(docker_host.replace("tcp://", "http://", 1))
             if not parsed.hostname:
                 raise EngineError(f"DOCKER_HOST {docker_host!r}: expected unix:///path or tcp://host:port")
-            self._tcp = (parsed.hostname, parsed.port or 2375)
-
-    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        try:
-            if self._unix is not None:
-                return await asyncio.wait_for(asyncio.open_unix_connection(self._unix, limit=MAX_BODY), self.timeout)
-            return await asyncio.wait_for(asyncio.open_connection(*self._tcp, limit=MAX_BODY), self.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise EngineError(f"cannot reach the Docker Engine at {self.docker_host}: {exc or 'timeout'}") from None
-
-    async def _request(self, path: str) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter, dict[str, str]]:
-        reader, writer = await self._open()
-        writer.write(f"GET /{API_VERSION}{path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n".encode())
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-            writer.close()
-            raise EngineError(f"GET {path}: no response head: {exc!r}") from None
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[1].isdigit():
-            writer.close()
-            raise EngineError(f"GET {path}: malformed status line {lines[0]!r}")
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        return int(parts[1]), reader, writer, headers
+            self._endpoint = (parsed.hostname, parsed.port or 2375)
 
     async def get_json(self, path: str):
         """GET a JSON document; (status, parsed body or None)."""
-        status, reader, writer, headers = await self._request(path)
         try:
-            if headers.get("transfer-encoding", "").lower() == "chunked":
-                body = b"".join([chunk async for chunk in _chunks(reader, self.timeout)])
-            elif "content-length" in headers:
-                body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), self.timeout)
-            else:
-                body = await asyncio.wait_for(reader.read(MAX_BODY), self.timeout)
-        except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
-            raise EngineError(f"GET {path}: body cut short: {exc!r}") from None
-        finally:
-            writer.close()
+            status, body = await request(self._endpoint, "GET", f"/{API_VERSION}{path}", host="docker",
+                                         timeout=self.timeout)
+        except HttpClientError as exc:
+            raise EngineError(f"GET {path} from the Docker Engine at {self.docker_host}: {exc}") from None
         try:
             return status, (json.loads(body) if body.strip() else None)
         except ValueError:
             raise EngineError(f"GET {path}: answer is not JSON") from None
 
     async def events(self, filters: dict) -> AsyncIterator[dict]:
-        """The /events stream, one decoded event at a time; ends (or raises) when it breaks."""
+        """The /events stream, one decoded event at a time; raises EngineError when it breaks."""
         path = "/events?filters=" + urllib.parse.quote(json.dumps(filters, separators=(",", ":")))
-        status, reader, writer, headers = await self._request(path)
         try:
-            if status != 200:
-                raise EngineError(f"GET /events answered {status}")
-            chunked = headers.get("transfer-encoding", "").lower() == "chunked"
-            source = _chunks(reader, None) if chunked else _reads(reader)
+            response = await open_request(self._endpoint, "GET", f"/{API_VERSION}{path}", host="docker",
+                                          timeout=self.timeout)
+        except HttpClientError as exc:
+            raise EngineError(f"GET /events from the Docker Engine at {self.docker_host}: {exc}") from None
+        try:
+            if response.status != 200:
+                raise EngineError(f"GET /events answered {response.status}")
             pending = b""
-            async for data in source:
+            async for data in response.chunks():
                 pending += data
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
@@ -166,27 +132,10 @@ class EngineClient:
                             yield json.loads(line)
                         except ValueError:
                             log.warning("ignoring a malformed event: %r", line[:200])
+        except HttpClientError as exc:
+            raise EngineError(f"the event stream broke: {exc}") from None
         finally:
-            writer.close()
-
-
-async def _reads(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    while data := await reader.read(65536):
-        yield data
-
-
-async def _chunks(reader: asyncio.StreamReader, timeout: float | None) -> AsyncIterator[bytes]:
-    """The data of a chunked body (trailers ignored)."""
-    while True:
-        size_line = await asyncio.wait_for(reader.readline(), timeout)
-        if not size_line:
-            raise asyncio.IncompleteReadError(b"", None)
-        size = int(size_line.split(b";")[0].strip() or b"0", 16)
-        if size == 0:
-            await asyncio.wait_for(reader.readline(), timeout)
-            return
-        data = await asyncio.wait_for(reader.readexactly(size + 2), timeout)
-        yield data[:-2]
+            response.close()
 
 
 def service_params(service: dict) -> dict[str, str] | None:
@@ -233,17 +182,10 @@ class SwarmListener:
         self.names: dict[str, str] = {}  # service id -> route name we applied
         self.applied: dict[str, dict[str, str]] = {}  # service id -> params last applied
         self.synced = asyncio.Event()  # the first full listing has been applied
-        self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _run(self) -> None:
-        """Stream events; when the stream breaks, list again every poll interval until it is back."""
+    async def run(self) -> None:
+        """Stream events; when the stream breaks, list again every poll interval until it is
+        back. Runs until cancelled (the control plane's close)."""
         while True:
             stream = self.client.events({"type": ["service"]})
             first = asyncio.ensure_future(anext(stream))
@@ -254,7 +196,7 @@ class SwarmListener:
                 while True:
                     await self._on_event(event)
                     event = await anext(stream)
-            except (EngineError, OSError, ValueError, StopAsyncIteration, asyncio.IncompleteReadError) as exc:
+            except (EngineError, StopAsyncIteration) as exc:
                 log.warning("Docker event stream unavailable (%s); polling every %gs", exc or "closed", self.poll_interval)
             finally:
                 if not first.done():

@@ -1,7 +1,8 @@
 """Per-route features, compiled into request and response steps when a route table is built.
 
 A route with no feature has empty step tuples and the proxy never calls into this module
-for it. A route with features runs its request steps in DESIGN.md's fixed phase order:
+for it. A route with features runs its request steps in this fixed phase order (the order
+compile_request_steps builds them in):
 
     access   IP allow/deny lists (403), https/domain redirects (30x), denyHttp and
              method rules (403), basic auth (401; Authorization is not forwarded)
@@ -16,27 +17,20 @@ and header list.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import ipaddress
 import os
 import re
-import warnings
 import zlib
 from collections.abc import Callable
 
 import httptools
 
+from pyroute.basicauth import Userlist
 from pyroute.dataplane.pages import PAGES, error_response
 from pyroute.dataplane.headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
 from pyroute.dataplane.headers import normalize_host
 from pyroute.patterns import compile_pattern, compile_replacement, substitute_first
 from pyroute.services import ENV, FETCH, REQ_HDR
-
-with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(3) (SHA-512 "$6$")
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import crypt
 
 _NOT_IN_VALUE = re.compile(r"[^\t\x20-\x7e]")
 UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid user and password "
@@ -215,30 +209,11 @@ def _method_step(allowed: tuple[str, ...], denied: tuple[str, ...]):
 
 
 def _auth_step(users: tuple[tuple[str, str], ...], encrypted: bool, realm: str):
-    table = {u.encode(): p.encode() for u, p in users}
+    allows = Userlist(users, encrypted).allows
     challenge = Reply(401, b'WWW-Authenticate: Basic realm="' + realm.encode() + b'"\r\n', UNAUTHORIZED_BODY)
-    decoy = next(iter(table.values()))  # unknown users cost a comparison too
-
-    def verify(password: bytes, secret: bytes) -> bool:
-        if encrypted:
-            try:
-                hashed = crypt.crypt(password.decode("utf-8", "replace"), secret.decode("latin-1")) or ""
-            except (ValueError, OSError):
-                return False
-            return hmac.compare_digest(hashed.encode(), secret)
-        return hmac.compare_digest(password, secret)
 
     def basic_auth(req: FeatureRequest) -> Reply | None:
-        credentials = req.header(b"authorization")
-        if credentials is None or credentials[:6].lower() != b"basic ":
-            return challenge
-        try:
-            user, colon, password = base64.b64decode(credentials[6:].strip(), validate=True).partition(b":")
-        except (binascii.Error, ValueError):
-            return challenge
-        secret = table.get(user)
-        ok = verify(password, secret if secret is not None else decoy)
-        return None if ok and colon and secret is not None else challenge
+        return None if allows(req.header(b"authorization")) else challenge
 
     return basic_auth
 

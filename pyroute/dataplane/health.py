@@ -13,7 +13,11 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from pyroute.httpclient import HttpClientError, connect, open_request
+
 log = logging.getLogger("pyroute.dataplane.health")
+
+PROBE_HEADERS = {"User-Agent": "pyroute-health"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +35,6 @@ class HealthMonitor:
     def __init__(self, taskset, policy: HealthPolicy):
         self.taskset = taskset
         self.policy = policy
-        self.probes = 0
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -65,25 +68,15 @@ class HealthMonitor:
 
     async def probe(self, address: tuple[str, int]) -> tuple[bool, str]:
         """(passed, why not): a TCP connect, plus GET <path> answering 2xx/3xx when a path is set."""
-        self.probes += 1
-        writer = None
+        timeout = self.policy.timeout
         try:
-            async with asyncio.timeout(self.policy.timeout):
-                reader, writer = await asyncio.open_connection(*address)
-                if self.policy.path is None:
-                    return True, ""
-                writer.write(
-                    f"GET {self.policy.path} HTTP/1.1\r\nHost: {self.taskset.host}\r\n"
-                    "User-Agent: pyroute-health\r\nConnection: close\r\n\r\n".encode()
-                )
-                line = await reader.readline()
-        except (OSError, TimeoutError) as exc:
-            return False, str(exc) or "timeout"
-        finally:
-            if writer is not None:
+            if self.policy.path is None:
+                _, writer = await connect(address, timeout)
                 writer.close()
-        parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[1].isdigit():
-            return False, f"not an HTTP response: {line[:60]!r}"
-        status = int(parts[1])
-        return 200 <= status < 400, f"status {status}"
+                return True, ""
+            response = await open_request(address, "GET", self.policy.path, host=self.taskset.host,
+                                          headers=PROBE_HEADERS, timeout=timeout)
+        except HttpClientError as exc:
+            return False, str(exc)
+        response.close()
+        return 200 <= response.status < 400, f"status {response.status}"

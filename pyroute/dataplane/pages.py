@@ -74,10 +74,6 @@ def use_directory(directory: str) -> None:
     error_head_only.cache_clear()
 
 
-def reason(status: int) -> str:
-    return PAGES.get(status, ("Error", ""))[0]
-
-
 @lru_cache(maxsize=None)
 def error_response(status: int, close: bool) -> bytes:
     """A complete HTTP/1.1 response for `status`; `close` adds Connection: close."""

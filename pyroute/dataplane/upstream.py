@@ -340,8 +340,6 @@ class UpstreamPool:
         # address -> (pool, address, stats) -> connection, for addresses that need their own class
         # (balancer.TrackedConnection for task addresses); UpstreamConnection otherwise.
         self.connection_factories: dict[tuple[str, int], Callable] = {}
-        self.connects = 0
-        self.reuses = 0
         self.tls_context = upstream_tls_context()
 
     def acquire(self, address: tuple[str, int]) -> UpstreamConnection | None:
@@ -350,7 +348,6 @@ class UpstreamPool:
             conn = conns.pop()
             if not conn.closed and not conn.transport.is_closing():
                 conn.reused = True
-                self.reuses += 1
                 conn.stats.reuses += 1
                 return conn
         return None
@@ -360,7 +357,6 @@ class UpstreamPool:
 
         `stats` (metrics.AddressStats) counts the attempt and tracks the address's health.
         """
-        self.connects += 1
         make = self.connection_factories.get(address, UpstreamConnection)
         tls = {"ssl": self.tls_context} if type(address) is TlsAddress else {}
         try:
