@@ -4,6 +4,8 @@ Framing, pipelining, keep-alive and pyroute's own error answers, checked on the 
 side was sent, in milliseconds per test. The black-box tier (real processes and sockets)
 covers the same ground end to end; this tier pins the state machine down case by case.
 """
+import gzip
+
 import pytest
 
 from support.memory import Rig
@@ -259,3 +261,99 @@ def test_an_idle_tunnel_is_cut_by_the_tick_after_timeout_tunnel(rig):
     assert client.transport.aborted and up.transport.aborted
     rig.settle()
     assert rig.limit.clients == 0
+
+
+# -- the response path's transforms (bound to the exchange when it is routed) -------------------
+GZIP = {"serviceName": "gz", "servicePath": "/gz", "compressionAlgo": "gzip", "compressionType": "text/plain"}
+EDITS = {"serviceName": "ed", "servicePath": "/ed", "addResHeader": "X-Added yes,X-Client %[src]",
+         "setResHeader": "Content-Type text/x-test", "delResHeader": "X-Upstream"}
+SLOW = {"serviceName": "slow", "servicePath": "/slow", "timeoutServer": "90"}
+GZIP_GET = b"GET /gz HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\n\r\n"
+
+
+@pytest.fixture
+def routes():
+    r = Rig([DEMO, GZIP, EDITS, SLOW], {"TIMEOUT_SERVER": "20"})
+    yield r
+    r.close()
+
+
+def forwarded(rig, request: bytes):
+    """(client, upstream) once `request` has reached the upstream."""
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(request)
+    assert up.received().startswith(request.split(b" ", 2)[0] + b" ")
+    return client, up
+
+
+def dechunk(body: bytes) -> bytes:
+    data = b""
+    while True:
+        size, _, rest = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            assert rest == b"\r\n"  # the last chunk, no trailers: the message ends exactly here
+            return data
+        assert rest[n : n + 2] == b"\r\n"
+        data, body = data + rest[:n], rest[n + 2 :]
+
+
+def test_a_compressed_route_sends_a_valid_gzip_chunked_body_and_the_connection_stays_in_step(routes):
+    client, up = forwarded(routes, GZIP_GET)
+    text = b"hello, compressed world! " * 200
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(text) + text[:1000])
+    up.reply(text[1000:])  # the rest of the body in a later read
+    head, body = client.received().split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    assert b"Content-Encoding: gzip" in lines and b"Transfer-Encoding: chunked" in lines
+    assert b"Vary: Accept-Encoding" in lines and not any(line.startswith(b"Content-Length") for line in lines)
+    assert gzip.decompress(dechunk(body)) == text
+    client.send(b"GET /gz/b HTTP/1.1\r\nHost: h\r\n\r\n")  # no Accept-Encoding: the body passes as sent
+    assert up.received().startswith(b"GET /gz/b ")
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+    data = client.received()
+    assert data.endswith(b"\r\n\r\nok") and b"Vary: Accept-Encoding" in head_lines(data)
+
+
+def test_an_empty_compressed_body_is_a_complete_gzip_stream(routes):
+    client, up = forwarded(routes, GZIP_GET)
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\r\n")
+    head, body = client.received().split(b"\r\n\r\n", 1)
+    assert b"Content-Encoding: gzip" in head.split(b"\r\n")
+    assert gzip.decompress(dechunk(body)) == b""
+
+
+def test_a_response_that_breaks_in_its_first_read_on_a_compressed_route_is_a_plain_502(routes):
+    client, up = forwarded(routes, GZIP_GET)
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    data = client.received()
+    assert data.startswith(b"HTTP/1.1 502 ") and b"Content-Encoding" not in data
+    assert up.transport.aborted
+
+
+def test_response_header_edits_apply_and_the_head_keeps_its_framing(routes):
+    client, up = forwarded(routes, b"GET /ed HTTP/1.1\r\nHost: h\r\n\r\n")
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Upstream: secret\r\nConnection: keep-alive\r\n"
+             b"Content-Length: 2\r\n\r\nok")
+    data = client.received()
+    lines = head_lines(data)
+    assert b"X-Added: yes" in lines and b"X-Client: 127.0.0.1" in lines and b"Content-Type: text/x-test" in lines
+    assert not any(line.lower().startswith((b"x-upstream", b"connection")) for line in lines)
+    assert data.endswith(b"\r\n\r\nok") and not client.transport.closed
+    client.send(b"GET /ed HTTP/1.0\r\nHost: h\r\n\r\n")  # an HTTP/1.0 client: the edits, and its close
+    up.received()
+    up.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    lines = head_lines(client.received())
+    assert b"X-Added: yes" in lines and b"Connection: close" in lines
+    assert client.transport.closed
+
+
+@pytest.mark.parametrize("path, timeout", [("/slow", 90), ("/demo", 20)], ids=["timeoutServer", "TIMEOUT_SERVER"])
+def test_the_timeout_scan_uses_the_routes_timeout_server_else_the_default(routes, path, timeout):
+    client, up = forwarded(routes, b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % path.encode())
+    sent = up.conn.last_io
+    routes.server.check_upstream_timeouts(sent + timeout - 1)  # (for /slow: long past TIMEOUT_SERVER)
+    assert client.received() == b"" and not up.transport.closed
+    routes.server.check_upstream_timeouts(sent + timeout + 1)
+    assert client.received().startswith(b"HTTP/1.1 504 ") and up.transport.aborted

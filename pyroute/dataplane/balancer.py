@@ -23,8 +23,8 @@ import random
 
 import aiodns
 
+from pyroute.dataplane.exchange import Exchange
 from pyroute.dataplane.health import HealthMonitor, HealthPolicy
-from pyroute.dataplane.headers import inspect_response_head
 from pyroute.resolver import ResolveError
 from pyroute.dataplane.routing import Route
 from pyroute.dataplane.upstream import UpstreamConnection, UpstreamPool
@@ -38,6 +38,11 @@ MAX_REDISPATCH = 3  # other tasks tried after a failed connect (HAProxy's retrie
 def task_cookie(address: tuple[str, int]) -> str:
     """The sticky-session identity of a task: stable for its address, not its position."""
     return hashlib.blake2s(f"{address[0]}:{address[1]}".encode(), digest_size=8).hexdigest()
+
+
+def sticky_cookie(name: bytes, address: tuple[str, int]) -> bytes:
+    """The Set-Cookie header line that pins a client to the task at `address`."""
+    return b"Set-Cookie: %s=%s; Path=/; HttpOnly\r\n" % (name, task_cookie(address).encode())
 
 
 def _load(task: Task) -> int:
@@ -63,8 +68,7 @@ class Task:
 
 
 class TrackedConnection(UpstreamConnection):
-    """An upstream connection to a task: counts the exchange bound to it, reports 5xx,
-    and adds the sticky-session cookie to a response when the route asks for it."""
+    """An upstream connection to a task: counts the exchange bound to it and reports 5xx."""
 
     __slots__ = ("task", "taskset", "counted")
 
@@ -74,8 +78,8 @@ class TrackedConnection(UpstreamConnection):
         self.taskset = taskset
         self.counted = False
 
-    def bind(self, owner, head_request: bool, now: float) -> None:
-        super().bind(owner, head_request, now)
+    def bind(self, owner, exchange: Exchange, now: float) -> None:
+        super().bind(owner, exchange, now)
         if not self.counted:
             self.counted = True
             self.task.inflight += 1
@@ -102,17 +106,7 @@ class TrackedConnection(UpstreamConnection):
         super()._complete(reusable)
 
     def on_headers_complete(self) -> None:
-        owner = self.owner
-        cookie = getattr(owner.queue[0].route, "set_cookie", None) if owner is not None else None
-        if cookie is None:
-            super().on_headers_complete()
-        else:
-            self.owner = _CookieSetter(owner, b"Set-Cookie: %s=%s; Path=/; HttpOnly\r\n" % (cookie, self.task.cookie.encode()))
-            try:
-                super().on_headers_complete()
-            finally:
-                if self.owner is not None:
-                    self.owner = owner
+        super().on_headers_complete()
         status = self.parser.get_status_code()
         if status >= 500:
             self.taskset.failed(self.task, f"answered {status}")
@@ -120,32 +114,12 @@ class TrackedConnection(UpstreamConnection):
             self.task.fails = 0
 
 
-class _CookieSetter:
-    """Stands in for the client connection while a response head passes: inserts Set-Cookie."""
-
-    __slots__ = ("owner", "line")
-
-    def __init__(self, owner, line: bytes):
-        self.owner = owner
-        self.line = line
-
-    def response_interim(self, head: bytes) -> None:
-        self.owner.response_interim(head)
-
-    def response_head(self, head: bytes, forwardable, close_delimited: bool) -> bool:
-        edited = head[:-2] + self.line + b"\r\n"
-        if forwardable is not None:
-            forwardable = inspect_response_head(edited)[1]
-        if self.owner.response_head(edited, forwardable, close_delimited):
-            self.owner.out.append(edited)  # "unchanged" means our edited head: never the raw bytes
-        return False
-
-
 class Sticky:
     """Cookie affinity for one route: the cookie names a task by its stable identity.
 
     A request whose cookie names a task in rotation goes to that task; any other
-    request is balanced as usual and its response sets the cookie of the task chosen.
+    request is balanced as usual and its response sets the cookie of the task chosen
+    (the route variant's `set_cookie`, bound to the exchange when it is routed).
     """
 
     __slots__ = ("route", "taskset", "name", "prefix", "fresh", "_pinned")

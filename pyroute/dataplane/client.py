@@ -1,12 +1,14 @@
 """The client side of the data plane: one ClientConnection per accepted socket.
 
-Each request becomes an Exchange. Exchanges queue in arrival order (pipelining) and
-only the head of the queue talks to an upstream, so responses leave in request order.
-The request head is routed and rewritten once, at the end of the head; body chunks are
+Each request becomes an Exchange (exchange.py). Exchanges queue in arrival order
+(pipelining) and only the head of the queue talks to an upstream, so responses leave in
+request order. The request head is routed and rewritten once, at the end of the head,
+where the route's response transforms are bound to the exchange; body chunks are
 streamed to the upstream as they arrive (buffered, bounded, only while the upstream
 connection is being opened). Response bytes come back through ``out``/``flush()``, one
-write per upstream read. Backpressure pauses reading on the opposite side; nothing is
-buffered whole.
+write per upstream read; the connection is the upstream's ExchangeOwner, and its
+response path (response_head, response_body) is the one place a response is edited.
+Backpressure pauses reading on the opposite side; nothing is buffered whole.
 
 No Task is created unless a request must wait (DNS miss, pool empty). Timeouts are
 checked by the server's periodic tick against timestamps the hot path merely stores.
@@ -23,20 +25,27 @@ from collections import deque
 import httptools
 
 from pyroute.dataplane import features
+from pyroute.dataplane.balancer import sticky_cookie
+from pyroute.dataplane.exchange import UNLIMITED, Exchange
 from pyroute.dataplane.flow import PEER_FULL, ReadPauses
 from pyroute.dataplane.pages import error_head_only, error_response
 from pyroute.dataplane.limits import AddressLimit, body_too_slow
-from pyroute.dataplane.headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
+from pyroute.dataplane.headers import (
+    REQUEST_LINE_END_10,
+    REQUEST_LINE_END_11,
+    client_response_head,
+    inspect_response_head,
+    request_head,
+)
 from pyroute.resolver import ResolveError
 from pyroute.dataplane.routing import RouteTable
 from pyroute.dataplane.tunnel import Tunnel
-from pyroute.dataplane.upstream import CHUNK_END, UpstreamConnection, UpstreamPool
+from pyroute.dataplane.upstream import CHUNK_END, ExchangeOwner, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("pyroute.dataplane.client")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens
-UNLIMITED = 1 << 62  # "no body limit", as a number a chunk count never reaches
 HEAD_LINE_ROOM = 64  # raw bytes per head line beyond the limits' count: method, version, ": ", CRLF
 
 # Why reading from the client is paused (a bit each, reading resumes when none is left: flow.py).
@@ -47,46 +56,6 @@ PAUSE_UPGRADE = 8  # an Upgrade request waits for the upstream's 101 (or its ref
 PAUSE_CLOSING = 16  # the last request asked to close: nothing more is read
 CLOSED_CONNECTION = "Data after `Connection: close`"  # llhttp's error for bytes after such a request
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: closing sends a TCP reset
-
-
-class Exchange:
-    """One request/response pair on a client connection."""
-
-    __slots__ = (
-        "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
-        "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
-        "close_after", "reply", "on_response", "stats", "method", "url", "started", "head_done", "sent_at",
-        "response_at", "status", "address", "broken", "upgrade", "body_left", "chunk_mark",
-    )
-
-    def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
-        self.keep_alive = keep_alive
-        self.http11 = http11
-        self.is_head = is_head
-        self.chunked = chunked
-        self.has_body = has_body
-        self.route = None
-        self.idempotent = False
-        self.head = b""
-        self.pending: list[bytes] | None = None  # body chunks waiting for the upstream connection
-        self.pending_size = 0
-        self.request_done = False
-        self.upstream: UpstreamConnection | None = None
-        self.responded = False
-        self.retried = False
-        self.local = 0  # status pyroute answers itself, 0 = forward
-        self.close_after = False
-        self.reply = None  # features.Reply when a route feature answers (401, 403, 30x)
-        self.on_response = None  # a route's response edits (features.ResponsePlan), bound per request
-        # For metrics and the access log (loop.time() stamps; see metrics.py, accesslog.py):
-        self.sent_at = 0.0  # request head written upstream
-        self.response_at = 0.0  # response head arrived
-        self.status = 0  # the upstream's status
-        self.address: tuple[str, int] | None = None  # the upstream address used
-        self.broken = ""  # termination code when the exchange was cut short by pyroute's side
-        self.upgrade: bytes | None = None  # an Upgrade request: client bytes sent ahead of the 101
-        self.body_left = UNLIMITED  # chunked body bytes still allowed (MAX_REQUEST_BODY)
-        self.chunk_mark = -1  # body_left at the last chunk-size line (unchanged since: trailers)
 
 
 class ClientLimit:
@@ -166,14 +135,6 @@ class ProxyServer:
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
 
-    def _close_after_queue(self) -> None:
-        """Read nothing more: the requests already queued are answered, then the connection closes."""
-        last = self.queue[-1]
-        last.keep_alive = False
-        last.close_after = True  # (recomputed, to the same, by a response head still to come)
-        self.in_head = False
-        self._pause(PAUSE_CLOSING)
-
     def check_timeouts(self, now: float) -> None:
         """Called by the server's tick: enforce the client-side and tunnel timeouts."""
         for conn in list(self.connections):
@@ -185,11 +146,10 @@ class ProxyServer:
         """Called by the server's tick, once for the pool the HTTP and HTTPS servers share:
         TIMEOUT_SERVER (or the route's timeoutServer), then the idle-connection sweep."""
         default = self.settings.timeout_server
-        for upstream in list(self.pool.busy):
-            owner = upstream.owner
-            ex = owner.queue[0] if owner is not None and owner.queue else None
-            timeout = ex.route.destination.timeout_server or default if ex is not None and ex.route else default
+        for upstream in list(self.pool.busy):  # each bound to an exchange (UpstreamConnection.bind)
+            timeout = upstream.exchange.route.destination.timeout_server or default
             if now - upstream.last_io > timeout:
+                owner = upstream.owner
                 upstream.stats.timeouts += 1
                 upstream.abort()
                 if owner is not None:
@@ -197,7 +157,10 @@ class ProxyServer:
         self.pool.sweep(now)
 
 
-class ClientConnection(ReadPauses, asyncio.Protocol):
+class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
+    """One accepted client socket: parses its requests, routes them, and owns their
+    exchanges (the ExchangeOwner of the upstream connections bound to them)."""
+
     __slots__ = (
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
@@ -415,24 +378,24 @@ class ClientConnection(ReadPauses, asyncio.Protocol):
             route = self.server.table.match(host, route_path or (url if query < 0 else url[:query]), headers, self)
             if route is not None and route.sticky is not None:  # sessionType=sticky-server:
                 route = route.sticky.route_for(headers)  # the variant for this client's cookie
+                ex.set_cookie = route.set_cookie  # None when the cookie names a task in rotation
             if route is None:
                 ex.local, ex.stats = 503, self.server.unrouted
             else:
                 ex.stats = route.stats
-                if route.features:
-                    features.run(self, ex, route, method, url, host, headers, http11, method in IDEMPOTENT)
-                else:
+                if route.features:  # its steps may answer, edit target and headers, bind response edits
+                    req = features.run(self, ex, route, method, url, host, headers)
+                    if req is not None:
+                        url, headers = req.path + req.query, req.headers
+                if not ex.local:
                     ex.route = route
                     ex.idempotent = method in IDEMPOTENT
                     ex.head = request_head(
                         method, url, headers, self.client_ip, self.server.proto,
-                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10,
+                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade,
                     )
-                if not ex.local:
                     if ex.has_body:
                         self._limit_body(ex, length)
-                    if upgrade is not None:
-                        ex.head = ex.head[:-2] + b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n"
         if len(queue) > 1:
             self._pause(PAUSE_PIPELINE)
             return
@@ -449,7 +412,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol):
                 ex.upstream = upstream
                 ex.address = address
                 ex.sent_at = self.last_io
-                upstream.bind(self, ex.is_head, self.last_io)
+                upstream.bind(self, ex, self.last_io)
                 upstream.transport.write(ex.head)
                 return
         self.loop.create_task(self._connect(ex, address))
@@ -549,7 +512,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol):
         ex.upstream = upstream
         ex.address = upstream.address
         ex.sent_at = now = self.loop.time()
-        upstream.bind(self, ex.is_head, now)
+        upstream.bind(self, ex, now)
         if ex.pending:
             upstream.transport.writelines([ex.head, *ex.pending])
             ex.pending = None
@@ -583,18 +546,27 @@ class ClientConnection(ReadPauses, asyncio.Protocol):
             self.out.append(ex.reply.encode(close, ex.is_head))
         else:
             self.out.append(error_head_only(status, close) if ex.is_head else error_response(status, close))
-        self._finish(ex)
+        self.response_complete(None, False)
 
-    def _finish(self, ex: Exchange) -> None:
+    # -- callbacks from UpstreamConnection (ExchangeOwner) -----------------------------------
+    def response_complete(self, upstream: UpstreamConnection | None, reusable: bool) -> None:
+        """The exchange at the head of the queue has its whole response, from `upstream`
+        (pooled again when `reusable` and the exchange allows it) or from pyroute itself
+        (None): what is left of it goes out, it is accounted, and the next request starts."""
+        queue = self.queue
+        ex = queue.popleft()
+        if upstream is not None:
+            ex.upstream = None
+            if reusable and ex.request_done and ex.http11:
+                self.pool.release(upstream)
+            else:
+                upstream.close()
         out = self.out
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             self.sent += len(data)
             self.transport.write(data)
             out.clear()
-        queue = self.queue
-        if queue and queue[0] is ex:
-            queue.popleft()
         now = self.loop.time()
         self._account(ex, ex.local or ex.status, "", now)
         if ex.close_after:
@@ -608,41 +580,65 @@ class ClientConnection(ReadPauses, asyncio.Protocol):
             if len(queue) == 1:
                 self._resume(PAUSE_PIPELINE)
 
-    # -- callbacks from UpstreamConnection ---------------------------------------------------
     def response_interim(self, head: bytes) -> None:
         if self.queue[0].http11:  # 1xx (e.g. 100 Continue) means nothing to an HTTP/1.0 client
             self.out.append(head)
 
+    # The response path: every head and body byte of a response passes here, and so every
+    # transform bound to its exchange (sticky cookie, header edits, compression) is applied here.
     def response_head(self, head: bytes, forwardable: bytes | None, close_delimited: bool) -> bool:
         """Queue the response head; True when it goes out exactly as received.
 
         `forwardable` is headers.inspect_response_head's verdict for a keep-alive HTTP/1.1 client.
         """
         ex = self.queue[0]
-        if ex.on_response is not None:
-            return ex.on_response(self, ex, head, close_delimited)
         ex.responded = True
         upstream = ex.upstream
         ex.status = upstream.status
         ex.response_at = upstream.last_io
         close = not ex.keep_alive or not ex.request_done or close_delimited
         ex.close_after = close
-        if ex.http11:
-            if forwardable is not None and not close:
-                if forwardable is head:
-                    return True
-                self.out.append(forwardable)
-                return False
-            self.out.append(rewrite_response_head(head, b"close" if close else None))
-        else:
-            self.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive"))
+        if ex.set_cookie is not None or ex.response_edit is not None:
+            self._transform_head(ex, head, forwardable, close_delimited, close)
+            return False
+        sent = client_response_head(head, forwardable, close, ex.http11)
+        if sent is head:
+            return True
+        self.out.append(sent)
         return False
+
+    def _transform_head(self, ex: Exchange, head: bytes, forwardable: bytes | None, close_delimited: bool,
+                        close: bool) -> None:
+        """response_head for an exchange with transforms, in their order: the sticky cookie,
+        then the route's edits, which may start a body transform (compression)."""
+        if ex.set_cookie is not None:
+            head = head[:-2] + sticky_cookie(ex.set_cookie, ex.address) + b"\r\n"
+            if forwardable is not None:
+                forwardable = inspect_response_head(head)[1]
+        transform = None
+        if ex.response_edit is not None:
+            head, transform = ex.response_edit.head(ex, head, close_delimited)
+            forwardable = None  # an edited head is rebuilt whole
+        self.out.append(client_response_head(head, forwardable, close, ex.http11))
+        if transform is not None:
+            if transform.done:  # an empty body: its transformed form is complete already
+                self.out.append(transform.take())
+            else:
+                ex.body_transform = transform
+
+    def response_body(self, data: bytes) -> None:
+        """Body bytes of a response with a body transform: what it makes of them goes out."""
+        chunk = self.queue[0].body_transform.feed(data)
+        if chunk:
+            self.out.append(chunk)
 
     def retract_response(self) -> None:
         """Drop the response queued in `out` before any of it was written (its upstream broke)."""
         self.out.clear()
         if self.queue:
-            self.queue[0].responded = False
+            ex = self.queue[0]
+            ex.responded = False
+            ex.body_transform = None
 
     def flush(self) -> None:
         out = self.out
@@ -662,15 +658,6 @@ class ClientConnection(ReadPauses, asyncio.Protocol):
         ex.stats.count(ex.method, status, now - ex.started, now - sent_at if sent_at else -1.0, received, sent)
         if self.server.access_log is not None:
             self.server.access_log.exchange(self, ex, status, termination, now, received, sent)
-
-    def response_complete(self, upstream: UpstreamConnection, upstream_keep_alive: bool) -> None:
-        ex = self.queue[0]
-        ex.upstream = None
-        if upstream_keep_alive and ex.request_done and ex.http11:
-            self.pool.release(upstream)
-        else:
-            upstream.close()
-        self._finish(ex)
 
     def response_failed(self, upstream: UpstreamConnection, reason: str, retryable: bool, status: int = 502) -> None:
         if not self.queue or self.queue[0].upstream is not upstream:
@@ -711,7 +698,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol):
         if ex is None or ex.upstream is not upstream or ex.upgrade is None:
             return False
         ex.upstream = None
-        upstream.owner = None
+        upstream.owner = upstream.exchange = None
         self.pool.busy.discard(upstream)
         self.queue.clear()
         self.closed = True

@@ -7,8 +7,10 @@ compile_request_steps builds them in):
     access   IP allow/deny lists (403), https/domain redirects (30x), denyHttp and
              method rules (403), basic auth (401; Authorization is not forwarded)
     rewrite  reqPathSearchReplace on the path, request header add/set/del (DFP's order)
-    forward  the upstream head is built from the edited target and headers
-    response response header add/set/del, gzip/deflate compression (a separate body path)
+    forward  the proxy builds the upstream head from the edited target and headers
+             (headers.request_head, as for every route)
+    response response header add/set/del, gzip/deflate compression: bound to the exchange
+             (ResponseEdit, Compressor) and applied by the client's response path
 
 A request step is ``step(req) -> Reply | None``: a Reply answers the request locally,
 None lets the next step run. Steps see one ``FeatureRequest`` and may edit its target
@@ -27,7 +29,6 @@ import httptools
 
 from pyroute.basicauth import Userlist
 from pyroute.dataplane.pages import PAGES, error_response
-from pyroute.dataplane.headers import REQUEST_LINE_END_10, REQUEST_LINE_END_11, request_head, rewrite_response_head
 from pyroute.dataplane.headers import normalize_host
 from pyroute.patterns import compile_pattern, compile_replacement, substitute_first
 from pyroute.services import ENV, FETCH, REQ_HDR
@@ -301,14 +302,19 @@ class ResponsePlan:
     def __bool__(self) -> bool:
         return bool(self.ops or self.compress)
 
-    def edit(self, conn, ex, head: bytes, close_delimited: bool, req: FeatureRequest | None, coding: bytes | None) -> bool:
-        """Queue the edited head (what ClientConnection.response_head does, plus the edits)."""
+    def edit(self, ex, head: bytes, close_delimited: bool, req: FeatureRequest | None,
+             coding: bytes | None) -> tuple[bytes, int]:
+        """(the head with the route's edits, zlib window bits to compress the body with or 0).
+
+        Compression adds Vary and swaps the framing headers for Content-Encoding and chunked
+        Transfer-Encoding; the header operations come last. The Connection header is not
+        decided here: the client's response path does that for every head alike.
+        """
         lines = head[:-4].split(b"\r\n")
         fields = []
         for line in lines[1:]:
             colon = line.find(b":")
             fields.append((line[:colon], line[colon + 1 :].strip(b" \t")))
-        original = head
         compressing = False
         if self.compress:
             compressing = self._compressible(lines[0], fields, ex) and not close_delimited
@@ -320,19 +326,8 @@ class ResponsePlan:
                 fields = [(n, v) for n, v in fields if n.lower() not in (b"content-length", b"transfer-encoding")]
                 fields += [(b"Content-Encoding", coding), (b"Transfer-Encoding", b"chunked")]
         fields = _apply_edits(self.ops, fields, req)
-        head = b"\r\n".join([lines[0], *(n + b": " + v for n, v in fields)]) + b"\r\n\r\n"
-        ex.responded = True
-        close = not ex.keep_alive or not ex.request_done or close_delimited
-        ex.close_after = close
-        if ex.http11:
-            conn.out.append(rewrite_response_head(head, b"close" if close else None))
-        else:
-            conn.out.append(rewrite_response_head(head, b"close" if close else b"keep-alive"))
-        if compressing:
-            out = CompressedOut(conn, conn.out, original, self.WBITS[coding])
-            if not out.done:  # (an empty body completes at once and restores conn.out itself)
-                conn.out = out
-        return False
+        edited = b"\r\n".join([lines[0], *(n + b": " + v for n, v in fields)]) + b"\r\n\r\n"
+        return edited, self.WBITS[coding] if compressing else 0
 
     def _type_matches(self, fields) -> bool:
         ctype = next((v for n, v in fields if n.lower() == b"content-type"), None)
@@ -351,6 +346,24 @@ class ResponsePlan:
         return self._type_matches(fields)
 
 
+class ResponseEdit:
+    """A route's ResponsePlan bound to one exchange (Exchange.response_edit): the request its
+    header templates read (%[req.hdr(...)]; None when none does) and the coding its client
+    accepts (None: the body is not compressed)."""
+
+    __slots__ = ("plan", "request", "coding")
+
+    def __init__(self, plan: ResponsePlan, request: FeatureRequest | None, coding: bytes | None):
+        self.plan = plan
+        self.request = request
+        self.coding = coding
+
+    def head(self, ex, head: bytes, close_delimited: bool) -> tuple[bytes, Compressor | None]:
+        """The edited head, and the Compressor its body goes through (None: it passes as sent)."""
+        edited, wbits = self.plan.edit(ex, head, close_delimited, self.request, self.coding)
+        return edited, Compressor(head, wbits) if wbits else None
+
+
 def _accepted(value: bytes | None, offered: tuple[bytes, ...]) -> bytes | None:
     """The first of `offered` that Accept-Encoding names (or covers with *) with a q-value above 0."""
     accepted = {}
@@ -367,52 +380,59 @@ def _accepted(value: bytes | None, offered: tuple[bytes, ...]) -> bytes | None:
     return None
 
 
-class CompressedOut(list):
-    """The client's output list while a compressed body streams: raw upstream body bytes
-    appended here are de-framed (a second llhttp parser) and go out compressed in chunks."""
+class Compressor:
+    """A response body compressed on its way to the client (Exchange.body_transform).
 
-    def __init__(self, conn, queued: list[bytes], head: bytes, wbits: int):
-        super().__init__(queued)
-        self.conn = conn
+    The raw upstream body bytes are de-framed by a second llhttp parser, fed the upstream's
+    head first so that it knows the framing, and come out as compressed chunks; the last
+    chunk follows the end of the upstream's message.
+    """
+
+    __slots__ = ("zip", "parser", "done", "ready")
+
+    def __init__(self, head: bytes, wbits: int):
         self.zip = zlib.compressobj(6, zlib.DEFLATED, wbits)
-        self.parser = httptools.HttpResponseParser(self)
+        self.ready: list[bytes] = []  # chunks made since the last take()
         self.done = False
-        self.parser.feed_data(head)
+        self.parser = httptools.HttpResponseParser(self)
+        self.parser.feed_data(head)  # an empty body ends here already (done)
 
-    def append(self, data: bytes) -> None:
-        if self.done:
-            return super().append(data)
+    def feed(self, data: bytes) -> bytes:
+        """The chunks these raw body bytes complete (b"" while zlib holds them)."""
         self.parser.feed_data(data)
+        return self.take()
+
+    def take(self) -> bytes:
+        ready = b"".join(self.ready)
+        self.ready.clear()
+        return ready
 
     def on_body(self, body: bytes) -> None:
         chunk = self.zip.compress(body) + self.zip.flush(zlib.Z_SYNC_FLUSH)
         if chunk:
-            super().append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.ready.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
 
     def on_message_complete(self) -> None:
         tail = self.zip.flush()
-        super().append(b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail))
+        self.ready.append(b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail))
         self.done = True
         self.parser = None  # (it holds our bound callbacks: no cycle left for the collector)
-        self.conn.out = list(self)  # later exchanges use a plain list again
-        self.clear()
 
 
-def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers, http11: bool, idempotent: bool) -> None:
-    """The proxy's hook for a route with request steps: answer locally or build the head."""
+def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers) -> FeatureRequest | None:
+    """The proxy's hook for a route with features: run the request steps and bind the
+    route's response edits to the exchange. Returns the request as the steps left it
+    (target and headers for the upstream head), or None when a step answered it
+    (ex.local and ex.reply are set)."""
     req = FeatureRequest(conn, method, url, host, headers)
     for step in route.request_steps:
         reply = step(req)
         if reply is not None:
             ex.local = reply.status
             ex.reply = reply
-            return
-    ex.route = route
-    ex.idempotent = idempotent
-    ex.head = request_head(method, req.path + req.query, req.headers, conn.client_ip, conn.server.proto,
-                           REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10)
+            return None
     plan = route.response_plan
     if plan:
         coding = _accepted(req.header(b"accept-encoding"), plan.compress) if plan.compress else None
-        keep = req if plan.dynamic else None
-        ex.on_response = lambda c, e, h, cd: plan.edit(c, e, h, cd, keep, coding)
+        ex.response_edit = ResponseEdit(plan, req if plan.dynamic else None, coding)
+    return req

@@ -70,12 +70,16 @@ def request_head(
     client_ip: bytes,
     proto: bytes,
     line_end: bytes = REQUEST_LINE_END_11,
+    upgrade: bytes | None = None,
 ) -> bytes:
-    """The head to send upstream, in the client's HTTP version (`line_end`).
+    """The head to send upstream, in the client's HTTP version (`line_end`): the one
+    builder for every routed request (features only edit `target` and `headers` first).
 
     An HTTP/1.0 request stays HTTP/1.0 so that the upstream answers in a form an
     HTTP/1.0 client can read (never chunked); such an upstream connection is not reused.
-    Raises ConnectionNamesFraming (checked only when a Connection header is present).
+    `upgrade`: the protocol an Upgrade request asks for, passed on with its Connection
+    header (the only hop-by-hop pair that is). Raises ConnectionNamesFraming (checked
+    only when a Connection header is present).
     """
     parts = [method, b" ", target, line_end]
     forwarded_for = b""
@@ -101,7 +105,7 @@ def request_head(
         forwarded_for + b", " + client_ip if forwarded_for else client_ip,
         b"\r\nX-Forwarded-Proto: ",
         proto,
-        b"\r\n\r\n",
+        b"\r\n\r\n" if upgrade is None else b"\r\nConnection: upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n",
     )
     return b"".join(parts)
 
@@ -178,6 +182,21 @@ def inspect_interim_head(head: bytes) -> None:
 
 class AmbiguousResponse(ValueError):
     """A response head whose framing pyroute will not pass on (the exchange gets 502)."""
+
+
+def client_response_head(head: bytes, forwardable: bytes | None, close: bool, http11: bool) -> bytes:
+    """The response head as the client gets it, once the exchange's fate is known: `close`
+    (the client's connection closes after this response) or keep-alive.
+
+    An HTTP/1.1 client that keeps the connection gets `forwardable` (inspect_response_head's
+    verdict; `head` itself when it goes out as received); otherwise the head is rebuilt with
+    the Connection header the client's version needs: "close", or for HTTP/1.0 "keep-alive".
+    """
+    if http11:
+        if forwardable is not None and not close:
+            return forwardable
+        return rewrite_response_head(head, b"close" if close else None)
+    return rewrite_response_head(head, b"close" if close else b"keep-alive")
 
 
 def rewrite_response_head(head: bytes, connection: bytes | None, drop_chunked: bool = False) -> bytes:

@@ -15,9 +15,11 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Protocol
 
 import httptools
 
+from pyroute.dataplane.exchange import Exchange
 from pyroute.dataplane.headers import AmbiguousResponse, inspect_interim_head, inspect_response_head
 from pyroute.resolver import Resolver, is_ip
 
@@ -109,22 +111,63 @@ class Backend:
         return f"{self.host}:{self.port}"
 
 
+class ExchangeOwner(Protocol):
+    """What an UpstreamConnection needs from whoever owns the exchange bound to it
+    (client.ClientConnection): where response bytes go, and what it must be told.
+
+    Bytes of one upstream read collect in `out` and leave in one write, at `flush()` or
+    when the response completes. The owner decides what the client gets: the head
+    (`response_head`), and the body when the exchange transforms it (`response_body`,
+    called instead of `out.append` while `Exchange.body_transform` is set).
+    """
+
+    __slots__ = ()
+    loop: asyncio.AbstractEventLoop
+    out: list[bytes]  # response bytes to write at the next flush()
+
+    def flush(self) -> None:
+        """Write what `out` holds to the client, in one write."""
+
+    def response_interim(self, head: bytes) -> None:
+        """A 1xx head (not 101) before the final response."""
+
+    def response_head(self, head: bytes, forwardable: bytes | None, close_delimited: bool) -> bool:
+        """The final response head (`forwardable`: headers.inspect_response_head's verdict).
+        True: it goes out exactly as received, as part of the raw bytes of the read;
+        False: the owner queued its own head in `out`, and raw bytes resume after it."""
+
+    def response_body(self, data: bytes) -> None:
+        """Raw body bytes of a response whose exchange transforms its body."""
+
+    def retract_response(self) -> None:
+        """Drop what `out` holds of a response before any of it was written (it broke)."""
+
+    def response_complete(self, upstream: UpstreamConnection, reusable: bool) -> None:
+        """The response ended; `reusable`: the connection may carry another exchange."""
+
+    def response_failed(self, upstream: UpstreamConnection, reason: str, retryable: bool, status: int = 502) -> None:
+        """The response cannot complete; `retryable`: a reused connection failed before any byte."""
+
+    def upstream_writable(self, writable: bool) -> None:
+        """The upstream's send buffer filled (False) or drained (True)."""
+
+    def start_tunnel(self, upstream: UpstreamConnection, head: bytes, rest: bytes) -> bool:
+        """The upstream answered 101 (`head`, then `rest`): both sockets become a tunnel.
+        False when the exchange asked for no upgrade."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to an upstream address, bound to one exchange at a time.
 
     Response bytes are forwarded as received: llhttp validates them and finds the end of
     each message, and the bytes of one read go to the client in one write (head edited
-    only when needed). The owner (proxy.ClientConnection) gets ``response_interim(head)``,
-    ``response_head(head, forwardable, close_delimited) -> bool`` (True: head goes out
-    unchanged), ``out`` (the list of bytes to write), ``flush()``,
-    ``response_complete(conn, reusable)``, ``response_failed(conn, reason, retryable)``
-    and ``upstream_writable(bool)``.
+    only when needed). What happens to them is the owner's (ExchangeOwner) to decide.
     """
 
     __slots__ = (
-        "pool", "address", "transport", "parser", "owner", "partial", "view", "emit_from", "scan_from",
-        "in_head", "head_request", "keep_alive", "done", "responded", "closed", "reused", "idle_since",
-        "last_io", "extra", "close_delimited", "status", "stats", "switch_head",
+        "pool", "address", "transport", "parser", "owner", "exchange", "partial", "view", "emit_from",
+        "scan_from", "in_head", "keep_alive", "done", "responded", "closed", "reused",
+        "idle_since", "last_io", "extra", "close_delimited", "status", "stats", "switch_head",
     )
 
     def __init__(self, pool: UpstreamPool, address: tuple[str, int], stats):
@@ -134,13 +177,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0  # of the response being received
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.owner = None
+        self.owner: ExchangeOwner | None = None
+        self.exchange: Exchange | None = None  # bound with the owner (HEAD or not, body transform, timeoutServer)
         self.partial = b""  # head bytes from earlier reads, not yet forwarded
         self.view = b""  # partial + the current read, while a head is being parsed
         self.emit_from = 0  # offset in view from which bytes are forwarded raw
         self.scan_from = 0  # offset in view from which to look for the end of a head
         self.in_head = True
-        self.head_request = False
         self.keep_alive = False
         self.done = False
         self.responded = False  # any response byte seen for the current exchange
@@ -153,16 +196,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.switch_head = b""  # a 101 head: the connection becomes a tunnel after it
 
     # -- binding to an exchange -------------------------------------------------------
-    def bind(self, owner, head_request: bool, now: float) -> None:
+    def bind(self, owner: ExchangeOwner, exchange: Exchange, now: float) -> None:
         self.owner = owner
-        self.head_request = head_request
+        self.exchange = exchange
         self.responded = False
         self.close_delimited = False
         self.last_io = now
         self.pool.busy.add(self)
 
     def close(self) -> None:
-        self.owner = None
+        self.owner = self.exchange = None
         self.pool.busy.discard(self)
         if not self.closed:
             self.closed = True
@@ -170,7 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.close()
 
     def abort(self) -> None:
-        self.owner = None
+        self.owner = self.exchange = None
         self.closed = True
         self.pool.busy.discard(self)
         if self.transport is not None:
@@ -191,9 +234,13 @@ class UpstreamConnection(asyncio.Protocol):
         in_head = self.in_head
         if in_head:
             partial = self.partial
-            self.view = partial + data if partial else data
             self.emit_from = 0
-            self.scan_from = len(partial) - 3 if len(partial) > 3 else 0
+            if partial:  # the head began in an earlier read
+                self.view = partial + data
+                self.scan_from = len(partial) - 3 if len(partial) > 3 else 0
+            else:
+                self.view = data
+                self.scan_from = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -225,13 +272,21 @@ class UpstreamConnection(asyncio.Protocol):
                     owner.flush()
                 return
             self.partial = b""
-            if self.emit_from < len(view):
-                owner.out.append(view[self.emit_from :] if self.emit_from else view)
-            if self.head_request:  # no body follows a response to HEAD, whatever its headers say
+            emit_from = self.emit_from
+            if not emit_from:
+                owner.out.append(view)  # the head as received, and what followed it in this read
+            elif emit_from < len(view):
+                if self.exchange.body_transform is None:
+                    owner.out.append(view[emit_from:])
+                else:
+                    owner.response_body(view[emit_from:])
+            if self.exchange.is_head:  # no body follows a response to HEAD, whatever its headers say
                 self.parser = httptools.HttpResponseParser(self)
                 self.done = True
-        else:
+        elif self.exchange.body_transform is None:
             owner.out.append(data)
+        else:
+            owner.response_body(data)
         if self.done:
             self._complete(self.keep_alive)
         else:
@@ -253,7 +308,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.close_delimited and not self.in_head and exc is None:  # a clean close ends the body
             self._complete(False)
             return
-        self.owner = None
+        self.owner = self.exchange = None
         # A reset (exc) cuts a close-delimited body short: the client gets a reset too, never a clean end.
         reason = f"upstream reset the connection: {exc}" if exc is not None else "upstream closed the connection"
         owner.response_failed(self, reason, retryable=self.reused and not self.responded)
@@ -296,7 +351,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
         close_delimited, forwardable = inspect_response_head(head)
-        if close_delimited and not self.head_request and status not in (204, 304):
+        if close_delimited and not self.exchange.is_head and status not in (204, 304):
             self.close_delimited = True
             self.keep_alive = False
         if self.owner.response_head(head, forwardable, self.close_delimited):
@@ -310,7 +365,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------
     def _complete(self, reusable: bool) -> None:
         owner = self.owner
-        self.owner = None
+        self.owner = self.exchange = None
         self.done = False
         self.in_head = True
         self.pool.busy.discard(self)
