@@ -561,12 +561,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 self.pool.release(upstream)
             else:
                 upstream.close()
-        out = self.out
-        if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            self.sent += len(data)
-            self.transport.write(data)
-            out.clear()
+        self.flush()
         now = self.loop.time()
         self._account(ex, ex.local or ex.status, "", now)
         if ex.close_after:
