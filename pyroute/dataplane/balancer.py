@@ -191,18 +191,17 @@ class PinnedBackend:
 
 
 class TaskSet:
-    """The tasks of one service port (``tasks.<host>``), refreshed on an interval, balanced."""
+    """The tasks of one service port (``tasks.<host>``), refreshed on an interval, balanced.
 
-    def __init__(self, host: str, port: int, algorithm: str, nameservers: list[str], dns_timeout: float,
-                 refresh_interval: float, pool: UpstreamPool, health: HealthPolicy,
+    `settings` gives the lookups (DNS_NAMESERVERS, DNS_TIMEOUT, TASK_REFRESH_INTERVAL) as
+    they are when the set is made; a set lives as long as its route's options stay."""
+
+    def __init__(self, host: str, port: int, algorithm: str, settings, pool: UpstreamPool, health: HealthPolicy,
                  known: set[tuple[str, int]] | None = None):
-        self.host = host
-        self.port = port
-        self.algorithm = algorithm
-        self.nameservers = nameservers
-        self.dns_timeout = dns_timeout
-        self.refresh_interval = refresh_interval
-        self.pool = pool
+        self.host, self.port, self.algorithm, self.pool = host, port, algorithm, pool
+        self.nameservers = list(settings.dns_nameservers)
+        self.dns_timeout = settings.dns_timeout
+        self.refresh_interval = settings.task_refresh_interval
         self.tasks: dict[tuple[str, int], Task] = {}
         self.by_cookie: dict[str, Task] = {}
         self.rotation: tuple[Task, ...] = ()

@@ -129,8 +129,7 @@ class DataPlane:
         taskset = tasksets.get(key) or self.tasksets.get(key)
         if taskset is None:
             known = next((set(t.tasks) for k, t in self.tasksets.items() if k[:2] == (host, port)), None)
-            taskset = TaskSet(host, port, key[2], list(s.dns_nameservers), s.dns_timeout, s.task_refresh_interval,
-                              self.proxy.pool, policy, known)
+            taskset = TaskSet(host, port, key[2], s, self.proxy.pool, policy, known)
         tasksets[key] = taskset
         return taskset
 
