@@ -3,8 +3,14 @@ per-service userlists (DFP's ``users``, ``usersSecret``, ``USERS``), and the hea
 pyroute's own clients send.
 
 Passwords are compared in constant time, and an unknown user costs the same comparison
-(or crypt(3) run) as a known one, so neither the timing of an answer nor its status
+(or hash computation) as a known one, so neither the timing of an answer nor its status
 tells which user names exist.
+
+Hashed passwords (DFP's usersPassEncrypted / USERS_PASS_ENCRYPTED) are crypt(3) strings
+that HAProxy verified with the system's crypt(); here libpass (the maintained passlib
+fork) verifies them, with the bcrypt package for ``$2*$``, the same on every Python (the
+stdlib crypt module is gone in 3.13). A scheme it cannot verify is refused when the
+userlist is configured (hash_problem), never at request time.
 """
 
 from __future__ import annotations
@@ -12,17 +18,50 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import warnings
 from collections.abc import Iterable
 
-with warnings.catch_warnings():  # deprecated in 3.11, still the system's crypt(3) (SHA-512 "$6$")
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import crypt
+from passlib.hash import bcrypt, md5_crypt, sha256_crypt, sha512_crypt
+
+# The $id$ prefixes pyroute verifies, and how: SHA-512/SHA-256-crypt (mkpasswd -m sha-512 /
+# sha-256, openssl passwd -6 / -5), MD5-crypt (old glibc and musl default), and bcrypt
+# as htpasswd -B writes it ($2y$) or OpenBSD and the bcrypt libraries do ($2b$, $2a$).
+HASHERS = {"$6$": sha512_crypt, "$5$": sha256_crypt, "$1$": md5_crypt,
+           "$2y$": bcrypt, "$2b$": bcrypt, "$2a$": bcrypt}
+BCRYPT_MAX = 72
+SUPPORTED = "$6$ (mkpasswd -m sha-512), $5$, $1$ or bcrypt $2y$/$2b$/$2a$ (htpasswd -B)"
+# Names for the schemes an operator is likely to paste that pyroute does not verify.
+UNSUPPORTED_NAMES = {"$y$": "yescrypt, mkpasswd's default", "$gy$": "gost-yescrypt", "$7$": "scrypt",
+                     "$apr1$": "Apache MD5, htpasswd's default", "$sha1$": "SHA1-crypt", "$md5$": "Sun MD5",
+                     "$argon2id$": "argon2id", "$argon2i$": "argon2i", "$pbkdf2-sha256$": "PBKDF2"}
 
 
 def authorization(user: str, password: str) -> str:
     """The Authorization header value that carries `user` and `password`."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def hash_scheme(hashed: str) -> str:
+    """The $id$ prefix of a crypt(3) string ('$6$'), '' when it has none."""
+    if not hashed.startswith("$"):
+        return ""
+    return "$" + hashed[1:].partition("$")[0] + "$"
+
+
+def hash_problem(hashed: str) -> str:
+    """'' when `hashed` is a hash pyroute can verify, else why not, naming its scheme."""
+    scheme = hash_scheme(hashed)
+    hasher = HASHERS.get(scheme)
+    if hasher is None:
+        if not scheme:
+            named = "has no $id$ scheme prefix (traditional DES crypt, or not a hash at all)"
+        else:
+            named = f"uses scheme {scheme}" + (f" ({UNSUPPORTED_NAMES[scheme]})" if scheme in UNSUPPORTED_NAMES else "")
+        return f"the hash {named}, which pyroute cannot verify; use {SUPPORTED}"
+    try:
+        hasher.from_string(hashed)
+    except ValueError as exc:
+        return f"the hash is not a well-formed {scheme} hash ({exc})"
+    return ""
 
 
 def _credentials(header: bytes | None) -> tuple[bytes, bytes] | None:
@@ -37,16 +76,31 @@ def _credentials(header: bytes | None) -> tuple[bytes, bytes] | None:
     return (user, password) if colon else None
 
 
+def _hash_check(password: bytes, hashed: str) -> bool:
+    """Does `password` hash to `hashed`? False for a hash no hasher takes (the random
+    lock-out user's); libpass compares the result in constant time."""
+    hasher = HASHERS.get(hash_scheme(hashed))
+    if hasher is bcrypt:  # bcrypt reads 72 bytes; crypt(3) and htpasswd drop the rest, bcrypt 5 refuses it
+        password = password[:BCRYPT_MAX]
+    try:
+        return hasher is not None and hasher.verify(password, hashed)
+    except (ValueError, TypeError):  # malformed hash, or a password past libpass's size limit
+        return False
+
+
 class Userlist:
     """Users and their passwords, or their crypt(3) hashes when `encrypted` (DFP's
     usersPassEncrypted / USERS_PASS_ENCRYPTED, e.g. from ``mkpasswd -m sha-512``)."""
 
-    __slots__ = ("_table", "_encrypted", "_decoy")
+    __slots__ = ("_table", "_check", "_decoy")
 
     def __init__(self, users: Iterable[tuple[str, str]], encrypted: bool = False):
-        self._table = {user.encode(): password.encode() for user, password in users}
-        self._encrypted = encrypted
-        self._decoy = next(iter(self._table.values()), b"")  # what an unknown user is compared with
+        # user -> the password's bytes, or the hash as text (what libpass takes)
+        self._table = {user.encode(): secret if encrypted else secret.encode() for user, secret in users}
+        self._check = _hash_check if encrypted else hmac.compare_digest
+        self._decoy = next(iter(self._table.values()), "" if encrypted else b"")  # checked for unknown users
+        if encrypted and any(HASHERS.get(hash_scheme(hashed)) is bcrypt for hashed in self._table.values()):
+            bcrypt.get_backend()  # libpass's one-time bcrypt self-test, here rather than in a request
 
     def allows(self, header: bytes | None) -> bool:
         """Does the Authorization header value name a user of the list with its password?"""
@@ -55,14 +109,5 @@ class Userlist:
             return False
         user, password = credentials
         secret = self._table.get(user)
-        ok = self._verify(password, secret if secret is not None else self._decoy)
+        ok = self._check(password, secret if secret is not None else self._decoy)
         return ok and secret is not None
-
-    def _verify(self, password: bytes, secret: bytes) -> bool:
-        if not self._encrypted:
-            return hmac.compare_digest(password, secret)
-        try:
-            hashed = crypt.crypt(password.decode("utf-8", "replace"), secret.decode("latin-1")) or ""
-        except (ValueError, OSError):
-            return False
-        return hmac.compare_digest(hashed.encode(), secret)

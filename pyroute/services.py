@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pyroute.basicauth import hash_problem
 from pyroute.config import BALANCE_ALGORITHMS, COMPRESSION_ALGOS, DISCOVERY_TYPES, DOMAIN_ALGOS, is_secret_env
 from pyroute.dockersecrets import read_secret
 from pyroute.patterns import PatternError, compile_pattern, compile_replacement
@@ -535,9 +536,20 @@ def _auth(params: dict[str, str], separator: str, defaults: ServiceDefaults):
             password = fallback.get(user) or fallback_global.get(user)
         if user and password:
             users.append((user, password))
+    encrypted = _bool(params.get("userspassencrypted"), "usersPassEncrypted")
+    if encrypted:
+        _check_hashes(users, "usersPassEncrypted")
     if not users:  # DFP: users asked for but none usable -> a random user nobody knows locks everyone out
         users.append((secrets.token_hex(8), secrets.token_hex(16)))
-    return tuple(users), _bool(params.get("userspassencrypted"), "usersPassEncrypted")
+    return tuple(users), encrypted
+
+
+def _check_hashes(users: list[tuple[str, str]], setting: str) -> None:
+    """A hash pyroute cannot verify is a 400 now, naming its scheme, not a silent 401 later."""
+    for user, hashed in users:
+        problem = hash_problem(hashed)
+        if problem:
+            raise ServiceError(400, f"{setting}: user {user!r}: {problem}")
 
 
 def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: ServiceDefaults | None = None) -> Service:
@@ -685,6 +697,9 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
     if not _ACL_NAME.match(acl_name):
         raise ServiceError(400, f"aclName must be letters, digits, '.', '_' or '-' (up to 200), got {acl_name!r}")
     users, users_encrypted = _auth(params, separator, defaults)
+    global_users = [(u, p) for u, p in _user_list(defaults.users, ",") if u and p]
+    if defaults.users_pass_encrypted:
+        _check_hashes(global_users, "USERS (USERS_PASS_ENCRYPTED)")
     compression_algo = " ".join((params.get("compressionalgo", "").strip() or defaults.compression_algo).lower().split())
     for algo in compression_algo.split():
         if algo not in COMPRESSION_ALGOS:
@@ -711,7 +726,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         res_del=_header_names(params.get("delresheader"), separator, "delResHeader"),
         users=users,
         users_encrypted=users_encrypted,
-        global_users=tuple((u, p) for u, p in _user_list(defaults.users, ",") if u and p),
+        global_users=tuple(global_users),
         global_users_encrypted=defaults.users_pass_encrypted,
         redirect_when_http_proto=_bool(params.get("redirectwhenhttpproto"), "redirectWhenHttpProto"),
         redirect_unless_https_proto=_bool(params.get("redirectunlesshttpsproto"), "redirectUnlessHttpsProto"),

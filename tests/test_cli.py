@@ -2,10 +2,12 @@
 import http.client
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 
+import pyroute
 from support.proxy import REPO
 from support.upstream import free_port
 
@@ -45,9 +47,16 @@ def test_port_in_use_is_reported_as_what_to_do():
     assert f"127.0.0.1:{busy}" in result.stderr and "already in use" in result.stderr
 
 
-def test_version():
+def test_version_names_python_and_the_libraries():
     result = run("version")
-    assert result.returncode == 0 and re.fullmatch(r"pyroute \d+\.\d+\.\d+\n", result.stdout)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"pyroute {pyroute.__version__}" and re.fullmatch(r"pyroute \d+\.\d+\.\d+", lines[0])
+    assert lines[1].startswith(f"CPython {platform.python_version()} ")
+    found = dict(line.split(" ", 1) for line in lines[2:])
+    assert set(found) == {"uvloop", "httptools", "aiodns", "orjson", "google-re2", "libpass", "bcrypt",
+                          "prometheus-client"}
+    assert all(re.match(r"\d+\.\d+", v) for v in found.values()), found  # all installed: dependencies
 
 
 def test_demo_routes_the_walkthrough():

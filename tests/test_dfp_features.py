@@ -7,15 +7,12 @@ import json
 import os
 import subprocess
 import tempfile
-import warnings
 
+import bcrypt
 import pytest
+from passlib.hash import sha256_crypt, sha512_crypt
 
 from support.upstream import generated_sha256
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import crypt
 
 SECRETS = tempfile.mkdtemp(prefix="pyroute-secrets-")
 with open(os.path.join(SECRETS, "dfp_users_team"), "w") as fh:
@@ -178,13 +175,31 @@ def test_users_plain(proxy, dns, up):
     assert echo(proxy, "/f-auth", basic("bob", "pw2"))["target"] == "/f-auth"
 
 
-def test_users_pass_encrypted(proxy, dns, up):
-    hashed = crypt.crypt("open-sesame", crypt.mksalt(crypt.METHOD_SHA512))  # what mkpasswd -m sha-512 prints
-    assert hashed.startswith("$6$")
-    register(proxy, dns, up, serviceName="f-crypt", users=f"erin:{hashed}", usersPassEncrypted="true")
-    assert proxy.get("/f-crypt", headers=basic("erin", "open-sesame"))[0] == 200
-    assert proxy.get("/f-crypt", headers=basic("erin", hashed))[0] == 401
-    assert proxy.get("/f-crypt", headers=basic("erin", "wrong"))[0] == 401
+@pytest.mark.parametrize("name,hashed", [
+    ("f-crypt6", sha512_crypt.hash("open-sesame")),  # what mkpasswd -m sha-512 / openssl passwd -6 print
+    ("f-crypt5", sha256_crypt.hash("open-sesame")),  # mkpasswd -m sha-256 / openssl passwd -5
+    # htpasswd -B: bcrypt under Apache's $2y$ prefix (the same algorithm as $2b$)
+    ("f-crypt2y", bcrypt.hashpw(b"open-sesame", bcrypt.gensalt(rounds=4)).decode().replace("$2b$", "$2y$", 1)),
+])
+def test_users_pass_encrypted(proxy, dns, up, name, hashed):
+    assert hashed.startswith("$" + name.removeprefix("f-crypt") + "$")
+    register(proxy, dns, up, serviceName=name, users=f"erin:{hashed}", usersPassEncrypted="true")
+    assert proxy.get(f"/{name}", headers=basic("erin", "open-sesame"))[0] == 200
+    assert proxy.get(f"/{name}", headers=basic("erin", hashed))[0] == 401
+    assert proxy.get(f"/{name}", headers=basic("erin", "wrong"))[0] == 401
+    assert proxy.get(f"/{name}", headers=basic("mallory", "open-sesame"))[0] == 401
+
+
+@pytest.mark.parametrize("hashed,scheme", [
+    ("$y$j9T$abcdefghijklmnopqrstu.$hxgrxUGwUw/9fYD40dgSPIShXjgaoUy2A6BpdxqOAA4", "$y$"),  # mkpasswd's default
+    ("$apr1$abcdefgh$0123456789abcdefghijkl", "$apr1$"),  # htpasswd without -B
+])
+def test_users_pass_encrypted_unknown_scheme_is_400_naming_it(proxy, up, hashed, scheme):
+    st, body = proxy.admin("reconfigure", serviceName="f-badhash", servicePath="/f-badhash", port=up.port,
+                           users=f"erin:{hashed}", usersPassEncrypted="true")
+    assert st == 400 and scheme in body["Message"] and "erin" in body["Message"], body
+    assert hashed not in body["Message"]  # the hash is not echoed back
+    assert proxy.get("/f-badhash")[0] == 503  # nothing was applied
 
 
 # Made with `mkpasswd -m sha-512 -S saltsaltsalt12 mkpasswd-secret` (Debian package whois)
@@ -227,7 +242,7 @@ def test_global_users(make_pyroute, dns, replicas):
 
 
 def test_global_users_encrypted(make_pyroute, dns, replicas):
-    hashed = crypt.crypt("pw", crypt.mksalt(crypt.METHOD_SHA512))
+    hashed = sha512_crypt.hash("pw")
     p = make_pyroute(USERS=f"ops:{hashed}", USERS_PASS_ENCRYPTED="true")
     dns.set_service("f-genc", replicas[0].ip)
     p.reconfigure(serviceName="f-genc", servicePath="/f-genc", port=replicas[0].port)

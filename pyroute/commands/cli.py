@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from pyroute import __version__, eventlog
 from pyroute.commands.check_config import main as check_config
@@ -30,6 +32,8 @@ then, as with Docker Flow Proxy:
 on Swarm: docker stack deploy -c deploy/docker-stack.yml proxy   (see README.md)
 """
 COMMANDS = ("serve", "check-config", "routes", "demo", "version")
+# What `pyroute version` reports besides pyroute itself: the libraries a bug report needs.
+LIBRARIES = ("uvloop", "httptools", "aiodns", "orjson", "google-re2", "libpass", "bcrypt", "prometheus-client")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the proxy with a built-in demo service and register it")
     demo.add_argument("--http-port", type=int, default=8000, help="public HTTP port (default 8000)")
     demo.add_argument("--admin-port", type=int, default=8080, help="admin API port (default 8080)")
-    commands.add_parser("version", help="print the version")
+    commands.add_parser("version", help="print the version, with Python's and the libraries'")
     return parser
+
+
+def version_report() -> str:
+    """pyroute's version, then Python's and each library's (the installed distribution's)."""
+    lines = [f"pyroute {__version__}",
+             f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})"]
+    for name in LIBRARIES:
+        try:
+            lines.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            lines.append(f"{name} not installed")
+    return "\n".join(lines)
 
 
 def setup_logging(level: str) -> None:
@@ -72,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     if args.command == "version":
-        print(f"pyroute {__version__}")
+        print(version_report())
         return 0
     if args.command == "check-config":
         return check_config(args.file)
