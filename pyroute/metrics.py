@@ -13,19 +13,12 @@ once, as a structured line.
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
 import logging
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
 
 import orjson
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import generate_latest
-from prometheus_client.utils import floatToGoString
 
 from pyroute.eventlog import event
 from pyroute.resolver import is_ip
@@ -35,7 +28,6 @@ log = logging.getLogger("pyroute.dataplane.health")
 # Upper bounds (seconds) of the request duration histogram buckets; +Inf is implicit.
 DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FIRST_BOUND = DURATION_BOUNDS[0]
-BUCKET_LABELS = (*map(floatToGoString, DURATION_BOUNDS), "+Inf")  # the le="..." of each histogram bucket
 METHOD_CLASSES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 UNROUTED = ""  # the service label of requests no route matched (or refused before routing)
 
@@ -254,94 +246,105 @@ def merge(snapshots: list[dict]) -> dict:
     return out
 
 
-# -- Prometheus text exposition format: prometheus_client writes it ------------------------
-# The counters stay plain integers on the hot path (a prometheus_client Counter takes a lock
-# per increment); at scrape time the merged snapshot becomes metric families that
-# prometheus_client renders (escaping, number and bucket formatting are its job).
-class _Families:
-    """The merged snapshot `snap` as prometheus_client metric families (a collector)."""
+# -- Prometheus text exposition format (version 0.0.4) ---------------------------------------
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def __init__(self, snap: dict):
-        self.snap = snap
 
-    def collect(self) -> Iterator[Metric]:
-        snap = self.snap
-        services = snap["services"]
-        requests = CounterMetricFamily(
-            "pyroute_requests_total",
-            "Requests by service (\"\" = no route), method class and status code (0 = no response: aborted)",
-            labels=("service", "method", "code"))
-        for name, svc in services.items():
-            counts: dict[tuple[str, int], int] = {}
-            for method, status, n in svc["responses"]:
-                key = (method_class(method), status)
-                counts[key] = counts.get(key, 0) + n
-            for (method, status), n in sorted(counts.items()):
-                requests.add_metric((name, method, str(status)), n)
-        yield requests
-        for key, metric, what in (("total", "pyroute_request_duration_seconds", "from the first byte of the request "
-                                   "head to the last byte of the response"),
-                                  ("upstream", "pyroute_upstream_duration_seconds", "from sending the request "
-                                   "upstream to the end of the upstream's response")):
-            family = HistogramMetricFamily(metric, f"Request duration by service, {what}", labels=("service",))
-            for name, svc in services.items():
-                if any(svc[key]):
-                    cumulative = itertools.accumulate(svc[key])
-                    family.add_metric((name,), list(zip(BUCKET_LABELS, cumulative)), svc[f"{key}_sum"])
-            yield family
-        for key, metric, what in (("bytes_in", "pyroute_service_received_bytes_total", "received from clients"),
-                                  ("bytes_out", "pyroute_service_sent_bytes_total", "sent to clients")):
-            family = CounterMetricFamily(metric, f"Bytes {what} per service", labels=("service",))
-            for name, svc in services.items():
-                family.add_metric((name,), svc[key])
-            yield family
-        conns = snap["connections"]
-        yield CounterMetricFamily("pyroute_client_received_bytes_total", "Bytes received from clients (all "
-                                  "connections)", value=conns["bytes_in"])
-        yield CounterMetricFamily("pyroute_client_sent_bytes_total", "Bytes sent to clients (all connections)",
-                                  value=conns["bytes_out"])
-        yield GaugeMetricFamily("pyroute_client_connections", "Open client connections", value=conns["active"])
-        yield CounterMetricFamily("pyroute_client_connections_total", "Client connections accepted",
-                                  value=conns["total"])
-        for key, help_text in (("connects", "New upstream connections opened"),
-                               ("reuses", "Requests sent on a pooled (reused) upstream connection"),
-                               ("failures", "Upstream connections that could not be opened (refused, timeout)"),
-                               ("retries", "Requests retried on a new connection after a pooled one failed"),
-                               ("timeouts", "Upstream responses that timed out (TIMEOUT_SERVER)")):
-            family = CounterMetricFamily(f"pyroute_upstream_{key}_total", f"{help_text}, per service and task address",
-                                         labels=("service", "address"))
-            for name, svc in services.items():
-                for address, a in sorted(svc["addresses"].items()):
-                    family.add_metric((name, address), a[key])
-            yield family
-        up = GaugeMetricFamily("pyroute_upstream_up", "Passive health per task address in DNS now: 1 after a "
-                               "successful connect, 0 after a failed one", labels=("service", "address"))
-        for name, svc in services.items():
-            for address, a in sorted(svc["addresses"].items()):
-                if a["health"] != "unknown" and a.get("resolved", True):
-                    up.add_metric((name, address), 1 if a["health"] == "up" else 0)
-        yield up
-        yield CounterMetricFamily("pyroute_dns_lookups_total", "DNS lookups made", value=snap["dns"]["lookups"])
-        yield CounterMetricFamily("pyroute_dns_failures_total", "DNS lookups that failed",
-                                  value=snap["dns"]["failures"])
-        for key, kind, metric, help_text in (
-            ("revision", GaugeMetricFamily, "pyroute_route_table_revision",
-             "Revision of the route table each process serves"),
-            ("reloads", CounterMetricFamily, "pyroute_route_table_reloads_total",
-             "Route tables swapped in, per process"),
-            ("rss", GaugeMetricFamily, "pyroute_process_resident_memory_bytes", "Resident memory per process"),
-            ("fds", GaugeMetricFamily, "pyroute_process_open_fds", "Open file descriptors per process"),
-        ):
-            family = kind(metric, help_text, labels=("process",))
-            for process in snap["processes"]:
-                if key in process:
-                    family.add_metric((process["name"],), process[key])
-            yield family
+def _labels(**labels) -> str:
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class _Writer:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, **labels) -> None:
+        self.lines.append(f"{name}{_labels(**labels) if labels else ''} {_number(value)}")
+
+    def histogram(self, name: str, buckets: list[int], total: float, **labels) -> None:
+        running = 0
+        for bound, count in zip((*DURATION_BOUNDS, float("inf")), buckets):
+            running += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            self.sample(f"{name}_bucket", running, **labels, le=le)
+        self.sample(f"{name}_count", running, **labels)
+        self.sample(f"{name}_sum", total, **labels)
 
 
 def render_prometheus(snap: dict) -> bytes:
-    """The merged snapshot in Prometheus' text exposition format (0.0.4)."""
-    return generate_latest(_Families(snap))
+    w = _Writer()
+    services = snap["services"]
+    w.family("pyroute_requests_total", "counter",
+             "Requests by service (\"\" = no route), method class and status code (0 = no response: aborted)")
+    for name, svc in services.items():
+        counts: dict[tuple[str, int], int] = {}
+        for method, status, n in svc["responses"]:
+            key = (method_class(method), status)
+            counts[key] = counts.get(key, 0) + n
+        for (method, status), n in sorted(counts.items()):
+            w.sample("pyroute_requests_total", n, service=name, method=method, code=status)
+    for key, metric, what in (("total", "pyroute_request_duration_seconds", "from the first byte of the request "
+                               "head to the last byte of the response"),
+                              ("upstream", "pyroute_upstream_duration_seconds", "from sending the request upstream "
+                               "to the end of the upstream's response")):
+        w.family(metric, "histogram", f"Request duration by service, {what}")
+        for name, svc in services.items():
+            if any(svc[key]):
+                w.histogram(metric, svc[key], svc[f"{key}_sum"], service=name)
+    for key, metric, what in (("bytes_in", "pyroute_service_received_bytes_total", "received from clients"),
+                              ("bytes_out", "pyroute_service_sent_bytes_total", "sent to clients")):
+        w.family(metric, "counter", f"Bytes {what} per service")
+        for name, svc in services.items():
+            w.sample(metric, svc[key], service=name)
+    conns = snap["connections"]
+    w.family("pyroute_client_received_bytes_total", "counter", "Bytes received from clients (all connections)")
+    w.sample("pyroute_client_received_bytes_total", conns["bytes_in"])
+    w.family("pyroute_client_sent_bytes_total", "counter", "Bytes sent to clients (all connections)")
+    w.sample("pyroute_client_sent_bytes_total", conns["bytes_out"])
+    w.family("pyroute_client_connections", "gauge", "Open client connections")
+    w.sample("pyroute_client_connections", conns["active"])
+    w.family("pyroute_client_connections_total", "counter", "Client connections accepted")
+    w.sample("pyroute_client_connections_total", conns["total"])
+    for key, help_text in (("connects", "New upstream connections opened"),
+                           ("reuses", "Requests sent on a pooled (reused) upstream connection"),
+                           ("failures", "Upstream connections that could not be opened (refused, timeout)"),
+                           ("retries", "Requests retried on a new connection after a pooled one failed"),
+                           ("timeouts", "Upstream responses that timed out (TIMEOUT_SERVER)")):
+        metric = f"pyroute_upstream_{key}_total"
+        w.family(metric, "counter", f"{help_text}, per service and task address")
+        for name, svc in services.items():
+            for address, a in sorted(svc["addresses"].items()):
+                w.sample(metric, a[key], service=name, address=address)
+    w.family("pyroute_upstream_up", "gauge",
+             "Passive health per task address in DNS now: 1 after a successful connect, 0 after a failed one")
+    for name, svc in services.items():
+        for address, a in sorted(svc["addresses"].items()):
+            if a["health"] != "unknown" and a.get("resolved", True):
+                w.sample("pyroute_upstream_up", 1 if a["health"] == "up" else 0, service=name, address=address)
+    w.family("pyroute_dns_lookups_total", "counter", "DNS lookups made")
+    w.sample("pyroute_dns_lookups_total", snap["dns"]["lookups"])
+    w.family("pyroute_dns_failures_total", "counter", "DNS lookups that failed")
+    w.sample("pyroute_dns_failures_total", snap["dns"]["failures"])
+    for key, kind, metric, help_text in (
+        ("revision", "gauge", "pyroute_route_table_revision", "Revision of the route table each process serves"),
+        ("reloads", "counter", "pyroute_route_table_reloads_total", "Route tables swapped in, per process"),
+        ("rss", "gauge", "pyroute_process_resident_memory_bytes", "Resident memory per process"),
+        ("fds", "gauge", "pyroute_process_open_fds", "Open file descriptors per process"),
+    ):
+        w.family(metric, kind, help_text)
+        for process in snap["processes"]:
+            if key in process:
+                w.sample(metric, process[key], process=process["name"])
+    return ("\n".join(w.lines) + "\n").encode()
 
 
 # -- HAProxy's stats CSV (the columns that apply) ---------------------------------------------
@@ -356,13 +359,10 @@ CSV_COLUMNS = (
 
 def render_csv(snap: dict) -> bytes:
     """One FRONTEND row, then per service its task addresses and a BACKEND row."""
-    text = io.StringIO()
-    text.write("# ")  # HAProxy's header line: the column names after "# "
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    rows = []
 
     def row(**values) -> None:
-        writer.writerow([values.get(c, "") for c in CSV_COLUMNS])
+        rows.append(",".join(str(values.get(c, "")) for c in CSV_COLUMNS))
 
     def classes(responses) -> dict:
         out = {"hrsp_1xx": 0, "hrsp_2xx": 0, "hrsp_3xx": 0, "hrsp_4xx": 0, "hrsp_5xx": 0, "hrsp_other": 0,
@@ -395,4 +395,4 @@ def render_csv(snap: dict) -> bytes:
             stot=counts["req_tot"], status="UP" if up or not svc["addresses"] else "DOWN", act=up, type=1,
             econ=sum(a["failures"] for a in svc["addresses"].values()),
             wretr=sum(a["retries"] for a in svc["addresses"].values()), **counts)
-    return text.getvalue().encode()
+    return ("# " + ",".join(CSV_COLUMNS) + "\n" + "\n".join(rows) + "\n").encode()
