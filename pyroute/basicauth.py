@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import secrets
 from collections.abc import Iterable
 
 from passlib.hash import bcrypt, md5_crypt, sha256_crypt, sha512_crypt
@@ -92,12 +93,17 @@ class Userlist:
     """Users and their passwords, or their crypt(3) hashes when `encrypted` (DFP's
     usersPassEncrypted / USERS_PASS_ENCRYPTED, e.g. from ``mkpasswd -m sha-512``)."""
 
-    __slots__ = ("_table", "_check", "_decoy")
+    __slots__ = ("_table", "_check", "_decoy", "_key", "_verified")
 
     def __init__(self, users: Iterable[tuple[str, str]], encrypted: bool = False):
         # user -> the password's bytes, or the hash as text (what libpass takes)
         self._table = {user.encode(): secret if encrypted else secret.encode() for user, secret in users}
         self._check = _hash_check if encrypted else hmac.compare_digest
+        # Hashed lists: a SHA-crypt check costs milliseconds of the event loop (libpass is pure
+        # Python), so a password that verified once is remembered as a keyed digest (the key
+        # is this process's own, random) and the next request with it costs one HMAC.
+        self._key = secrets.token_bytes(32) if encrypted else b""
+        self._verified: dict[bytes, bytes] = {}  # user -> HMAC of the password that verified
         self._decoy = next(iter(self._table.values()), "" if encrypted else b"")  # checked for unknown users
         if encrypted and any(HASHERS.get(hash_scheme(hashed)) is bcrypt for hashed in self._table.values()):
             bcrypt.get_backend()  # libpass's one-time bcrypt self-test, here rather than in a request
@@ -109,5 +115,12 @@ class Userlist:
             return False
         user, password = credentials
         secret = self._table.get(user)
+        if self._key:
+            digest = hmac.digest(self._key, password, "sha256")
+            remembered = self._verified.get(user)
+            if remembered is not None and hmac.compare_digest(remembered, digest):
+                return True
         ok = self._check(password, secret if secret is not None else self._decoy)
+        if ok and secret is not None and self._key:
+            self._verified[user] = digest
         return ok and secret is not None

@@ -66,6 +66,18 @@ def test_each_supported_scheme_checks_the_password(hashed, password):
     assert not users.allows(header(f"eve:{password}"))
 
 
+def test_a_remembered_password_is_the_only_one_let_through_without_the_hash():
+    """After a password verified, later requests with it skip the hash; a wrong password,
+    another user's password, or a user that verified nothing still run the full check."""
+    users = Userlist([("ann", OPENSSL_SHA512), ("bob", OPENSSL_SHA256)], encrypted=True)
+    for _ in range(3):
+        assert users.allows(header("ann:openssl-secret"))
+    assert not users.allows(header("ann:openssl-secretx"))
+    assert not users.allows(header("bob:openssl-secretx"))
+    assert not users.allows(header("eve:openssl-secret"))
+    assert users.allows(header("bob:openssl-secret")) and users.allows(header("ann:openssl-secret"))
+
+
 def test_bcrypt_past_72_bytes_behaves_as_crypt_does():
     """crypt(3) bcrypt reads the first 72 bytes only; bcrypt 5 refuses longer input
     instead: the check must neither crash nor differ from what htpasswd users expect."""
