@@ -328,12 +328,21 @@ class Fleet:
         return True
 
 
+_given: set[int] = set()  # ports already handed out in this test session
+
+
 def _free_port(ip: str = "127.0.0.1") -> int:
-    s = socket.socket()
-    s.bind((ip, 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A port the kernel says is free, never one handed out before in this session: two
+    calls in a row (a pyroute's admin and HTTP ports) could otherwise get the same one,
+    since neither is bound until pyroute starts."""
+    while True:
+        s = socket.socket()
+        s.bind((ip, 0))
+        p = s.getsockname()[1]
+        s.close()
+        if p not in _given:
+            _given.add(p)
+            return p
 
 
 def free_port(ip: str = "127.0.0.1") -> int:
