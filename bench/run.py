@@ -1,7 +1,7 @@
-"""Load harness: pyroute side by side with HAProxy, nginx and a naive aiohttp proxy.
+"""Load harness: pyroute side by side with HAProxy, nginx, a naive aiohttp proxy and the floor.
 
     python bench/run.py [--rounds 5] [--duration 10] [--workloads small,c1,64k,upload,https,https-new]
-                        [--targets pyroute,pyroute-log,haproxy,nginx,aiohttp] [--workers 1,2]
+                        [--targets pyroute,pyroute-log,haproxy,nginx,aiohttp,floor] [--workers 1,2]
                         [--out bench/out/results.md]
 
 Every target proxies to the same upstream over keep-alive connections and is driven
@@ -462,6 +462,16 @@ def start_aiohttp(procs: Processes, tmp: Path, upstream_port: int, loop: str = "
     return target
 
 
+def start_floor(procs: Processes, tmp: Path, upstream_port: int) -> Target:
+    """The floor (bench/floor.py): the least Python a proxy on uvloop + httptools can run."""
+    port = free_port()
+    target = Target("floor", port, SERVER_CPUS, log=tmp / "floor.log")
+    target.proc = procs.start([sys.executable, str(BENCH_DIR / "floor.py"), str(port), str(upstream_port)],
+                              SERVER_CPUS, target.log)
+    wait_listening(port, target.proc)
+    return target
+
+
 def admin_get(admin_port: int, path: str, params: dict | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
     url = f"http://127.0.0.1:{admin_port}{path}"
     if params:
@@ -548,7 +558,7 @@ def start_target(kind: str, workers: int, extra_routes: int, procs: Processes, t
         if kind == "pyroute-log":  # DEBUG=true: a JSON access log line per request, into its log file
             return start_pyroute(procs, tmp, upstream_port, dns_port, workers, env={"DEBUG": "true"},
                                  suffix=" +access log")
-        starters = {"haproxy": start_haproxy, "nginx": start_nginx_proxy, "aiohttp": start_aiohttp,
+        starters = {"haproxy": start_haproxy, "nginx": start_nginx_proxy, "aiohttp": start_aiohttp, "floor": start_floor,
                     "aiohttp-asyncio": lambda *args: start_aiohttp(*args, loop="asyncio")}
         return starters[kind](procs, tmp, upstream_port)
     except (RuntimeError, OSError) as err:
@@ -768,7 +778,21 @@ def render_table(targets: list[Target], workloads: list[Workload]) -> str:
                 f"| {mib(row.rss_before)}→{mib(row.rss_after)} "
                 f"| {ratio(row.rps, ref and ref.rps)} | {ratio(row.cpu, ref and ref.cpu)} "
                 f"| {ratio(row.p99, ref and ref.p99)} | {row.errors}{' ⚠' if row.errors else ''} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + own_cost(targets, workloads)
+
+
+def own_cost(targets: list[Target], workloads: list[Workload]) -> str:
+    """pyroute's own cost: its CPU per request above the floor's, per workload."""
+    floor = next((t for t in targets if t.name == "floor"), None)
+    lines = []
+    for workload in workloads if floor else ():
+        base = summarize(floor, workload.name)
+        for target in targets:
+            row = summarize(target, workload.name) if target.name.startswith("pyroute") else None
+            if base is not None and row is not None:
+                lines.append(f"- {workload.name}, {target.name}: {row.cpu - base.cpu:.1f} us/request above the floor's "
+                             f"{base.cpu:.1f}")
+    return "\n\npyroute's own cost (CPU per request minus the floor's):\n" + "\n".join(lines) if lines else ""
 
 
 def command_version(cmd: list[str]) -> str:
@@ -838,7 +862,7 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     p.add_argument("--warmup", type=int, default=WARMUP_SECONDS, help="seconds of warm-up per target and workload")
     p.add_argument("--workloads", type=csv_list, default=list(WORKLOADS))
-    p.add_argument("--targets", type=csv_list, default=["pyroute", "haproxy", "nginx", "aiohttp"],
+    p.add_argument("--targets", type=csv_list, default=["pyroute", "haproxy", "nginx", "aiohttp", "floor"],
                    help="also: pyroute-log = pyroute (first --workers value) with the access log on (DEBUG=true)")
     p.add_argument("--workers", type=lambda s: [int(w) for w in csv_list(s)], default=[1, 2],
                    help="pyroute WORKERS values, one target each")
