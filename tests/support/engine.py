@@ -59,9 +59,12 @@ class FakeEngine:
             self._server.close()
             for q in list(self._streams):
                 q.put_nowait(None)
-            for task in self._handlers:  # e.g. a client that connected and never sent a request
-                task.cancel()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+            while self._handlers:  # e.g. a client that connected and never sent a request; and
+                handlers = list(self._handlers)  # any handler a connection accepted meanwhile started
+                for task in handlers:
+                    task.cancel()
+                await asyncio.gather(*handlers, return_exceptions=True)
+                self._handlers.difference_update(handlers)
         self._call(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
