@@ -12,6 +12,7 @@ import bcrypt
 import pytest
 from passlib.hash import sha256_crypt, sha512_crypt
 
+from support.proxy import register
 from support.upstream import generated_sha256
 
 SECRETS = tempfile.mkdtemp(prefix="pyroute-secrets-")
@@ -27,13 +28,6 @@ def basic(user, password):
 @pytest.fixture
 def up(dns, replicas):
     return replicas[0]
-
-
-def register(proxy, dns, up, **params):
-    dns.set_service(params["serviceName"], up.ip)
-    params.setdefault("port", up.port)
-    params.setdefault("servicePath", "/" + params["serviceName"])
-    return proxy.reconfigure(params)
 
 
 def echo(proxy, path, headers=None, method="GET"):

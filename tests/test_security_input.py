@@ -12,7 +12,7 @@ import pytest
 import trustme
 
 from support.engine import FakeEngine
-from support.proxy import API, Pyroute, PyrouteDied
+from support.proxy import API, Pyroute, PyrouteDied, register
 from support.upstream import free_port, wait_until
 
 PYROUTE_ENV = {"HEADER_ENV_ALLOW": "PYROUTE_F6_REGION", "PYROUTE_F6_REGION": "eu-west",
@@ -22,13 +22,6 @@ PYROUTE_ENV = {"HEADER_ENV_ALLOW": "PYROUTE_F6_REGION", "PYROUTE_F6_REGION": "eu
 @pytest.fixture
 def up(replicas):
     return replicas[0]
-
-
-def register(proxy, dns, up, **params):
-    dns.set_service(params["serviceName"], up.ip)
-    params.setdefault("port", up.port)
-    params.setdefault("servicePath", "/" + params["serviceName"])
-    return proxy.reconfigure(params)
 
 
 def refused(proxy, dns, up, *words, **params):

@@ -319,3 +319,12 @@ def hdr(resp: h11.Response, name: str) -> str | None:
         if k == n:
             return v.decode("latin-1")
     return None
+
+
+def register(proxy, dns, up, **params):
+    """Reconfigure a service named in `params` whose name the test DNS resolves to `up`
+    (servicePath /<name> and up's port unless given)."""
+    dns.set_service(params["serviceName"], up.ip)
+    params.setdefault("port", up.port)
+    params.setdefault("servicePath", "/" + params["serviceName"])
+    return proxy.reconfigure(params)
