@@ -32,7 +32,6 @@ from pyroute.dataplane.upstream import UpstreamConnection, UpstreamPool
 log = logging.getLogger("pyroute.dataplane.balancer")
 
 NO_ANSWER = (1, 4)  # aiodns: "no data" and NXDOMAIN mean the service has no task
-MAX_REDISPATCH = 3  # other tasks tried after a failed connect (HAProxy's retries)
 
 
 def task_cookie(address: tuple[str, int]) -> str:
@@ -189,6 +188,9 @@ class PinnedBackend:
     def redispatch(self, failed: tuple[str, int], tried: tuple) -> tuple[str, int] | None:
         return self.taskset.redispatch(failed, tried)
 
+    def alternative(self, failed: tuple[str, int], tried: tuple = ()) -> tuple[str, int] | None:
+        return self.taskset.alternative(failed, tried)
+
 
 class TaskSet:
     """The tasks of one service port (``tasks.<host>``), refreshed on an interval, balanced.
@@ -240,12 +242,15 @@ class TaskSet:
         task = self.tasks.get(failed)
         if task is not None:
             self.failed(task, "connect failed")
-        if len(tried) > MAX_REDISPATCH:
-            return None
-        others = [t for t in self.rotation if t.address not in tried]
+        return self.alternative(failed, tried)
+
+    def alternative(self, failed: tuple[str, int], tried: tuple = ()) -> tuple[str, int] | None:
+        """The least busy task in rotation other than `failed` and `tried` (for a retry), or
+        None when there is none (then the set's own pick decides). The turn order is left alone."""
+        others = [t for t in self.rotation if t.address != failed and t.address not in tried]
         if not others:
             return None
-        return min(others, key=_load).address  # the least busy other task (leaves the turn order alone)
+        return min(others, key=_load).address
 
     def _round_robin(self, rotation) -> Task:
         self._turn += 1

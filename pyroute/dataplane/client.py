@@ -46,6 +46,7 @@ log = logging.getLogger("pyroute.dataplane.client")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens
+MAX_REPLAY_BODY = 64 * 1024  # body bytes kept to retry a request sent on a reused connection
 HEAD_LINE_ROOM = 64  # raw bytes per head line beyond the limits' count: method, version, ": ", CRLF
 
 # Why reading from the client is paused (a bit each, reading resumes when none is left: flow.py).
@@ -414,6 +415,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 ex.sent_at = self.last_io
                 upstream.bind(self, ex, self.last_io)
                 upstream.transport.write(ex.head)
+                if ex.has_body:  # a pooled connection may turn out closed: keep the body to retry
+                    ex.replay = _replay_buffer(ex)
                 return
         self.loop.create_task(self._connect(ex, address))
 
@@ -432,6 +435,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if upstream is not None:
             upstream.last_io = self.last_io
             upstream.transport.write(body)
+            if ex.replay is not None:
+                self._keep_for_replay(ex, body)
         else:
             self._buffer(ex, body)
 
@@ -453,6 +458,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             if not ex.local:
                 if ex.upstream is not None:
                     ex.upstream.transport.write(CHUNK_END)
+                    if ex.replay is not None:
+                        self._keep_for_replay(ex, CHUNK_END)
                 else:
                     self._buffer(ex, CHUNK_END)
 
@@ -474,6 +481,14 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex.pending_size > MAX_PENDING_BODY:
             self._pause(PAUSE_BUFFER)
 
+    def _keep_for_replay(self, ex: Exchange, body: bytes) -> None:
+        """Keep body bytes sent on a reused connection until the response starts; past
+        MAX_REPLAY_BODY the request can no longer be retried."""
+        replay = ex.replay
+        replay += body
+        if len(replay) > MAX_REPLAY_BODY:
+            ex.replay = None
+
     def _start(self, ex: Exchange) -> None:
         """Begin the exchange now at the head of the queue (it waited behind another)."""
         if ex.local:
@@ -485,8 +500,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 return self._attach(ex, upstream)
         self.loop.create_task(self._connect(ex, address))
 
-    async def _connect(self, ex: Exchange, address: tuple[str, int] | None) -> None:
-        tried: tuple[tuple[str, int], ...] = ()
+    async def _connect(self, ex: Exchange, address: tuple[str, int] | None, tried: tuple = ()) -> None:
         while True:
             try:
                 if address is None:
@@ -499,9 +513,12 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             except (OSError, asyncio.TimeoutError) as exc:
                 log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, str(exc) or "timeout")
                 tried += (address,)
-                other = ex.route.backend.redispatch(address, tried)  # option redispatch (task balancing)
-                if other is None or not ex.idempotent:
+                # Nothing was sent: any request may go to another task (None: the name's balancing picks).
+                other = ex.route.backend.redispatch(address, tried)
+                if not _may_retry(ex, "connect-failure") or self.closed:
                     return self._fail(ex, 503)
+                ex.retries += 1
+                ex.route.stats.address(address).retries += 1
                 address = other
         if self.closed or not self.queue or self.queue[0] is not ex:
             self.pool.release(upstream)  # the client went away meanwhile; keep the connection
@@ -513,6 +530,10 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.address = upstream.address
         ex.sent_at = now = self.loop.time()
         upstream.bind(self, ex, now)
+        if ex.has_body:  # a pooled connection may turn out closed: keep the body to retry
+            ex.replay = _replay_buffer(ex) if upstream.reused else None
+            if ex.replay is not None and ex.pending:
+                ex.replay += b"".join(ex.pending)
         if ex.pending:
             upstream.transport.writelines([ex.head, *ex.pending])
             ex.pending = None
@@ -659,11 +680,17 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             return
         ex = self.queue[0]
         ex.upstream = None
-        if retryable and ex.idempotent and not ex.has_body and ex.request_done and not ex.retried:
-            # The pooled connection had been closed by the upstream: one new try.
-            ex.retried = True
+        if retryable and (ex.replay is not None or not ex.has_body) and _may_retry(ex, "empty-response"):
+            # A reused connection closed before any response byte: the upstream had closed it
+            # idle and processed nothing, so any request (its body kept in replay) goes again.
+            ex.retries += 1
             upstream.stats.retries += 1
-            self.loop.create_task(self._connect(ex, upstream.address))
+            if ex.replay:
+                ex.pending = [bytes(ex.replay), *(ex.pending or ())]
+                ex.pending_size = sum(map(len, ex.pending))
+            ex.replay = None
+            failed = upstream.address
+            self.loop.create_task(self._connect(ex, ex.route.backend.alternative(failed), (failed,)))
             return
         log.info("%s via %s:%s: %s", ex.route.service.name, *upstream.address, reason)
         self._fail(ex, status)
@@ -771,6 +798,18 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             if now - self.last_io > idle:
                 self.closed = True
                 self.transport.close()
+
+
+def _may_retry(ex: Exchange, condition: str) -> bool:
+    """Whether the service's retry policy allows one more try after `condition`."""
+    protection = ex.route.service.protection
+    return condition in protection.retry_on and ex.retries < protection.retries
+
+
+def _replay_buffer(ex: Exchange) -> bytearray | None:
+    """Where to keep the body while it may have to be sent again, or None when the
+    service retries no empty response."""
+    return bytearray() if _may_retry(ex, "empty-response") else None
 
 
 def _unusual_head(version: str, host: bytes | None, upgrade: bytes | None, ex: Exchange, method: bytes) -> int:

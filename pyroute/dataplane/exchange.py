@@ -18,7 +18,7 @@ class Exchange:
 
     __slots__ = (
         "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
-        "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
+        "pending", "pending_size", "request_done", "upstream", "responded", "retries", "replay", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
         "started", "head_done", "sent_at", "response_at", "status", "address", "broken", "upgrade", "body_left",
         "chunk_mark",
@@ -38,7 +38,8 @@ class Exchange:
         self.request_done = False
         self.upstream = None  # the UpstreamConnection bound to it while the response is awaited
         self.responded = False
-        self.retried = False
+        self.retries = 0  # tries after the first (the service's retry policy)
+        self.replay: bytearray | None = None  # body bytes sent on a reused connection, kept to retry
         self.local = 0  # status pyroute answers itself, 0 = forward
         self.close_after = False
         self.reply = None  # features.Reply when a route feature answers (401, 403, 30x)

@@ -19,6 +19,7 @@ Endpoints (matched anywhere in the path, so any route prefix works: /demo/hello,
   .../garbage          -> writes bytes that are not HTTP and closes
   .../drop-reused      -> closes without answering when the request arrived on a
                           connection that already served a request; answers otherwise
+  .../read-drop        -> reads the whole request, then closes without answering
   anything else        -> echo: JSON of the request head (+ body len/sha256)
 Every response carries ``X-Upstream: <ip>:<port>``.
 """
@@ -231,6 +232,9 @@ class Fleet:
                     elif isinstance(bev, h11.ConnectionClosed):
                         return
                 rec.body_len, rec.body_sha256, rec.complete = n, h.hexdigest(), True
+                if "/read-drop" in path:
+                    rec.dropped = True
+                    return  # the whole request read, then gone without a response byte (a task that died)
                 keep = await self._respond(u, conn, writer, rec, ident)
                 await writer.drain()
                 index += 1
