@@ -8,6 +8,13 @@ c-ares would otherwise serve from its cache), each address a :class:`Task` carry
 its requests in flight and its health. New tasks join the rotation at the next
 lookup, removed ones leave it; requests already on a removed task finish there.
 
+With the built-in Swarm listener the control plane also tells each set which of its
+addresses belong to tasks that are not (or no longer) running (`exclude`): a task Swarm
+is about to stop leaves the rotation the moment its desired state changes, before it
+stops listening and before DNS drops it. Leaving is draining: no new request goes
+there, requests in flight (and tunnels) finish, pooled idle connections are closed and
+busy ones are closed when their response ends.
+
 Picking is round-robin, least-connections or power-of-two-choices over the tasks in
 rotation. In-flight counts come from :class:`TrackedConnection`, the upstream
 connection class used only for task addresses, so routes without task balancing run
@@ -102,7 +109,7 @@ class TrackedConnection(UpstreamConnection):
 
     def _complete(self, reusable: bool) -> None:
         self._uncount()
-        super()._complete(reusable)
+        super()._complete(reusable and not self.task.gone)  # a draining task's connection is not pooled
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -209,6 +216,8 @@ class TaskSet:
         self.rotation: tuple[Task, ...] = ()
         self.ready = asyncio.Event()  # the first lookup is done (with or without tasks)
         self.error = ""
+        self.excluded: frozenset[str] = frozenset()  # task IPs the Swarm says are not running
+        self._wake = asyncio.Event()  # look up now (a task may have started running)
         self._turn = 0
         self._pick = {"roundrobin": self._round_robin, "leastconn": self._least_connections,
                       "p2c": self._two_choices}[algorithm]
@@ -302,7 +311,11 @@ class TaskSet:
         while True:
             await self.refresh()
             self.ready.set()
-            await asyncio.sleep(self.refresh_interval)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.refresh_interval)
+            except asyncio.TimeoutError:
+                pass
 
     async def refresh(self) -> None:
         """Look up tasks.<host> once (fresh channel: no c-ares cache) and apply the answer."""
@@ -323,8 +336,24 @@ class TaskSet:
         self.error = "" if ips else f"{name}: no task"
         self.apply({(ip, self.port) for ip in ips})
 
+    def exclude(self, ips) -> None:
+        """The Engine API's word on this service's tasks: `ips` are addresses of tasks that are
+        not running or are being stopped. They leave (drain) now; a lookup follows at once,
+        so a task that started running joins without waiting for the refresh interval."""
+        excluded = frozenset(ips)
+        if excluded == self.excluded:
+            return
+        self.excluded = excluded
+        draining = [a for a in self.tasks if a[0] in excluded]
+        if draining:
+            log.info("%s: draining %s (stopping in Swarm)", self.host, ", ".join(f"{ip}:{port}" for ip, port in draining))
+            self.apply(set(self.tasks))
+        self._wake.set()
+
     def apply(self, addresses: set[tuple[str, int]]) -> None:
         """Make `addresses` the task set: new ones join, missing ones leave (in-flight requests finish)."""
+        if self.excluded:
+            addresses = {a for a in addresses if a[0] not in self.excluded}
         if addresses == self.tasks.keys():
             return
         for address in addresses - self.tasks.keys():

@@ -105,6 +105,7 @@ class DataPlane:
         self.stats_service: tuple[Service, ...] = ()  # the stats page's route, once its address is known
         self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
         self._next_tasksets: dict[tuple, TaskSet] = {}
+        self.not_running: dict[str, frozenset[str]] = {}  # host -> task IPs Swarm is not running (follow_tasks)
         self._tls_services: set[str] = set()  # services with an httpsPort or verifyClientSsl: a TLS table of its own
         self._dialed: dict[str, int] = {}  # host -> services dialing it (the resolver's cache follows)
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -130,8 +131,17 @@ class DataPlane:
         if taskset is None:
             known = next((set(t.tasks) for k, t in self.tasksets.items() if k[:2] == (host, port)), None)
             taskset = TaskSet(host, port, key[2], s, self.proxy.pool, policy, known)
+            taskset.exclude(self.not_running.get(host, ()))
         tasksets[key] = taskset
         return taskset
+
+    def follow_tasks(self, host: str, not_running) -> None:
+        """The Swarm listener's view of the tasks of service `host`: the IPs of tasks that are
+        not running or are being stopped leave every task set of that host (they drain)."""
+        self.not_running[host] = frozenset(not_running)
+        for taskset in {*self.tasksets.values(), *self._next_tasksets.values()}:
+            if taskset.host == host:
+                taskset.exclude(self.not_running[host])
 
     def prepare(self) -> None:
         """Create the proxy (without listening yet) so a snapshot can be applied first."""

@@ -89,6 +89,7 @@ class Upstream:
     server: asyncio.base_events.Server | None = None
     received: list[Received] = field(default_factory=list)
     connections: int = 0
+    open: int = 0  # connections open now (pyroute closed the others)
 
     @property
     def addr(self) -> str:
@@ -177,6 +178,7 @@ class Fleet:
         writer._pyroute_upstream = u
         self._open_writers.add(writer)
         u.connections += 1
+        u.open += 1
         conn_id = next(self._conn_ids)
         conn = h11.Connection(h11.SERVER)
         ident = [("X-Upstream", u.addr)]
@@ -244,6 +246,7 @@ class Fleet:
         except (ConnectionError, OSError):
             return
         finally:
+            u.open -= 1
             self._open_writers.discard(writer)
             try:
                 writer.close()
