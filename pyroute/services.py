@@ -794,6 +794,11 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
     compression_type = params.get("compressiontype", "").strip() or defaults.compression_type
     cert = params.get("servicecert", "").replace("\\n", "\n").strip() or None
     first_domain = next((d.domains[0] for d in destinations if d.domains), "")
+    balancing = _parse_balancing(params, name)
+    protection = _parse_protection(params, separator)
+    if protection.limited and balancing.sticky_cookie is not None:
+        raise ServiceError(400, "maxConn, maxRequestsInFlight and rateLimit cannot be combined with "
+                           "sessionType=sticky-server yet")
     return Service(
         name=name,
         acl_name=acl_name,
@@ -819,8 +824,8 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         redirect_unless_https_proto=_bool(params.get("redirectunlesshttpsproto"), "redirectUnlessHttpsProto"),
         compression_algo=compression_algo,
         compression_types=tuple(t.lower() for t in compression_type.replace(",", " ").split()) if compression_algo else (),
-        balancing=_parse_balancing(params, name),
-        protection=_parse_protection(params, separator),
+        balancing=balancing,
+        protection=protection,
         max_request_body=_optional_number(params, "maxrequestbody", "maxRequestBody", integer=True),
         cert=cert,
         cert_name=first_domain or name,

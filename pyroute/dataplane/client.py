@@ -39,6 +39,7 @@ from pyroute.dataplane.headers import (
 )
 from pyroute.resolver import ResolveError
 from pyroute.dataplane.routing import RouteTable
+from pyroute.dataplane.servicelimits import LimitReached
 from pyroute.dataplane.tunnel import Tunnel
 from pyroute.dataplane.upstream import CHUNK_END, ExchangeOwner, UpstreamConnection, UpstreamPool
 
@@ -501,6 +502,11 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.loop.create_task(self._connect(ex, address))
 
     async def _connect(self, ex: Exchange, address: tuple[str, int] | None, tried: tuple = ()) -> None:
+        gate = getattr(ex.route.backend, "gate", None)  # a limited service (servicelimits.py)
+        if gate is not None and ex.slot is None:
+            address = await self._admit(ex, gate)
+            if address is None:
+                return
         while True:
             try:
                 if address is None:
@@ -524,6 +530,27 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self.pool.release(upstream)  # the client went away meanwhile; keep the connection
             return
         self._attach(ex, upstream)
+
+    async def _admit(self, ex: Exchange, gate) -> tuple[str, int] | None:
+        """Pass the service's limits: the address admitted to, or None when answered (429/503)."""
+        try:
+            if gate.protection.rate:
+                gate.take_token(self.client_ip)
+            slot = await gate.admit(ex.route.backend.inner)
+        except LimitReached as refused:
+            if refused.retry_after:
+                ex.reply = features.Reply(refused.status, b"Retry-After: %d\r\n" % refused.retry_after)
+            self._fail(ex, refused.status)
+            return None
+        except ResolveError as exc:
+            log.info("%s: %s", ex.route.service.name, exc)
+            self._fail(ex, 503)
+            return None
+        if self.closed or not self.queue or self.queue[0] is not ex:
+            slot.release()  # the client went away while it waited
+            return None
+        ex.slot = slot
+        return slot.address
 
     def _attach(self, ex: Exchange, upstream: UpstreamConnection) -> None:
         ex.upstream = upstream
@@ -671,6 +698,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.received_mark = self.received
         self.sent_mark = self.sent
         sent_at = ex.sent_at
+        if ex.slot is not None:
+            ex.slot.release()
         ex.stats.count(ex.method, status, now - ex.started, now - sent_at if sent_at else -1.0, received, sent)
         if self.server.access_log is not None:
             self.server.access_log.exchange(self, ex, status, termination, now, received, sent)
@@ -720,6 +749,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex is None or ex.upstream is not upstream or ex.upgrade is None:
             return False
         ex.upstream = None
+        if ex.slot is not None:
+            ex.slot.release()  # a tunnel is no request in flight
         upstream.owner = upstream.exchange = None
         self.pool.busy.discard(upstream)
         self.queue.clear()

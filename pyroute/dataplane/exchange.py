@@ -20,7 +20,7 @@ class Exchange:
         "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retries", "replay", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
-        "started", "head_done", "sent_at", "response_at", "status", "address", "broken", "upgrade", "body_left",
+        "slot", "started", "head_done", "sent_at", "response_at", "status", "address", "broken", "upgrade", "body_left",
         "chunk_mark",
     )
 
@@ -47,6 +47,7 @@ class Exchange:
         self.response_edit = None  # features.ResponseEdit: the route's header edits and compression
         self.set_cookie: bytes | None = None  # sticky-session cookie name to set on the response
         self.body_transform = None  # features.Compressor, started by a response head it compresses
+        self.slot = None  # servicelimits.Slot: its place in a limited service, released when it ends
         # For metrics and the access log (loop.time() stamps; see metrics.py, accesslog.py):
         self.sent_at = 0.0  # request head written upstream
         self.response_at = 0.0  # response head arrived

@@ -20,6 +20,7 @@ from pyroute.dataplane.clientcert import ClientCertConnection
 from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners
 from pyroute.dataplane.routing import RouteTable
+from pyroute.dataplane.servicelimits import Gate, GatedBackend
 from pyroute.dataplane.upstream import Backend, UpstreamPool
 from pyroute.listen import LISTEN_BACKLOG, StartupError, listen_error
 from pyroute.resolver import Resolver, is_ip
@@ -105,6 +106,7 @@ class DataPlane:
         self.stats_service: tuple[Service, ...] = ()  # the stats page's route, once its address is known
         self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
         self._next_tasksets: dict[tuple, TaskSet] = {}
+        self.gates: dict[str, Gate] = {}  # service name -> its limits (servicelimits.py), kept across tables
         self.not_running: dict[str, frozenset[str]] = {}  # host -> task IPs Swarm is not running (follow_tasks)
         self._tls_services: set[str] = set()  # services with an httpsPort or verifyClientSsl: a TLS table of its own
         self._dialed: dict[str, int] = {}  # host -> services dialing it (the resolver's cache follows)
@@ -116,7 +118,20 @@ class DataPlane:
     def _backend(self, host: str, port: int, service: Service, tls: bool = False):
         """The service name (Overlay: the VIP balances) or, for DNS discovery and sticky
         sessions, the TaskSet of tasks.<host> (kept across tables while its options stay).
-        `tls` (sslVerifyNone): TLS to the upstream, always through the service name."""
+        `tls` (sslVerifyNone): TLS to the upstream, always through the service name.
+        A service with limits gets it wrapped in a GatedBackend."""
+        backend = self._plain_backend(host, port, service, tls)
+        protection = service.protection
+        if not protection.limited:
+            return backend
+        gate = self.gates.get(service.name)
+        if gate is None:
+            gate = self.gates[service.name] = Gate(protection, self.settings.timeout_queue, asyncio.get_running_loop())
+        else:
+            gate.configure(protection, self.settings.timeout_queue)
+        return GatedBackend(backend, gate)
+
+    def _plain_backend(self, host: str, port: int, service: Service, tls: bool):
         tasksets = self._next_tasksets
         balancing = service.balancing
         discovery = balancing.discovery or self.settings.discovery_type
@@ -312,6 +327,10 @@ class DataPlane:
         self.stats.reloads += 1
         came = {s.name for s in table.came}
         self.stats.forget({s.name for s in table.gone if s.name not in came})
+        limited = {s.name for s in table.came if s.protection.limited}
+        for service in table.gone:
+            if service.name not in limited:  # removed, or no limits any more
+                self.gates.pop(service.name, None)
         self._count_dial_hosts(table.gone, -1)
         self._count_dial_hosts(table.came, 1)
         if self._tick_handle is not None and any(d.src_port for s in changed for d in s.destinations):
@@ -319,9 +338,9 @@ class DataPlane:
 
     def _close_unused_tasksets(self, *tables: RouteTable) -> None:
         """Close the task sets only routes of the previous tables used."""
-        candidates = {id(r.backend) for t in tables for r in t.removed if isinstance(r.backend, TaskSet)}
+        candidates = {id(_unwrapped(r)) for t in tables for r in t.removed if isinstance(_unwrapped(r), TaskSet)}
         if candidates:
-            used = {id(r.backend) for t in tables for r in t.routes}
+            used = {id(_unwrapped(r)) for t in tables for r in t.routes}
             for key, taskset in list(self._next_tasksets.items()):
                 if id(taskset) in candidates and id(taskset) not in used:
                     taskset.close()
@@ -397,6 +416,11 @@ class DataPlane:
             self.tcp.check_timeouts(now)
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
+
+
+def _unwrapped(route):
+    """A route's backend without the GatedBackend of a limited service."""
+    return getattr(route.backend, "inner", route.backend)
 
 
 def _access_log(settings: Settings, loop) -> AccessLog | None:

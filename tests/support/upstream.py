@@ -90,6 +90,8 @@ class Upstream:
     received: list[Received] = field(default_factory=list)
     connections: int = 0
     open: int = 0  # connections open now (pyroute closed the others)
+    busy: int = 0  # requests being answered now
+    peak: int = 0  # the most requests it answered at once
 
     @property
     def addr(self) -> str:
@@ -237,7 +239,12 @@ class Fleet:
                 if "/read-drop" in path:
                     rec.dropped = True
                     return  # the whole request read, then gone without a response byte (a task that died)
-                keep = await self._respond(u, conn, writer, rec, ident)
+                u.busy += 1
+                u.peak = max(u.peak, u.busy)
+                try:
+                    keep = await self._respond(u, conn, writer, rec, ident)
+                finally:
+                    u.busy -= 1
                 await writer.drain()
                 index += 1
                 if not keep or conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
