@@ -25,6 +25,7 @@ DOCKER=/usr/bin/docker  # the CLI that ships with the daemon (API 1.41)
 PY=$(python3 -c 'import os,sys; print(os.path.realpath(sys.executable))')
 PYHOME=$(python3 -c 'import os,sys; print(os.path.realpath(sys.base_prefix))')
 T0=$(date +%s.%N)
+source "$HERE/rolling.sh"  # rolling_checks (issue 20)
 log() { printf '[swarm-e2e %5ss] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}')" "$*" >&2; }
 dk() { "$DOCKER" "$@"; }
 DOCKERD_PID=""
@@ -136,6 +137,7 @@ log "pyroute pid $PYROUTE_PID in the netns of container 'probe' (pid $NETNS_PID)
 # -- the checks -----------------------------------------------------------------------------------------
 env DOCKER_HOST="unix://$SOCK" DOCKER_CLI="$DOCKER" PYROUTE_HTTP=127.0.0.1:8081 PYROUTE_ADMIN=127.0.0.1:8082 \
   nsenter -t "$NETNS_PID" -n -- python3 "$HERE/check.py"
+rolling_checks  # rolling updates under load (rolling.sh)
 
 # -- the shipped stack file: docker stack deploy -c deploy/docker-stack.yml proxy ------------------------------
 # The label-discovery run above used its own network `proxy`; the stack creates its own by that name.
