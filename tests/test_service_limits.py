@@ -82,3 +82,11 @@ def test_bad_limits_are_400_and_change_nothing(proxy, params):
     st, body = proxy.admin("reconfigure", {"serviceName": "lm-bad", "servicePath": "/lm-bad", "port": "80", **params})
     assert st == 400 and body["Status"] == "NOK", body
     assert proxy.get("/lm-bad/x")[0] == 503
+
+
+def test_with_workers_the_rate_is_divided_among_them(make_pyroute, dns, up):
+    p = make_pyroute(WORKERS="2")
+    register(p, dns, up, serviceName="lm-workers", rateLimit="1/m", rateLimitBurst="4")
+    statuses = [p.get(f"/lm-workers/hello?{i}")[0] for i in range(10)]  # fresh connections: either worker
+    assert set(statuses) == {200, 429}
+    assert 2 <= statuses.count(200) <= 4  # each worker allows 4/2: the service sees at most the burst

@@ -126,7 +126,8 @@ class DataPlane:
             return backend
         gate = self.gates.get(service.name)
         if gate is None:
-            gate = self.gates[service.name] = Gate(protection, self.settings.timeout_queue, asyncio.get_running_loop())
+            gate = self.gates[service.name] = Gate(protection, self.settings.timeout_queue, asyncio.get_running_loop(),
+                                                   self.settings.workers)
         else:
             gate.configure(protection, self.settings.timeout_queue)
         return GatedBackend(backend, gate)

@@ -15,8 +15,11 @@ without limits never meet this module.
   balances). A request finding no room waits in a FIFO queue for up to TIMEOUT_QUEUE,
   then gets 503.
 
-Every count is per pyroute process: with WORKERS=N each worker keeps its own, so the
-limits a service sees are N times the configured ones (see docs/reference.md).
+Every count is per pyroute process. With WORKERS=N each worker keeps its own: maxConn and
+maxRequestsInFlight hold per worker (a service may see N times them), while the rate is
+divided: each worker allows rateLimit/N and rateLimitBurst/N (rounded up), so a client
+whose connections the kernel spreads over the workers gets about the configured rate
+(one that keeps a single connection gets 1/N of it). See docs/reference.md.
 """
 
 from __future__ import annotations
@@ -65,8 +68,10 @@ class Slot:
 class Gate:
     """The limits of one service in this process."""
 
-    def __init__(self, protection: Protection, queue_timeout: float, loop: asyncio.AbstractEventLoop):
+    def __init__(self, protection: Protection, queue_timeout: float, loop: asyncio.AbstractEventLoop,
+                 workers: int = 1):
         self.loop = loop
+        self.workers = workers  # the rate is divided among the worker processes
         self.protection = protection
         self.queue_timeout = queue_timeout
         self.in_flight = 0
@@ -85,7 +90,7 @@ class Gate:
     # -- rateLimit -------------------------------------------------------------------
     def take_token(self, client: bytes) -> None:
         """One request of `client` against the rate; LimitReached(429) when its bucket is empty."""
-        rate, burst = self.protection.rate, self.protection.burst
+        rate, burst = self._share()
         now = self.loop.time()
         bucket = self.buckets.get(client)
         if bucket is None:
@@ -101,10 +106,15 @@ class Gate:
 
     def _forget_full(self, now: float) -> None:
         """Drop the buckets that have refilled (their clients would start full anyway)."""
-        rate, burst = self.protection.rate, self.protection.burst
+        rate, burst = self._share()
         full = [c for c, (tokens, stamp) in self.buckets.items() if tokens + (now - stamp) * rate >= burst]
         for client in full or list(self.buckets)[: len(self.buckets) // 2]:
             del self.buckets[client]
+
+    def _share(self) -> tuple[float, int]:
+        """This process's part of the rate and burst."""
+        protection = self.protection
+        return protection.rate / self.workers, math.ceil(protection.burst / self.workers)
 
     # -- maxRequestsInFlight, maxConn --------------------------------------------------
     async def admit(self, backend) -> Slot:
