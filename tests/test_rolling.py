@@ -87,3 +87,25 @@ def test_a_task_swarm_stops_drains_and_a_new_one_joins_when_running(engine, make
     conn.close()
     for u in (a, b, c):
         fleet.stop_upstream(u)
+
+
+def test_slow_start_ramps_a_new_task_up(make_pyroute, fleet, dns):
+    a, c = fleet.start_group(["127.0.0.56", "127.0.0.57"])
+    dns.set("ro-slow", "127.0.0.99")
+    dns.set("tasks.ro-slow", [a.ip])
+    p = make_pyroute(TASK_REFRESH_INTERVAL="0.1")
+    p.reconfigure(serviceName="ro-slow", servicePath="/ro-slow", port=a.port, discoveryType="DNS", slowStart="60s")
+    assert p.get("/ro-slow/x")[0] == 200
+    dns.set("tasks.ro-slow", [a.ip, c.ip])
+    wait_until(lambda: f"ro-slow: tasks {a.addr}, {c.addr}" in p.log(), what="c joined")
+    served = [p.get(f"/ro-slow/ramp{i}")[1]["X-Upstream"] for i in range(40)]
+    assert served.count(c.addr) < 10  # a second into a 60 s ramp: about 1 in 60 (round-robin alone: 20)
+    for u in (a, c):
+        fleet.stop_upstream(u)
+
+
+def test_bad_slow_start_is_400(proxy):
+    for value in ("-1", "fast", "0", "10h"):
+        st, body = proxy.admin("reconfigure", {"serviceName": "ro-bad", "servicePath": "/ro-bad", "port": "80",
+                                               "slowStart": value})
+        assert st == 400 and body["Status"] == "NOK", (value, body)

@@ -58,10 +58,11 @@ def _load(task: Task) -> int:
 class Task:
     """One task address with its load and health."""
 
-    __slots__ = ("address", "cookie", "inflight", "in_rotation", "fails", "passes", "gone")
+    __slots__ = ("address", "cookie", "inflight", "in_rotation", "fails", "passes", "gone", "joined")
 
-    def __init__(self, address: tuple[str, int]):
+    def __init__(self, address: tuple[str, int], joined: float = float("-inf")):
         self.address = address
+        self.joined = joined  # loop time it joined a running set (slowStart ramps from there)
         self.cookie = task_cookie(address)
         self.inflight = 0  # requests bound to a connection to this task now
         self.in_rotation = True
@@ -206,8 +207,10 @@ class TaskSet:
     they are when the set is made; a set lives as long as its route's options stay."""
 
     def __init__(self, host: str, port: int, algorithm: str, settings, pool: UpstreamPool, health: HealthPolicy,
-                 known: set[tuple[str, int]] | None = None):
+                 known: set[tuple[str, int]] | None = None, slow_start: float = 0.0):
         self.host, self.port, self.algorithm, self.pool = host, port, algorithm, pool
+        self.slow_start = slow_start  # seconds over which a new task's share ramps up to a full one
+        self.warming: tuple[Task, ...] = ()  # tasks still ramping up
         self.nameservers = list(settings.dns_nameservers)
         self.dns_timeout = settings.dns_timeout
         self.refresh_interval = settings.task_refresh_interval
@@ -233,7 +236,24 @@ class TaskSet:
         rotation = self.rotation
         if not rotation:
             return None
-        return self._pick(rotation).address
+        task = self._pick(rotation)
+        if self.warming:
+            task = self._ramp(task, rotation)
+        return task.address
+
+    def _ramp(self, task: Task, rotation) -> Task:
+        """slowStart: a task that joined `age` seconds ago keeps a pick with probability
+        age/slowStart; otherwise another task in rotation takes it."""
+        age = asyncio.get_running_loop().time() - task.joined
+        if age >= self.slow_start:
+            if task in self.warming:
+                self.warming = tuple(t for t in self.warming if t is not task)
+            return task
+        if random.random() * self.slow_start < age:
+            return task
+        others = [t for t in rotation if t is not task and t not in self.warming] or \
+            [t for t in rotation if t is not task]
+        return random.choice(others) if others else task
 
     async def resolve(self) -> tuple[str, int]:
         if not self.ready.is_set():
@@ -304,6 +324,9 @@ class TaskSet:
 
     def _rebuild(self) -> None:
         self.rotation = tuple(t for t in self.tasks.values() if t.in_rotation)
+        if self.slow_start:
+            now = asyncio.get_running_loop().time()
+            self.warming = tuple(t for t in self.rotation if now - t.joined < self.slow_start)
 
     # -- discovery ------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
@@ -356,8 +379,9 @@ class TaskSet:
             addresses = {a for a in addresses if a[0] not in self.excluded}
         if addresses == self.tasks.keys():
             return
+        joined = asyncio.get_running_loop().time() if self.slow_start and self.ready.is_set() else float("-inf")
         for address in addresses - self.tasks.keys():
-            task = self.tasks[address] = Task(address)
+            task = self.tasks[address] = Task(address, joined)
             self.by_cookie[task.cookie] = task
             self.pool.connection_factories[address] = self._factory(task)
         for address in self.tasks.keys() - addresses:

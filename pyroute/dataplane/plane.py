@@ -142,11 +142,11 @@ class DataPlane:
         policy = HealthPolicy(balancing.health_path, balancing.health_interval or s.health_check_interval,
                               balancing.health_timeout or s.health_check_timeout,
                               balancing.health_rise or s.health_rise, balancing.health_fall or s.health_fall)
-        key = (host, port, balancing.algorithm or s.balance, policy)
+        key = (host, port, balancing.algorithm or s.balance, policy, balancing.slow_start)
         taskset = tasksets.get(key) or self.tasksets.get(key)
         if taskset is None:
             known = next((set(t.tasks) for k, t in self.tasksets.items() if k[:2] == (host, port)), None)
-            taskset = TaskSet(host, port, key[2], s, self.proxy.pool, policy, known)
+            taskset = TaskSet(host, port, key[2], s, self.proxy.pool, policy, known, balancing.slow_start)
             taskset.exclude(self.not_running.get(host, ()))
         tasksets[key] = taskset
         return taskset
