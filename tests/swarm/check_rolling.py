@@ -113,6 +113,16 @@ class Load:
             t.join(15)
 
 
+def retries():
+    """pyroute's retries of the service roll so far (pyroute_upstream_retries_total, every task)."""
+    status, _, body = call(ADMIN, "GET", "/metrics")
+    total = 0.0
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("pyroute_upstream_retries_total{") and 'service="roll"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
 def task_logs():
     """{request id: (began somewhere, ended somewhere)} from every task's log."""
     seen = {}
@@ -136,6 +146,7 @@ def main():
 
     update = [DOCKER, "service", "update", "--force", "--update-parallelism", "1", "--update-delay", "2s",
               "--detach=false", "-q", "roll"]
+    retries_before = retries()
     with Load() as load:
         time.sleep(2)
         started = time.monotonic()
@@ -158,6 +169,7 @@ def main():
         "failed_posts": sum(r[1] == "POST" for r in failed),
         "failed_reached_a_task_that_died": len(died),
         "failed_reached_no_task": len(failed) - len(died),
+        "retried_by_pyroute": retries() - retries_before,
         "update_seconds": round(took, 1),
         "failures": sorted({r[3] for r in failed}),
     }
