@@ -77,7 +77,7 @@ def spread(proxy, path, n):
 def test_connect_failures_are_redispatched_ejected_and_probed_back(proxy, dns, fleet, good):
     dead_ip = "127.0.0.33"  # nothing listens there yet
     deploy(proxy, dns, "hl-dead", [good.ip, dead_ip], good.port)
-    # every idempotent request succeeds: a refused connect is retried on the other task
+    # every request succeeds: a refused connect is retried on the other task
     assert all(r == (200, good.addr) for r in spread(proxy, "/hl-dead/x", 6))
     wait_until(lambda: "127.0.0.33:%d leaves the rotation" % good.port in proxy.log(), what="dead task ejected")
     revived = fleet.start_group([dead_ip], port=good.port)[0]

@@ -1,8 +1,8 @@
 """issue 20, safe retries: a request is retried (on another task where there is one) when
 its connection failed, or when a reused keep-alive connection closed before any response
 byte (the upstream had closed it idle: nothing was processed), POSTs with bodies included;
-a request an upstream read and then died on is never retried unless it is idempotent
-and nothing says otherwise. Each retry is counted per task and shown in the access log."""
+a request an upstream read and then died on is never retried. Each retry is counted per
+task and shown in the access log."""
 import hashlib
 import json
 from pathlib import Path

@@ -45,7 +45,6 @@ from pyroute.dataplane.upstream import CHUNK_END, ExchangeOwner, UpstreamConnect
 
 log = logging.getLogger("pyroute.dataplane.client")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens
 MAX_REPLAY_BODY = 64 * 1024  # body bytes kept to retry a request sent on a reused connection
 HEAD_LINE_ROOM = 64  # raw bytes per head line beyond the limits' count: method, version, ": ", CRLF
@@ -391,7 +390,6 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                         url, headers = req.path + req.query, req.headers
                 if not ex.local:
                     ex.route = route
-                    ex.idempotent = method in IDEMPOTENT
                     ex.head = request_head(
                         method, url, headers, self.client_ip, self.server.proto,
                         REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade,

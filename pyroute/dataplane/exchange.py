@@ -17,7 +17,7 @@ class Exchange:
     """One request/response pair on a client connection."""
 
     __slots__ = (
-        "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
+        "route", "head", "keep_alive", "http11", "is_head", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retries", "replay", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
         "slot", "started", "head_done", "sent_at", "response_at", "status", "address", "broken", "upgrade", "body_left",
@@ -31,7 +31,6 @@ class Exchange:
         self.chunked = chunked
         self.has_body = has_body
         self.route = None
-        self.idempotent = False
         self.head = b""  # the request head for the upstream (headers.request_head)
         self.pending: list[bytes] | None = None  # body chunks waiting for the upstream connection
         self.pending_size = 0

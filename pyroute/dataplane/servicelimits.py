@@ -85,7 +85,8 @@ class Gate:
             self.buckets.clear()
         self.protection = protection
         self.queue_timeout = queue_timeout
-        self.wake()
+        while self.waiting:  # the limits may have grown: everyone in line looks again
+            self.wake()
 
     # -- rateLimit -------------------------------------------------------------------
     def take_token(self, client: bytes) -> None:
