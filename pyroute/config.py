@@ -334,6 +334,15 @@ def _resolv_conf_nameservers() -> tuple[str, ...]:
     return found or (DOCKER_DNS,)
 
 
+DFP_ERROR_PAGES = "/errorfiles"  # where DFP's image reads its <code>.http pages from
+
+
+def _dfp_error_pages() -> str:
+    """ERROR_PAGES_DIR's default: DFP's /errorfiles when that directory exists (DFP loads it
+    unconditionally, so a migrated stack mounting pages there keeps them), else none."""
+    return DFP_ERROR_PAGES if os.path.isdir(DFP_ERROR_PAGES) else ""
+
+
 def _cpu_count() -> int:
     return os.cpu_count() or 1
 
@@ -481,8 +490,10 @@ class Settings:
                                        "plus 1 s per MIN_BODY_RATE bytes (slower: 408), 0 = off")
     drain_grace: float = _setting(10.0, parse=_seconds,
                                   help="seconds requests in flight may take to finish after SIGTERM")
-    error_pages_dir: str = _setting("", parse=_optional_text, shown='""',
-                                    help="directory of <code>.http or <code>.html files replacing pyroute's error pages")
+    error_pages_dir: str = _setting(parse=_optional_text, factory=_dfp_error_pages,
+                                    shown=f'{DFP_ERROR_PAGES} when that directory exists, else ""',
+                                    help="directory of <code>.http or <code>.html files replacing pyroute's error "
+                                         "pages (\"\" = none)")
     admin_user: str = _setting("", parse=_optional_text, shown='""',
                                help="admin API user; with ADMIN_PASS every admin call needs them (basic auth)")
     admin_pass: str = _setting("", parse=_optional_text, shown='""', help="admin API password")
