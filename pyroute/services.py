@@ -42,8 +42,31 @@ FETCH = re.compile(r"%\[([^\]]*)\]")
 REQ_HDR = re.compile(r"req\.hdr\(([!#$%&'*+.^_`|~0-9A-Za-z-]+)\)\Z")
 ENV = re.compile(r"env\(([A-Za-z_][A-Za-z0-9_]*)\)\Z")
 ENV_FETCH = re.compile(r"%\[env\(([A-Za-z_][A-Za-z0-9_]*)\)\]")  # the variables a header template reads
+# HAProxy's condition after a header edit's value: "if"/"unless" starts one, as DFP users write
+# `X-Forwarded-Ssl on if { ssl_fc }`. pyroute evaluates the TLS flag of the client connection only.
+_CONDITION_START = re.compile(r"(?:\A|\s)(if|unless)(?:\s+(.*))?\Z", re.S)
+_SSL_FC = re.compile(r"(!?)\s*\{\s*ssl_fc\s*\}\Z")
 MAX_HEADER_VALUE = 8192  # characters of one configured header value (templates included)
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")  # RFC 9110 field-value without obs-text
+
+
+def split_condition(text: str) -> tuple[str, bool | None]:
+    """A header edit's value and its condition: (value, True) for `if { ssl_fc }` (only when
+    the client connection is TLS), (value, False) for `unless { ssl_fc }` / `if !{ ssl_fc }`,
+    (text, None) without one. Raises ValueError naming any other condition (HAProxy reads a
+    standalone if/unless as one; it is never forwarded as text)."""
+    match = _CONDITION_START.search(text)
+    if match is None:
+        return text, None
+    keyword, condition = match.group(1), (match.group(2) or "").strip()
+    acl = _SSL_FC.match(condition)
+    if acl is None:
+        raise ValueError(f"the condition {keyword + ' ' + condition!r} is not supported: pyroute evaluates "
+                         "'if { ssl_fc }', 'unless { ssl_fc }' and 'if !{ ssl_fc }' only")
+    value = text[: match.start()].strip()
+    if not value:
+        raise ValueError(f"no value before the condition {keyword + ' ' + condition!r}")
+    return value, (keyword == "if") != bool(acl.group(1))
 
 
 def check_header_value(text: str) -> str:
@@ -428,7 +451,11 @@ def _header_edits(value: str | None, separator: str, name: str, env_allow: froze
         if not _HEADER_NAME.match(header):
             raise ServiceError(400, f"{name}: {header!r} is not a header name (expected 'Name value')")
         _check_editable(header, name)
-        problem = check_header_value(text.strip())
+        try:
+            text = " ".join(_condition_text(*split_condition(text.strip())))
+        except ValueError as exc:
+            raise ServiceError(400, f"{name}: {header}: {exc}") from None
+        problem = check_header_value(split_condition(text)[0])
         if problem:
             raise ServiceError(400, f"{name}: {header}: {problem}")
         for variable in ENV_FETCH.findall(text):
@@ -439,6 +466,11 @@ def _header_edits(value: str | None, separator: str, name: str, env_allow: froze
                                    "HEADER_ENV_ALLOW to send its value")
         out.append((header, text.strip()))
     return tuple(out)
+
+
+def _condition_text(value: str, tls: bool | None) -> tuple[str, ...]:
+    """The stored form of a conditional value (one spelling per meaning, as /config shows it)."""
+    return (value,) if tls is None else (value, "if { ssl_fc }" if tls else "unless { ssl_fc }")
 
 
 def _check_editable(header: str, name: str) -> None:

@@ -31,7 +31,7 @@ from pyroute.basicauth import Userlist
 from pyroute.dataplane.pages import PAGES, error_response
 from pyroute.dataplane.headers import normalize_host
 from pyroute.patterns import compile_pattern, compile_replacement, substitute_first
-from pyroute.services import ENV, FETCH, REQ_HDR
+from pyroute.services import ENV, FETCH, REQ_HDR, split_condition
 
 _NOT_IN_VALUE = re.compile(r"[^\t\x20-\x7e]")
 UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid user and password "
@@ -121,16 +121,24 @@ def _value(template, req: FeatureRequest) -> bytes:
 
 
 def _compile_edits(delete, set_, add) -> tuple:
-    """Edits in DFP's order (add-header, set-header, del-header): (drop names, additions) per op."""
-    ops = [(frozenset(), ((n.encode(), compile_value(v)),)) for n, v in add]
-    ops += [(frozenset({n.lower().encode()}), ((n.encode(), compile_value(v)),)) for n, v in set_]
+    """Edits in DFP's order (add-header, set-header, del-header): (drop names, additions, tls)
+    per op; tls True/False: the op applies only when the client connection is / is not TLS
+    (`if { ssl_fc }` / `unless { ssl_fc }`), None: always."""
+    ops = []
+    for names, edits in ((False, add), (True, set_)):
+        for n, text in edits:
+            value, tls = split_condition(text)
+            ops.append((frozenset({n.lower().encode()}) if names else frozenset(),
+                        ((n.encode(), compile_value(value)),), tls))
     if delete:
-        ops.append((frozenset(n.lower().encode() for n in delete), ()))
+        ops.append((frozenset(n.lower().encode() for n in delete), (), None))
     return tuple(ops)
 
 
 def _apply_edits(ops, headers: list, req) -> list:
-    for drop, additions in ops:
+    for drop, additions, tls in ops:
+        if tls is not None and (req.conn.server.proto == b"https") != tls:
+            continue
         if drop:
             headers = [(n, v) for n, v in headers if n.lower() not in drop]
         for name, template in additions:
@@ -295,7 +303,8 @@ class ResponsePlan:
 
     def __init__(self, service):
         self.ops = _compile_edits(service.res_del, service.res_set, service.res_add)
-        self.dynamic = any(not isinstance(t, bytes) for _, additions in self.ops for _, t in additions)
+        self.dynamic = any(tls is not None or any(not isinstance(t, bytes) for _, t in additions)
+                           for _, additions, tls in self.ops)  # reads the request (or its connection)
         self.compress = tuple(a.encode() for a in service.compression_algo.split() if a != "identity")
         self.types = tuple(t.encode() for t in service.compression_types)
 
