@@ -423,6 +423,11 @@ class Settings:
     proxy_protocol_trusted: tuple = _setting(
         _networks(_PRIVATE_NETS, "default"), parse=_networks, shown=_PRIVATE_NETS,
         help="CIDRs allowed to send a PROXY protocol header on accept-proxy listeners")
+    trusted_proxies: tuple = _setting(
+        (), parse=_networks, shown='""',
+        help="CIDRs of load balancers in front: only they may set X-Forwarded-For/-Proto, and behind them the "
+             "client address (allowedIPs, %[src], access log) is the rightmost X-Forwarded-For address outside "
+             "this list; empty: DFP's behaviour (X-Forwarded-Proto passed from anyone, the TCP peer is the client)")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
     service_domain_algo: str = _setting("hdr_beg", parse=_domain_algo,
                                         help="default serviceDomainAlgo: " + ", ".join(DOMAIN_ALGOS))

@@ -119,3 +119,84 @@ def test_other_conditions_are_400_naming_them(dfp, replicas, param, value, named
                          **{param: value})
     assert st == 400 and body["Status"] == "NOK" and named in body["Message"] and param in body["Message"], body
     assert dfp.admin("config", type="json")[1].get("c-bad") is None
+
+
+# -- 2. X-Forwarded-Proto / -For and TRUSTED_PROXIES ------------------------------------------------
+def get_from(p, source: str, path: str, headers: dict | None = None):
+    """One plain-HTTP request from the client address `source` (127.0.0.N)."""
+    c = http.client.HTTPConnection("127.0.0.1", p.http_port, timeout=10, source_address=(source, 0))
+    try:
+        c.request("GET", path, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.headers, r.read()
+    finally:
+        c.close()
+
+
+def test_x_forwarded_proto_from_a_balancer_in_front_passes_as_in_dfp(dfp, dns, replicas, ca):
+    """DFP's redirectWhenHttpProto scenario: TLS ends at a load balancer, which sends plain HTTP
+    with `X-Forwarded-Proto: https`. The backend sees https (an app forcing HTTPS from the header
+    does not loop) and the redirect does not fire; over pyroute's own TLS the header is https
+    whatever the client wrote; absent, it is http."""
+    register(dfp, dns, replicas[0], serviceName="x-proto", redirectWhenHttpProto="true")
+    data = echoed(dfp.get("/x-proto", {"X-Forwarded-Proto": "https", "Host": "app.example"}))
+    assert received(data, "X-Forwarded-Proto") == ["https"]
+    st, h, _ = dfp.get("/x-proto", {"X-Forwarded-Proto": "http", "Host": "app.example"})
+    assert st == 302 and h["Location"] == "https://app.example/x-proto"
+    assert received(echoed(https_get(dfp, ca, "/x-proto", headers={"X-Forwarded-Proto": "http"})),
+                    "X-Forwarded-Proto") == ["https"]
+    register(dfp, dns, replicas[0], serviceName="x-proto-plain")
+    assert received(echoed(dfp.get("/x-proto-plain")), "X-Forwarded-Proto") == ["http"]
+
+
+def test_without_trusted_proxies_the_tcp_peer_is_the_client(dfp, dns, replicas):
+    """DFP's allowedIPs/logs use `src`: a client writing X-Forwarded-For gets no other address."""
+    register(dfp, dns, replicas[0], serviceName="x-peer", allowedIPs="9.9.9.9", addReqHeader="X-Src %[src]")
+    st, _, _ = dfp.get("/x-peer", {"X-Forwarded-For": "9.9.9.9"})
+    assert st == 403
+    register(dfp, dns, replicas[0], serviceName="x-peer", addReqHeader="X-Src %[src]")
+    data = echoed(dfp.get("/x-peer", {"X-Forwarded-For": "9.9.9.9"}))
+    assert received(data, "X-Src") == ["127.0.0.1"]
+    assert received(data, "X-Forwarded-For") == ["9.9.9.9, 127.0.0.1"]
+
+
+@pytest.fixture(scope="module")
+def behind_balancer(dns):
+    """A pyroute whose balancers are 127.0.0.2 and 127.0.0.3 (TRUSTED_PROXIES), access log on."""
+    p = start_pyroute(dns, TRUSTED_PROXIES="127.0.0.2/32,127.0.0.3", DEBUG="true")
+    yield p
+    stop_pyroute(p)
+
+
+def test_trusted_proxies_decide_who_sets_the_forwarded_headers(behind_balancer, dns, replicas):
+    p = behind_balancer
+    register(p, dns, replicas[0], serviceName="x-lb", addReqHeader="X-Src %[src]")
+    try:
+        # the balancer: its X-Forwarded-Proto passes, the client is the rightmost untrusted address
+        data = echoed(get_from(p, "127.0.0.2", "/x-lb?from=lb", {
+            "X-Forwarded-For": "6.6.6.6, 9.9.9.9, 127.0.0.3", "X-Forwarded-Proto": "https"}))
+        assert received(data, "X-Forwarded-Proto") == ["https"]
+        assert received(data, "X-Src") == ["9.9.9.9"]
+        assert received(data, "X-Forwarded-For") == ["6.6.6.6, 9.9.9.9, 127.0.0.3, 127.0.0.2"]
+        # anyone else: both headers replaced, the peer is the client
+        data = echoed(get_from(p, "127.0.0.1", "/x-lb?from=client", {
+            "X-Forwarded-For": "9.9.9.9", "X-Forwarded-Proto": "https"}))
+        assert received(data, "X-Forwarded-Proto") == ["http"]
+        assert received(data, "X-Src") == ["127.0.0.1"]
+        assert received(data, "X-Forwarded-For") == ["127.0.0.1"]
+        log = [json.loads(line[line.index("{"):]) for line in p.log().splitlines() if '"path":"/x-lb?from=' in line]
+        assert [(entry["path"], entry["client"]) for entry in log] == [
+            ("/x-lb?from=lb", "9.9.9.9"), ("/x-lb?from=client", "127.0.0.1")]
+    finally:
+        p.remove_all()
+
+
+def test_allowed_ips_use_the_client_behind_a_trusted_balancer(behind_balancer, dns, replicas):
+    p = behind_balancer
+    register(p, dns, replicas[0], serviceName="x-allow", allowedIPs="9.9.9.0/24")
+    try:
+        assert get_from(p, "127.0.0.2", "/x-allow", {"X-Forwarded-For": "9.9.9.9"})[0] == 200
+        assert get_from(p, "127.0.0.2", "/x-allow", {"X-Forwarded-For": "9.9.9.9, 8.8.8.8"})[0] == 403
+        assert get_from(p, "127.0.0.1", "/x-allow", {"X-Forwarded-For": "9.9.9.9"})[0] == 403  # not a balancer
+    finally:
+        p.remove_all()

@@ -41,10 +41,12 @@ UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid u
 class FeatureRequest:
     """The request as the steps see and edit it."""
 
-    __slots__ = ("conn", "method", "path", "query", "host", "headers")
+    __slots__ = ("conn", "client_ip", "method", "path", "query", "host", "headers")
 
-    def __init__(self, conn, method: bytes, url: bytes, host: bytes | None, headers: list[tuple[bytes, bytes]]):
+    def __init__(self, conn, client_ip: bytes, method: bytes, url: bytes, host: bytes | None,
+                 headers: list[tuple[bytes, bytes]]):
         self.conn = conn
+        self.client_ip = client_ip  # Exchange.client_ip: the address IP lists and %[src] use
         self.method = method
         q = url.find(b"?")
         self.path, self.query = (url, b"") if q < 0 else (url[:q], url[q:])
@@ -100,7 +102,7 @@ def compile_value(text: str) -> Callable[[FeatureRequest], bytes] | bytes:
         parts.append(text[last : match.start()].encode("latin-1"))
         fetch = match.group(1)
         if fetch == "src":
-            parts.append(lambda req: req.conn.client_ip)
+            parts.append(lambda req: req.client_ip)
         elif fetch == "dst_port":
             parts.append(lambda req: str(req.local_port()).encode())
         elif m := REQ_HDR.match(fetch):
@@ -153,7 +155,7 @@ def _ip_step(allowed: tuple[str, ...], denied: tuple[str, ...]):
 
     def ip_rules(req: FeatureRequest) -> Reply | None:
         try:
-            ip = ipaddress.ip_address(req.conn.client_ip.decode())
+            ip = ipaddress.ip_address(req.client_ip.decode())
         except ValueError:
             return FORBIDDEN
         if any(ip in n for n in deny) or (allow and not any(ip in n for n in allow)):
@@ -180,7 +182,9 @@ def _proto_header_step(code: int, redirect_when: bytes | None):
     """redirectWhenHttpProto (X-Forwarded-Proto is http) / redirectUnlessHttpsProto (is not https)."""
 
     def proto_redirect(req: FeatureRequest) -> Reply | None:
-        proto = (req.header(b"x-forwarded-proto") or b"").strip().lower()
+        proto = req.conn.server.proto
+        if proto == b"http" and req.conn.forwarded:  # else the header is replaced with this (headers.py)
+            proto = (req.header(b"x-forwarded-proto") or b"").strip().lower()
         if (proto == b"http") if redirect_when else (proto != b"https"):
             return _redirect(code, b"https://" + (req.host or b"") + req.path + req.query)
         return None
@@ -433,7 +437,7 @@ def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers)
     route's response edits to the exchange. Returns the request as the steps left it
     (target and headers for the upstream head), or None when a step answered it
     (ex.local and ex.reply are set)."""
-    req = FeatureRequest(conn, method, url, host, headers)
+    req = FeatureRequest(conn, ex.client_ip, method, url, host, headers)
     for step in route.request_steps:
         reply = step(req)
         if reply is not None:
