@@ -123,8 +123,7 @@ class Pyroute:
         self.data.serve_stats_from(*self.control.admin_address())
         await self.data.start()
         settle_memory()
-        waiting = [f"{spec.port} (TLS, opens with the first certificate)" for spec in self.data.tls_waiting]
-        log.info("%s", ready_summary(self.settings, ", ".join([addresses(self.data.servers), *waiting]),
+        log.info("%s", ready_summary(self.settings, addresses(self.data.servers),
                                      addresses(self.control.servers), self.control))
 
     async def stop(self, grace: float = 5.0) -> None:

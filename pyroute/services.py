@@ -27,6 +27,10 @@ DEFAULT_DOMAIN_ALGO = "hdr_beg"
 REQ_MODES = ("http", "tcp", "sni")
 PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+# reqMode=sni: HAProxy's SNI fetch and match methods, as DFP's sni-routing tutorial writes
+# `pathType=req_ssl_sni -i -m beg` (`-m`: exact, prefix, suffix, substring, regex, dot-delimited run).
+SNI_FETCHES = ("req_ssl_sni", "req.ssl_sni")
+SNI_MATCHES = ("str", "beg", "end", "sub", "reg", "dom")
 # DFP parameters that carry raw HAProxy configuration: pyroute has no HAProxy to hand them to.
 RAW_HAPROXY_PARAMS = {"templatefepath": "templateFePath", "templatebepath": "templateBePath",
                       "backendextra": "backendExtra"}
@@ -48,6 +52,31 @@ _CONDITION_START = re.compile(r"(?:\A|\s)(if|unless)(?:\s+(.*))?\Z", re.S)
 _SSL_FC = re.compile(r"(!?)\s*\{\s*ssl_fc\s*\}\Z")
 MAX_HEADER_VALUE = 8192  # characters of one configured header value (templates included)
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")  # RFC 9110 field-value without obs-text
+
+
+def parse_sni_type(text: str) -> tuple[str, bool]:
+    """`req_ssl_sni [-i] [-m METHOD]` (either spelling, flags in any order) -> (method, ignore_case).
+    Raises ValueError naming the part pyroute does not take."""
+    words = text.split()
+    if not words or words[0].lower() not in SNI_FETCHES:
+        raise ValueError(f"{text!r} is not an SNI match: with reqMode sni, pathType is "
+                         "'req_ssl_sni [-i] [-m str|beg|end|sub|reg|dom]' (or req.ssl_sni), e.g. 'req_ssl_sni -i -m end'")
+    method, ignore_case, rest = "str", False, words[1:]
+    while rest:
+        flag = rest.pop(0)
+        if flag == "-i":
+            ignore_case = True
+        elif flag == "-m" and rest and rest[0].lower() in SNI_MATCHES:
+            method = rest.pop(0).lower()
+        else:
+            raise ValueError(f"{flag + (' ' + rest[0] if flag == '-m' and rest else '')!r} in {text!r} is not "
+                             f"supported: pyroute takes -i and -m {'|'.join(SNI_MATCHES)}")
+    return method, ignore_case
+
+
+def sni_type_text(method: str, ignore_case: bool) -> str:
+    """The one spelling a parsed SNI pathType is stored and shown in."""
+    return f"req_ssl_sni{' -i' if ignore_case else ''} -m {method}"
 
 
 def split_condition(text: str) -> tuple[str, bool | None]:
@@ -468,6 +497,22 @@ def _header_edits(value: str | None, separator: str, name: str, env_allow: froze
     return tuple(out)
 
 
+def _sni_patterns(patterns: tuple[str, ...], method: str, ignore_case: bool, name: str) -> tuple[str, ...]:
+    """SNI patterns for an HAProxy match: a regex must compile (RE2, linear time); others are
+    one word of visible ASCII. With -i they are stored lower-case (SNI names are matched so)."""
+    out = []
+    for pattern in patterns:
+        if method == "reg":
+            try:
+                compile_pattern(pattern)
+            except PatternError as exc:
+                raise ServiceError(400, f"{name}: {pattern!r} is not a usable regex for -m reg: {exc}") from None
+        elif any(not "!" <= c <= "~" for c in pattern):
+            raise ServiceError(400, f"{name}: {pattern!r} holds a space, control or non-ASCII character")
+        out.append(pattern.lower() if ignore_case and method != "reg" else pattern)
+    return tuple(out)
+
+
 def _condition_text(value: str, tls: bool | None) -> tuple[str, ...]:
     """The stored form of a conditional value (one spelling per meaning, as /config shows it)."""
     return (value,) if tls is None else (value, "if { ssl_fc }" if tls else "unless { ssl_fc }")
@@ -648,13 +693,23 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             _check_host(domain.lower().lstrip(".") if wildcard else domain.lower(), "serviceDomain" + suffix)
             domains.append(domain.lower())  # "*.a.com" keeps its dot: a suffix match on ".a.com"
         if mode == "sni":  # servicePath holds the SNI patterns
-            patterns = tuple(_check_host(p.lower().lstrip("*."), "servicePath" + suffix) and p.lower()
-                             for p in _split(value("servicepath", index), separator))
+            sni_type = (value("pathtype", index) or "").strip()
+            if sni_type:  # HAProxy's match (DFP's tutorial), each pattern as written
+                try:
+                    method, ignore_case = parse_sni_type(sni_type)
+                except ValueError as exc:
+                    raise ServiceError(400, f"pathType{suffix}: {exc}") from None
+                patterns = _sni_patterns(_split(value("servicepath", index), separator), method, ignore_case,
+                                         "servicePath" + suffix)
+                sni_type = sni_type_text(method, ignore_case)
+            else:  # names: exact, "*.example.com" or ".example.com"
+                patterns = tuple(_check_host(p.lower().lstrip("*."), "servicePath" + suffix) and p.lower()
+                                 for p in _split(value("servicepath", index), separator))
             if not patterns:
                 raise ServiceError(400, "When using reqMode sni, servicePath must hold the SNI names")
             outbound = (value("outboundhostname", index) or "").strip() or None
             destinations.append(Destination(index, patterns, (), port, outbound, src_port=src_port, req_mode=mode,
-                                            **timeouts))
+                                            path_type=sni_type or "path_beg", **timeouts))
             continue
         if mode == "tcp":
             outbound = (value("outboundhostname", index) or "").strip() or None

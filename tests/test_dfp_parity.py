@@ -10,13 +10,14 @@ import http.client
 import json
 import socket
 import ssl
+import subprocess
 
 import pytest
 import trustme
 
 from conftest import start_pyroute, stop_pyroute
 from support.proxy import register
-from support.upstream import free_port
+from support.upstream import ThreadedTlsServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +201,125 @@ def test_allowed_ips_use_the_client_behind_a_trusted_balancer(behind_balancer, d
         assert get_from(p, "127.0.0.1", "/x-allow", {"X-Forwarded-For": "9.9.9.9"})[0] == 403  # not a balancer
     finally:
         p.remove_all()
+
+
+# -- 3. SNI routing as DFP's tutorial writes it -------------------------------------------------------
+SNI_BACKEND_IP = "127.0.0.22"
+
+
+@pytest.fixture(scope="module")
+def sni_backend():
+    """A TLS echo server for *.foobar.net with a CA of its own: a client verifying against that CA
+    proves the proxy passed the stream through instead of terminating it."""
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("test.foobar.net", "api.foobar.net", "www.foobar.net").configure_cert(ctx)
+
+    async def echo_once(reader, writer):  # one answer, then close (s_client waits for the close)
+        writer.write(b"backend:" + await reader.read(65536))
+        await writer.drain()
+        writer.close()
+
+    server = ThreadedTlsServer(echo_once, SNI_BACKEND_IP, ctx)
+    server.ca = ca
+    yield server
+    server.close()
+
+
+def s_client(port: int, name: str, ca: trustme.CA, tmp_path) -> subprocess.CompletedProcess:
+    """`openssl s_client` sending "ping" with SNI `name`, verifying against `ca`."""
+    ca_file = tmp_path / "sni-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", name, "-CAfile", str(ca_file),
+         "-verify_return_error", "-quiet", "-ign_eof"],
+        input=b"ping\n", capture_output=True, timeout=20)
+
+
+def sni_handshake_error(port: int, name: str) -> ssl.SSLError:
+    """The error a Python ssl client gets for `name` (it must get one, and not hang)."""
+    ctx = ssl.create_default_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError) as caught:
+            ctx.wrap_socket(raw, server_hostname=name)
+    return caught.value
+
+
+def test_sni_tutorial_beg_and_reg_on_an_sni_port(dfp, dns, sni_backend, tmp_path):
+    """DFP sni-routing.md: `pathType=req_ssl_sni -i -m beg` with `servicePath=test.` and
+    `pathType=req_ssl_sni -i -m reg` with `servicePath=^(api\\.)`, both on one srcPort."""
+    src = free_port()
+    dns.set_service("sni-test", SNI_BACKEND_IP)
+    dns.set_service("sni-api", SNI_BACKEND_IP)
+    dfp.reconfigure(serviceName="sni-test", reqMode="sni", srcPort=src, port=sni_backend.port,
+                    servicePath="test.", pathType="req_ssl_sni -i -m beg")
+    dfp.reconfigure(serviceName="sni-api", reqMode="sni", srcPort=src, port=sni_backend.port,
+                    servicePath=r"^(api\.)", pathType="req_ssl_sni -i -m reg")
+    result = s_client(src, "test.foobar.net", sni_backend.ca, tmp_path)
+    assert result.stdout == b"backend:ping\n", result.stderr
+    result = s_client(src, "API.foobar.net", sni_backend.ca, tmp_path)  # -i
+    assert result.stdout == b"backend:ping\n", result.stderr
+    # a name no service takes: a TLS alert at once (openssl names it), not a hang or a bare close
+    result = s_client(src, "www.foobar.net", sni_backend.ca, tmp_path)
+    assert b"unrecognized name" in result.stderr and result.stdout == b"", result.stderr
+    assert "UNRECOGNIZED_NAME" in str(sni_handshake_error(src, "www.foobar.net"))
+
+
+@pytest.mark.parametrize("path_type, pattern, matching, other", [
+    ("req_ssl_sni -i -m end", ".foobar.net", "test.foobar.net", "test.foobar.org"),
+    ("req.ssl_sni -m sub", "bar.n", "test.foobar.net", "test.foobaz.net"),
+    ("req_ssl_sni -m dom", "foobar.net", "api.foobar.net", "api.xfoobar.net"),
+    ("req_ssl_sni -m str -i", "WWW.foobar.net", "www.foobar.net", "www.foobar.net.evil"),
+    ("req_ssl_sni -i", "test.foobar.net", "test.foobar.net", "xtest.foobar.net"),
+])
+def test_sni_match_methods(dfp, dns, sni_backend, path_type, pattern, matching, other):
+    src = free_port()
+    dns.set_service("sni-m", SNI_BACKEND_IP)
+    dfp.reconfigure(serviceName="sni-m", reqMode="sni", srcPort=src, port=sni_backend.port,
+                    servicePath=pattern, pathType=path_type)
+    ctx = client_context(sni_backend.ca)
+    ctx.check_hostname = False  # `other` is not in the backend's certificate; it must not get that far
+    with socket.create_connection(("127.0.0.1", src), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=matching) as tls:
+            tls.sendall(b"ping")
+            assert tls.recv(100) == b"backend:ping"
+    assert "UNRECOGNIZED_NAME" in str(sni_handshake_error(src, other))
+
+
+@pytest.mark.parametrize("path_type, named", [
+    ("req_ssl_sni -i -m len", "'-m len'"),
+    ("req_ssl_sni -i -x", "'-x'"),
+    ("path_beg", "is not an SNI match"),
+    ("hdr(host)", "is not an SNI match"),
+])
+def test_sni_path_type_never_dropped_silently(dfp, path_type, named):
+    st, body = dfp.admin("reconfigure", serviceName="sni-bad", reqMode="sni", srcPort=free_port(), port=443,
+                         servicePath="test.", pathType=path_type)
+    assert st == 400 and "pathType" in body["Message"] and named in body["Message"], body
+
+
+def test_sni_regex_refused_by_re2_is_400(dfp):
+    st, body = dfp.admin("reconfigure", serviceName="sni-bad", reqMode="sni", srcPort=free_port(), port=443,
+                         servicePath=r"^(a)\1", pathType="req_ssl_sni -m reg")
+    assert st == 400 and "servicePath" in body["Message"], body
+
+
+def test_sni_on_the_tls_port_without_any_certificate(make_pyroute, dns, sni_backend, tmp_path):
+    """The tutorial has no certificate in the proxy (TLS ends in the services): the TLS port is
+    open from the start, its sni names pass through, any other name gets an alert."""
+    http_port, tls_port = free_port(), free_port()
+    p = make_pyroute(DEFAULT_PORTS=f"{http_port},{tls_port}:ssl", CERTS_DIR=str(tmp_path / "none"),
+                     SECRETS_DIR=str(tmp_path / "secrets"))
+    dns.set_service("sni-nocert", SNI_BACKEND_IP)
+    p.reconfigure(serviceName="sni-nocert", reqMode="sni", srcPort=tls_port, port=sni_backend.port,
+                  servicePath="test.", pathType="req_ssl_sni -i -m beg")
+    result = s_client(tls_port, "test.foobar.net", sni_backend.ca, tmp_path)
+    assert result.stdout == b"backend:ping\n", result.stderr
+    result = s_client(tls_port, "www.foobar.net", sni_backend.ca, tmp_path)
+    assert b"unrecognized name" in result.stderr, result.stderr
+    assert "UNRECOGNIZED_NAME" in str(sni_handshake_error(tls_port, "www.foobar.net"))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:  # no SNI at all
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            ctx.wrap_socket(raw)
