@@ -184,6 +184,7 @@ class Destination:
     req_mode: str = "http"  # one of REQ_MODES; tcp/sni destinations are served by tcp.py on src_port
     verify_client_ssl: bool = False  # 403 on TLS without a client certificate verified against CA_FILE
     https_port: int = 0  # requests that arrived over TLS go to this port instead (0 = port)
+    src_https_port: int = 0  # srcHttpsPort: the https_port route takes TLS requests of this proxy port only (0: any)
     ssl_verify_none: bool = False  # speak TLS to the upstream, without verifying its certificate
     timeout_client: float | None = None  # per-destination overrides of the global timeouts
     timeout_server: float | None = None
@@ -279,6 +280,7 @@ class Service:
                     "SrcPort": d.src_port,
                     "VerifyClientSsl": d.verify_client_ssl,
                     "HttpsPort": d.https_port,
+                    "SrcHttpsPort": d.src_https_port,
                     "SslVerifyNone": d.ssl_verify_none,
                     "TimeoutClient": _shown(d.timeout_client),
                     "TimeoutServer": _shown(d.timeout_server),
@@ -319,6 +321,18 @@ def _check_src_port(port: int, mode: str, label: str, defaults: ServiceDefaults)
         if setting == "PORT" or mode == "tcp" or (mode == "sni" and not tls):
             what = "the admin port (PORT)" if setting == "PORT" else f"a public port ({setting})"
             raise ServiceError(400, f"{label} {port} is {what}, which a reqMode={mode} service cannot use")
+
+
+def _check_src_https_port(port: int, https_port: int, mode: str, label: str, defaults: ServiceDefaults) -> None:
+    """DFP's srcHttpsPort is the TLS entry port of the httpsPort destination: it needs an httpsPort
+    and one of the proxy's :ssl ports (pyroute opens no TLS listener elsewhere)."""
+    if mode != "http" or not https_port:
+        raise ServiceError(400, f"{label} needs httpsPort (it is the entry port of the httpsPort destination) "
+                                "and reqMode http")
+    tls_ports = [taken for taken, setting, tls in defaults.proxy_ports if tls]
+    if port not in tls_ports:
+        raise ServiceError(400, f"{label} {port} is not one of the proxy's TLS ports (DEFAULT_PORTS/BIND_PORTS "
+                                f":ssl: {', '.join(map(str, tls_ports)) or 'none'}): no TLS request arrives there")
 
 
 def _optional_number(params: Mapping[str, str], key: str, name: str, integer: bool) -> float | int | None:
@@ -681,6 +695,10 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         src_port = _parse_port(src_text, "srcPort" + suffix) if src_text not in ("", "0") else 0
         if src_port:
             _check_src_port(src_port, mode, "srcPort" + suffix, defaults)
+        src_https_text = (value("srchttpsport", index) or "").strip()
+        src_https_port = _parse_port(src_https_text, "srcHttpsPort" + suffix) if src_https_text else 0
+        if src_https_port:
+            _check_src_https_port(src_https_port, https_port, mode, "srcHttpsPort" + suffix, defaults)
         timeouts = {
             key: _parse_seconds(value(key.lower().replace("_", ""), index), key.title().replace("_", "") + suffix)
             for key in ("timeout_client", "timeout_server", "timeout_tunnel")
@@ -774,6 +792,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             req_mode=mode,
             verify_client_ssl=verify_client,
             https_port=https_port,
+            src_https_port=src_https_port,
             ssl_verify_none=ssl_verify_none,
             **timeouts,
         ))

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import ssl
 import subprocess
+import sys
 
 import pytest
 import trustme
 
 from conftest import start_pyroute, stop_pyroute
-from support.proxy import register
+from support.proxy import REPO, register
 from support.upstream import ThreadedTlsServer, free_port
 
 
@@ -323,3 +325,158 @@ def test_sni_on_the_tls_port_without_any_certificate(make_pyroute, dns, sni_back
     with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:  # no SNI at all
         with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
             ctx.wrap_socket(raw)
+
+
+# -- 7. TLS settings DFP had --------------------------------------------------------------------------
+@pytest.fixture
+def tls_pyroute(make_pyroute, ca, tmp_path):
+    """A private pyroute with one HTTP and `tls_ports` TLS ports, a certificate for localhost."""
+    def make(tls_ports: int = 1, **env):
+        certs = tmp_path / "tls-certs"
+        certs.mkdir(exist_ok=True)
+        (certs / "localhost.pem").write_bytes(pem(ca.issue_cert("localhost", "foobar.net")))
+        http_port, tls = free_port(), [free_port() for _ in range(tls_ports)]
+        p = make_pyroute(DEFAULT_PORTS=",".join([str(http_port), *(f"{t}:ssl" for t in tls)]), CERTS_DIR=str(certs),
+                         SECRETS_DIR=str(tmp_path / "secrets"), **env)
+        p.http_port, p.tls_port, p.tls_ports = http_port, tls[0], tls
+        return p
+    return make
+
+
+def handshake(port: int, ca: trustme.CA, name: str = "localhost", **versions) -> tuple[str, str]:
+    """(TLS version, cipher) a Python client gets; `versions`: minimum_version/maximum_version."""
+    ctx = client_context(ca)
+    for key, value in versions.items():
+        setattr(ctx, key, value)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            return tls.version(), tls.cipher()[0]
+
+
+def start_error(tmp_path, **env) -> str:
+    """What `python -m pyroute` prints when it refuses to start with these settings (exit 2)."""
+    base = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "PORT": str(free_port()), "IP": "127.0.0.1",
+            "DEFAULT_PORTS": str(free_port()), "BIND_ADDRESS": "127.0.0.1", "WORKERS": "1",
+            "DNS_NAMESERVERS": "127.0.0.1:53", "CERTS_DIR": str(tmp_path / "c"), "SECRETS_DIR": str(tmp_path / "s")}
+    result = subprocess.run([sys.executable, "-m", "pyroute"], env={**base, **env}, capture_output=True, text=True,
+                            timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    return result.stderr
+
+
+def test_ssl_bind_options_no_tlsv10_no_tlsv11_as_dfp_writes_them(tls_pyroute, ca):
+    """DFP config.md's SSL_BIND_OPTIONS words as written: `no-tlsv10 no-tlsv11` (already pyroute's
+    floor), plus `no-tlsv13` to see the options reach the listener: TLS 1.2 only."""
+    p = tls_pyroute(SSL_BIND_OPTIONS="no-sslv3 no-tlsv10 no-tlsv11 no-tlsv13")
+    assert handshake(p.tls_port, ca)[0] == "TLSv1.2"
+    with pytest.raises(ssl.SSLError):
+        handshake(p.tls_port, ca, minimum_version=ssl.TLSVersion.TLSv1_3)
+
+
+def test_ssl_bind_options_force_tlsv13(tls_pyroute, ca):
+    p = tls_pyroute(SSL_BIND_OPTIONS="force-tlsv13")
+    assert handshake(p.tls_port, ca)[0] == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        handshake(p.tls_port, ca, maximum_version=ssl.TLSVersion.TLSv1_2)
+    result = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{p.tls_port}", "-tls1_2",
+                             "-servername", "localhost"], input=b"", capture_output=True, timeout=20)
+    # refused (uvloop's TLS transport closes a failed handshake without flushing its alert: openssl sees EOF)
+    assert result.returncode != 0 and b"no peer certificate available" in result.stdout, result.stdout
+
+
+def test_ssl_bind_ciphers_apply_to_tls12(tls_pyroute, ca):
+    p = tls_pyroute(SSL_BIND_OPTIONS="force-tlsv12", SSL_BIND_CIPHERS="ECDHE+CHACHA20")
+    version, cipher = handshake(p.tls_port, ca)
+    assert version == "TLSv1.2" and "CHACHA20" in cipher
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"SSL_BIND_OPTIONS": "force-tlsv11"}, "SSL_BIND_OPTIONS: force-tlsv11: pyroute offers TLS 1.2 and 1.3 only"),
+    ({"SSL_BIND_OPTIONS": "no-tlsv10 strict-sni"}, "SSL_BIND_OPTIONS: 'strict-sni' is not supported"),
+    ({"SSL_BIND_OPTIONS": "no-tlsv12 no-tlsv13"}, "leaves no TLS version to offer"),
+    ({"SSL_BIND_CIPHERS": "NOT-A-CIPHER"}, "SSL_BIND_CIPHERS: expected an OpenSSL cipher list"),
+    ({"SSL_BIND_CIPHERSUITES": "TLS_AES_128_GCM_SHA256"}, "point OPENSSL_CONF at it"),
+])
+def test_tls_settings_pyroute_cannot_honour_stop_the_start_naming_them(tmp_path, env, named):
+    assert named in start_error(tmp_path, **env)
+
+
+def test_ssl_bind_ciphersuites_through_openssl_conf(tls_pyroute, ca, tmp_path):
+    """TLS 1.3 suites: Python's ssl cannot set them; an OpenSSL config (OPENSSL_CONF) does, and
+    pyroute starts once OpenSSL offers exactly SSL_BIND_CIPHERSUITES."""
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text("openssl_conf = default_conf\n[default_conf]\nssl_conf = ssl_sect\n[ssl_sect]\n"
+                    "system_default = system_default_sect\n[system_default_sect]\n"
+                    "Ciphersuites = TLS_CHACHA20_POLY1305_SHA256\n")
+    p = tls_pyroute(OPENSSL_CONF=str(conf), SSL_BIND_CIPHERSUITES="TLS_CHACHA20_POLY1305_SHA256",
+                    SSL_BIND_OPTIONS="force-tlsv13")
+    assert handshake(p.tls_port, ca) == ("TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256")
+
+
+def served_names(port: int, server_name: str | None, ca: trustme.CA) -> list[str]:
+    ctx = client_context(ca)
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            return [v for k, v in tls.getpeercert()["subjectAltName"] if k == "DNS"]
+
+
+def test_preferred_certificate_as_dfps_glob_list(make_pyroute, ca, tmp_path):
+    """DFP: a glob list ordering the crt-list, the first entry the default certificate. Here
+    `nothing*` matches none, `site-*` comes next and beats a.pem (loaded first) for the name both serve."""
+    certs = tmp_path / "pref-certs"
+    certs.mkdir()
+    (certs / "a.pem").write_bytes(pem(ca.issue_cert("a.test", "shared.test")))
+    (certs / "b.pem").write_bytes(pem(ca.issue_cert("b.test")))
+    (certs / "site-main.pem").write_bytes(pem(ca.issue_cert("main.test", "shared.test")))
+    http_port, tls_port = free_port(), free_port()
+    p = make_pyroute(DEFAULT_PORTS=f"{http_port},{tls_port}:ssl", CERTS_DIR=str(certs),
+                     SECRETS_DIR=str(tmp_path / "secrets"), PREFERRED_CERTIFICATE="nothing*,site-*,b")
+    assert served_names(tls_port, "unknown.test", ca) == ["main.test", "shared.test"]  # the default
+    assert served_names(tls_port, None, ca) == ["main.test", "shared.test"]
+    assert served_names(tls_port, "shared.test", ca) == ["main.test", "shared.test"]
+    assert served_names(tls_port, "a.test", ca) == ["a.test", "shared.test"]
+    assert served_names(tls_port, "b.test", ca) == ["b.test"]
+
+
+def test_src_https_port_takes_the_https_port_route_on_that_tls_port_only(tls_pyroute, dns, replicas, alt, ca):
+    """DFP: srcHttpsPort is the entry port of the httpsPort destination."""
+    p = tls_pyroute(tls_ports=2)
+    dns.set_service("s-https", replicas[0].ip)
+    p.reconfigure(serviceName="s-https", servicePath="/s-https", port=replicas[0].port, httpsPort=alt[0].port,
+                  srcHttpsPort=p.tls_ports[1])
+    plain = p.get("/s-https/hello")
+    assert plain[0] == 200 and plain[1]["X-Upstream"].endswith(f":{replicas[0].port}")
+    p.tls_port = p.tls_ports[1]
+    st, h, _ = https_get(p, ca, "/s-https/hello")
+    assert st == 200 and h["X-Upstream"].endswith(f":{alt[0].port}")
+    p.tls_port = p.tls_ports[0]
+    assert https_get(p, ca, "/s-https/hello")[0] == 503  # TLS on the other port: not this route
+
+
+@pytest.mark.parametrize("params, named", [
+    ({"srcHttpsPort": "9443", "httpsPort": "8443"}, "is not one of the proxy's TLS ports"),
+    ({"srcHttpsPort": "TLS"}, "srcHttpsPort needs httpsPort"),
+])
+def test_src_https_port_refused_with_a_reason(tls_pyroute, replicas, params, named):
+    p = tls_pyroute()
+    if params["srcHttpsPort"] == "TLS":
+        params = {"srcHttpsPort": str(p.tls_port)}
+    st, body = p.admin("reconfigure", serviceName="s-bad", servicePath="/s-bad", port=replicas[0].port, **params)
+    assert st == 400 and named in body["Message"], body
+
+
+def test_stats_port_serves_the_stats_page_there_only(make_pyroute):
+    stats_port = free_port()
+    p = make_pyroute(STATS_USER="none", STATS_PASS="none", STATS_PORT=str(stats_port))
+    c = http.client.HTTPConnection("127.0.0.1", stats_port, timeout=10)
+    c.request("GET", "/admin?stats")
+    r = c.getresponse()
+    assert r.status == 200 and b"<html" in r.read().lower()
+    c.close()
+    assert p.get("/admin?stats")[0] == 503  # not on the other public ports
+
+
+def test_stats_port_on_the_admin_port_stops_the_start(tmp_path):
+    port = free_port()
+    assert "STATS_PORT: %d is the admin PORT" % port in start_error(tmp_path, PORT=str(port), STATS_PORT=str(port))

@@ -265,7 +265,8 @@ class DataPlane:
         for service in table.gone:
             self._tls_services.discard(service.name)
         self._tls_services.update(s.name for s in table.came
-                                  if any(d.https_port or d.verify_client_ssl for d in s.destinations))
+                                  if any(d.https_port or d.verify_client_ssl or d.src_https_port
+                                         for d in s.destinations))
         tls_table = table
         if self._tls_services:
             separate = self.tls_proxy.table if self.tls_proxy.table is not self.proxy.table else None
@@ -314,13 +315,17 @@ class DataPlane:
                     self.resolver.forget_host(host)
 
     def serve_stats_from(self, host: str, port: int) -> None:
-        """Route STATS_URI on the public ports to the stats page at host:port (the admin listener)."""
+        """Route STATS_URI on the public ports (on STATS_PORT only, when set: a srcPort, its
+        listener opened as srcPort listeners are) to the stats page at host:port (the admin listener)."""
         s = self.settings
         if not s.stats_enabled:
             return
         self.stats_service = (parse_service(
-            {"serviceName": STATS_SERVICE, "servicePath": s.stats_path, "port": str(port), "outboundHostname": host}),)
+            {"serviceName": STATS_SERVICE, "servicePath": s.stats_path, "port": str(port), "outboundHostname": host,
+             "srcPort": str(s.stats_port)}),)
         self.apply(self.revision, self.services)
+        if s.stats_port and self._tick_handle is not None:
+            asyncio.get_running_loop().create_task(self.sync_src_ports())
 
     def stats_snapshot(self, name: str) -> dict:
         return metrics.snapshot(self, name)
