@@ -430,7 +430,7 @@ def test_preferred_certificate_as_dfps_glob_list(make_pyroute, ca, tmp_path):
     (certs / "b.pem").write_bytes(pem(ca.issue_cert("b.test")))
     (certs / "site-main.pem").write_bytes(pem(ca.issue_cert("main.test", "shared.test")))
     http_port, tls_port = free_port(), free_port()
-    p = make_pyroute(DEFAULT_PORTS=f"{http_port},{tls_port}:ssl", CERTS_DIR=str(certs),
+    make_pyroute(DEFAULT_PORTS=f"{http_port},{tls_port}:ssl", CERTS_DIR=str(certs),
                      SECRETS_DIR=str(tmp_path / "secrets"), PREFERRED_CERTIFICATE="nothing*,site-*,b")
     assert served_names(tls_port, "unknown.test", ca) == ["main.test", "shared.test"]  # the default
     assert served_names(tls_port, None, ca) == ["main.test", "shared.test"]
