@@ -20,21 +20,12 @@ import trustme
 from conftest import start_pyroute, stop_pyroute
 from support.proxy import REPO, register
 from support.upstream import ThreadedTlsServer, free_port
+from test_tls import client_context, pem, served_names
 
 
 @pytest.fixture(scope="module")
 def ca():
     return trustme.CA()
-
-
-def pem(cert: trustme.LeafCert) -> bytes:
-    return b"".join(b.bytes() for b in cert.cert_chain_pems) + cert.private_key_pem.bytes()
-
-
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    return ctx
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +48,11 @@ def dfp(_dfp):
 
 
 def https_get(p, ca, path: str, host: str = "localhost", headers: dict | None = None):
-    """One HTTPS request on a fresh connection -> (status, headers, body)."""
-    c = http.client.HTTPSConnection("127.0.0.1", p.tls_port, timeout=10, context=client_context(ca))
-    c._tunnel_host = None
+    """One HTTPS request on a fresh connection to p.tls_port -> (status, headers, body)."""
+    raw = socket.create_connection(("127.0.0.1", p.tls_port), timeout=10)
+    c = http.client.HTTPConnection(host)
+    c.sock = client_context(ca).wrap_socket(raw, server_hostname=host)
     try:
-        sock = socket.create_connection(("127.0.0.1", p.tls_port), timeout=10)
-        c.sock = client_context(ca).wrap_socket(sock, server_hostname=host)
         c.request("GET", path, headers={"Host": host, **(headers or {})})
         r = c.getresponse()
         return r.status, r.headers, r.read()
@@ -411,14 +401,6 @@ def test_ssl_bind_ciphersuites_through_openssl_conf(tls_pyroute, ca, tmp_path):
     p = tls_pyroute(OPENSSL_CONF=str(conf), SSL_BIND_CIPHERSUITES="TLS_CHACHA20_POLY1305_SHA256",
                     SSL_BIND_OPTIONS="force-tlsv13")
     assert handshake(p.tls_port, ca) == ("TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256")
-
-
-def served_names(port: int, server_name: str | None, ca: trustme.CA) -> list[str]:
-    ctx = client_context(ca)
-    ctx.check_hostname = False
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
-            return [v for k, v in tls.getpeercert()["subjectAltName"] if k == "DNS"]
 
 
 def test_preferred_certificate_as_dfps_glob_list(make_pyroute, ca, tmp_path):
