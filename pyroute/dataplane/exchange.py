@@ -20,8 +20,8 @@ class Exchange:
         "route", "head", "keep_alive", "http11", "is_head", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retries", "replay", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
-        "slot", "started", "head_done", "sent_at", "response_at", "status", "address", "broken", "upgrade", "body_left",
-        "chunk_mark",
+        "slot", "started", "head_done", "sent_at", "response_at", "status", "address", "broken", "upgrade",
+        "body_left", "chunk_mark", "client_ip",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -56,3 +56,4 @@ class Exchange:
         self.upgrade: bytes | None = None  # an Upgrade request: client bytes sent ahead of the 101
         self.body_left = UNLIMITED  # chunked body bytes still allowed (MAX_REQUEST_BODY)
         self.chunk_mark = -1  # body_left at the last chunk-size line (unchanged since: trailers)
+        self.client_ip = b""  # the client address every consumer reads (forwarded.py, TRUSTED_PROXIES)
