@@ -90,3 +90,12 @@ def test_with_workers_the_rate_is_divided_among_them(make_pyroute, dns, up):
     statuses = [p.get(f"/lm-workers/hello?{i}")[0] for i in range(10)]  # fresh connections: either worker
     assert set(statuses) == {200, 429}
     assert 2 <= statuses.count(200) <= 4  # each worker allows 4/2: the service sees at most the burst
+
+
+def test_rate_limit_keys_on_the_trusted_client_address(make_pyroute, dns, up):
+    """Behind a load balancer in TRUSTED_PROXIES, each client behind it has its own bucket."""
+    p = make_pyroute(TRUSTED_PROXIES="127.0.0.0/8")
+    register(p, dns, up, serviceName="lm-xff", rateLimit="1/m", rateLimitBurst="2")
+    first = [p.get(f"/lm-xff/hello?{i}", headers={"X-Forwarded-For": "203.0.113.7"})[0] for i in range(3)]
+    assert first == [200, 200, 429]
+    assert p.get("/lm-xff/hello?other", headers={"X-Forwarded-For": "203.0.113.8"})[0] == 200

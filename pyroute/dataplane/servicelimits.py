@@ -6,9 +6,10 @@ whose ``address()`` is always None: every request of a limited service takes the
 connection slow path (``ClientConnection._connect``), which asks the gate first. Routes
 without limits never meet this module.
 
-- ``rateLimit=R/s`` with ``rateLimitBurst=B``: a token bucket per client address (the
-  address the access log shows: ``ClientConnection.client_ip``); an empty bucket is
-  answered 429 with ``Retry-After`` and DFP's 429 page.
+- ``rateLimit=R/s`` with ``rateLimitBurst=B``: a token bucket per client address
+  (``Exchange.client_ip``, the address the access log shows: the trusted client address
+  when the peer is in TRUSTED_PROXIES); an empty bucket is answered 429 with
+  ``Retry-After`` and DFP's 429 page.
 - ``maxRequestsInFlight=N``: requests of the service between admission and the end of
   their exchange.
 - ``maxConn=N``: the same, per task address (the service address when Swarm's VIP
