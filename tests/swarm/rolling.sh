@@ -31,7 +31,7 @@ rolling_checks() {
   dk service update --detach=false -q --env-add ABRUPT=1 roll >/dev/null
   log "roll now exits at once on SIGTERM (ABRUPT=1)"
   rolling_run abrupt 127.0.0.1:8081 127.0.0.1:8082
-  log "pyroute drained $(grep -c '(stopping in Swarm)' "$STATE/pyroute.log") time(s) on the Engine API's word (its log)"
+  log "pyroute drained tasks of roll $(grep -c 'roll: draining' "$STATE/pyroute.log") time(s) on the Engine API's word (its log; 9 tasks were stopped)"
 
   env -u DOCKER_HOST PYTHONPATH="$REPO" DNS_NAMESERVERS=127.0.0.11 DEFAULT_PORTS=8091 PORT=8092 \
     IP=127.0.0.1 BIND_ADDRESS=127.0.0.1 WORKERS=1 TASK_REFRESH_INTERVAL=0.5 SERVICE_NAME=pyroute-dns \
