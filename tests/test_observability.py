@@ -238,6 +238,10 @@ def test_workers_are_aggregated(make_pyroute, dns, replicas):
     assert all(served.values()), served
     st, _, body = p.get("/admin?stats")
     assert st == 200 and b"obs-w" in body
+    st, _, body = p.get("/admin?stats;data")  # recent traffic: every worker's slots, added up
+    recent = json.loads(body)["services"]["obs-w"]
+    assert st == 200 and recent["requests_minute"] == n and round(sum(recent["request_rate"]) * 10) == n
+    assert recent["tasks"][f"{up.ip}:{up.port}"]["requests_minute"] == n and recent["p99_ms"] > 0
 
 
 def test_refused_request_is_logged_and_counted(proxy, svc):

@@ -649,8 +649,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         sent = self.sent - self.sent_mark
         self.received_mark = self.received
         self.sent_mark = self.sent
-        sent_at = ex.sent_at
-        ex.stats.count(ex.method, status, now - ex.started, now - sent_at if sent_at else -1.0, received, sent)
+        ex.stats.count(ex, status, now, received, sent)
         if self.server.access_log is not None:
             self.server.access_log.exchange(self, ex, status, termination, now, received, sent)
 
@@ -736,7 +735,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if not responded:
             self.transport.write(error_response(status, True))
             if self.reading is None:  # the refused request never became an exchange
-                self.server.unrouted.count(b"", status, 0.0, -1.0, 0, 0)
+                self.server.unrouted.count_refused(status)
                 if self.server.access_log is not None:
                     self.server.access_log.refused(self, status)
         self.queue.clear()

@@ -385,6 +385,7 @@ class DataPlane:
             self.tls_proxy.check_timeouts(now)
             self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)
             self.tcp.check_timeouts(now)
+            self.stats.rotate()  # recent traffic: a new slot when the clock left the open one
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
 
