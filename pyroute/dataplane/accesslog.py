@@ -83,6 +83,7 @@ class AccessLog:
             "total_ms": int((now - started) * 1000.0 + 0.5),
             "termination": termination,
             "retried": ex.retried,
+            "request_id": ex.request_id.decode("latin-1") if ex.request_id is not None else None,
         }))
 
     def refused(self, conn, status: int) -> None:
@@ -95,7 +96,7 @@ class AccessLog:
             "time": self.stamp, "client": conn.client_ip.decode("latin-1"), "method": "", "path": "",
             "status": status, "bytes": 0, "bytes_in": 0, "service": "", "upstream": "",
             "request_ms": None, "connect_ms": None, "response_ms": None, "total_ms": None,
-            "termination": "cR" if status == 408 else "PR", "retried": False,
+            "termination": "cR" if status == 408 else "PR", "retried": False, "request_id": None,
         }))
 
     def _start_batch(self) -> None:

@@ -30,6 +30,7 @@ from pyroute.dataplane.exchange import UNLIMITED, Exchange
 from pyroute.dataplane.flow import PEER_FULL, ReadPauses
 from pyroute.dataplane.pages import error_head_only, error_response
 from pyroute.dataplane.limits import AddressLimit, body_too_slow
+from pyroute.dataplane.requestid import RequestIds
 from pyroute.dataplane.headers import (
     REQUEST_LINE_END_10,
     REQUEST_LINE_END_11,
@@ -131,6 +132,9 @@ class ProxyServer:
         self.max_head_bytes = (settings.max_uri_size + settings.max_header_size
                                + HEAD_LINE_ROOM * (settings.max_headers + 1))
         self.pool.connect_timeout = settings.timeout_connect
+        self.request_ids = (RequestIds(settings.request_id_header if settings.request_id else None,
+                                       settings.traceparent == "generate")
+                            if settings.request_id or settings.traceparent == "generate" else None)
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -390,6 +394,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 if not ex.local:
                     ex.route = route
                     ex.idempotent = method in IDEMPOTENT
+                    if self.server.request_ids is not None:  # (requestid.py)
+                        ex.request_id, headers = self.server.request_ids.tag(headers)
                     ex.head = request_head(
                         method, url, headers, self.client_ip, self.server.proto,
                         REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade,
@@ -543,9 +549,13 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.responded = True
         ex.close_after = close
         if ex.reply is not None:
-            self.out.append(ex.reply.encode(close, ex.is_head))
+            response = ex.reply.encode(close, ex.is_head)
         else:
-            self.out.append(error_head_only(status, close) if ex.is_head else error_response(status, close))
+            response = error_head_only(status, close) if ex.is_head else error_response(status, close)
+        if ex.request_id is not None:  # routed, then no upstream answered (503, 502, 504)
+            end = response.index(b"\r\n\r\n") + 4
+            response = self.server.request_ids.on_response(response[:end], ex.request_id) + response[end:]
+        self.out.append(response)
         self.response_complete(None, False)
 
     # -- callbacks from UpstreamConnection (ExchangeOwner) -----------------------------------
@@ -597,6 +607,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self._transform_head(ex, head, forwardable, close_delimited, close)
             return False
         sent = client_response_head(head, forwardable, close, ex.http11)
+        if ex.request_id is not None:
+            sent = self.server.request_ids.on_response(sent, ex.request_id)
         if sent is head:
             return True
         self.out.append(sent)
@@ -614,7 +626,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex.response_edit is not None:
             head, transform = ex.response_edit.head(ex, head, close_delimited)
             forwardable = None  # an edited head is rebuilt whole
-        self.out.append(client_response_head(head, forwardable, close, ex.http11))
+        head = client_response_head(head, forwardable, close, ex.http11)
+        self.out.append(head if ex.request_id is None else self.server.request_ids.on_response(head, ex.request_id))
         if transform is not None:
             if transform.done:  # an empty body: its transformed form is complete already
                 self.out.append(transform.take())
