@@ -343,6 +343,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.url = self.url
         ex.started = self.head_started
         ex.head_done = self.last_io
+        if self.server.access_log is not None and self.server.access_log.wants_headers:
+            ex.log_headers = self.headers  # (Referer and User-Agent for the combined log format)
         self.reading = ex
         queue = self.queue
         queue.append(ex)

@@ -391,8 +391,9 @@ class DataPlane:
 
 
 def _access_log(settings: Settings, loop) -> AccessLog | None:
-    """DEBUG=true: one JSON line per request (DEBUG_ERRORS_ONLY, ACCESS_LOG_SAMPLE narrow it)."""
-    return AccessLog(loop, settings.debug_errors_only, settings.access_log_sample) if settings.debug else None
+    """DEBUG=true: one line per request in ACCESS_LOG_FORMAT (DEBUG_ERRORS_ONLY, ACCESS_LOG_SAMPLE narrow it)."""
+    return AccessLog(loop, settings.debug_errors_only, settings.access_log_sample,
+                     log_format=settings.access_log_format) if settings.debug else None
 
 
 def _log_handover_error(task: asyncio.Task) -> None:
