@@ -41,22 +41,26 @@ class RequestIds:
         self.count += 1
         count = self.count
         name = self.name
+        request_id = None
         if name is not None:
             lower = self.lower
-            size = len(lower)
-            if any(len(n) == size and n.lower() == lower for n, _ in headers):
-                headers = [(n, v) for n, v in headers if not (len(n) == size and n.lower() == lower)]
+            for n, _ in headers:  # (a plain loop: the cheapest scan in CPython for a handful of headers)
+                if n.lower() == lower:  # the client's own: dropped
+                    headers = [(n, v) for n, v in headers if n.lower() != lower]
+                    break
             request_id = b"%s%x" % (self.prefix, count)
             headers.append((name, request_id))
-        else:
-            request_id = None
-        if self.trace_prefix is not None and not any(len(n) == 11 and n.lower() == TRACEPARENT for n, _ in headers):
-            span = (self.span_base + count) & _SPAN_MASK or 1  # an all-zero parent-id is invalid
-            headers.append((TRACEPARENT, b"00-%s%016x-%016x-01" % (self.trace_prefix, count, span)))
+        if self.trace_prefix is not None:
+            for n, _ in headers:
+                if n.lower() == TRACEPARENT:
+                    break
+            else:
+                span = (self.span_base + count) & _SPAN_MASK or 1  # an all-zero parent-id is invalid
+                headers.append((TRACEPARENT, b"00-%s%016x-%016x-01" % (self.trace_prefix, count, span)))
         return request_id, headers
 
     def on_response(self, head: bytes, request_id: bytes) -> bytes:
         """A client response head with the request ID added (unless the upstream echoed it)."""
         if request_id in head:
             return head
-        return head[:-2] + self.response_line + request_id + b"\r\n\r\n"
+        return b"%b%b%b\r\n\r\n" % (head[:-2], self.response_line, request_id)
