@@ -45,7 +45,7 @@ class AddressStats:
     """Upstream connection counters and passive health for one task address of one service."""
 
     __slots__ = ("service", "address", "connects", "reuses", "failures", "retries", "timeouts", "health", "changed",
-                 "recent", "connect", "connect_sum")
+                 "recent", "connect", "connect_sum", "errors", "errors_counted")
 
     def __init__(self, service: str, address: str):
         self.service = service
@@ -58,6 +58,8 @@ class AddressStats:
         self.health = "unknown"
         self.changed = 0.0  # wall-clock time of the last health change
         self.recent = latency.Recent()  # its requests' total durations, per slot
+        self.errors = 0  # 5xx responses of requests sent to it
+        self.errors_counted = 0  # ... up to the open slot
         self.connect = [0] * (len(DURATION_BOUNDS) + 1)  # new connections' connect time (histogram buckets)
         self.connect_sum = 0.0
 
@@ -83,7 +85,8 @@ class AddressStats:
     def to_json(self, slot: int) -> dict:
         return {"connects": self.connects, "reuses": self.reuses, "failures": self.failures,
                 "retries": self.retries, "timeouts": self.timeouts, "health": self.health, "changed": self.changed,
-                "connect": self.connect, "connect_sum": self.connect_sum, "recent": self.recent.to_json(slot, 0)}
+                "connect": self.connect, "connect_sum": self.connect_sum,
+                "recent": self.recent.to_json(slot, self.errors - self.errors_counted)}
 
 
 class ServiceStats:
@@ -132,6 +135,8 @@ class ServiceStats:
             task = self.addresses.get(address)
             if task is not None:
                 task.recent.counts[recent] += 1
+                if status >= 500:
+                    task.errors += 1
         sent_at = ex.sent_at
         if sent_at:
             took = now - sent_at
@@ -160,7 +165,8 @@ class ServiceStats:
         self.recent.close(slot, errors - self.errors_counted)
         self.errors_counted = errors
         for task in self.addresses.values():
-            task.recent.close(slot, 0)
+            task.recent.close(slot, task.errors - task.errors_counted)
+            task.errors_counted = task.errors
 
     def to_json(self, slot: int) -> dict:
         return {

@@ -91,8 +91,9 @@ def test_recent_latency_percentiles_merge_across_workers():
 
 def test_recent_rates_per_slot():
     stats = metrics.ServiceStats("rates")
+    stats.address(("10.0.0.7", 80))
     for i in range(20):
-        stats.count(exchange(b"GET", 0.001, 0.0005), 502 if i % 4 == 0 else 200, 100.0, 0, 0)
+        stats.count(exchange(b"GET", 0.001, 0.0005, ("10.0.0.7", 80)), 502 if i % 4 == 0 else 200, 100.0, 0, 0)
     stats.close_slot(500)
     for _ in range(10):
         stats.count(exchange(b"GET", 0.001, 0.0005), 200, 100.0, 0, 0)
@@ -101,3 +102,5 @@ def test_recent_rates_per_slot():
     assert got["error_rate"][-2:] == [5 / latency.SLOT, 0.0]
     assert got["requests_minute"] == 30 and len(got["request_rate"]) == latency.HISTORY_SLOTS
     assert latency.summary(stats.to_json(501)["recent"], 501 + latency.MINUTE_SLOTS)["requests_minute"] == 0
+    task = latency.summary(stats.to_json(501)["addresses"]["10.0.0.7:80"]["recent"], 501)
+    assert task["request_rate"][-2:] == [20 / latency.SLOT, 0.0] and task["error_rate"][-2:] == [5 / latency.SLOT, 0.0]

@@ -114,11 +114,10 @@ def _bars(view: dict, key: str) -> str:
             f'{"".join(bars)}<text x="1" y="9">{label}</text></svg>')
 
 
-def _recent_row(kind: str, label: str, view: dict, errors: bool) -> str:
+def _recent_row(kind: str, label: str, view: dict) -> str:
     cells = "".join(f'<td class="num {name}" data-ms="{"" if view[key] is None else view[key]}">{_ms(view[key])}</td>'
                     for name, key in (("p50", "p50_ms"), ("p95", "p95_ms"), ("p99", "p99_ms")))
-    charts = "".join(f'<td class="chart">{_bars(view, key)}</td>' if key != "error_rate" or errors else "<td></td>"
-                     for key in ("request_rate", "error_rate", "p99_ms_by_slot"))
+    charts = "".join(f'<td class="chart">{_bars(view, key)}</td>' for key in ("request_rate", "error_rate", "p99_ms_by_slot"))
     return (f'<tr class="{kind}" data-name="{escape(label)}"><td>{escape(label)}</td>{cells}'
             f'<td class="num minute">{view["requests_minute"]}</td>{charts}</tr>')
 
@@ -128,9 +127,9 @@ def _recent_table(views: dict) -> list[str]:
            "<th>p50</th><th>p95</th><th>p99</th><th>requests (last minute)</th>"
            f"<th>requests/s, {latency.SLOT} s slots, 15 min</th><th>errors/s (5xx)</th><th>p99 per slot</th></tr>"]
     for name, view in sorted(views.items()):
-        out.append(_recent_row("service", name if name != UNROUTED else "(no route / refused)", view, True))
+        out.append(_recent_row("service", name if name != UNROUTED else "(no route / refused)", view))
         for address, task in view["tasks"].items():
-            out.append(_recent_row("task", address, task, False))
+            out.append(_recent_row("task", address, task))
     out.append("</table>")
     return out
 
