@@ -48,7 +48,7 @@ th, td { border: 1px solid #999; padding: .25em .5em; text-align: left; font-siz
 th { background: #2b4a6f; color: #fff; }
 tr.service td { background: #dde6f0; font-weight: bold; }
 td.up { background: #6c6; } td.down { background: #e55; color: #fff; } td.unknown, td.gone { background: #ccc; }
-td.num { text-align: right; font-family: monospace; }
+td.num { text-align: right; font-family: monospace; white-space: nowrap; }
 p.meta { color: #555; font-size: .9em; }
 td.chart { padding: 1px 4px; } svg.bars { display: block; }
 svg.bars text { font: 10px monospace; fill: #333; }
