@@ -3,16 +3,18 @@
 Off by default, and then it costs nothing: the proxy holds no AccessLog and skips the
 call. When on, lines are collected and written in one go at the end of the event loop
 iteration (one write per batch, not per request). The lines of one batch share one
-timestamp. ACCESS_LOG_FORMAT picks the line:
+timestamp (but HAProxy's, whose date is the request's start). ACCESS_LOG_FORMAT picks
+the line:
 
 - ``json`` (default): pyroute's fields, encoded with orjson (below);
 - ``clf``: the Common Log Format (``%h %l %u %t "%r" %>s %b``), as Apache and nginx write it;
 - ``combined``: CLF plus ``"%{Referer}i" "%{User-agent}i"`` (Apache's and nginx's default);
 - ``haproxy``: HAProxy's HTTP log format (``option httplog``: ``%ci:%cp [%tr] %ft %b/%s
   %TR/%Tw/%Tc/%Tr/%Ta %ST %B %CC %CS %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq {%hr} %{+Q}r``),
-  what DFP's DEBUG=true printed, without the syslog header; the frontend is ``services``
-  as DFP named it, the request ID (when on) is the one captured request header, queue
-  times and counts pyroute does not have are 0, and a request with no response logs -1.
+  what DFP's DEBUG=true printed, without the syslog header; the date is the request's
+  start (HAProxy's accept date), the frontend ``services`` as DFP named it, the request
+  ID (when on) the one captured request header; queue times and counts pyroute does not
+  have are 0, and a request with no response logs -1.
 
 In the text formats a client with no response (it went away) logs nginx's 499 where a
 status is required, and `"` and control characters in the request line and headers are
@@ -40,6 +42,7 @@ import asyncio
 import os
 import random
 import re
+import time
 from datetime import datetime, timezone
 
 import orjson
@@ -127,7 +130,8 @@ class AccessLog:
             started, head_done, sent_at, response_at = ex.started, ex.head_done, ex.sent_at, ex.response_at
             active = len(conn.server.connections)
             captured = f" {{{ex.request_id.decode('latin-1')}}}" if ex.request_id is not None else ""
-            return (f"{self._client(conn)} [{self.stamp}] services "
+            accepted = STAMPS["haproxy"](datetime.fromtimestamp(time.time() - (now - started), timezone.utc))
+            return (f"{self._client(conn)} [{accepted}] services "
                     f"{route.service.name if route is not None else 'services'}/"
                     f"{f'{address[0]}:{address[1]}' if address is not None else '<NOSRV>'} "
                     f"{_ms(started, head_done)}/0/{_ms(head_done, sent_at) if sent_at else -1}/"
