@@ -103,7 +103,7 @@ class ServiceStats:
         except KeyError:
             codes = self.responses[method] = {}
         codes[status] = codes.get(status, 0) + 1
-        # Most requests land in the first bucket (the loop clock ticks in ms): skip the bisect.
+        # Most proxied requests take under 1 ms (the first bucket): skip the bisect.
         self.total[0 if took <= FIRST_BOUND else bisect_left(DURATION_BOUNDS, took)] += 1
         self.total_sum += took
         if upstream_took >= 0:

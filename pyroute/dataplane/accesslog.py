@@ -3,8 +3,9 @@
 Off by default, and then it costs nothing: the proxy holds no AccessLog and skips the
 call. When on, lines are encoded with orjson, collected, and written in one go at the
 end of the event loop iteration (one write per batch, not per request). The lines of
-one batch share one timestamp; timings are whole milliseconds (as HAProxy's), which is
-the resolution of the event loop's clock the hot path stamps requests with.
+one batch share one timestamp. Timings (request_ms, connect_ms, response_ms, total_ms)
+are milliseconds as floats at microsecond resolution (0.137 = 137 us), the differences of
+the exchange's clock.clock() stamps; None for a phase that never happened.
 
 The ``termination`` field plays the part of HAProxy's termination flags:
 
@@ -77,10 +78,10 @@ class AccessLog:
             "bytes_in": received,
             "service": route.service.name if route is not None else "",
             "upstream": f"{address[0]}:{address[1]}" if address is not None else "",
-            "request_ms": int((head_done - started) * 1000.0 + 0.5),
-            "connect_ms": int((sent_at - head_done) * 1000.0 + 0.5) if sent_at else None,
-            "response_ms": int((response_at - sent_at) * 1000.0 + 0.5) if response_at else None,
-            "total_ms": int((now - started) * 1000.0 + 0.5),
+            "request_ms": round((head_done - started) * 1000.0, 3),
+            "connect_ms": round((sent_at - head_done) * 1000.0, 3) if sent_at else None,
+            "response_ms": round((response_at - sent_at) * 1000.0, 3) if response_at else None,
+            "total_ms": round((now - started) * 1000.0, 3),
             "termination": termination,
             "retried": ex.retried,
         }))
