@@ -17,6 +17,7 @@ from pyroute.dataplane.accesslog import AccessLog
 from pyroute.dataplane.balancer import Sticky, TaskSet
 from pyroute.dataplane.client import ClientLimit, ProxyServer
 from pyroute.dataplane.clientcert import ClientCertConnection
+from pyroute.dataplane.clock import clock
 from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners
 from pyroute.dataplane.routing import RouteTable
@@ -368,7 +369,7 @@ class DataPlane:
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            now = loop.time()
+            now = clock()
             self.proxy.check_timeouts(now)
             self.tls_proxy.check_timeouts(now)
             self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)
