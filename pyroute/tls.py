@@ -38,6 +38,8 @@ class Certificate:
     context: ssl.SSLContext
     not_after: str
     secret: bool = False  # from a Docker secret: never written to CERTS_DIR, not listed for peers
+    not_before: str = ""
+    issuer: str = ""  # the issuer's commonName (else organizationName), for /certs
 
 
 _CERT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
@@ -106,7 +108,9 @@ def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = Fa
     names = [v.lower() for k, v in decoded.get("subjectAltName", ()) if k == "DNS"]
     if not names:
         names = [v.lower() for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
-    return Certificate(name, pem, tuple(names), ctx, decoded.get("notAfter", ""), secret)
+    issuer = {k: v for rdn in decoded.get("issuer", ()) for k, v in rdn}
+    return Certificate(name, pem, tuple(names), ctx, decoded.get("notAfter", ""), secret,
+                       decoded.get("notBefore", ""), issuer.get("commonName") or issuer.get("organizationName", ""))
 
 
 class CertStore:
@@ -202,8 +206,8 @@ class CertStore:
 
     def list(self) -> list[dict]:
         return [
-            {"Name": c.name, "DnsNames": list(c.names), "NotAfter": c.not_after, "Secret": c.secret,
-             "Pem": c.pem.decode("ascii", "replace")}
+            {"Name": c.name, "DnsNames": list(c.names), "NotAfter": c.not_after, "NotBefore": c.not_before,
+             "Issuer": c.issuer, "Secret": c.secret, "Pem": c.pem.decode("ascii", "replace")}
             for c in self._certs.values()
         ]
 

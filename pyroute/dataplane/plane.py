@@ -29,6 +29,8 @@ from pyroute.tls import CertStore, cert_store
 log = logging.getLogger("pyroute")
 
 STATS_SERVICE = "pyroute-stats"  # the service name of the stats page's own route
+ACME_SERVICE = "pyroute-acme"  # the route of ACME's HTTP-01 challenges (answered by the admin listener)
+ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"
 TLS_HANDSHAKE_TIMEOUT = 10.0
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 MAXCONN_LOG_EVERY = 60.0  # seconds between "MAXCONN reached" log lines
@@ -102,7 +104,7 @@ class DataPlane:
         self.revision = 0
         self.services: tuple[Service, ...] = ()
         self.stats = metrics.DataStats()
-        self.stats_service: tuple[Service, ...] = ()  # the stats page's route, once its address is known
+        self.stats_service: tuple[Service, ...] = ()  # the admin listener's own routes, once its address is known
         self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
         self._next_tasksets: dict[tuple, TaskSet] = {}
         self._tls_services: set[str] = set()  # services with an httpsPort or verifyClientSsl: a TLS table of its own
@@ -331,12 +333,19 @@ class DataPlane:
                     self.resolver.forget_host(host)
 
     def serve_stats_from(self, host: str, port: int) -> None:
-        """Route STATS_URI on the public ports to the stats page at host:port (the admin listener)."""
+        """Route what the admin listener at host:port serves on the public ports, ahead of
+        every service: STATS_URI (the stats page) and, with ACME on, the HTTP-01 challenge
+        path (answered from the replicated state, so whichever replica the CA reaches)."""
         s = self.settings
-        if not s.stats_enabled:
+        own = []
+        if s.stats_enabled:
+            own.append({"serviceName": STATS_SERVICE, "servicePath": s.stats_path})
+        if s.acme_enabled and s.acme_challenge == "http-01":
+            own.append({"serviceName": ACME_SERVICE, "servicePath": ACME_CHALLENGE_PATH})
+        if not own:
             return
-        self.stats_service = (parse_service(
-            {"serviceName": STATS_SERVICE, "servicePath": s.stats_path, "port": str(port), "outboundHostname": host}),)
+        self.stats_service = tuple(parse_service({**params, "port": str(port), "outboundHostname": host})
+                                   for params in own)
         self.apply(self.revision, self.services)
 
     def stats_snapshot(self, name: str) -> dict:
