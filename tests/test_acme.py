@@ -87,7 +87,7 @@ def https_get(address: str, port: int, name: str, roots: str, path: str = "/"):
         c.close()
 
 
-def metric(p, name: str, **labels) -> float:
+def metric(p, family: str, **labels) -> float:
     c = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=5)
     auth = base64.b64encode(b"admin:s3cret").decode()
     c.request("GET", "/metrics", headers={"Authorization": f"Basic {auth}"})
@@ -95,7 +95,7 @@ def metric(p, name: str, **labels) -> float:
     c.close()
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} "):
+        if line.startswith(f"{family}{{{want}}} "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
