@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import start_pyroute, stop_pyroute
 from support.pebble import PEBBLE, Pebble
 from support.proxy import API
 from support.upstream import free_port, wait_until
@@ -120,3 +121,64 @@ def test_labelled_service_gets_a_certificate_served_by_sni(dns, replicas, make_p
     assert order_status(p, "app1.acme.test")["Status"] == "valid"
     assert metric(p, "pyroute_acme_orders_total", result="valid") == 1
     assert metric(p, "pyroute_certificate_expiry_timestamp_seconds", name="app1.acme.test.pem") > time.time()
+
+
+class AcmeCluster:
+    """Replicas 127.0.0.<base+i> of one proxy service (tasks.<name> in the test DNS), one
+    admin PORT, the same HTTP and TLS ports (pebble validates there), one pebble."""
+
+    def __init__(self, dns, pebble_for, tmp_path, base: int, count: int, **env):
+        self.dns, self.tmp = dns, tmp_path
+        self.name = f"acme-proxy-{base}"
+        self.ips = [f"127.0.0.{base + i}" for i in range(count)]
+        self.port, self.http_port, self.tls_port = (free_port(self.ips[0]) for _ in range(3))
+        self.pebble = pebble_for(self.http_port, self.tls_port, **env.pop("pebble_env", {}))
+        self.env = {**acme_env(self.pebble, tmp_path, self.http_port, self.tls_port), "SERVICE_NAME": self.name,
+                    "REPAIR_INTERVAL": "0.5", **env}
+        self.members: dict[int, object] = {}
+        dns.set(f"tasks.{self.name}", self.ips)
+
+    def start(self, i: int):
+        self.members[i] = start_pyroute(self.dns, **{**self.env, "PORT": self.port, "IP": self.ips[i],
+                                                     "BIND_ADDRESS": self.ips[i], "STATE_DIR": str(self.tmp / f"state{i}"),
+                                                     "CERTS_DIR": str(self.tmp / f"certs{i}")})
+        return self.members[i]
+
+    def close(self):
+        for p in self.members.values():
+            stop_pyroute(p)
+        self.dns.remove(f"tasks.{self.name}")
+
+
+@pytest.fixture
+def acme_cluster(dns, pebble_for, tmp_path):
+    made = []
+
+    def make(base: int, count: int, **env) -> AcmeCluster:
+        c = AcmeCluster(dns, pebble_for, tmp_path, base, count, **env)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_three_replicas_one_order_all_serve_and_any_replica_answers_the_challenge(acme_cluster, dns, replicas):
+    """The lowest replica orders; the CA's validation goes (by DNS) to the highest one,
+    which did not order and answers from the replicated state; all three serve it."""
+    c = acme_cluster(150, 3)
+    members = [c.start(i) for i in range(3)]
+    dns.set("app3.acme.test", c.ips[2])
+    dns.set_service("acme-app3", "127.0.0.11")
+    members[1].reconfigure(serviceName="acme-app3", serviceDomain="app3.acme.test", port=str(replicas[0].port),
+                           distribute="true", **{"letsencrypt.host": "app3.acme.test"})
+    for p in members:
+        wait_for_certificate(p, "app3.acme.test")
+    roots = c.pebble.roots()
+    serials = {tls_peer(ip, c.tls_port, "app3.acme.test", roots)["serialNumber"] for ip in c.ips}
+    assert len(serials) == 1, serials
+    for ip in c.ips:
+        assert https_get(ip, c.tls_port, "app3.acme.test", roots, "/hello")[0] == 200
+    orders = [metric(p, "pyroute_acme_orders_total", result="valid") for p in members]
+    assert orders == [1, 0, 0], orders
+    assert "ordering app3.acme.test" not in members[2].log()
