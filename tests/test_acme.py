@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -182,3 +183,57 @@ def test_three_replicas_one_order_all_serve_and_any_replica_answers_the_challeng
     orders = [metric(p, "pyroute_acme_orders_total", result="valid") for p in members]
     assert orders == [1, 0, 0], orders
     assert "ordering app3.acme.test" not in members[2].log()
+
+
+class Blackhole:
+    """Accepts connections on ip:port and never answers: a validation that hangs."""
+
+    def __init__(self, ip: str, port: int):
+        self.sock = socket.create_server((ip, port))
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        for s in self.held:
+            s.close()
+
+
+def acme_records(p) -> dict:
+    st, body = p.admin("state")
+    assert st == 200
+    return {name: entry["value"] for name, entry in body.get("acme", {}).items() if entry["value"] is not None}
+
+
+def test_replica_killed_mid_order_does_not_block_a_later_order(acme_cluster, dns, replicas):
+    """The ordering replica dies while the CA's validation hangs; its lease expires
+    (ACME_LEASE) and the surviving replica orders and installs the certificate."""
+    c = acme_cluster(160, 2, ACME_LEASE="3")
+    members = [c.start(i) for i in range(2)]
+    hole = Blackhole("127.0.0.169", c.http_port)
+    try:
+        dns.set("app4.acme.test", "127.0.0.169")
+        dns.set_service("acme-app4", "127.0.0.11")
+        members[1].reconfigure(serviceName="acme-app4", serviceDomain="app4.acme.test", port=str(replicas[0].port),
+                               distribute="true", **{"letsencrypt.host": "app4.acme.test"})
+        lease = wait_until(lambda: acme_records(members[1]).get("lease app4.acme.test"), timeout=15,
+                           what="the first replica's lease, seen by the second")
+        wait_until(lambda: hole.held, timeout=15, what="the CA's validation request")
+        members[0].kill()
+        dns.set("app4.acme.test", c.ips[1])
+        cert = wait_for_certificate(members[1], "app4.acme.test", timeout=30)
+        assert cert["DnsNames"] == ["app4.acme.test"]
+        status = order_status(members[1], "app4.acme.test")
+        assert status["Status"] == "valid" and status["Updated"] >= lease["expires"], (status, lease)
+        assert metric(members[1], "pyroute_acme_orders_total", result="valid") == 1
+        assert tls_peer(c.ips[1], c.tls_port, "app4.acme.test", c.pebble.roots())
+    finally:
+        hole.close()
