@@ -237,3 +237,81 @@ def test_replica_killed_mid_order_does_not_block_a_later_order(acme_cluster, dns
         assert tls_peer(c.ips[1], c.tls_port, "app4.acme.test", c.pebble.roots())
     finally:
         hole.close()
+
+
+def test_renewal_replaces_the_certificate_live_while_a_tls_connection_stays_open(dns, replicas, make_pyroute,
+                                                                                 pebble_for, tmp_path):
+    """ACME_RENEW_BEFORE longer than pebble's lifetime: every certificate is due again at
+    once (ACME_RETRY apart). New connections get the new one; an open one keeps working."""
+    http_port, tls_port = free_port(), free_port()
+    pebble = pebble_for(http_port, tls_port)
+    dns.set("app5.acme.test", "127.0.0.1")
+    dns.set_service("acme-app5", "127.0.0.11")
+    p = make_pyroute(**acme_env(pebble, tmp_path, http_port, tls_port, ACME_RENEW_BEFORE=str(20 * 365 * 86400),
+                                ACME_RETRY="1"))
+    p.reconfigure(serviceName="acme-app5", serviceDomain="app5.acme.test", port=str(replicas[0].port),
+                  **{"letsencrypt.host": "app5.acme.test"})
+    wait_for_certificate(p, "app5.acme.test")
+    roots = pebble.roots()
+    ctx = ssl.create_default_context(cadata=roots)
+    conn = http.client.HTTPSConnection("127.0.0.1", tls_port, context=ctx, timeout=5)
+    conn.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_port), timeout=5),
+                                server_hostname="app5.acme.test")
+    first = conn.sock.getpeercert()["serialNumber"]
+    conn.request("GET", "/hello", headers={"Host": "app5.acme.test"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.read()
+    wait_until(lambda: tls_peer("127.0.0.1", tls_port, "app5.acme.test", roots)["serialNumber"] != first,
+               timeout=30, interval=0.2, what="a renewed certificate on new connections")
+    conn.request("GET", "/hello", headers={"Host": "app5.acme.test"})
+    response = conn.getresponse()
+    assert response.status == 200 and conn.sock.getpeercert()["serialNumber"] == first
+    response.read()
+    conn.close()
+    assert metric(p, "pyroute_acme_orders_total", result="valid") >= 2
+
+
+def test_nonce_rejections_back_off_exponentially_with_a_clear_status(dns, replicas, make_pyroute, pebble_for,
+                                                                      tmp_path):
+    """PEBBLE_WFE_NONCEREJECT=100: every signed request is refused. The order fails, /certs
+    says why, retries wait 1, 2, 4 ... seconds (ACME_RETRY=1), the proxy keeps serving."""
+    http_port, tls_port = free_port(), free_port()
+    pebble = pebble_for(http_port, tls_port, PEBBLE_WFE_NONCEREJECT="100")
+    dns.set("app6.acme.test", "127.0.0.1")
+    dns.set_service("acme-app6", "127.0.0.11")
+    p = make_pyroute(**acme_env(pebble, tmp_path, http_port, tls_port, ACME_RETRY="1"))
+    p.reconfigure(serviceName="acme-app6", servicePath="/", port=str(replicas[0].port),
+                  **{"letsencrypt.host": "app6.acme.test"})
+    status = wait_until(lambda: (s := order_status(p, "app6.acme.test")) and s["Failures"] >= 3 and s,
+                        timeout=30, interval=0.1, what="three failed orders")
+    assert status["Status"] == "failed" and "badNonce" in status["Error"], status
+    delays = [float(line.split("next attempt in ")[1].split(" s")[0]) for line in p.log().splitlines()
+              if "ACME: order for app6.acme.test failed" in line]
+    assert delays[:3] == [1, 2, 4], delays
+    assert metric(p, "pyroute_acme_orders_total", result="failed") == len(delays)
+    assert acme_cert(p, "app6.acme.test") is None and p.alive()
+    plain = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+    plain.request("GET", "/hello", headers={"Host": "app6.acme.test"})
+    assert plain.getresponse().status == 200
+    plain.close()
+
+
+def test_unresolvable_name_fails_with_the_reason_and_other_names_still_get_certificates(
+        dns, replicas, make_pyroute, pebble_for, tmp_path):
+    http_port, tls_port = free_port(), free_port()
+    pebble = pebble_for(http_port, tls_port)
+    dns.set("app7.acme.test", "127.0.0.1")
+    dns.set_service("acme-app7", "127.0.0.11")
+    p = make_pyroute(**acme_env(pebble, tmp_path, http_port, tls_port, ACME_RETRY="30"))
+    p.reconfigure(serviceName="acme-app7", serviceDomain="app7.acme.test", port=str(replicas[0].port),
+                  **{"letsencrypt.host": "app7.acme.test"})
+    p.reconfigure(serviceName="acme-nowhere", serviceDomain="nowhere.acme.test", port=str(replicas[0].port),
+                  **{"letsencrypt.host": "nowhere.acme.test"})
+    wait_for_certificate(p, "app7.acme.test")
+    status = wait_until(lambda: (s := order_status(p, "nowhere.acme.test")) and s["Status"] == "failed" and s,
+                        timeout=30, interval=0.1, what="the failed order")
+    assert "nowhere.acme.test: " in status["Error"] and "could not resolve" in status["Error"], status
+    assert status["Failures"] == 1 and status["NextAttempt"] - status["Updated"] == pytest.approx(30, abs=1)
+    assert acme_cert(p, "nowhere.acme.test") is None
+    assert "ACME: order for nowhere.acme.test failed (1 in a row), next attempt in 30 s" in p.log()
