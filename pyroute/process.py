@@ -230,7 +230,8 @@ def settings_from_json(data: dict) -> Settings:
 
 
 def _certs_message(certs: CertStore, generation: int) -> bytes:
-    return orjson.dumps({"certs": certs.pems(), "generation": generation}) + b"\n"
+    return orjson.dumps({"certs": certs.pems(), "challenges": certs.challenge_pems(),
+                         "generation": generation}) + b"\n"
 
 
 def _snapshot_message(snapshot: Snapshot) -> bytes:
@@ -555,6 +556,7 @@ async def _worker_main(fd: int) -> int:
                 plane.serve_stats_from(*message["stats_route"])
             elif "certs" in message:
                 plane.certs.replace_all(message["certs"])
+                plane.certs.set_challenges(message["challenges"])
                 writer.write(orjson.dumps({"certs_applied": message["generation"]}) + b"\n")
             elif "revision" in message:
                 try:

@@ -127,6 +127,8 @@ class CertStore:
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
         self._default: ssl.SSLContext | None = None
+        self.challenges: dict[str, ssl.SSLContext] = {}  # ACME TLS-ALPN-01: name -> validation context
+        self._challenge_pems: dict[str, str] = {}
         self._subscribers: list[Callable[[CertStore], None]] = []
         self.dispatch = server_context(None, ca_file)
         self.dispatch.sni_callback = self._choose
@@ -210,6 +212,26 @@ class CertStore:
              "Issuer": c.issuer, "Secret": c.secret, "Pem": c.pem.decode("ascii", "replace")}
             for c in self._certs.values()
         ]
+
+    def set_challenges(self, pems: dict[str, str]) -> None:
+        """Take these TLS-ALPN-01 validation certificates (name -> PEM, chain + key): the TLS
+        listeners serve them to clients offering only ALPN acme-tls/1 for that name."""
+        if pems == self._challenge_pems:
+            return
+        contexts = {}
+        for name, pem in pems.items():
+            try:
+                contexts[name] = load_certificate(name, pem.encode("ascii")).context
+            except ValueError as exc:
+                log.error("ACME validation certificate for %s skipped: %s", name, exc)
+                continue
+            contexts[name].set_alpn_protocols(["acme-tls/1"])
+        self._challenge_pems, self.challenges = dict(pems), contexts
+        for callback in self._subscribers:
+            callback(self)
+
+    def challenge_pems(self) -> dict[str, str]:
+        return dict(self._challenge_pems)
 
     def pems(self) -> dict[str, str]:
         return {c.name: c.pem.decode("ascii", "replace") for c in self._certs.values()}

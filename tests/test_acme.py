@@ -315,3 +315,23 @@ def test_unresolvable_name_fails_with_the_reason_and_other_names_still_get_certi
     assert status["Failures"] == 1 and status["NextAttempt"] - status["Updated"] == pytest.approx(30, abs=1)
     assert acme_cert(p, "nowhere.acme.test") is None
     assert "ACME: order for nowhere.acme.test failed (1 in a row), next attempt in 30 s" in p.log()
+
+
+def test_tls_alpn_01_is_answered_on_the_tls_listener_by_every_worker(dns, replicas, make_pyroute, pebble_for,
+                                                                     tmp_path):
+    """ACME_CHALLENGE=tls-alpn-01 with WORKERS=2: the TLS port opens for the validation
+    alone (no certificate yet), the CA's acme-tls/1 handshake gets the validation
+    certificate, and the issued certificate is served by SNI; no HTTP-01 route exists."""
+    http_port, tls_port = free_port(), free_port()
+    pebble = pebble_for(http_port, tls_port)
+    dns.set("app8.acme.test", "127.0.0.1")
+    dns.set_service("acme-app8", "127.0.0.11")
+    p = make_pyroute(**acme_env(pebble, tmp_path, http_port, tls_port, ACME_CHALLENGE="tls-alpn-01", WORKERS="2"))
+    p.reconfigure(serviceName="acme-app8", serviceDomain="app8.acme.test", port=str(replicas[0].port),
+                  **{"letsencrypt.host": "app8.acme.test"})
+    wait_for_certificate(p, "app8.acme.test")
+    roots = pebble.roots()
+    assert https_get("127.0.0.1", tls_port, "app8.acme.test", roots, "/hello")[0] == 200
+    assert "/.well-known/acme-challenge" not in json.dumps(p.admin("routes")[1])
+    st, body = p.admin("state")
+    assert not [n for n, e in body["acme"].items() if n.startswith("tls-alpn-01") and e["value"] is not None]

@@ -104,7 +104,14 @@ class AcmeManager:
         self.orders = dict.fromkeys(RESULTS, 0)  # pyroute_acme_orders_total{result}, this replica's
         self.wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        registry.subscribe(lambda snapshot: self.wake.set())
+        registry.subscribe(self._changed)
+
+    def _changed(self, snapshot) -> None:
+        """Any change may make an order due; TLS-ALPN-01 answers go to the certificate store."""
+        self.wake.set()
+        prefix = "tls-alpn-01 "
+        self.certs.set_challenges({name[len(prefix):]: record["pem"] for name, record in self.registry.acme().items()
+                                   if name.startswith(prefix)})
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())

@@ -232,7 +232,7 @@ class DataPlane:
         # TLS ports (which sni services may share) and accept-proxy ports look at the first bytes.
         loop = asyncio.get_running_loop()
 
-        def serve(sock: socket.socket, client_ip: str | None, sni_target) -> None:
+        def serve(sock: socket.socket, client_ip: str | None, sni_target, tls_context) -> None:
             if sni_target is not None:
                 tunnel_port = Port("tcp", (sni_target,))
                 ip = client_ip.encode() if client_ip is not None else b""  # the PROXY header's address
@@ -246,7 +246,8 @@ class DataPlane:
                     conn = proxy.factory()
                     conn.client_ip = ip
                     return conn
-            kwargs = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if context else {}
+            ssl_context = tls_context or context  # tls_context: an ACME TLS-ALPN-01 validation
+            kwargs = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if ssl_context else {}
             task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
             task.add_done_callback(_log_handover_error)
 
@@ -255,10 +256,12 @@ class DataPlane:
         except OSError as exc:
             raise listen_error(exc, s.bind_address, spec.port, what) from None
         return PeekingListener(sock, serve, accept_proxy=accept_proxy, trusted=s.proxy_protocol_trusted,
-                               sni_port=lambda: self.tcp.tls_sni.get(spec.port), timeout=s.timeout_http_request)
+                               sni_port=lambda: self.tcp.tls_sni.get(spec.port),
+                               challenges=lambda: self.certs.challenges if spec.ssl else {},
+                               timeout=s.timeout_http_request)
 
     def _certs_changed(self, certs: CertStore) -> None:
-        if self.tls_waiting and len(certs) and self._tick_handle is not None:
+        if self.tls_waiting and (len(certs) or certs.challenges) and self._tick_handle is not None:
             waiting, self.tls_waiting = self.tls_waiting, []
             asyncio.get_running_loop().create_task(self._open_tls(waiting))
 
