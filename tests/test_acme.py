@@ -335,3 +335,64 @@ def test_tls_alpn_01_is_answered_on_the_tls_listener_by_every_worker(dns, replic
     assert "/.well-known/acme-challenge" not in json.dumps(p.admin("routes")[1])
     st, body = p.admin("state")
     assert not [n for n, e in body["acme"].items() if n.startswith("tls-alpn-01") and e["value"] is not None]
+
+
+def test_acme_domains_auto_orders_for_https_services_and_survives_a_restart(dns, replicas, make_pyroute,
+                                                                            pebble_for, tmp_path):
+    """ACME_DOMAINS=auto (no ACME_EMAIL): an httpsOnly service's exact serviceDomain gets a
+    certificate without any letsencrypt label (a wildcard domain does not). After a restart
+    the certificate and its order come back from STATE_DIR: served, not ordered again."""
+    http_port, tls_port = free_port(), free_port()
+    pebble = pebble_for(http_port, tls_port)
+    dns.set("app9.acme.test", "127.0.0.1")
+    dns.set_service("acme-app9", "127.0.0.11")
+    env = acme_env(pebble, tmp_path, http_port, tls_port, ACME_DOMAINS="auto", DEFAULT_PORTS=f"{http_port}")
+    env.pop("ACME_EMAIL")
+    p = make_pyroute(**env)
+    p.reconfigure(serviceName="acme-app9", serviceDomain="app9.acme.test,*.wild.acme.test", httpsOnly="true",
+                  port=str(replicas[0].port))
+    wait_for_certificate(p, "app9.acme.test")
+    assert [o["Name"] for o in certs_of(p)["Acme"]] == ["app9.acme.test"]
+    p.stop()
+    again = make_pyroute(**env)
+    assert acme_cert(again, "app9.acme.test") and order_status(again, "app9.acme.test")["Status"] == "valid"
+    assert metric(again, "pyroute_acme_orders_total", result="valid") == 0
+    assert "ACME: ordering" not in again.log()
+
+
+def test_acme_needs_admin_credentials_and_refuses_bad_labels(dns, make_pyroute, tmp_path):
+    from support.proxy import PyrouteDied
+    with pytest.raises(PyrouteDied, match="ACME needs ADMIN_USER and ADMIN_PASS"):
+        make_pyroute(ACME_EMAIL="ops@acme.test")
+    p = make_pyroute(**ADMIN, ACME_EMAIL="ops@acme.test", STATE_DIR=str(tmp_path / "state"))
+    for label, value, why in (("letsencrypt.host", "*.acme.test", "dns-01"),
+                              ("letsencrypt.host", "bad host!", "not a valid host name"),
+                              ("letsencrypt.email", "nobody", "not an email address")):
+        st, body = p.admin("reconfigure", serviceName="acme-bad", servicePath="/x", port="80", **{label: value})
+        assert st == 400 and body["Status"] == "NOK" and why in body["Message"], body
+    assert p.admin("config", type="json")[1] == {}
+    c = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=5)
+    c.request("POST", f"{API}/state", body=b'{"format": 2, "revision": 1, "hash": "0"}',
+              headers={"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()})
+    r = c.getresponse()
+    assert r.status == 400 and json.loads(r.read())["Status"] == "NOK"
+    c.close()
+
+
+def test_acme_library_is_loaded_only_once_something_is_ordered(dns, replicas, make_pyroute, pebble_for, tmp_path):
+    """ACME on with nothing to order: the acme library and cryptography are not imported
+    (no start-up memory for them); the first order loads them."""
+    http_port, tls_port = free_port(), free_port()
+    pebble = pebble_for(http_port, tls_port)
+    p = make_pyroute(**acme_env(pebble, tmp_path, http_port, tls_port))
+
+    def loaded() -> bool:
+        with open(f"/proc/{p.proc.pid}/maps") as fh:
+            return "cryptography" in fh.read()
+    assert not loaded()
+    dns.set("app10.acme.test", "127.0.0.1")
+    dns.set_service("acme-app10", "127.0.0.11")
+    p.reconfigure(serviceName="acme-app10", serviceDomain="app10.acme.test", port=str(replicas[0].port),
+                  **{"letsencrypt.host": "app10.acme.test"})
+    wait_for_certificate(p, "app10.acme.test")
+    assert loaded()

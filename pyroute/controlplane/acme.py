@@ -158,9 +158,10 @@ class AcmeManager:
         now = time.time()
         records = self.registry.acme()
         wanted = wanted_certificates(self.registry.services(), self.settings)
+        installed = {c["Name"]: c for c in self.certs.list()} if wanted else {}
         due, sleep = [], MAX_SLEEP
         for cert_name, (names, email) in wanted.items():
-            wait = self._due_in(cert_name, names, records.get(f"order {cert_name}"), now)
+            wait = self._due_in(installed.get(file_name(cert_name)), names, records.get(f"order {cert_name}"), now)
             lease = records.get(f"lease {cert_name}")
             if lease is not None and lease["holder"] != self.registry.replica_id:
                 wait = max(wait, lease["expires"] - now)
@@ -176,15 +177,15 @@ class AcmeManager:
             await self._order(cert_name, names, email)
         return 0.0
 
-    def _due_in(self, cert_name: str, names: tuple[str, ...], record: dict | None, now: float) -> float:
-        """Seconds until `cert_name` should be ordered (<= 0: now)."""
+    def _due_in(self, cert: dict | None, names: tuple[str, ...], record: dict | None, now: float) -> float:
+        """Seconds until the certificate for `names` (`cert` installed now, `record` its
+        last order) should be ordered (<= 0: now)."""
         earliest = 0.0
         if record is not None and record["names"] == list(names):
             if record["status"] == "failed":
                 earliest = record["next_attempt"]
             elif record["status"] == "valid":
                 earliest = record["at"] + self.settings.acme_retry  # never two orders in a row
-        cert = next((c for c in self.certs.list() if c["Name"] == file_name(cert_name)), None)
         if cert is None or not set(names) <= set(cert["DnsNames"]):
             return earliest - now
         not_after, not_before = _seconds(cert["NotAfter"]), _seconds(cert["NotBefore"])

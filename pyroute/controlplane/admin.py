@@ -247,7 +247,8 @@ class AdminApi:
             return "secret"
         if self.acme is not None and self.acme.ordered(cert["Name"]):
             return "acme"
-        return "api" if cert["Name"] in self.registry.certs() else "file"
+        stored = self.registry.certs()
+        return "api" if cert["Name"] in stored or cert["Name"].removesuffix(".pem") in stored else "file"
 
     def certificate_metrics(self) -> bytes:
         expiry = {c["Name"]: float(ssl.cert_time_to_seconds(c["NotAfter"]))
