@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import shutil
+import os
 import socket
 import ssl
 import threading
@@ -19,8 +19,7 @@ from support.pebble import PEBBLE, Pebble
 from support.proxy import API
 from support.upstream import free_port, wait_until
 
-pytestmark = pytest.mark.skipif(not shutil.which("pebble") and not PEBBLE.startswith("/usr/bin"),
-                                reason="pebble is not installed (apt-get install pebble)")
+pytestmark = pytest.mark.skipif(not os.path.exists(PEBBLE), reason="pebble is not installed (apt-get install pebble)")
 
 ADMIN = {"ADMIN_USER": "admin", "ADMIN_PASS": "s3cret"}
 
