@@ -360,6 +360,8 @@ def test_acme_domains_auto_orders_for_https_services_and_survives_a_restart(dns,
 
 
 def test_acme_needs_admin_credentials_and_refuses_bad_labels(dns, make_pyroute, tmp_path):
+    """ACME without admin credentials does not start; a wildcard or malformed label, and a
+    malformed or cross-site pushed state, are refused with NOK and change nothing."""
     from support.proxy import PyrouteDied
     with pytest.raises(PyrouteDied, match="ACME needs ADMIN_USER and ADMIN_PASS"):
         make_pyroute(ACME_EMAIL="ops@acme.test")
@@ -370,12 +372,15 @@ def test_acme_needs_admin_credentials_and_refuses_bad_labels(dns, make_pyroute, 
         st, body = p.admin("reconfigure", serviceName="acme-bad", servicePath="/x", port="80", **{label: value})
         assert st == 400 and body["Status"] == "NOK" and why in body["Message"], body
     assert p.admin("config", type="json")[1] == {}
-    c = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=5)
-    c.request("POST", f"{API}/state", body=b'{"format": 2, "revision": 1, "hash": "0"}',
-              headers={"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()})
-    r = c.getresponse()
-    assert r.status == 400 and json.loads(r.read())["Status"] == "NOK"
-    c.close()
+    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()}
+    state = json.dumps(p.admin("state")[1]).encode()
+    for body, headers, status in ((b'{"format": 2, "revision": 1, "hash": "0"}', {}, 400),
+                                  (state, {"Origin": "https://elsewhere.example"}, 403)):
+        c = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=5)
+        c.request("POST", f"{API}/state", body=body, headers={**auth, **headers})
+        r = c.getresponse()
+        assert r.status == status and json.loads(r.read())["Status"] == "NOK"
+        c.close()
 
 
 def test_acme_library_is_loaded_only_once_something_is_ordered(dns, replicas, make_pyroute, pebble_for, tmp_path):
