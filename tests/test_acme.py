@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import start_pyroute, stop_pyroute
+from support.engine import FakeEngine
 from support.pebble import PEBBLE, Pebble
 from support.proxy import API
 from support.upstream import free_port, wait_until
@@ -36,6 +37,13 @@ def pebble_for(dns):
     yield make
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def engine():
+    e = FakeEngine()
+    yield e
+    e.close()
 
 
 def acme_env(pebble: Pebble, tmp_path, http_port: int, tls_port: int, **extra) -> dict:
@@ -101,15 +109,21 @@ def metric(p, family: str, **labels) -> float:
     return 0.0
 
 
-def test_labelled_service_gets_a_certificate_served_by_sni(dns, replicas, make_pyroute, pebble_for, tmp_path):
+def test_labelled_service_gets_a_certificate_served_by_sni(dns, replicas, engine, make_pyroute, pebble_for,
+                                                           tmp_path):
+    """com.df.letsencrypt.host/email labels on a Swarm service (the built-in listener, on a
+    fake Engine API): the certificate is ordered from pebble, served by SNI, listed in
+    /certs with its issuer and source, counted in /metrics."""
     http_port, tls_port = free_port(), free_port()
     up = replicas[0]
     pebble = pebble_for(http_port, tls_port)
     dns.set("app1.acme.test", "127.0.0.1")
     dns.set_service("acme-app1", "127.0.0.11")
-    p = make_pyroute(**acme_env(pebble, tmp_path, http_port, tls_port))
-    p.reconfigure(serviceName="acme-app1", serviceDomain="app1.acme.test", port=str(up.port), servicePath="/",
-                  **{"letsencrypt.host": "app1.acme.test", "letsencrypt.email": "app1@acme.test"})
+    engine.create("acme-app1", {"com.df.notify": "true", "com.df.serviceDomain": "app1.acme.test",
+                                "com.df.servicePath": "/", "com.df.port": str(up.port),
+                                "com.df.letsencrypt.host": "app1.acme.test",
+                                "com.df.letsencrypt.email": "app1@acme.test"})
+    p = make_pyroute(**acme_env(pebble, tmp_path, http_port, tls_port, DOCKER_HOST=engine.docker_host))
     cert = wait_for_certificate(p, "app1.acme.test")
     assert cert["DnsNames"] == ["app1.acme.test"] and "Pebble" in cert["Issuer"], cert
     assert "PRIVATE KEY" not in json.dumps(certs_of(p)["Acme"])
