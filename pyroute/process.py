@@ -75,7 +75,9 @@ log = logging.getLogger("pyroute")
 
 # Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
 RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
-                "dns_timeout", "separator", "service_name", "header_env_allow")
+                "dns_timeout", "separator", "service_name", "header_env_allow",
+                "acme_email", "acme_domains", "acme_directory", "acme_ca_file", "acme_challenge", "acme_renew_before",
+                "acme_lease", "acme_retry")
 
 
 class LocalPlanes:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -266,7 +267,7 @@ class AcmeManager:
         if session.account_uri != account["uri"]:
             await self._share({account_name: {**account, "uri": session.account_uri}})
         order, key_pem = await asyncio.to_thread(session.new_order, names)
-        pending = session.challenges(order, self.settings.acme_challenge)
+        pending = await asyncio.to_thread(session.challenges, order, self.settings.acme_challenge)
         records = {}
         for name, challenge, answer in pending:
             if self.settings.acme_challenge == "http-01":
@@ -411,6 +412,7 @@ class _Failures:
         raise OrderFailed(f"{type(exc).__name__}: {exc}", retry_after) from exc
 
 
+@functools.cache
 def _network_class():
     from acme import client
 
