@@ -369,14 +369,16 @@ def test_tls_alpn_01_is_answered_on_the_tls_listener_by_every_worker(dns, replic
 
 def test_acme_domains_auto_orders_for_https_services_and_survives_a_restart(dns, replicas, make_pyroute,
                                                                             pebble_for, tmp_path):
-    """ACME_DOMAINS=auto (no ACME_EMAIL): an httpsOnly service's exact serviceDomain gets a
-    certificate without any letsencrypt label (a wildcard domain does not). After a restart
+    """ACME_DOMAINS=auto (no ACME_EMAIL), WORKERS=2 (the HTTP-01 route in each worker): an
+    httpsOnly service's exact serviceDomain gets a certificate without any letsencrypt label
+    (a wildcard domain does not). After a restart
     the certificate and its order come back from STATE_DIR: served, not ordered again."""
     http_port, tls_port = free_port(), free_port()
     pebble = pebble_for(http_port, tls_port)
     dns.set("app9.acme.test", "127.0.0.1")
     dns.set_service("acme-app9", "127.0.0.11")
-    env = acme_env(pebble, tmp_path, http_port, tls_port, ACME_DOMAINS="auto", DEFAULT_PORTS=f"{http_port}")
+    env = acme_env(pebble, tmp_path, http_port, tls_port, ACME_DOMAINS="auto", DEFAULT_PORTS=f"{http_port}",
+                   WORKERS="2")
     env.pop("ACME_EMAIL")
     p = make_pyroute(**env)
     p.reconfigure(serviceName="acme-app9", serviceDomain="app9.acme.test,*.wild.acme.test", httpsOnly="true",
