@@ -414,3 +414,52 @@ def test_acme_needs_admin_credentials_and_refuses_bad_labels(dns, make_pyroute, 
         r = c.getresponse()
         assert r.status == status and json.loads(r.read())["Status"] == "NOK"
         c.close()
+
+
+def test_tls_alpn_01_validation_certificate_goes_only_to_acme_tls_clients(dns, replicas, make_pyroute, pebble_for,
+                                                                        tmp_path):
+    """While a TLS-ALPN-01 challenge is pending (the CA's validation hangs on another
+    address), a ClientHello offering only acme-tls/1 gets the validation certificate
+    (acmeIdentifier extension, critical); an ordinary client still gets the name's
+    current certificate."""
+    import trustme
+    from cryptography import x509
+    http_port, tls_port = free_port(), free_port()
+    pebble = pebble_for(http_port, tls_port)
+    hole = Blackhole("127.0.0.169", tls_port)
+    try:
+        dns.set("app11.acme.test", "127.0.0.169")
+        dns.set_service("acme-app11", "127.0.0.11")
+        p = make_pyroute(**acme_env(pebble, tmp_path, http_port, tls_port, ACME_CHALLENGE="tls-alpn-01",
+                                    ACME_RENEW_BEFORE=str(1100 * 365 * 86400)))  # trustme's lasts until 3000
+        ca = trustme.CA()
+        current = ca.issue_cert("app11.acme.test")
+        c = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=5)
+        c.request("PUT", f"{API}/cert?certName=app11.acme.test.pem",
+                  body=b"".join(b.bytes() for b in current.cert_chain_pems) + current.private_key_pem.bytes(),
+                  headers={"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()})
+        assert c.getresponse().status == 200
+        c.close()
+        p.reconfigure(serviceName="acme-app11", serviceDomain="app11.acme.test", port=str(replicas[0].port),
+                      **{"letsencrypt.host": "app11.acme.test"})
+        wait_until(lambda: hole.held, timeout=15, what="the CA's validation request")
+
+        acme_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        acme_client.check_hostname, acme_client.verify_mode = False, ssl.CERT_NONE
+        acme_client.set_alpn_protocols(["acme-tls/1"])
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw:
+            with acme_client.wrap_socket(raw, server_hostname="app11.acme.test") as tls:
+                assert tls.selected_alpn_protocol() == "acme-tls/1"
+                validation = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        extension = validation.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"))
+        assert extension.critical and len(extension.value.value) == 34
+
+        ordinary = ssl.create_default_context()
+        ca.configure_trust(ordinary)
+        ordinary.set_alpn_protocols(["http/1.1"])
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw:
+            with ordinary.wrap_socket(raw, server_hostname="app11.acme.test") as tls:
+                assert ("DNS", "app11.acme.test") in tls.getpeercert()["subjectAltName"]
+        assert p.stop() == 0  # SIGTERM does not wait for the order still polling the CA
+    finally:
+        hole.close()

@@ -32,6 +32,7 @@ import hashlib
 import ipaddress
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -262,12 +263,12 @@ class AcmeManager:
         account = self.registry.acme().get(account_name)
         if account is None:
             account = {"directory": self.settings.acme_directory, "email": email,
-                       "key": await asyncio.to_thread(_new_account_key), "uri": ""}
-        session = await asyncio.to_thread(_Session, self.settings, account)
+                       "key": await in_thread(_new_account_key), "uri": ""}
+        session = await in_thread(_Session, self.settings, account)
         if session.account_uri != account["uri"]:
             await self._share({account_name: {**account, "uri": session.account_uri}})
-        order, key_pem = await asyncio.to_thread(session.new_order, names)
-        pending = await asyncio.to_thread(session.challenges, order, self.settings.acme_challenge)
+        order, key_pem = await in_thread(session.new_order, names)
+        pending = await in_thread(session.challenges, order, self.settings.acme_challenge)
         records = {}
         for name, challenge, answer in pending:
             if self.settings.acme_challenge == "http-01":
@@ -281,10 +282,40 @@ class AcmeManager:
             await self._share(records)  # every replica can answer before the CA is told to look
             await self.wait_certs()
         for _, challenge, _ in pending:
-            await asyncio.to_thread(session.answer, challenge)
-        fullchain = await asyncio.to_thread(session.finalize, order)
-        renew_at = await asyncio.to_thread(session.renewal_time, fullchain)
+            await in_thread(session.answer, challenge)
+        fullchain = await in_thread(session.finalize, order)
+        renew_at = await in_thread(session.renewal_time, fullchain)
         return fullchain + key_pem, renew_at
+
+
+async def in_thread(function, *args):
+    """Run a blocking call of the acme library in a daemon thread of its own: the loop goes
+    on, and a SIGTERM does not wait for an order that is still polling the CA (the default
+    executor's threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result = error = None
+        try:
+            result = function(*args)
+        except Exception as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop closed meanwhile: nobody waits for the answer
+
+    threading.Thread(target=run, name="pyroute-acme", daemon=True).start()
+    return await future
 
 
 def _new_account_key() -> str:
