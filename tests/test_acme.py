@@ -349,9 +349,9 @@ def test_unresolvable_name_fails_with_the_reason_and_other_names_still_get_certi
 
 def test_tls_alpn_01_is_answered_on_the_tls_listener_by_every_worker(dns, replicas, make_pyroute, pebble_for,
                                                                      tmp_path):
-    """ACME_CHALLENGE=tls-alpn-01 with WORKERS=2: the TLS port opens for the validation
-    alone (no certificate yet), the CA's acme-tls/1 handshake gets the validation
-    certificate, and the issued certificate is served by SNI; no HTTP-01 route exists."""
+    """ACME_CHALLENGE=tls-alpn-01 with WORKERS=2: with no certificate yet, the CA's
+    acme-tls/1 handshake gets the validation certificate (from every worker), and the
+    issued certificate is served by SNI; no HTTP-01 route exists."""
     http_port, tls_port = free_port(), free_port()
     pebble = pebble_for(http_port, tls_port)
     dns.set("app8.acme.test", "127.0.0.1")
