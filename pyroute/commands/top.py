@@ -162,7 +162,10 @@ def draw(screen, admin_url: str, interval: float, lines: list[str], status: str)
 
 
 def run(screen, admin_url: str, auth: tuple[str, str] | None, interval: float, first: Reading) -> None:
-    curses.curs_set(0)
+    try:
+        curses.curs_set(0)
+    except curses.error:
+        pass  # a terminal that cannot hide its cursor shows it
     before, now = None, first
     status = f"revision {first.routes.get('Revision')}"
     while True:
