@@ -4,7 +4,7 @@
 # own environment), packed as a tar for `docker import`. Cached: the tar is made once per
 # release and package list and reused by later runs.
 #
-# usage: base_image.sh CACHE_DIR   -> prints the tar's path
+# usage: base_image.sh CACHE_DIR   -> prints the tar's path, then "made" or "reused"
 set -euo pipefail
 
 cache=$1
@@ -12,7 +12,7 @@ packages=python3,python3-venv,ca-certificates
 . /etc/os-release
 release=${VERSION_CODENAME:?this machine names no Debian release in /etc/os-release}
 tar="$cache/debian-$release-$(echo "$packages" | tr , -).tar"
-if [ -s "$tar" ]; then echo "$tar"; exit 0; fi
+if [ -s "$tar" ]; then echo "$tar reused"; exit 0; fi
 
 # The mirror apt uses here for that release (a local mirror or proxy works as for apt).
 mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Origin: Debian' 'Created-By: Packages' \
@@ -28,4 +28,4 @@ rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/deb
   "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/var/log/*
 tar -C "$root" --numeric-owner -cf "$tar.part" .
 mv "$tar.part" "$tar"
-echo "$tar"
+echo "$tar made"

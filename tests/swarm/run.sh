@@ -112,12 +112,13 @@ cp /bin/busybox "$root/bin/busybox"
 for a in sh sleep; do ln -sf busybox "$root/bin/$a"; done
 tar -C "$root" -c . | dk import -c 'CMD ["/bin/sh"]' -c 'ENV PATH=/bin' - busybox:latest >/dev/null
 t=$(date +%s.%N)
-base_tar=$("$HERE/base_image.sh" "$CACHE")
+read -r base_tar how < <("$HERE/base_image.sh" "$CACHE")
+[ -s "$base_tar" ] || { echo "FAIL no base image (debootstrap: $CACHE/debootstrap.log)"; exit 1; }
 . /etc/os-release
 BASE="pyroute-base:$VERSION_CODENAME"
 dk import -c 'CMD ["/bin/bash"]' -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   "$base_tar" "$BASE" >/dev/null
-log "base image $BASE: debootstrap of $PRETTY_NAME with its python3 ($base_tar, cached), imported in $(awk -v a="$(date +%s.%N)" -v b="$t" 'BEGIN{printf "%.1f", a-b}') s"
+log "base image $BASE: debootstrap of $PRETTY_NAME with its python3 ($base_tar, $how), imported; took $(awk -v a="$(date +%s.%N)" -v b="$t" 'BEGIN{printf "%.1f", a-b}') s"
 # pip in the build uses this machine's pip configuration (index, certificate) as build secrets.
 secrets=(--secret "id=pip.conf,src=$STATE/pip.conf")
 cert=$(python3 "$HERE/pip_conf.py" "$STATE/pip.conf")
