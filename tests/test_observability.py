@@ -105,6 +105,10 @@ def test_metrics_move_with_traffic(proxy, svc):
     assert moved("pyroute_requests_total", service="obs-dead", method="GET", code=503) == 1
     assert moved("pyroute_request_duration_seconds_count", service="obs-a") == 6
     assert moved("pyroute_upstream_duration_seconds_count", service="obs-a") == 6
+    assert moved("pyroute_upstream_first_byte_seconds_count", service="obs-a") == 6
+    assert moved("pyroute_upstream_connect_seconds_count", service="obs-a", address=addr) == \
+        moved("pyroute_upstream_connects_total", service="obs-a", address=addr) >= 1
+    assert moved("pyroute_upstream_connect_seconds_sum", service="obs-a", address=addr) > 0  # (perf_counter: us)
     assert value(after, "pyroute_request_duration_seconds_bucket", service="obs-a", le="+Inf") == \
         value(after, "pyroute_request_duration_seconds_count", service="obs-a")
     assert moved("pyroute_service_sent_bytes_total", service="obs-a") > 6 * len("hello")
@@ -161,7 +165,8 @@ def test_access_log_200_no_route_and_timeout(proxy, svc):
     assert ok["bytes"] > 0 and ok["bytes_in"] > 0 and ok["time"].endswith("+00:00")
     for key in ("request_ms", "connect_ms", "response_ms", "total_ms"):
         assert ok[key] >= 0, key
-    assert ok["total_ms"] >= ok["response_ms"]
+        assert isinstance(ok[key], float) and ok[key] == round(ok[key], 3), key  # ms, microsecond resolution
+    assert ok["total_ms"] >= ok["response_ms"] > 0  # a fast exchange is not rounded down to 0 ms
 
     assert proxy.get("/no/such/route")[0] == 503
     nr = access_line(proxy, "/no/such/route", status=503, service="", upstream="", termination="NR")
@@ -238,6 +243,10 @@ def test_workers_are_aggregated(make_pyroute, dns, replicas):
     assert all(served.values()), served
     st, _, body = p.get("/admin?stats")
     assert st == 200 and b"obs-w" in body
+    st, _, body = p.get("/admin?stats;data")  # recent traffic: every worker's slots, added up
+    recent = json.loads(body)["services"]["obs-w"]
+    assert st == 200 and recent["requests_minute"] == n and round(sum(recent["request_rate"]) * 10) == n
+    assert recent["tasks"][f"{up.ip}:{up.port}"]["requests_minute"] == n and recent["p99_ms"] > 0
 
 
 def test_refused_request_is_logged_and_counted(proxy, svc):

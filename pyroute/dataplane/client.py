@@ -26,11 +26,13 @@ import httptools
 
 from pyroute.dataplane import features
 from pyroute.dataplane.balancer import sticky_cookie
+from pyroute.dataplane.clock import clock
 from pyroute.dataplane.exchange import UNLIMITED, Exchange
 from pyroute.dataplane.forwarded import forwarded_client, is_trusted
 from pyroute.dataplane.flow import PEER_FULL, ReadPauses
 from pyroute.dataplane.pages import error_head_only, error_response
 from pyroute.dataplane.limits import AddressLimit, body_too_slow
+from pyroute.dataplane.requestid import RequestIds
 from pyroute.dataplane.headers import (
     REQUEST_LINE_END_10,
     REQUEST_LINE_END_11,
@@ -134,6 +136,9 @@ class ProxyServer:
         self.max_head_bytes = (settings.max_uri_size + settings.max_header_size
                                + HEAD_LINE_ROOM * (settings.max_headers + 1))
         self.pool.connect_timeout = settings.timeout_connect
+        self.request_ids = (RequestIds(settings.request_id_header if settings.request_id else None,
+                                       settings.traceparent == "generate")
+                            if settings.request_id or settings.traceparent == "generate" else None)
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -210,7 +215,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if not self.client_ip:
             peer = transport.get_extra_info("peername")
             self.client_ip = peer[0].encode() if peer else b"unknown"
-        self.last_io = self.loop.time()
+        self.last_io = clock()
         server = self.server
         if server.trusted_proxies:
             self.forwarded = self.peer_trusted = is_trusted(self.client_ip, server.trusted_proxies)
@@ -224,7 +229,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         server.accepted += 1
 
     def data_received(self, data: bytes) -> None:
-        self.last_io = now = self.loop.time()
+        self.last_io = now = clock()
         size = len(data)
         self.received += size
         if self.in_head or self.in_trailers:
@@ -287,7 +292,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         server.connections.discard(self)
         server.limit.closed(self.client_ip)
         if self.queue:  # requests that never got (all of) their response
-            now = self.loop.time()
+            now = clock()
             for ex in self.queue:
                 self._account(ex, ex.status, ex.broken or "CD", now)
         server.closed_received += self.received
@@ -348,6 +353,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.head_done = self.last_io
         ex.client_ip = (forwarded_client(self.headers, self.client_ip, self.server.trusted_proxies)
                         if self.peer_trusted else self.client_ip)
+        if self.server.access_log is not None and self.server.access_log.wants_headers:
+            ex.log_headers = self.headers  # (Referer and User-Agent for the combined log format)
         self.reading = ex
         queue = self.queue
         queue.append(ex)
@@ -398,6 +405,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                         url, headers = req.path + req.query, req.headers
                 if not ex.local:
                     ex.route = route
+                    if self.server.request_ids is not None:  # (requestid.py)
+                        ex.request_id, headers = self.server.request_ids.tag(headers, self.peer_trusted)
                     ex.head = request_head(
                         method, url, headers, self.client_ip, self.server.proto,
                         REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade, self.forwarded,
@@ -561,7 +570,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
     def _attach(self, ex: Exchange, upstream: UpstreamConnection) -> None:
         ex.upstream = upstream
         ex.address = upstream.address
-        ex.sent_at = now = self.loop.time()
+        ex.sent_at = now = clock()
         upstream.bind(self, ex, now)
         if ex.has_body:  # a pooled connection may turn out closed: keep the body to retry
             ex.replay = _replay_buffer(ex) if upstream.reused else None
@@ -597,9 +606,13 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.responded = True
         ex.close_after = close
         if ex.reply is not None:
-            self.out.append(ex.reply.encode(close, ex.is_head))
+            response = ex.reply.encode(close, ex.is_head)
         else:
-            self.out.append(error_head_only(status, close) if ex.is_head else error_response(status, close))
+            response = error_head_only(status, close) if ex.is_head else error_response(status, close)
+        if ex.request_id is not None:  # routed, then no upstream answered (503, 502, 504)
+            end = response.index(b"\r\n\r\n") + 4
+            response = self.server.request_ids.on_response(response[:end], ex.request_id) + response[end:]
+        self.out.append(response)
         self.response_complete(None, False)
 
     # -- callbacks from UpstreamConnection (ExchangeOwner) -----------------------------------
@@ -610,13 +623,15 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         queue = self.queue
         ex = queue.popleft()
         if upstream is not None:
+            now = upstream.last_io  # the read that completed the response
             ex.upstream = None
             if reusable and ex.request_done and ex.http11:
                 self.pool.release(upstream)
             else:
                 upstream.close()
+        else:
+            now = clock()
         self.flush()
-        now = self.loop.time()
         self._account(ex, ex.local or ex.status, "", now)
         if ex.close_after:
             self.transport.close()
@@ -651,6 +666,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self._transform_head(ex, head, forwardable, close_delimited, close)
             return False
         sent = client_response_head(head, forwardable, close, ex.http11)
+        if ex.request_id is not None:
+            sent = self.server.request_ids.on_response(sent, ex.request_id)
         if sent is head:
             return True
         self.out.append(sent)
@@ -668,7 +685,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex.response_edit is not None:
             head, transform = ex.response_edit.head(ex, head, close_delimited)
             forwardable = None  # an edited head is rebuilt whole
-        self.out.append(client_response_head(head, forwardable, close, ex.http11))
+        head = client_response_head(head, forwardable, close, ex.http11)
+        self.out.append(head if ex.request_id is None else self.server.request_ids.on_response(head, ex.request_id))
         if transform is not None:
             if transform.done:  # an empty body: its transformed form is complete already
                 self.out.append(transform.take())
@@ -703,10 +721,10 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         sent = self.sent - self.sent_mark
         self.received_mark = self.received
         self.sent_mark = self.sent
-        sent_at = ex.sent_at
+        ex.finished = now
         if ex.slot is not None:
             ex.slot.release()
-        ex.stats.count(ex.method, status, now - ex.started, now - sent_at if sent_at else -1.0, received, sent)
+        ex.stats.count(ex, status, now, received, sent)
         if self.server.access_log is not None:
             self.server.access_log.exchange(self, ex, status, termination, now, received, sent)
 
@@ -782,7 +800,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         log.debug("refusing request from %s: %s", self.client_ip.decode(), why)
         queue = self.queue
         reading = self.reading
-        now = self.loop.time()
+        now = clock()
         termination = "cR" if status == 408 else "PR"
         if reading is not None and len(queue) > 1:  # its body broke while it waited behind others
             queue.pop()
@@ -800,7 +818,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if not responded:
             self.transport.write(error_response(status, True))
             if self.reading is None:  # the refused request never became an exchange
-                self.server.unrouted.count(b"", status, 0.0, -1.0, 0, 0)
+                self.server.unrouted.count_refused(status)
                 if self.server.access_log is not None:
                     self.server.access_log.refused(self, status)
         self.queue.clear()

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 import httptools
 
+from pyroute.dataplane.clock import clock
 from pyroute.dataplane.exchange import Exchange
 from pyroute.dataplane.headers import AmbiguousResponse, inspect_interim_head, inspect_response_head
 from pyroute.resolver import Resolver, is_ip
@@ -234,7 +236,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.responded = True
-        self.last_io = owner.loop.time()
+        self.last_io = clock()
         in_head = self.in_head
         if in_head:
             partial = self.partial
@@ -310,6 +312,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pool.discard(self)
             return
         if self.close_delimited and not self.in_head and exc is None:  # a clean close ends the body
+            self.last_io = clock()
             self._complete(False)
             return
         self.owner = self.exchange = None
@@ -418,6 +421,7 @@ class UpstreamPool:
         """
         make = self.connection_factories.get(address, UpstreamConnection)
         tls = {"ssl": self.tls_context} if type(address) is TlsAddress else {}
+        began = time.perf_counter()  # (the loop's clock ticks in ms: too coarse for a local connect)
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(lambda: make(self, address, stats), address[0], address[1], **tls),
@@ -426,7 +430,7 @@ class UpstreamPool:
         except (OSError, asyncio.TimeoutError) as exc:
             stats.connect_failed(str(exc) or "connect timeout")
             raise
-        stats.connected()
+        stats.connected(time.perf_counter() - began)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -434,7 +438,7 @@ class UpstreamPool:
         if conn.closed or len(conns) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = conn.last_io or clock()  # (the read that completed its last response)
         conns.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
