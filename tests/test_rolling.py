@@ -44,6 +44,7 @@ def test_a_task_swarm_stops_drains_and_a_new_one_joins_when_running(engine, make
     p = make_pyroute(DOCKER_HOST=engine.docker_host, SWARM_POLL_INTERVAL="0.2", TASK_REFRESH_INTERVAL="60",
                      WORKERS=workers, BALANCE="roundrobin")
     wait_until(lambda: p.get(f"/{name}/hello")[0] == 200, what="route from the labels")
+    wait_until(lambda: engine.open_streams > 0, what="the listener's event stream open")
 
     # In flight on each task, through one worker (a keep-alive client sticks to it).
     conn = p.conn()
