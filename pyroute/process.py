@@ -75,7 +75,8 @@ log = logging.getLogger("pyroute")
 
 # Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
 RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
-                "dns_timeout", "separator", "service_name", "header_env_allow")
+                "dns_timeout", "separator", "service_name", "header_env_allow",
+                "enable_h2", "h2c")
 
 
 class LocalPlanes:

@@ -2,7 +2,8 @@
 
 Certificates come from CERTS_DIR (one PEM file each: chain + key), Docker secrets named
 ``cert-*``/``cert_*``, and the admin API (``install``). Every certificate gets its own
-server SSLContext (TLS 1.2+, modern ciphers, ALPN http/1.1). A listener holds one
+server SSLContext (TLS 1.2+, modern ciphers, ALPN h2 and http/1.1, or http/1.1 alone
+with ENABLE_H2=false). A listener holds one
 *dispatch* context whose SNI callback swaps in the chosen certificate's context: exact
 name, then wildcard (``*.example.com``), then the default (PREFERRED_CERTIFICATE or the
 first loaded). Hot add/replace replaces the name -> context maps in one assignment, so
@@ -28,6 +29,8 @@ log = logging.getLogger("pyroute.tls")
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.2 suites; TLS 1.3 suites are OpenSSL's defaults
 SECRET_PREFIXES = ("cert-", "cert_")
 MAX_PEM = 1024 * 1024
+ALPN_HTTP1 = ("http/1.1",)
+ALPN_H2 = ("h2", "http/1.1")  # ENABLE_H2: HTTP/2 first, as DFP's `alpn h2,http/1.1`
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +66,14 @@ def _refuse_pass_phrase() -> bytes:
     raise ValueError("the private key is encrypted; pyroute needs an unencrypted key")
 
 
-def server_context(pem_path: str | None = None, ca_file: str = "") -> ssl.SSLContext:
-    """A server context with pyroute's TLS policy; loads `pem_path` (chain + key) if given."""
+def server_context(pem_path: str | None = None, ca_file: str = "", alpn: tuple[str, ...] = ALPN_HTTP1) -> ssl.SSLContext:
+    """A server context with pyroute's TLS policy; loads `pem_path` (chain + key) if given.
+    `alpn`: the protocols offered, in order (ENABLE_H2 puts h2 first)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     if ca_file:
         ctx.load_verify_locations(ca_file)
         ctx.verify_mode = ssl.CERT_OPTIONAL  # a bad certificate fails the handshake; none is allowed
@@ -78,7 +82,8 @@ def server_context(pem_path: str | None = None, ca_file: str = "") -> ssl.SSLCon
     return ctx
 
 
-def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = False) -> Certificate:
+def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = False,
+                     alpn: tuple[str, ...] = ALPN_HTTP1) -> Certificate:
     """Validate PEM text (certificate chain + matching private key) into a Certificate.
 
     Raises ValueError saying what is wrong (an encrypted key included: never a prompt).
@@ -94,7 +99,7 @@ def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = Fa
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
         try:
-            ctx = server_context(path, ca_file)
+            ctx = server_context(path, ca_file, alpn)
             decoded = ssl._ssl._test_decode_cert(path)  # the first certificate of the chain
         except ssl.SSLError as exc:
             reason = exc.reason or str(exc)
@@ -113,18 +118,19 @@ class CertStore:
     """The certificates in use; `install`/`remove`/`list` are the API other modules call."""
 
     def __init__(self, certs_dir: str, secrets_dir: str = "", preferred: str = "", ca_file: str = "",
-                 persist: bool = True):
+                 persist: bool = True, alpn: tuple[str, ...] = ALPN_HTTP1):
         self.certs_dir = certs_dir
         self.secrets_dir = secrets_dir
         self.preferred = preferred
         self.ca_file = ca_file
         self.persist = persist  # False in worker processes: the control process writes the files
+        self.alpn = alpn  # every context offers these (the SNI callback's choice answers ALPN)
         self._certs: dict[str, Certificate] = {}
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
         self._default: ssl.SSLContext | None = None
         self._subscribers: list[Callable[[CertStore], None]] = []
-        self.dispatch = server_context(None, ca_file)
+        self.dispatch = server_context(None, ca_file, alpn)
         self.dispatch.sni_callback = self._choose
 
     # -- loading ------------------------------------------------------------------------
@@ -151,7 +157,7 @@ class CertStore:
         for entry, path, secret in found:
             try:
                 with open(path, "rb") as fh:
-                    cert = load_certificate(entry, fh.read(MAX_PEM + 1), self.ca_file, secret)
+                    cert = load_certificate(entry, fh.read(MAX_PEM + 1), self.ca_file, secret, self.alpn)
             except (OSError, ValueError) as exc:
                 log.error("certificate %s skipped: %s", path, exc)
                 continue
@@ -166,7 +172,7 @@ class CertStore:
     def install(self, name: str, pem: bytes) -> Certificate:
         """Add or replace certificate `name`; raises ValueError (and changes nothing) if invalid."""
         name = file_name(_check_name(name))
-        cert = load_certificate(name, pem, self.ca_file)
+        cert = load_certificate(name, pem, self.ca_file, alpn=self.alpn)
         if self.persist:
             try:
                 atomic_write(self.certs_dir, name, pem)
@@ -194,7 +200,7 @@ class CertStore:
         certs = {}
         for name, pem in pems.items():
             try:
-                certs[name] = load_certificate(name, pem.encode("ascii"), self.ca_file)
+                certs[name] = load_certificate(name, pem.encode("ascii"), self.ca_file, alpn=self.alpn)
             except ValueError as exc:
                 log.error("certificate %s skipped: %s", name, exc)
         self._certs = certs
@@ -258,4 +264,4 @@ def cert_store(settings, persist: bool = True) -> CertStore:
     """The certificate store the settings describe (CERTS_DIR, secrets, PREFERRED_CERTIFICATE,
     CA_FILE); `persist` False for a worker, whose control process writes the files."""
     return CertStore(settings.certs_dir, settings.secrets_dir, settings.preferred_certificate, settings.ca_file,
-                     persist=persist)
+                     persist=persist, alpn=ALPN_H2 if settings.enable_h2 else ALPN_HTTP1)

@@ -6,6 +6,7 @@ housekeeping tick. It never imports the control plane: snapshots arrive through 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 
@@ -15,7 +16,8 @@ from pyroute.dataplane import pages
 from pyroute.dataplane.acceptor import PeekingListener, listen_socket
 from pyroute.dataplane.accesslog import AccessLog
 from pyroute.dataplane.balancer import Sticky, TaskSet
-from pyroute.dataplane.client import ClientLimit, ProxyServer
+from pyroute.dataplane import http2
+from pyroute.dataplane.client import ClientConnection, ClientLimit, ProxyServer
 from pyroute.dataplane.clientcert import ClientCertConnection
 from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners
@@ -146,10 +148,24 @@ class DataPlane:
         self.tls_proxy.proto = b"https"
         if s.ca_file:
             self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
+        self._offer_h2(s)
         public = {spec.port for spec in s.default_ports + s.bind_ports}
         tls_ports = {spec.port for spec in s.default_ports + s.bind_ports if spec.ssl}
         self.tcp = TcpListeners(s, loop, self._backend, Listener, limit, public, tls_ports)
         pages.use_directory(s.error_pages_dir)
+
+    def _offer_h2(self, s: Settings) -> None:
+        """ENABLE_H2: TLS connections that chose h2 (ALPN) get an H2Connection; H2C: plain
+        connections that open with the HTTP/2 preface too. Others keep their HTTP/1.1 class."""
+        for proxy, on in ((self.tls_proxy, s.enable_h2), (self.proxy, s.h2c)):
+            if not on:
+                continue
+            make_h1 = proxy.factory
+            streams = http2.stream_class(ClientCertConnection if s.ca_file and proxy is self.tls_proxy
+                                         else ClientConnection)
+            make_h2 = functools.partial(http2.H2Connection, proxy, streams)
+            select = http2.AlpnSelect if proxy is self.tls_proxy else http2.PrefaceSniff
+            proxy.factory = functools.partial(select, make_h1, make_h2)
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply re-read settings (SIGHUP) at once; RESTART_ONLY ones keep their values."""
@@ -355,6 +371,7 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         proxies = (proxy, self.tls_proxy)
+        http2.announce_drain(proxies)
         while True:
             for conn in [c for p in proxies for c in p.connections]:
                 if not conn.queue and not conn.in_head:
