@@ -84,10 +84,24 @@ class H2Client:
         fields = [(":method", method), (":scheme", self.scheme), (":authority", self.host), (":path", path),
                   *(headers or [])]
         self.h2.send_headers(sid, [(k.encode(), v.encode()) for k, v in fields], end_stream=end and body is None)
-        if body is not None:
-            self.h2.send_data(sid, body, end_stream=end)
         self.flush()
+        if body is not None:
+            self.send_body(sid, body, end)
         return sid
+
+    def send_body(self, sid: int, body: bytes, end: bool = True):
+        """DATA as the server's windows allow (reading its WINDOW_UPDATEs while blocked)."""
+        while body:
+            room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size, len(body))
+            if room <= 0:
+                assert self.pump(), "closed while sending a body"
+                continue
+            self.h2.send_data(sid, body[:room])
+            body = body[room:]
+            self.flush()
+        if end:
+            self.h2.end_stream(sid)
+            self.flush()
 
     def pump(self) -> bool:
         """One read; False when the server closed the connection."""
@@ -157,3 +171,136 @@ def test_curl_http2_over_tls_gets_http2_200_from_an_http11_upstream(proxy, dns, 
     rec = up.requests("/h2curl/hello")[-1]
     assert rec.header("X-Forwarded-Proto") == ["https"]
     assert rec.header("Host") == [f"site.test:{proxy.tls_port}"]
+
+
+def test_h2c_with_prior_knowledge_on_the_plain_port(proxy, dns, replicas):
+    register(proxy, dns, replicas[0], serviceName="h2cplain")
+    r = curl("--http2-prior-knowledge", "-i", f"http://127.0.0.1:{proxy.http_port}/h2cplain/hello")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(b"HTTP/2 200"), r.stdout[:200]
+    assert r.stdout.endswith(b"hello, world!")
+    assert replicas[0].requests("/h2cplain/hello")[-1].header("X-Forwarded-Proto") == ["http"]
+    # HTTP/1.1 on the same port is untouched, a request starting with P included
+    st, _, body = proxy.get("/h2cplain/upload", method="POST", body=b"abc")
+    assert st == 200 and json.loads(body)["len"] == 3
+
+
+def test_streams_multiplex_bodies_both_ways_and_share_the_upstream_pool(proxy, dns, replicas, ca):
+    up = replicas[0]
+    register(proxy, dns, up, serviceName="h2mux")
+    c = H2Client(proxy.tls_port, ca=ca)
+    body = bytes(range(256)) * 1024  # 256 KiB: several windows' worth, flow control both ways
+    sids = [c.request("/h2mux/upload", "POST", body=body) for _ in range(3)]
+    sids += [c.request("/h2mux/bytes/300000"), c.request("/h2mux/chunked/100000")]
+    results = [c.response(sid) for sid in sids]
+    for r in results[:3]:
+        assert r["status"] == 200 and json.loads(r["body"])["len"] == len(body)
+    assert results[3]["status"] == 200 and len(results[3]["body"]) == 300000
+    assert results[4]["status"] == 200 and len(results[4]["body"]) == 100000
+    # no chunked body without content-length reached the upstream unframed: h11 parsed each
+    uploads = up.requests("/h2mux/upload")
+    assert [r.header("Transfer-Encoding") for r in uploads] == [["chunked"]] * 3
+    c.close()
+
+
+def test_fields_map_to_http11_and_back(proxy, dns, replicas, ca):
+    up = replicas[0]
+    register(proxy, dns, up, serviceName="h2fields")
+    c = H2Client(proxy.tls_port, ca=ca)
+    sid = c.request("/h2fields/echo?q=1", headers=[("cookie", "a=1"), ("cookie", "b=2"), ("x-one", "1"),
+                                                   ("te", "trailers")])
+    r = c.response(sid)
+    assert r["status"] == 200
+    rec = up.requests("/h2fields/echo")[-1]
+    assert rec.target == "/h2fields/echo?q=1"
+    assert rec.header("Cookie") == ["a=1; b=2"]  # crumbs joined (RFC 9113 §8.2.3)
+    assert rec.header("Host") == [c.host]  # :authority
+    assert rec.header("X-One") == ["1"]
+    assert not rec.header("TE")
+    # the response carries no connection-specific field
+    assert b"connection" not in r["headers"] and b"keep-alive" not in r["headers"]
+    for path, status in (("/h2fields/status/204", 204), ("/h2fields/status/304", 304)):
+        r = c.response(c.request(path))
+        assert (r["status"], r["body"], r["ended"]) == (status, b"", True)
+    r = c.response(c.request("/h2fields/bytes/1000", method="HEAD"))
+    assert (r["status"], r["body"], r["headers"][b"content-length"]) == (200, b"", b"1000")
+    c.close()
+
+
+def test_connection_specific_fields_are_refused(proxy, dns, replicas, ca):
+    register(proxy, dns, replicas[0], serviceName="h2conn")
+    for field in (("connection", "keep-alive"), ("transfer-encoding", "chunked"), ("upgrade", "websocket")):
+        c = H2Client(proxy.tls_port, ca=ca)
+        c.h2.config.validate_outbound_headers = c.h2.config.normalize_outbound_headers = False
+        sid = c.request("/h2conn/hello", headers=[field])
+        r = c.response(sid)
+        assert r["status"] is None and (r["reset"] is not None or c.goaway() is not None), field
+        c.close()
+    assert not replicas[0].requests("/h2conn/")
+
+
+def test_features_and_limits_apply_per_stream(proxy, dns, replicas, ca):
+    up = replicas[0]
+    register(proxy, dns, up, serviceName="h2feat", users="alice:secret", addResHeader="X-Via h2")
+    c = H2Client(proxy.tls_port, ca=ca)
+    assert c.response(c.request("/h2feat/hello"))["status"] == 401
+    auth = [("authorization", "Basic YWxpY2U6c2VjcmV0")]
+    r = c.response(c.request("/h2feat/hello", headers=auth))
+    assert (r["status"], r["headers"].get(b"x-via"), r["body"]) == (200, b"h2", b"hello, world!")
+    assert c.response(c.request("/nowhere"))["status"] == 503
+    assert c.response(c.request("/h2feat/" + "a" * 9000, headers=auth))["status"] == 414  # MAX_URI_SIZE
+    big = [(f"x-h{i}", "v") for i in range(120)]
+    assert c.response(c.request("/h2feat/hello", headers=auth + big))["status"] == 431  # MAX_HEADERS
+    assert c.response(c.request("/h2feat/hello", headers=auth))["status"] == 200  # the connection lives on
+    c.close()
+
+
+def test_trailers_from_an_http11_upstream_reach_the_client(proxy, dns, ca):
+    from support.rawupstream import RawUpstream
+    raw = RawUpstream("127.0.0.43", answer=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                           b"5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n")
+    try:
+        register(proxy, dns, raw, serviceName="h2trail")
+        c = H2Client(proxy.tls_port, ca=ca)
+        r = c.response(c.request("/h2trail/x"))
+        assert (r["status"], r["body"], r["trailers"]) == (200, b"hello", {b"x-checksum": b"abc"})
+        c.close()
+    finally:
+        raw.close()
+
+
+def test_websocket_over_http11_on_the_same_tls_port(proxy, dns, ca):
+    import asyncio
+    import websockets
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+
+    async def run():
+        server = await websockets.serve(echo, "127.0.0.44", 0)
+        port = server.sockets[0].getsockname()[1]
+        dns.set_service("h2ws", "127.0.0.44")
+        await asyncio.to_thread(proxy.reconfigure, serviceName="h2ws", servicePath="/h2ws", port=port)
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        async with websockets.connect(f"wss://site.test:{proxy.tls_port}/h2ws", ssl=ctx,
+                                      host="127.0.0.1", port=proxy.tls_port) as ws:
+            await ws.send("over http/1.1")
+            assert await ws.recv() == "over http/1.1"
+        server.close()
+    asyncio.run(run())
+
+
+def test_enable_h2_false_offers_http11_only(make_pyroute, ca, tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    leaf = ca.issue_cert("site.test")
+    (certs / "s.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems) + leaf.private_key_pem.bytes())
+    tls_port = free_port()
+    make_pyroute(DEFAULT_PORTS=f"{free_port()},{tls_port}:ssl", CERTS_DIR=str(certs), ENABLE_H2="false")
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_port), timeout=5), server_hostname="site.test") as s:
+        assert s.selected_alpn_protocol() == "http/1.1"
