@@ -464,6 +464,7 @@ class H2Connection(asyncio.Protocol):
             conn.data_received(data)
         else:
             stream.conn = call  # upstreamProto=h2c|h2: the stream goes on as HTTP/2 (h2upstream.py)
+            stream.chunked = False
         if event.stream_ended is not None and not stream.closed:
             self._request_ended(event.stream_ended)
 

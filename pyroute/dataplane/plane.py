@@ -19,6 +19,7 @@ from pyroute.dataplane.balancer import Sticky, TaskSet
 from pyroute.dataplane import http2
 from pyroute.dataplane.client import ClientConnection, ClientLimit, ProxyServer
 from pyroute.dataplane.clientcert import ClientCertConnection
+from pyroute.dataplane.h2upstream import Relay
 from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners
 from pyroute.dataplane.routing import RouteTable
@@ -95,6 +96,7 @@ class DataPlane:
         self.settings = settings
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
         self.proxy: ProxyServer | None = None
+        self.relay: Relay | None = None  # HTTP/2 to the tasks of upstreamProto=h2c|h2 routes
         self.tls_proxy: ProxyServer | None = None  # the same routes, X-Forwarded-Proto: https
         self.tcp: TcpListeners | None = None
         self.certs = certs if certs is not None else cert_store(settings, persist=False)
@@ -146,6 +148,7 @@ class DataPlane:
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log, limit)
         self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table, self.stats.unrouted, access_log, limit)
         self.tls_proxy.proto = b"https"
+        self.relay = Relay(loop, s)
         if s.ca_file:
             self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
         self._offer_h2(s)
@@ -163,7 +166,7 @@ class DataPlane:
             make_h1 = proxy.factory
             streams = http2.stream_class(ClientCertConnection if s.ca_file and proxy is self.tls_proxy
                                          else ClientConnection)
-            make_h2 = functools.partial(http2.H2Connection, proxy, streams)
+            make_h2 = functools.partial(http2.H2Connection, proxy, streams, self.relay)
             select = http2.AlpnSelect if proxy is self.tls_proxy else http2.PrefaceSniff
             proxy.factory = functools.partial(select, make_h1, make_h2)
 
@@ -171,6 +174,7 @@ class DataPlane:
         """Apply re-read settings (SIGHUP) at once; RESTART_ONLY ones keep their values."""
         self.settings = settings
         self.proxy.configure(settings)
+        self.relay.settings = settings
         self.tls_proxy.configure(settings)
         pool = self.proxy.pool
         pool.max_idle, pool.idle_timeout = settings.upstream_max_idle, settings.upstream_idle_timeout
@@ -386,6 +390,7 @@ class DataPlane:
         for taskset in self.tasksets.values():
             taskset.close()
         proxy.pool.close_all()
+        self.relay.close_all()
         if proxy.access_log is not None:
             proxy.access_log.flush()
 
@@ -402,6 +407,7 @@ class DataPlane:
             self.tls_proxy.check_timeouts(now)
             self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)
             self.tcp.check_timeouts(now)
+            self.relay.check_timeouts(now)
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
 
