@@ -269,6 +269,7 @@ class H2Connection(asyncio.Protocol):
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: head_room,  # HPACK bombs stop here
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
+        self.h2.decoder.max_header_list_size = head_room  # (h2 applies it only once the client acknowledged)
         self.streams: dict[int, Stream] = {}
         self.received = 0
         self.sent = 0
