@@ -154,7 +154,6 @@ def test_more_streams_than_the_limit(hh, dns, replicas):
 
 def test_a_window_that_never_opens_times_out(hh, dns, replicas):
     c = h2c(hh, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-    c.pump()
     sid = c.request("/hh/bytes/1000000")
     c.sock.settimeout(10)
     started = time.monotonic()

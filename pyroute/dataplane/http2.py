@@ -277,6 +277,7 @@ class H2Connection(asyncio.Protocol):
         self.closed = False
         self.writing_paused = False
         self.goaway_sent = 0  # the last stream id served after a graceful GOAWAY (0: none sent)
+        self.cancelled_now = ()  # streams the client resets in the read being handled
         self.resets = self.control = None  # Budgets, from connection_made
         self._events = {
             h2.events.RequestReceived: self._request,
@@ -328,12 +329,15 @@ class H2Connection(asyncio.Protocol):
             self._close()
             return
         handlers = self._events
+        if len(events) > 1:  # a stream opened and cancelled in one read is never started (rapid reset)
+            self.cancelled_now = {e.stream_id for e in events if type(e) is h2.events.StreamReset}
         for event in events:
             handler = handlers.get(type(event))
             if handler is not None:
                 handler(event)
             if self.closed:
                 return
+        self.cancelled_now = ()
         self.flush()
 
     def eof_received(self) -> bool:
@@ -445,6 +449,8 @@ class H2Connection(asyncio.Protocol):
         if self.goaway_sent and sid > self.goaway_sent:
             self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: try elsewhere
             return
+        if sid in self.cancelled_now:
+            return  # (its reset, in the same read, is counted against the client)
         head = request_bytes(event.headers, event.stream_ended is None)
         if head is None:  # a field HTTP/1.1 could not carry: malformed (RFC 9113 §8.1.1)
             self.h2.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
@@ -500,10 +506,12 @@ class H2Connection(asyncio.Protocol):
     def _cancelled(self, event: h2.events.StreamReset) -> None:
         sid = event.stream_id
         stream = self.streams.get(sid)
-        if stream is None:
-            return
+        if stream is None and sid not in self.cancelled_now:
+            return  # (a stream already answered)
         if not self.resets.spend(self.last_io):  # rapid reset: opening and cancelling costs the client
             return self._calm("too many streams cancelled")
+        if stream is None:
+            return
         self.forget(stream)
         conn = stream.conn
         if conn is not None and not conn.closed:
