@@ -4,6 +4,8 @@ features, limits and pool; curl and the h2 library as clients."""
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -304,3 +306,32 @@ def test_enable_h2_false_offers_http11_only(make_pyroute, ca, tmp_path):
     ctx.set_alpn_protocols(["h2", "http/1.1"])
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_port), timeout=5), server_hostname="site.test") as s:
         assert s.selected_alpn_protocol() == "http/1.1"
+
+
+@pytest.mark.skipif(not shutil.which("nghttp"), reason="nghttp (nghttp2-client) not installed")
+def test_sigterm_sends_goaway_and_lets_streams_in_flight_finish(make_pyroute, dns, replicas):
+    p = make_pyroute(H2C="true", DRAIN_GRACE="10")
+    register(p, dns, replicas[0], serviceName="h2drain")
+    client = subprocess.Popen(["nghttp", "-nv", f"http://127.0.0.1:{p.http_port}/h2drain/slow/1.5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until(lambda: replicas[0].requests("/h2drain/slow"), what="request upstream")
+    p.proc.send_signal(signal.SIGTERM)
+    out, _ = client.communicate(timeout=15)
+    text = out.decode()
+    assert client.returncode == 0, text
+    import re
+    sent = re.search(r"send HEADERS frame <[^>]*stream_id=(\d+)>", text).group(1)
+    assert re.search(rf"recv GOAWAY frame .*\n.*last_stream_id={sent}, error_code=NO_ERROR", text), text
+    assert ":status: 200" in text  # the stream in flight finished after the GOAWAY
+    assert text.index("recv GOAWAY frame") < text.index(":status: 200")
+    assert p.proc.wait(10) == 0
+
+
+def test_upstream_proto_survives_a_restart(make_pyroute, dns, replicas, tmp_path):
+    state = tmp_path / "state"
+    p = make_pyroute(STATE_DIR=str(state))
+    p.reconfigure(serviceName="h2kept", servicePath="/h2kept", port="50051", upstreamProto="h2c")
+    p.stop()
+    p = make_pyroute(STATE_DIR=str(state))
+    st, body = p.admin("config", {"type": "json"})
+    assert st == 200 and '"UpstreamProto": "h2c"' in json.dumps(body)
