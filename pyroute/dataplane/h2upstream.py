@@ -279,7 +279,7 @@ class Call:
             client.h2.send_headers(stream.id, out, end_stream=ended)
             if ended:
                 self._end(None, status)
-        client.flush()
+        client.schedule()
 
     def response_data(self, data: bytes, size: int) -> None:
         self.last_io = self.relay.loop.time()
@@ -293,7 +293,7 @@ class Call:
         elif size:
             self.upstream.acknowledge(self.sid, size)
         self.client.send(stream)
-        self.client.flush()
+        self.client.schedule()
 
     def response_end(self, trailers) -> None:
         stream = self.stream
@@ -301,7 +301,7 @@ class Call:
         stream.finished = True
         self._end(None, self.status)
         self.client.send(stream)  # (trailers go after what the client's window still holds back)
-        self.client.flush()
+        self.client.schedule()
 
     def fail(self, why: str, status: int) -> None:
         """The upstream cannot (or can no longer) answer: gRPC's UNAVAILABLE, else 5xx or a reset."""
@@ -331,7 +331,7 @@ class Call:
                                    end_stream=True)
             self._end(h2.errors.ErrorCodes.CANCEL, status)
             client.done(stream)
-        client.flush()
+        client.schedule()
 
     def _end(self, reset: int | None, status: int) -> None:
         """The call is over on the upstream side (`reset`: cancel the upstream stream)."""

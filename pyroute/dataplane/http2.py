@@ -133,7 +133,7 @@ class Stream:
         except httptools.HttpParserError as exc:  # (conn only writes what it validated: a bug if seen)
             log.warning("stream %d: unparsable response from the HTTP/1.1 side: %s", self.id, exc)
             self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
-        self.owner.flush()
+        self.owner.schedule()
 
     def writelines(self, chunks) -> None:
         for chunk in chunks:
@@ -149,7 +149,7 @@ class Stream:
         if self.in_body and self.until_eof:
             self.finished = True
             self.owner.send(self)
-            self.owner.flush()
+            self.owner.schedule()
         else:
             self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
 
@@ -276,6 +276,7 @@ class H2Connection(asyncio.Protocol):
         self.last_io = 0.0
         self.closed = False
         self.writing_paused = False
+        self.write_scheduled = False
         self.goaway_sent = 0  # the last stream id served after a graceful GOAWAY (0: none sent)
         self.cancelled_now = ()  # streams the client resets in the read being handled
         self.resets = self.control = None  # Budgets, from connection_made
@@ -374,6 +375,17 @@ class H2Connection(asyncio.Protocol):
                 stream.conn.resume_writing()
 
     # -- output ------------------------------------------------------------------------------
+    def schedule(self) -> None:
+        """Write what h2 has queued at the end of this turn of the loop: the responses of
+        every stream that moved in it leave in one write (one TLS record, one syscall)."""
+        if not self.write_scheduled:
+            self.write_scheduled = True
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self.write_scheduled = False
+        self.flush()
+
     def flush(self) -> None:
         data = self.h2.data_to_send()
         if data and not self.closed:
