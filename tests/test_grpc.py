@@ -171,3 +171,15 @@ def test_upstream_proto_is_validated_and_kept(proxy, dns, server):
     route(proxy, dns, server, "grpc-kept")
     st, body = proxy.admin("config", {"type": "json"})
     assert st == 200 and "h2c" in str(body)
+
+
+def test_request_features_apply_to_grpc_routes(proxy, dns, server):
+    route(proxy, dns, server, "grpc-auth", users="alice:secret", addReqHeader="X-Meta from-proxy")
+    with h2c_channel(proxy) as channel:
+        unary = channel.unary_unary(f"/{SERVICE}/Unary")
+        with pytest.raises(grpc.RpcError) as err:
+            unary(b"x", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # HTTP 401, as gRPC maps it
+        reply, call = unary.with_call(b"x", timeout=10, metadata=(("authorization", "Basic YWxpY2U6c2VjcmV0"),))
+        assert reply == b"echo:x"
+        assert ("x-trailer", "t-from-proxy") in call.trailing_metadata()  # the header the route added

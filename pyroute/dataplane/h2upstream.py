@@ -26,6 +26,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from pyroute.dataplane import features
+from pyroute.dataplane.exchange import Exchange
 from pyroute.dataplane.http2 import CONNECTION_FIELDS, SEND_HIGH
 
 log = logging.getLogger("pyroute.dataplane.h2upstream")
@@ -66,12 +68,15 @@ class Relay:
     def call_for(self, client, stream, fields) -> Call | None:
         """A Call when the stream's route has upstreamProto=h2c|h2; None: the HTTP/1.1 path."""
         path = authority = host = None
+        method = b""
         headers = []
         for name, value in fields:
             if name == b":path":
                 path = value
             elif name == b":authority":
                 authority = value
+            elif name == b":method":
+                method = value
             elif name == b"host":
                 host = value
             elif name[:1] != b":":
@@ -82,7 +87,20 @@ class Relay:
         route = client.server.table.match(authority or host, path if query < 0 else path[:query], headers, client)
         if route is None or route.destination.upstream_proto == "http1":
             return None
+        reply = None
+        if route.features:  # the route's request steps, as for HTTP/1.1 (auth, IP rules, header edits, ...)
+            ex = Exchange(True, True, method == b"HEAD", False, False)
+            req = features.run(client, ex, route, method, path, authority or host, headers)
+            if req is None:
+                reply = ex.reply
+            else:
+                fields = [(n, req.path + req.query if n == b":path" else v) for n, v in fields if n[:1] == b":"]
+                fields += req.headers
         call = Call(self, client, stream, route, fields)
+        if reply is not None:  # a step answered: its response, as the HTTP/1.1 path would give it
+            call._end(None, reply.status)
+            stream.write(reply.encode(False, method == b"HEAD"))
+            return call
         self.calls.add(call)
         self.loop.create_task(call.start())
         return call

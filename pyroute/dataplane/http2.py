@@ -225,8 +225,7 @@ class Stream:
                 owner.h2.reset_stream(self.id, code)
             except h2.exceptions.StreamClosedError:
                 pass
-        owner.forget(self)
-        conn = self.conn
+        conn = owner.forget(self)
         if conn is not None and not conn.closed:
             owner.loop.call_soon(conn.connection_lost, None)
 
@@ -280,17 +279,6 @@ class H2Connection(asyncio.Protocol):
         self.goaway_sent = 0  # the last stream id served after a graceful GOAWAY (0: none sent)
         self.cancelled_now = ()  # streams the client resets in the read being handled
         self.resets = self.control = None  # Budgets, from connection_made
-        self._events = {
-            h2.events.RequestReceived: self._request,
-            h2.events.DataReceived: self._data,
-            h2.events.StreamEnded: self._request_ended,
-            h2.events.StreamReset: self._cancelled,
-            h2.events.WindowUpdated: self._window_updated,
-            h2.events.RemoteSettingsChanged: self._settings_changed,
-            h2.events.PingReceived: self._control_frame,
-            h2.events.PriorityUpdated: self._control_frame,
-            h2.events.ConnectionTerminated: self._terminated,
-        }
 
     @property
     def queue(self) -> dict[int, Stream]:
@@ -329,13 +317,13 @@ class H2Connection(asyncio.Protocol):
             self.flush()
             self._close()
             return
-        handlers = self._events
+        handlers = _HANDLERS
         if len(events) > 1:  # a stream opened and cancelled in one read is never started (rapid reset)
             self.cancelled_now = {e.stream_id for e in events if type(e) is h2.events.StreamReset}
         for event in events:
             handler = handlers.get(type(event))
             if handler is not None:
-                handler(event)
+                handler(self, event)
             if self.closed:
                 return
         self.cancelled_now = ()
@@ -355,9 +343,7 @@ class H2Connection(asyncio.Protocol):
             server.closed_sent += self.sent
         self.closed = True
         for stream in list(self.streams.values()):
-            self.forget(stream)
-            stream.closed = True
-            conn = stream.conn
+            conn = self.forget(stream)
             if conn is not None and not conn.closed:
                 conn.connection_lost(None)  # the exchange is accounted as cut short by the client
         self.streams.clear()
@@ -440,20 +426,23 @@ class H2Connection(asyncio.Protocol):
                 self.h2.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
             except h2.exceptions.StreamClosedError:
                 pass
-        self.forget(stream)
-        conn = stream.conn
+        conn = self.forget(stream)
         if conn is not None:  # (its parser is still on the stack: it lets go in a moment)
             self.loop.call_soon(conn.connection_lost, None)
 
-    def forget(self, stream: Stream) -> None:
+    def forget(self, stream: Stream):
+        """The stream is over here: returns what served it (its ClientConnection or Call), let go
+        of so that nothing on the path forms a cycle."""
         stream.closed = True
         stream.parser = None  # it holds the stream's bound callbacks
+        conn, stream.conn = stream.conn, None
         if self.streams.pop(stream.id, None) is not None and stream.unacked:
             self.h2.acknowledge_received_data(stream.unacked, stream.id)  # (the connection's window)
             stream.unacked = 0
         if not self.streams and self.goaway_sent and not self.closed:
             self.flush()
             self._close()
+        return conn
 
     # -- h2 events ---------------------------------------------------------------------------
     def _request(self, event: h2.events.RequestReceived) -> None:
@@ -481,7 +470,7 @@ class H2Connection(asyncio.Protocol):
             if self.writing_paused:
                 conn.pause_writing()
             conn.data_received(data)
-        else:
+        elif not stream.closed:  # (unless a route feature answered it at once)
             stream.conn = call  # upstreamProto=h2c|h2: the stream goes on as HTTP/2 (h2upstream.py)
             stream.chunked = False
         if event.stream_ended is not None and not stream.closed:
@@ -524,8 +513,7 @@ class H2Connection(asyncio.Protocol):
             return self._calm("too many streams cancelled")
         if stream is None:
             return
-        self.forget(stream)
-        conn = stream.conn
+        conn = self.forget(stream)
         if conn is not None and not conn.closed:
             conn.connection_lost(None)  # accounted as cut short by the client, its upstream dropped
 
@@ -610,6 +598,20 @@ class H2Connection(asyncio.Protocol):
                 self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
                 self.flush()
                 self._close()
+
+
+# h2 event -> H2Connection method (functions, not bound methods: no cycle through the connection)
+_HANDLERS = {
+    h2.events.RequestReceived: H2Connection._request,
+    h2.events.DataReceived: H2Connection._data,
+    h2.events.StreamEnded: H2Connection._request_ended,
+    h2.events.StreamReset: H2Connection._cancelled,
+    h2.events.WindowUpdated: H2Connection._window_updated,
+    h2.events.RemoteSettingsChanged: H2Connection._settings_changed,
+    h2.events.PingReceived: H2Connection._control_frame,
+    h2.events.PriorityUpdated: H2Connection._control_frame,
+    h2.events.ConnectionTerminated: H2Connection._terminated,
+}
 
 
 def request_bytes(fields, has_body: bool) -> tuple[bytes, bool, bytes] | None:
