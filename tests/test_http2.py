@@ -271,6 +271,27 @@ def test_trailers_from_an_http11_upstream_reach_the_client(proxy, dns, ca):
         raw.close()
 
 
+def test_a_close_delimited_body_ends_the_stream_cleanly_and_a_reset_one_resets_it(proxy, dns, ca):
+    from support.rawupstream import RawUpstream, reset
+    clean = RawUpstream("127.0.0.47", answer=b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+    clean.after = lambda conn: None  # (the handler closes the socket: a clean FIN ends the body)
+    cut = RawUpstream("127.0.0.48", answer=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+    cut.after = reset
+    try:
+        register(proxy, dns, clean, serviceName="h2eof")
+        register(proxy, dns, cut, serviceName="h2cut")
+        c = H2Client(proxy.tls_port, ca=ca)
+        r = c.response(c.request("/h2eof/x"))
+        assert (r["status"], r["body"], r["ended"]) == (200, b"until the end", True)
+        r = c.response(c.request("/h2cut/x"))
+        assert r["status"] == 200 and r["reset"] is not None and not r["ended"]  # never a clean end
+        assert c.response(c.request("/h2eof/again"))["ended"]  # the connection serves on
+        c.close()
+    finally:
+        clean.close()
+        cut.close()
+
+
 def test_websocket_over_http11_on_the_same_tls_port(proxy, dns, ca):
     import asyncio
     import websockets

@@ -154,7 +154,8 @@ def test_more_streams_than_the_limit(hh, dns, replicas):
 
 def test_a_window_that_never_opens_times_out(hh, dns, replicas):
     c = h2c(hh, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-    sid = c.request("/hh/bytes/1000000")
+    rss = hh.rss_kib()
+    sid = c.request("/hh/bytes/200000000")  # 200 MB the client never makes room for
     c.sock.settimeout(10)
     started = time.monotonic()
     while c.collected(sid)["reset"] is None and time.monotonic() - started < 10:
@@ -163,6 +164,7 @@ def test_a_window_that_never_opens_times_out(hh, dns, replicas):
     r = c.collected(sid)
     assert r["status"] == 200 and r["body"] == b""  # the head went out, no byte of the body could
     assert r["reset"] == h2.errors.ErrorCodes.CANCEL  # TIMEOUT_CLIENT (1 s here)
+    assert hh.rss_kib() - rss < 32 * 1024  # the upstream was not read meanwhile: memory stayed bounded
     still_serves(hh, dns, replicas)
 
 
