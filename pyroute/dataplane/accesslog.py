@@ -69,7 +69,7 @@ class AccessLog:
             self._start_batch()
         lines.append(orjson.dumps({
             "time": self.stamp,
-            "client": conn.client_ip.decode("latin-1"),
+            "client": ex.client_ip.decode("latin-1"),
             "method": ex.method.decode("latin-1"),
             "path": ex.url.decode("latin-1"),
             "status": status,

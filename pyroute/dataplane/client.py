@@ -27,6 +27,7 @@ import httptools
 from pyroute.dataplane import features
 from pyroute.dataplane.balancer import sticky_cookie
 from pyroute.dataplane.exchange import UNLIMITED, Exchange
+from pyroute.dataplane.forwarded import forwarded_client, is_trusted
 from pyroute.dataplane.flow import PEER_FULL, ReadPauses
 from pyroute.dataplane.pages import error_head_only, error_response
 from pyroute.dataplane.limits import AddressLimit, body_too_slow
@@ -126,6 +127,7 @@ class ProxyServer:
         self.max_header_size = settings.max_header_size
         self.max_headers = settings.max_headers
         self.max_body = settings.max_request_body or UNLIMITED
+        self.trusted_proxies = settings.trusted_proxies  # (forwarded.py) () = DFP's default
         # llhttp's caller holds an unfinished head line whole until it ends, so raw head (and
         # trailer) bytes are counted as they arrive and refused past what the limits allow.
         self.max_head_bytes = (settings.max_uri_size + settings.max_header_size
@@ -165,7 +167,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
         "out", "served", "closed", "received", "sent", "sent_mark", "received_mark", "upgrade",
-        "head_bytes", "in_trailers", "trailers_at",
+        "head_bytes", "in_trailers", "trailers_at", "peer_trusted", "forwarded",
     )
 
     def __init__(self, server: ProxyServer):
@@ -198,6 +200,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.length = 0
         self.head_size = 0
         self.upgrade: bytes | None = None  # the Upgrade header of the head being read
+        self.peer_trusted = False  # the peer is one of TRUSTED_PROXIES (forwarded.py)
+        self.forwarded = True  # the peer may set X-Forwarded-For/-Proto (TRUSTED_PROXIES empty, or trusted)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -206,6 +210,9 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             peer = transport.get_extra_info("peername")
             self.client_ip = peer[0].encode() if peer else b"unknown"
         self.last_io = self.loop.time()
+        server = self.server
+        if server.trusted_proxies:
+            self.forwarded = self.peer_trusted = is_trusted(self.client_ip, server.trusted_proxies)
         if not self._register():  # MAXCONN_PER_IP: closed at once, as HAProxy's
             self.parser = None  # `tcp-request connection reject`; connection_lost then has nothing to undo
             self.closed = True
@@ -350,6 +357,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.url = self.url
         ex.started = self.head_started
         ex.head_done = self.last_io
+        ex.client_ip = (forwarded_client(self.headers, self.client_ip, self.server.trusted_proxies)
+                        if self.peer_trusted else self.client_ip)
         self.reading = ex
         queue = self.queue
         queue.append(ex)
@@ -403,7 +412,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                     ex.idempotent = method in IDEMPOTENT
                     ex.head = request_head(
                         method, url, headers, self.client_ip, self.server.proto,
-                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade,
+                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade, self.forwarded,
                     )
                     if ex.has_body:
                         self._limit_body(ex, length)
