@@ -22,7 +22,7 @@ class GrpcServer:
     """A grpcio server on 127.0.0.N: Unary echoes with metadata and trailers, Stream sends
     `n` messages, Hang sends one then waits for `release`, Fail aborts with NOT_FOUND."""
 
-    def __init__(self, ip: str = "127.0.0.45"):
+    def __init__(self, ip: str = "127.0.0.45", credentials=None):
         self.release = threading.Event()
         self.hanging = threading.Event()
 
@@ -53,7 +53,10 @@ class GrpcServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
         self.server.add_generic_rpc_handlers((handler,))
         self.ip = ip
-        self.port = self.server.add_insecure_port(f"{ip}:0")
+        if credentials is None:
+            self.port = self.server.add_insecure_port(f"{ip}:0")
+        else:
+            self.port = self.server.add_secure_port(f"{ip}:0", credentials)
         self.server.start()
 
     def stop(self):
@@ -183,3 +186,19 @@ def test_request_features_apply_to_grpc_routes(proxy, dns, server):
         reply, call = unary.with_call(b"x", timeout=10, metadata=(("authorization", "Basic YWxpY2U6c2VjcmV0"),))
         assert reply == b"echo:x"
         assert ("x-trailer", "t-from-proxy") in call.trailing_metadata()  # the header the route added
+
+
+def test_upstream_proto_h2_speaks_tls_to_the_tasks(proxy, dns, ca):
+    leaf = ca.issue_cert("grpc-backend.test")
+    creds = grpc.ssl_server_credentials([(leaf.private_key_pem.bytes(),
+                                          b"".join(b.bytes() for b in leaf.cert_chain_pems))])
+    server = GrpcServer("127.0.0.49", credentials=creds)
+    try:
+        dns.set_service("grpc-h2tls", server.ip)
+        proxy.reconfigure(serviceName="grpc-h2tls", servicePath=f"/{SERVICE}", port=server.port,
+                          upstreamProto="h2", sslVerifyNone="true")
+        with h2c_channel(proxy) as channel:
+            assert channel.unary_unary(f"/{SERVICE}/Unary")(b"tls-up", timeout=10) == b"echo:tls-up"
+            assert len(list(channel.unary_stream(f"/{SERVICE}/Stream")(b"3", timeout=10))) == 3
+    finally:
+        server.stop()
