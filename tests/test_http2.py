@@ -356,3 +356,20 @@ def test_upstream_proto_survives_a_restart(make_pyroute, dns, replicas, tmp_path
     p = make_pyroute(STATE_DIR=str(state))
     st, body = p.admin("config", {"type": "json"})
     assert st == 200 and '"UpstreamProto": "h2c"' in json.dumps(body)
+
+
+def test_http2_with_two_workers(make_pyroute, dns, replicas, ca, tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    leaf = ca.issue_cert("site.test")
+    (certs / "s.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems) + leaf.private_key_pem.bytes())
+    tls_port, http_port = free_port(), free_port()
+    p = make_pyroute(DEFAULT_PORTS=f"{http_port},{tls_port}:ssl", CERTS_DIR=str(certs), WORKERS="2", H2C="true")
+    register(p, dns, replicas[1], serviceName="h2workers")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for url, flag in ((f"https://site.test:{tls_port}/h2workers/hello", "--http2"),
+                      (f"http://127.0.0.1:{http_port}/h2workers/hello", "--http2-prior-knowledge")):
+        for _ in range(4):  # (connections land on either worker)
+            r = curl(flag, "--cacert", str(tmp_path / "ca.pem"), "-i", "--resolve", f"site.test:{tls_port}:127.0.0.1",
+                     url)
+            assert r.returncode == 0 and r.stdout.startswith(b"HTTP/2 200"), (r.stdout[:100], r.stderr)
