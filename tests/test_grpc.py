@@ -202,3 +202,12 @@ def test_upstream_proto_h2_speaks_tls_to_the_tasks(proxy, dns, ca):
             assert len(list(channel.unary_stream(f"/{SERVICE}/Stream")(b"3", timeout=10))) == 3
     finally:
         server.stop()
+
+
+def test_the_com_df_label_sets_upstream_proto():
+    from pyroute.controlplane.swarm import service_params
+    from pyroute.services import parse_service
+    params = service_params({"Spec": {"Name": "greeter", "Labels": {
+        "com.df.notify": "true", "com.df.servicePath": f"/{SERVICE}", "com.df.port": "50051",
+        "com.df.upstreamProto": "h2c"}}})
+    assert parse_service(params).destinations[0].upstream_proto == "h2c"
