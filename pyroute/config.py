@@ -17,6 +17,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -32,6 +33,8 @@ CONFIG_ENV = "PYROUTE_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STATE_CORRUPT_CHOICES = ("wait", "start-empty")  # what a replica does when no state file copy is usable
 DISCOVERY_TYPES = ("Overlay", "DNS")  # DFP's discoveryType values
+ACCESS_LOG_FORMATS = ("json", "clf", "combined", "haproxy")  # ACCESS_LOG_FORMAT
+TRACEPARENT_MODES = ("pass", "generate")  # TRACEPARENT
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")  # DFP's balance values, plus p2c
 DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")  # DFP's serviceDomainAlgo values
 COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-deflate (no HTTP client asks for it)
@@ -282,6 +285,13 @@ def _log_level(value: Any, setting: str) -> str:
     return level
 
 
+def _header_name(value: Any, setting: str) -> str:
+    """An HTTP field name (RFC 9110 token)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value.strip()):
+        raise _bad(setting, "an HTTP header name", value)
+    return value.strip()
+
+
 def _choice(options: tuple[str, ...]) -> Parser:
     """One of `options`, matched case-insensitively, returned as spelled in `options`."""
 
@@ -511,6 +521,14 @@ class Settings:
                                        help="with DEBUG: log only errors (status >= 400, aborted requests)")
     access_log_sample: float = _setting(1.0, parse=_fraction,
                                         help="with DEBUG: the fraction of requests logged (0 < x <= 1)")
+    access_log_format: str = _setting("json", parse=_choice(ACCESS_LOG_FORMATS),
+                                      help="with DEBUG: json (pyroute's fields), clf, combined (Apache/nginx), "
+                                           "haproxy (HAProxy's HTTP log format, as DFP's DEBUG printed)")
+    request_id: bool = _setting(True, parse=_boolean,
+                                help="a request ID on every routed request, its response and its access log line")
+    request_id_header: str = _setting("X-Request-ID", parse=_header_name, help="the request ID's header")
+    traceparent: str = _setting("pass", parse=_choice(TRACEPARENT_MODES),
+                                help="W3C traceparent: pass (untouched), generate (start one where absent)")
     stats_user: str = _setting("", parse=_optional_text, shown='""', env_indirect=True,
                                help="stats page user; the page is off unless user and password are set "
                                     "(none/none: no authentication)")

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import trustme
 
-from support.upstream import free_port
+from support.upstream import free_port, wait_until
 from conftest import start_pyroute, stop_pyroute
 
 SERVICE = "test.Echo"
@@ -211,3 +211,22 @@ def test_the_com_df_label_sets_upstream_proto():
         "com.df.notify": "true", "com.df.servicePath": f"/{SERVICE}", "com.df.port": "50051",
         "com.df.upstreamProto": "h2c"}}})
     assert parse_service(params).destinations[0].upstream_proto == "h2c"
+
+
+def test_grpc_calls_are_counted_per_service(proxy, dns, server):
+    from prometheus_client.parser import text_string_to_metric_families
+    import http.client
+    route(proxy, dns, server, "grpc-count")
+    with h2c_channel(proxy) as channel:
+        for _ in range(3):
+            channel.unary_unary(f"/{SERVICE}/Unary")(b"n", timeout=10)
+
+    def counted():
+        c = http.client.HTTPConnection("127.0.0.1", proxy.admin_port, timeout=10)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        c.close()
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "pyroute_requests_total" and s.labels.get("service") == "grpc-count"
+                   and s.labels.get("code") == "200")
+    wait_until(lambda: counted() == 3, what="3 calls counted")

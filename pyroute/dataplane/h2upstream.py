@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 import weakref
 from collections import deque
 
@@ -29,6 +30,7 @@ import h2.exceptions
 from pyroute.dataplane import features
 from pyroute.dataplane.exchange import Exchange
 from pyroute.dataplane.http2 import CONNECTION_FIELDS, SEND_HIGH
+from pyroute.resolver import ResolveError
 
 log = logging.getLogger("pyroute.dataplane.h2upstream")
 
@@ -98,6 +100,7 @@ class Relay:
                 fields += req.headers
         call = Call(self, client, stream, route, fields)
         if reply is not None:  # a step answered: its response, as the HTTP/1.1 path would give it
+            call.ex.local = reply.status
             call._end(None, reply.status)
             stream.write(reply.encode(False, method == b"HEAD"))
             return call
@@ -121,13 +124,14 @@ class Relay:
             if proto == "h2":
                 self.tls_context = self.tls_context or upstream_h2_context()
                 tls = {"ssl": self.tls_context, "server_hostname": address[0]}
+            began = time.perf_counter()
             try:
                 _, conn = await asyncio.wait_for(self.loop.create_connection(
                     lambda: UpstreamH2(self, address), address[0], address[1], **tls), self.settings.timeout_connect)
             except (OSError, asyncio.TimeoutError) as exc:
                 stats.connect_failed(str(exc) or "connect timeout")
                 raise
-            stats.connected()
+            stats.connected(time.perf_counter() - began)
             self.connections.setdefault(address, []).append(conn)
             return conn
         finally:
@@ -163,7 +167,7 @@ class Call:
     """One client stream forwarded as a stream on an upstream HTTP/2 connection. For the
     client side it stands where a ClientConnection would (http2.Stream.conn)."""
 
-    queue = ()  # (no Exchange: the client side's timeout marks none)
+    queue = ()  # (the client side's window timeout marks no exchange of ours)
 
     def __init__(self, relay: Relay, client, stream, route, fields):
         self.relay = relay
@@ -172,7 +176,7 @@ class Call:
         self.route = route
         self.grpc = False
         scheme = b"https" if route.destination.upstream_proto == "h2" else b"http"
-        method = b""
+        method = path = b""
         headers = []
         for name, value in fields:
             if name[:1] == b":":
@@ -180,6 +184,8 @@ class Call:
                     value = scheme
                 elif name == b":method":
                     method = value
+                elif name == b":path":
+                    path = value
             elif name == b"content-type":
                 self.grpc = value.startswith(b"application/grpc")
             elif name in CONNECTION_FIELDS or name in (b"x-forwarded-for", b"x-forwarded-proto"):
@@ -187,8 +193,10 @@ class Call:
             headers.append((name, value))
         headers.append((b"x-forwarded-for", client.client_ip))
         headers.append((b"x-forwarded-proto", client.server.proto))
-        self.method = method
         self.headers = headers
+        # For the counters and the access log, as the HTTP/1.1 path keeps them:
+        ex = self.ex = Exchange(True, True, method == b"HEAD", False, False)
+        ex.method, ex.url, ex.route, ex.client_ip = method, path, route, client.client_ip
         self.upstream: UpstreamH2 | None = None
         self.sid = 0
         self.pending: deque = deque()  # request DATA (bytes), then None for its end, until upstream windows allow
@@ -197,7 +205,7 @@ class Call:
         self.paused = False  # the client's window is full: the upstream's is not reopened
         self.closed = False
         self.waiting = True  # an upstream byte is awaited (TIMEOUT_SERVER applies)
-        self.started = self.last_io = relay.loop.time()
+        ex.started = ex.head_done = self.last_io = relay.loop.time()
         self.status = 0
         self.received = self.sent = 0
 
@@ -209,13 +217,14 @@ class Call:
                 address = await route.backend.resolve()
             upstream = await self.relay.connection(address, route.destination.upstream_proto,
                                                    route.stats.address(address))
-        except Exception as exc:  # (ResolveError, OSError, timeout)
+        except (ResolveError, OSError, asyncio.TimeoutError) as exc:
             log.info("%s: no HTTP/2 connection to the tasks: %s", route.service.name, str(exc) or "timeout")
             return self.fail("cannot connect", 503)
         if self.closed:
             return
         self.upstream = upstream
-        self.last_io = self.relay.loop.time()
+        self.ex.address = address
+        self.ex.sent_at = self.last_io = self.relay.loop.time()
         try:
             self.sid = upstream.open(self, self.headers)
         except h2.exceptions.ProtocolError as exc:
@@ -251,7 +260,7 @@ class Call:
     def connection_lost(self, exc) -> None:
         """The client cancelled the stream or went away: the upstream stream is cancelled too."""
         if not self.closed:
-            self._end(h2.errors.ErrorCodes.CANCEL, self.status or 499)
+            self._end(h2.errors.ErrorCodes.CANCEL, self.status, "CD")
 
     # -- request body to the upstream -------------------------------------------------------
     def send_pending(self) -> None:
@@ -292,7 +301,8 @@ class Call:
         if status < 200:
             client.h2.send_headers(stream.id, out)
         else:
-            self.status = status
+            self.status = self.ex.status = status
+            self.ex.response_at = self.last_io
             stream.in_body = True
             client.h2.send_headers(stream.id, out, end_stream=ended)
             if ended:
@@ -328,31 +338,32 @@ class Call:
         log.info("%s: HTTP/2 upstream: %s", self.route.service.name, why)
         stream = self.stream
         client = self.client
+        cut = "sD" if status == 504 else "SD"  # (the access log's termination, as HAProxy's)
         if stream.closed:
-            return self._end(h2.errors.ErrorCodes.CANCEL, status)
-        if self.grpc:
-            if stream.in_body:
+            return self._end(h2.errors.ErrorCodes.CANCEL, self.status, "CD")
+        if stream.in_body:
+            self._end(h2.errors.ErrorCodes.CANCEL, self.status, cut)
+            if self.grpc:  # the response began: its trailers say UNAVAILABLE
                 stream.fields = list(UNAVAILABLE)
                 stream.finished = True
-                self._end(h2.errors.ErrorCodes.CANCEL, self.status)
                 client.send(stream)
             else:
+                stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        else:
+            self.ex.local = status
+            self._end(h2.errors.ErrorCodes.CANCEL, status)
+            if self.grpc:  # a trailers-only answer
                 client.h2.send_headers(stream.id, [(b":status", b"200"), (b"content-type", b"application/grpc"),
                                                    *UNAVAILABLE], end_stream=True)
-                self._end(h2.errors.ErrorCodes.CANCEL, status)
-                client.done(stream)
-        elif stream.in_body:
-            self._end(h2.errors.ErrorCodes.CANCEL, self.status)
-            stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
-        else:
-            client.h2.send_headers(stream.id, [(b":status", b"%d" % status), (b"content-length", b"0")],
-                                   end_stream=True)
-            self._end(h2.errors.ErrorCodes.CANCEL, status)
+            else:
+                client.h2.send_headers(stream.id, [(b":status", b"%d" % status), (b"content-length", b"0")],
+                                       end_stream=True)
             client.done(stream)
         client.schedule()
 
-    def _end(self, reset: int | None, status: int) -> None:
-        """The call is over on the upstream side (`reset`: cancel the upstream stream)."""
+    def _end(self, reset: int | None, status: int, termination: str = "") -> None:
+        """The call is over on the upstream side (`reset`: cancel the upstream stream); it is
+        counted and logged with `status` and `termination`, as the HTTP/1.1 path does."""
         if self.closed:
             return
         self.closed = True
@@ -367,15 +378,11 @@ class Call:
                 except h2.exceptions.StreamClosedError:
                     pass
                 upstream.flush()
-        if status:
-            self._account(status)
-
-    def _account(self, status: int) -> None:
         now = self.relay.loop.time()
-        if self.route is not None:
-            self.route.stats.count(self.method, status, now - self.started, now - self.started, self.received,
-                                   self.sent)
-            self.route = None
+        self.route.stats.count(self.ex, status, now, self.received, self.sent)
+        access_log = self.client.server.access_log
+        if access_log is not None:
+            access_log.exchange(self.client, self.ex, status, termination, now, self.received, self.sent)
 
 
 class UpstreamH2(asyncio.Protocol):

@@ -396,13 +396,15 @@ class DataPlane:
             self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)
             self.tcp.check_timeouts(now)
             self.relay.check_timeouts(now)
+            self.stats.rotate()  # recent traffic: a new slot when the clock left the open one
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
 
 
 def _access_log(settings: Settings, loop) -> AccessLog | None:
-    """DEBUG=true: one JSON line per request (DEBUG_ERRORS_ONLY, ACCESS_LOG_SAMPLE narrow it)."""
-    return AccessLog(loop, settings.debug_errors_only, settings.access_log_sample) if settings.debug else None
+    """DEBUG=true: one line per request in ACCESS_LOG_FORMAT (DEBUG_ERRORS_ONLY, ACCESS_LOG_SAMPLE narrow it)."""
+    return AccessLog(loop, settings.debug_errors_only, settings.access_log_sample,
+                     log_format=settings.access_log_format) if settings.debug else None
 
 
 def _log_handover_error(task: asyncio.Task) -> None:
