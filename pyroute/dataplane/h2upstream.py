@@ -28,6 +28,7 @@ import h2.events
 import h2.exceptions
 
 from pyroute.dataplane import features
+from pyroute.dataplane.clock import clock
 from pyroute.dataplane.exchange import Exchange
 from pyroute.dataplane.http2 import CONNECTION_FIELDS, SEND_HIGH
 from pyroute.resolver import ResolveError
@@ -205,7 +206,7 @@ class Call:
         self.paused = False  # the client's window is full: the upstream's is not reopened
         self.closed = False
         self.waiting = True  # an upstream byte is awaited (TIMEOUT_SERVER applies)
-        ex.started = ex.head_done = self.last_io = relay.loop.time()
+        ex.started = ex.head_done = self.last_io = clock()
         self.status = 0
         self.received = self.sent = 0
 
@@ -224,7 +225,7 @@ class Call:
             return
         self.upstream = upstream
         self.ex.address = address
-        self.ex.sent_at = self.last_io = self.relay.loop.time()
+        self.ex.sent_at = self.last_io = clock()
         try:
             self.sid = upstream.open(self, self.headers)
         except h2.exceptions.ProtocolError as exc:
@@ -295,7 +296,7 @@ class Call:
                 status = int(value)
             if name not in CONNECTION_FIELDS:
                 out.append((name, value))
-        self.last_io = self.relay.loop.time()
+        self.last_io = clock()
         stream = self.stream
         client = self.client
         if status < 200:
@@ -310,7 +311,7 @@ class Call:
         client.schedule()
 
     def response_data(self, data: bytes, size: int) -> None:
-        self.last_io = self.relay.loop.time()
+        self.last_io = clock()
         self.sent += len(data)
         stream = self.stream
         if data:
@@ -378,7 +379,7 @@ class Call:
                 except h2.exceptions.StreamClosedError:
                     pass
                 upstream.flush()
-        now = self.relay.loop.time()
+        now = clock()
         self.route.stats.count(self.ex, status, now, self.received, self.sent)
         access_log = self.client.server.access_log
         if access_log is not None:
@@ -396,7 +397,7 @@ class UpstreamH2(asyncio.Protocol):
         self.calls: dict[int, Call] = {}
         self.closed = False
         self.goaway = False
-        self.last_io = relay.loop.time()
+        self.last_io = clock()
 
     def has_room(self) -> bool:
         return (not self.closed and not self.goaway
@@ -427,7 +428,7 @@ class UpstreamH2(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        self.last_io = self.relay.loop.time()
+        self.last_io = clock()
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:

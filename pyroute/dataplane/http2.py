@@ -36,6 +36,8 @@ import h2.settings
 import httptools
 from hyperframe.frame import GoAwayFrame
 
+from pyroute.dataplane.clock import clock
+
 log = logging.getLogger("pyroute.dataplane.http2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what an h2c client sends first (RFC 9113 §3.4)
@@ -291,7 +293,7 @@ class H2Connection(asyncio.Protocol):
         if not self.client_ip:
             peer = transport.get_extra_info("peername")
             self.client_ip = peer[0].encode() if peer else b"unknown"
-        self.last_io = now = self.loop.time()
+        self.last_io = now = clock()
         self.resets = Budget(RESET_BURST, RESET_RATE, now)
         self.control = Budget(CONTROL_BURST, CONTROL_RATE, now)
         server = self.server
@@ -308,7 +310,7 @@ class H2Connection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        self.last_io = self.loop.time()
+        self.last_io = clock()
         self.received += len(data)
         try:
             events = self.h2.receive_data(data)
@@ -400,7 +402,7 @@ class H2Connection(asyncio.Protocol):
             h2conn.send_data(sid, chunk)
         if out:
             if not stream.blocked_since:
-                stream.blocked_since = self.loop.time()
+                stream.blocked_since = clock()
             if stream.out_size > SEND_HIGH and not stream.upstream_paused:
                 stream.upstream_paused = True
                 stream.conn.pause_writing()  # its upstream is not read until the client makes room
