@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 import weakref
 from collections import deque
@@ -31,21 +30,12 @@ from pyroute.dataplane import features
 from pyroute.dataplane.clock import clock
 from pyroute.dataplane.exchange import Exchange
 from pyroute.dataplane.http2 import CONNECTION_FIELDS, SEND_HIGH
+from pyroute.dataplane.upstream import upstream_tls_context
 from pyroute.resolver import ResolveError
 
 log = logging.getLogger("pyroute.dataplane.h2upstream")
 
 UNAVAILABLE = [(b"grpc-status", b"14"), (b"grpc-message", b"upstream unavailable")]
-
-
-def upstream_h2_context() -> ssl.SSLContext:
-    """upstreamProto=h2 (with sslVerifyNone): TLS with ALPN h2, certificate not checked."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
 
 
 class Relay:
@@ -123,7 +113,7 @@ class Relay:
         try:
             tls = {}
             if proto == "h2":
-                self.tls_context = self.tls_context or upstream_h2_context()
+                self.tls_context = self.tls_context or upstream_tls_context("h2")
                 tls = {"ssl": self.tls_context, "server_hostname": address[0]}
             began = time.perf_counter()
             try:
