@@ -33,7 +33,7 @@ STATE_CORRUPT_CHOICES = ("wait", "start-empty")  # what a replica does when no s
 DISCOVERY_TYPES = ("Overlay", "DNS")  # DFP's discoveryType values
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")  # DFP's balance values, plus p2c
 DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")  # DFP's serviceDomainAlgo values
-COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-deflate (no HTTP client asks for it)
+COMPRESSION_ALGOS = ("gzip", "deflate", "raw-deflate", "identity")  # HAProxy's
 
 
 class SettingsError(Exception):

@@ -34,10 +34,16 @@ class PatternError(ValueError):
     """Why an operator pattern or replacement is refused (the text of the 400 answer)."""
 
 
-def compile_pattern(text: str):
+_OPTIONS_IGNORE_CASE = re2.Options()
+_OPTIONS_IGNORE_CASE.encoding = re2.Options.Encoding.LATIN1
+_OPTIONS_IGNORE_CASE.log_errors = False
+_OPTIONS_IGNORE_CASE.case_sensitive = False  # HAProxy's -i (pathType "path_reg -i")
+
+
+def compile_pattern(text: str, ignore_case: bool = False):
     """The RE2 form of an operator regex (bytes in, Latin-1 mode); PatternError if RE2 refuses it."""
     try:
-        return re2.compile(text.encode(), _OPTIONS)
+        return re2.compile(text.encode(), _OPTIONS_IGNORE_CASE if ignore_case else _OPTIONS)
     except re2.error as exc:
         reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise PatternError(f"RE2 refuses {text!r} ({reason}): pyroute runs operator regexes in linear time, "
