@@ -87,7 +87,9 @@ class AdminApi:
         credentials: tuple[str, str] | None = None,
         certs=None,
         wait_certs: Callable[[], Awaitable[list[str]]] | None = None,
+        routecheck=None,
     ):
+        self.routecheck = routecheck  # routecheck.RouteCheck: shadowed routes and /match
         self.credentials = credentials  # (user, password) every call must present, None = open
         self.registry = registry
         self.certs = certs  # tls.CertStore: install(name, pem) / remove(name) / list()
@@ -109,6 +111,9 @@ class AdminApi:
             "cert": self.cert,
             "certs": self.list_certs,
             "routes": self.route_table,
+            "rejected": self.rejected,
+            "shadowed": self.shadowed,
+            "match": self.match,
         }
 
     async def handle(self, request: Request) -> Response:
@@ -128,7 +133,7 @@ class AdminApi:
             if why is not None:
                 return json_response(403, f"a cross-site request cannot change the proxy ({why})")
         if request.path == "/metrics" and self.collect is not None:
-            return Response(200, metrics.render_prometheus(await self.collect()), "text/plain; version=0.0.4")
+            return await self.prometheus(request)
         if request.path.startswith(PREFIX):
             handler = self.routes.get(request.path[len(PREFIX) :].strip("/"))
             if handler is not None:
@@ -136,6 +141,9 @@ class AdminApi:
                     response = handler(request)
                     return await response if asyncio.iscoroutine(response) else response
                 except ServiceError as exc:
+                    name = request.params.get("serviceName", "").strip()
+                    if handler == self.reconfigure and name:  # what Docker Flow Swarm Listener sends
+                        self.registry.reject(name, "reconfigure", exc)
                     return json_response(exc.status, exc.message, ServiceName=request.params.get("serviceName", ""))
         return json_response(404, f"no such endpoint: {request.path}")
 
@@ -172,7 +180,72 @@ class AdminApi:
         service = self.registry.reconfigure(request.params, _stamp(request))
         if service is None:
             return await self._applied(json_response(200, "", ServiceName=request.params.get("serviceName", "")))
-        return await self._applied(json_response(200, "", **service.to_json()))
+        return await self._applied(json_response(200, self._shadow_warning(service.name), **service.to_json()))
+
+    def _shadow_warning(self, name: str) -> str:
+        """The reconfigure answer's Message: routes of `name` that can never match, or that it hides."""
+        if self.routecheck is None:
+            return ""
+        found = self.routecheck.involving(name)
+        return "; ".join(f"warning: {f['Reason']}" for f in found)
+
+    def rejected(self, request: Request) -> Response:
+        """Labelled services refused on their way in (Swarm labels, the Swarm Listener's list
+        or its reconfigure calls), each with why: a deploy pipeline can fail on a non-empty list."""
+        return json_response(200, "", Rejected=sorted(self.registry.rejected.values(), key=_by_name))
+
+    def shadowed(self, request: Request) -> Response:
+        """Routes that can never match because an earlier one always catches their requests."""
+        found = self.routecheck.findings if self.routecheck is not None else []
+        return json_response(200, "", Shadowed=found)
+
+    def match(self, request: Request) -> Response:
+        """Which route a request would take, and why each route tried before it lost:
+        ?host=H&path=P[&method=M][&port=N][&tls=true][&header.Name=value...]."""
+        if self.routecheck is None:
+            return json_response(404, "route matching is not available")
+        params = request.params
+        path = params.get("path", "/") or "/"
+        host = params.get("host", "")
+        port_text = params.get("port", "0").strip() or "0"
+        if not path.startswith("/") or not port_text.isdigit() or int(port_text) > 65535:
+            return json_response(400, "path must start with '/' and port be a port number")
+        headers = [(b"host", host.encode("latin-1"))] if host else []
+        for key, value in params.items():
+            if key.lower().startswith("header."):
+                headers.append((key[7:].lower().encode("latin-1"), value.encode("latin-1")))
+        answer = self.routecheck.match(host, path.split("?", 1)[0], headers, int(port_text),
+                                       params.get("method", "GET") or "GET", params.get("tls", "").lower() == "true")
+        return json_response(200, "", **answer)
+
+    async def prometheus(self, request: Request) -> Response:
+        """pyroute's metrics and haproxy_exporter's families; distribute=true: every
+        replica's counters merged into one scrape."""
+        if self._distributing(request):
+            snaps = []
+            try:
+                results = await self.replication.peers.fan_out("GET", "/metrics", {"format": "json"})
+            except ResolveError as exc:
+                return json_response(500, f"could not list the replicas: {exc}")
+            failed = [r for r in results if not r.ok]
+            if failed:
+                listed = ", ".join(f"{r.address} ({r.error or r.status})" for r in failed)
+                return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]")
+            for result in results:
+                snap = orjson.loads(result.body)
+                for process in snap["processes"]:
+                    process["name"] = f"{result.address}/{process['name']}"
+                snaps.append(snap)
+            snap = metrics.merge(snaps)
+            control = {"rejected": sum(s.get("control", {}).get("rejected", 0) for s in snaps),
+                       "shadowed": max((s.get("control", {}).get("shadowed", 0) for s in snaps), default=0)}
+        else:
+            snap = await self.collect()
+            control = {"rejected": len(self.registry.rejected),
+                       "shadowed": len(self.routecheck.findings) if self.routecheck is not None else 0}
+        if request.params.get("format") == "json":
+            return Response(200, orjson.dumps({**snap, "control": control}))
+        return Response(200, metrics.render_prometheus(snap, control), "text/plain; version=0.0.4")
 
     async def remove(self, request: Request) -> Response:
         name = request.params.get("serviceName", "").strip()
@@ -339,6 +412,10 @@ class AdminApi:
         """Readiness: 200 once ready, else 503 saying what it waits for (liveness is /ping)."""
         reason = self.not_ready()
         return json_response(503, f"not ready: {reason}") if reason else json_response(200, "")
+
+
+def _by_name(entry: dict) -> str:
+    return entry["ServiceName"]
 
 
 def _stamp(request: Request):

@@ -102,6 +102,10 @@ class ServiceRegistry:
         self._exported: dict[str, dict[str, bytes]] = {kind: {} for kind in KINDS}  # '"name":{entry}' per entry
         self.hash = format_hash(self._digest_sum)
         self._subscribers: list[Callable[[Snapshot], None]] = []
+        # Labelled services refused on their way in (Swarm labels, the Swarm Listener's list or
+        # its reconfigure calls): name -> {"ServiceName", "Source", "Status", "Reason"}. This
+        # replica's own view, not replicated; an entry goes when the name is stored or removed.
+        self.rejected: dict[str, dict] = {}
 
     def subscribe(self, callback: Callable[[Snapshot], None]) -> None:
         self._subscribers.append(callback)
@@ -157,13 +161,17 @@ class ServiceRegistry:
         self._change("certs", name, None, stamp or self.new_stamp(), None)
         return existed
 
-    def upsert_many(self, items: list[Mapping[str, str]]) -> tuple[int, list[str]]:
+    def upsert_many(self, items: list[Mapping[str, str]], source: str = "") -> tuple[int, list[str]]:
         """Apply a whole list of reconfigure params as one publication (one table swap).
 
         Entries equal to what is stored are skipped, so an unchanged list publishes
-        nothing. Returns (entries changed, error messages of the entries refused).
+        nothing. Returns (entries changed, error messages of the entries refused); with a
+        `source` the refused ones are kept as rejections and that source's earlier
+        rejections of services the list no longer holds are dropped.
         """
         changed, errors = 0, []
+        if source:
+            self.forget_rejected(source, {_param(p, "servicename").strip() for p in items})
         for params in items:
             if self.instance is not None and _param(params, "proxyinstancename").strip() != self.instance:
                 continue
@@ -180,11 +188,22 @@ class ServiceRegistry:
                 service = self._parse(params)
             except ServiceError as exc:
                 errors.append(f"{dict(params).get('serviceName', '?')}: {exc.message}")
+                if source:
+                    self.reject(_param(params, "servicename").strip() or "?", source, exc)
                 continue
             changed += self._store("services", service.name, value, self.new_stamp(), service)
         if changed:
             self._publish("apply-list", changed=changed)
         return changed, errors
+
+    def reject(self, name: str, source: str, error: ServiceError) -> None:
+        """Keep why a labelled service was refused, for /rejected and pyroute_rejected_services."""
+        self.rejected[name] = {"ServiceName": name, "Source": source, "Status": error.status, "Reason": error.message}
+
+    def forget_rejected(self, source: str, keep: set[str] = frozenset()) -> None:
+        """Drop `source`'s rejections except the names in `keep` (the services it still lists)."""
+        for name in [n for n, r in self.rejected.items() if r["Source"] == source and n not in keep]:
+            del self.rejected[name]
 
     def republish(self, why: str) -> None:
         """Hand the same services out again as a new revision (reload?recreate=true)."""
@@ -217,6 +236,7 @@ class ServiceRegistry:
             return False
         self._entries[kind][name] = (stamp, value)
         if kind == "services":
+            self.rejected.pop(name, None)  # stored or removed: whatever was refused before is moot
             if value is None:
                 self._services.pop(name, None)
             else:
