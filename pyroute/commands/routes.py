@@ -12,12 +12,14 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from pyroute.basicauth import authorization
 from pyroute.dockersecrets import read_secret
 
 PATH = "/v1/docker-flow-proxy/routes"
+MATCH_PATH = "/v1/docker-flow-proxy/match"
 
 
 def default_admin_url(environ=os.environ) -> str:
@@ -38,9 +40,10 @@ def credentials(user: str | None, password: str | None, environ=os.environ) -> t
     return (user, password) if user and password else None
 
 
-def fetch(admin_url: str, auth: tuple[str, str] | None, timeout: float = 10.0) -> dict:
-    """The routes document; raises RuntimeError with a message saying what to do."""
-    request = urllib.request.Request(admin_url.rstrip("/") + PATH)
+def fetch(admin_url: str, auth: tuple[str, str] | None, timeout: float = 10.0, path: str = PATH) -> dict:
+    """The routes document (or another admin answer at `path`); raises RuntimeError with a
+    message saying what to do."""
+    request = urllib.request.Request(admin_url.rstrip("/") + path)
     if auth is not None:
         request.add_header("Authorization", authorization(*auth))
     try:
@@ -50,13 +53,13 @@ def fetch(admin_url: str, auth: tuple[str, str] | None, timeout: float = 10.0) -
         if exc.code == 401:
             raise RuntimeError(f"{admin_url}: the admin API needs credentials: set ADMIN_USER and ADMIN_PASS "
                                "(or --user/--password)") from None
-        raise RuntimeError(f"{admin_url}{PATH} answered {exc.code}") from None
+        raise RuntimeError(f"{admin_url}{path.split('?')[0]} answered {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise RuntimeError(f"cannot reach the admin API at {admin_url} ({reason}): is pyroute running? "
                            "Give its address with --admin http://HOST:PORT") from None
     except ValueError:
-        raise RuntimeError(f"{admin_url}{PATH} did not answer JSON: is this pyroute's admin port?") from None
+        raise RuntimeError(f"{admin_url}{path.split('?')[0]} did not answer JSON: is this pyroute's admin port?") from None
 
 
 def rule(route: dict) -> tuple[str, str]:
@@ -100,4 +103,52 @@ def main(admin_url: str | None, user: str | None, password: str | None) -> int:
         print(f"pyroute routes: {exc}", file=sys.stderr)
         return 1
     print(render(document))
+    return 0
+
+
+def match_query(url: str, headers: list[str], method: str) -> str:
+    """The /match query for a URL as a person types it ("http://a.com:8080/x?y", "a.com/x", "/x")."""
+    if "://" not in url:
+        url = "http://" + url  # "/x" becomes "http:///x": no host
+    parts = urllib.parse.urlsplit(url)
+    query = {"host": parts.hostname or "", "path": parts.path or "/", "method": method.upper(),
+             "tls": "true" if parts.scheme == "https" else "false"}
+    if parts.port:
+        query["port"] = str(parts.port)
+    for header in headers:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            raise ValueError(f"--header expects NAME:VALUE, got {header!r}")
+        query[f"header.{name.strip()}"] = value.strip()
+    return urllib.parse.urlencode(query)
+
+
+def render_match(answer: dict) -> str:
+    def named(route: dict) -> str:
+        host, paths = rule(route)
+        service = route["Service"] + (f"#{route['Index']}" if route["Index"] else "")
+        return f"{service} (host {host}, path {paths})"
+
+    won = answer.get("Match")
+    lines = [f"{answer.get('Method', 'GET')} host {answer.get('Host') or '(none)'} path {answer.get('Path')}: "
+             + (named(won) if won else "no route (503)"),
+             f"  why: {answer.get('Why', '')}"]
+    if answer.get("Answer"):
+        lines.append(f"  answer: {answer['Answer']}")
+    for candidate in answer.get("Candidates", []):
+        lines.append(f"  {named(candidate)}: {candidate['Lost']}")
+    return "\n".join(lines)
+
+
+def match(admin_url: str | None, user: str | None, password: str | None, url: str, headers: list[str],
+          method: str) -> int:
+    """`pyroute routes --match URL`: the admin API's /match answer, readable."""
+    admin = admin_url or default_admin_url()
+    try:
+        query = match_query(url, headers, method)
+        answer = fetch(admin, credentials(user, password), path=f"{MATCH_PATH}?{query}")
+    except (RuntimeError, ValueError) as exc:
+        print(f"pyroute routes: {exc}", file=sys.stderr)
+        return 1
+    print(render_match(answer))
     return 0

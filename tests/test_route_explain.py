@@ -1,0 +1,156 @@
+"""Routes that explain themselves (issue 17): shadowed routes found on every reconfigure and
+label apply (the reconfigure answer's Message, the log, GET /v1/docker-flow-proxy/shadowed),
+and GET /v1/docker-flow-proxy/match (+ `pyroute routes --match URL`) saying which route a
+request takes and why each earlier one lost. Every claim is checked against what the data
+plane really does with the same request."""
+from __future__ import annotations
+
+import pytest
+
+from support.upstream import wait_until
+from test_operator import pyroute
+
+
+@pytest.fixture
+def ups(replicas):
+    return replicas[0], replicas[1]
+
+
+def add(proxy, dns, upstream, **params):
+    dns.set_service(params["serviceName"], upstream.ip)
+    params.setdefault("port", upstream.port)
+    return proxy.reconfigure(params)
+
+
+def reached(proxy, path, host=None, headers=None):
+    st, h, _ = proxy.get(path, headers={**({"Host": host} if host else {}), **(headers or {})})
+    return st, h.get("X-Upstream")
+
+
+def shadowed(proxy) -> list[dict]:
+    st, body = proxy.admin("shadowed")
+    assert st == 200 and body["Status"] == "OK"
+    return body["Shadowed"]
+
+
+def test_prefix_catching_a_longer_path_is_reported_everywhere(proxy, dns, ups):
+    """DFP's most common support thread: /ztest catches /ztest1."""
+    a, b = ups
+    add(proxy, dns, a, serviceName="ztest", servicePath="/ztest")
+    answer = add(proxy, dns, b, serviceName="ztest1", servicePath="/ztest1,/zother")
+    assert answer["Status"] == "OK"
+    assert "warning: ztest1 servicePath /ztest1 can never match: ztest" in answer["Message"], answer["Message"]
+    # what the data plane does agrees: /ztest1 reaches ztest, ztest1's other path still works
+    assert reached(proxy, "/ztest1/x") == (200, a.addr)
+    assert reached(proxy, "/zother/x") == (200, b.addr)
+    [finding] = shadowed(proxy)
+    assert (finding["Service"], finding["Path"], finding["ShadowedBy"]["Service"], finding["ShadowedBy"]["Path"]) == \
+        ("ztest1", "/ztest1", "ztest", "/ztest")
+    assert '"event":"shadowed","service":"ztest1","path":"/ztest1","by":"ztest"' in proxy.log()
+    # the catcher's own reconfigure names it too
+    assert "ztest1 servicePath /ztest1 can never match" in add(proxy, dns, a, serviceName="ztest",
+                                                               servicePath="/ztest")["Message"]
+    # the aclName order is DFP's fix: ztest1 first, and nothing is shadowed any more
+    assert add(proxy, dns, b, serviceName="ztest1", servicePath="/ztest1,/zother", aclName="00-ztest1")["Message"] == ""
+    assert shadowed(proxy) == []
+    assert reached(proxy, "/ztest1/x") == (200, b.addr)
+
+
+def test_wildcard_domain_catching_a_specific_one(proxy, dns, ups):
+    a, b = ups
+    add(proxy, dns, a, serviceName="w-all", serviceDomain="*.wild.test")
+    answer = add(proxy, dns, b, serviceName="w-api", serviceDomain="api.wild.test", serviceDomainAlgo="hdr(host)")
+    assert "w-api servicePath / can never match: w-all" in answer["Message"]
+    assert reached(proxy, "/", host="api.wild.test") == (200, a.addr)
+    assert [f["Service"] for f in shadowed(proxy)] == ["w-api"]
+
+
+@pytest.mark.parametrize("catcher,route,request_reaching_route", [
+    # hdr_beg (DFP's default) takes Hosts that only start with the name: the wildcard misses some
+    ({"serviceDomain": "*.nfp.test"}, {"serviceDomain": "api.nfp.test"}, ("/", "api.nfp.test.other", None)),
+    # a catcher with a condition beyond path and Host does not always catch
+    ({"servicePath": "/nfp", "serviceHeader": "X-Nfp:1"}, {"servicePath": "/nfp/a"}, ("/nfp/a", None, None)),
+    ({"servicePath": "/nfp", "servicePathExclude": "/nfp/a"}, {"servicePath": "/nfp/a"}, ("/nfp/a", None, None)),
+    # case: a route taking every case is not covered by a case-sensitive prefix
+    ({"servicePath": "/nfp"}, {"servicePath": "/nfp/a", "pathType": "path_beg -i"}, ("/NFP/A", None, None)),
+    # a path_reg route is never claimed covered
+    ({"servicePath": "/nfp"}, {"servicePath": "^/x/nfp", "pathType": "path_reg"}, ("/x/nfp", None, None)),
+    # srcPort on the catcher: other ports are not caught
+    ({"servicePath": "/nfp", "srcPort": "1"}, {"servicePath": "/nfp/a"}, ("/nfp/a", None, None)),
+])
+def test_no_false_positives(proxy, dns, ups, catcher, route, request_reaching_route):
+    a, b = ups
+    add(proxy, dns, a, serviceName="nfp-a", **catcher)
+    answer = add(proxy, dns, b, serviceName="nfp-b", **route)
+    assert answer["Message"] == "" and shadowed(proxy) == []
+    path, host, _ = request_reaching_route
+    assert reached(proxy, path, host=host) == (200, b.addr)  # proof that nfp-b can match
+
+
+def test_exact_path_and_destinations_of_one_service(proxy, dns, ups):
+    a, b = ups
+    add(proxy, dns, a, serviceName="ex-a", servicePath="/ex")
+    add(proxy, dns, b, serviceName="ex-b", servicePath="/ex/exact", pathType="path")
+    add(proxy, dns, b, serviceName="ex-c", **{"servicePath.1": "/yc", "port.1": b.port,
+                                              "servicePath.2": "/yc/deeper", "port.2": b.port})
+    found = {(f["Service"], f["Index"], f["Path"]): f["ShadowedBy"]["Service"] for f in shadowed(proxy)}
+    assert found == {("ex-b", 0, "/ex/exact"): "ex-a", ("ex-c", 2, "/yc/deeper"): "ex-c"}
+    assert reached(proxy, "/ex/exact") == (200, a.addr)
+
+
+def test_match_says_who_wins_and_why_each_earlier_route_lost(proxy, dns, ups):
+    a, b = ups
+    add(proxy, dns, a, serviceName="m-hdr", servicePath="/m", serviceHeader="X-Canary:yes", aclName="01-m-hdr")
+    add(proxy, dns, b, serviceName="m-dom", servicePath="/m", serviceDomain="m.test", aclName="02-m-dom")
+    add(proxy, dns, a, serviceName="m-any", servicePath="/m", aclName="03-m-any")
+    st, body = proxy.admin("match", host="m.test", path="/m/x")
+    assert st == 200 and body["Match"]["Service"] == "m-dom", body
+    lost = {c["Service"]: c["Lost"] for c in body["Candidates"]}
+    assert lost["m-hdr"] == "serviceHeader x-canary:yes is not in the request"
+    assert lost["m-any"].startswith("matches too, but m-dom is matched first")
+    assert reached(proxy, "/m/x", host="m.test") == (200, b.addr)
+
+    st, body = proxy.admin("match", {"host": "m.test", "path": "/m/x", "header.X-Canary": "yes"})
+    assert body["Match"]["Service"] == "m-hdr"
+    assert reached(proxy, "/m/x", host="m.test", headers={"X-Canary": "yes"}) == (200, a.addr)
+
+    st, body = proxy.admin("match", host="other.test", path="/m/x")
+    assert body["Match"]["Service"] == "m-any"
+    assert {c["Service"]: c["Lost"] for c in body["Candidates"]}["m-dom"] == \
+        "Host 'other.test' does not match serviceDomain m.test (hdr_beg)"
+
+    st, body = proxy.admin("match", host="other.test", path="/nothing")
+    assert body["Match"] is None and "503" in body["Why"]
+    assert reached(proxy, "/nothing", host="other.test")[0] == 503
+    assert proxy.admin("match", path="nope")[0] == 400
+
+
+def test_routes_match_prints_it(proxy, dns, ups):
+    a, b = ups
+    add(proxy, dns, a, serviceName="cli-z", servicePath="/cliz")
+    add(proxy, dns, b, serviceName="cli-z1", servicePath="/cliz1")
+    result = pyroute("routes", "--admin", f"http://127.0.0.1:{proxy.admin_port}", "--match",
+                     "http://any.test/cliz1/x")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "GET host any.test path /cliz1/x: cli-z (host *, path /cliz)"
+    assert any(line.startswith("  cli-z1 (host *, path /cliz1): matches too, but cli-z is matched first")
+               for line in lines), result.stdout
+
+
+def test_shadowing_found_when_labels_apply(make_pyroute, dns, ups):
+    """Label apply (the built-in Swarm listener) is checked like a reconfigure: logged and listed."""
+    from support.engine import FakeEngine
+    a, b = ups
+    engine = FakeEngine()
+    try:
+        dns.set_service("lbl-z", a.ip)
+        dns.set_service("lbl-z1", b.ip)
+        engine.create("lbl-z", {"com.df.notify": "true", "com.df.servicePath": "/lblz", "com.df.port": str(a.port)})
+        engine.create("lbl-z1", {"com.df.notify": "true", "com.df.servicePath": "/lblz1", "com.df.port": str(b.port)})
+        p = make_pyroute(DOCKER_HOST=engine.docker_host)
+        wait_until(lambda: len(p.admin("config", type="json")[1]) == 2, what="labels applied")
+        assert [(f["Service"], f["ShadowedBy"]["Service"]) for f in shadowed(p)] == [("lbl-z1", "lbl-z")]
+        assert '"event":"shadowed","service":"lbl-z1"' in p.log()
+    finally:
+        engine.close()
