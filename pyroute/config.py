@@ -155,6 +155,17 @@ def _optional_text(value: Any, setting: str) -> str:
     return value.strip()
 
 
+MIN_PEER_TOKEN = 16  # characters: a shared secret short enough to guess is no secret
+
+
+def _peer_token(value: Any, setting: str) -> str:
+    token = _optional_text(value, setting)
+    if token and (len(token) < MIN_PEER_TOKEN or not token.isascii() or not token.isprintable() or " " in token):
+        raise SettingsError(f"{setting}: expected at least {MIN_PEER_TOKEN} visible ASCII characters without spaces "
+                            f"(e.g. the output of `openssl rand -hex 32`), got {len(token)} characters")
+    return token
+
+
 def _domain_algo(value: Any, setting: str) -> str:
     algo = value.strip().lower().removesuffix("(host)") if isinstance(value, str) else None
     if algo not in DOMAIN_ALGOS:
@@ -486,6 +497,10 @@ class Settings:
     admin_user: str = _setting("", parse=_optional_text, shown='""',
                                help="admin API user; with ADMIN_PASS every admin call needs them (basic auth)")
     admin_pass: str = _setting("", parse=_optional_text, shown='""', help="admin API password")
+    peer_token: str = _setting("", parse=_peer_token, shown='""',
+                               help="shared secret replicas present to each other (Docker secret dfp_peer_token): "
+                                    "certificate keys travel between replicas, with or without ADMIN_USER/ADMIN_PASS, "
+                                    "and to nobody else")
     timeout_admin: float = _setting(30.0, parse=_seconds,
                                     help="seconds an admin API connection may stay idle or take to send a request")
     config_file: str | None = None  # where the TOML came from, for display only

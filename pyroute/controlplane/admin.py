@@ -19,7 +19,7 @@ import orjson
 
 from pyroute import metrics
 from pyroute.controlplane import statspage
-from pyroute.controlplane.adminauth import BROWSER_HEADERS, STATE_CHANGING, allowed, cross_site
+from pyroute.controlplane.adminauth import BROWSER_HEADERS, PEER_HEADER, STATE_CHANGING, allowed, cross_site, is_peer
 from pyroute.resolver import ResolveError
 from pyroute.services import Service, ServiceError, is_removal, precedence_key
 from pyroute.controlplane.registry import ServiceRegistry, format_stamp, parse_stamp
@@ -36,10 +36,10 @@ STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidd
 
 
 class Request:
-    __slots__ = ("method", "target", "path", "params", "body", "authorization", "browser")
+    __slots__ = ("method", "target", "path", "params", "body", "authorization", "browser", "peer_token")
 
     def __init__(self, method: str, target: str, body: bytes, authorization: bytes | None = None,
-                 browser: dict[bytes, str] | None = None):
+                 browser: dict[bytes, str] | None = None, peer_token: bytes | None = None):
         parts = urlsplit(target)
         self.method = method
         self.target = target
@@ -50,6 +50,7 @@ class Request:
         self.body = body
         self.authorization = authorization
         self.browser = browser or {}  # adminauth.BROWSER_HEADERS the request carried (cross-site check)
+        self.peer_token = peer_token  # the X-Pyroute-Peer-Token header, if any
 
     @classmethod
     def of(cls, method: str, path: str, params: dict[str, str], body: bytes) -> "Request":
@@ -88,7 +89,9 @@ class AdminApi:
         certs=None,
         wait_certs: Callable[[], Awaitable[list[str]]] | None = None,
         routecheck=None,
+        peer_token: str = "",
     ):
+        self.peer_token = peer_token  # PEER_TOKEN: the replicas' own credential ("" = none)
         self.routecheck = routecheck  # routecheck.RouteCheck: shadowed routes and /match
         self.credentials = credentials  # (user, password) every call must present, None = open
         self.registry = registry
@@ -123,7 +126,7 @@ class AdminApi:
             if request.target.startswith(settings.stats_uri):
                 return await self.stats_page(request)  # behind STATS_USER/STATS_PASS, not the admin credentials
             return Response(404, b"404 Not Found\n", "text/plain")
-        if not allowed(request.authorization, self.credentials):
+        if not allowed(request.authorization, self.credentials) and not self._from_peer(request):
             response = json_response(401, "the admin API needs a user and password (HTTP basic auth)")
             response.headers = 'WWW-Authenticate: Basic realm="pyroute admin"\r\n'
             return response
@@ -146,6 +149,15 @@ class AdminApi:
                         self.registry.reject(name, "reconfigure", exc)
                     return json_response(exc.status, exc.message, ServiceName=request.params.get("serviceName", ""))
         return json_response(404, f"no such endpoint: {request.path}")
+
+    def _from_peer(self, request: Request) -> bool:
+        """Did a replica send this (it presents PEER_TOKEN)?"""
+        return is_peer(request.peer_token, self.peer_token)
+
+    def _keys_allowed(self, request: Request) -> bool:
+        """May this caller see private keys? Replicas (PEER_TOKEN) and callers who passed the
+        admin credentials; with neither set nobody can be told apart, so nobody."""
+        return self.credentials is not None or self._from_peer(request)
 
     async def _applied(self, ok: Response) -> Response:
         """`ok` once the change is on disk and every data plane serves the current revision
@@ -287,17 +299,19 @@ class AdminApi:
         failed = await self.wait_certs() if self.wait_certs is not None else []
         if failed:
             return json_response(500, f"the certificate is saved but these workers did not take it: {', '.join(failed)}")
-        if self.credentials is not None:
+        if self.credentials is not None or self.peer_token:
             # Also into the replicated state (saved with it, pulled by joining and repairing
-            # peers), which then holds the private key: only behind admin credentials.
+            # peers), which then holds the private key: only behind admin credentials or the
+            # peer token, which /state checks before it hands certificates out.
             self.registry.put_cert(name, request.body.decode("ascii", "replace"), _stamp(request))
             return await self._applied(json_response(200, ""))
         return json_response(200, "")
 
     def list_certs(self, request: Request) -> Response:
         """DFP's certificate list. Private keys go only to callers who authenticated: with no
-        ADMIN_USER/ADMIN_PASS set nobody has, and CertContent holds the certificates alone."""
-        keys = self.credentials is not None  # (handle() already refused a caller without them)
+        ADMIN_USER/ADMIN_PASS set nobody has, and CertContent holds the certificates alone;
+        replicas presenting PEER_TOKEN get the keys either way."""
+        keys = self._keys_allowed(request)  # (handle() already refused a caller without credentials)
         certs = [
             {"ProxyServiceName": c["Name"], "CertsDir": self.certs.certs_dir,
              "CertContent": c["Pem"] if keys else _without_private_keys(c["Pem"]),
@@ -313,8 +327,8 @@ class AdminApi:
 
     def state(self, request: Request) -> Response:
         """The whole state document (services, removals, certificates): what joining and
-        repairing peers pull."""
-        return Response(200, self.registry.export_json())
+        repairing peers pull. Certificates (with their keys) only to callers allowed keys."""
+        return Response(200, self.registry.export_json(certs=self._keys_allowed(request)))
 
     async def reload(self, request: Request) -> Response:
         # Routes are applied in-process on every change, so a plain reload has nothing to do.
@@ -471,6 +485,7 @@ class AdminConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.authorization: bytes | None = None
         self.browser: dict[bytes, str] = {}
+        self.peer_token: bytes | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
         self.requests: deque[tuple[Request, bool]] = deque()  # pipelined requests, answered in order
@@ -514,6 +529,7 @@ class AdminConnection(asyncio.Protocol):
         self.size = 0
         self.authorization = None
         self.browser = {}
+        self.peer_token = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.size += len(name) + len(value)
@@ -524,6 +540,8 @@ class AdminConnection(asyncio.Protocol):
             self.authorization = value
         elif name in BROWSER_HEADERS:
             self.browser[name] = value.decode("latin-1")
+        elif name == PEER_HEADER:
+            self.peer_token = value
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -542,7 +560,7 @@ class AdminConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body),
-                          self.authorization, self.browser)
+                          self.authorization, self.browser, self.peer_token)
         self.requests.append((request, not self.keep_alive))
         if len(self.requests) >= MAX_ADMIN_PIPELINE:
             self.transport.pause_reading()

@@ -75,7 +75,8 @@ class ControlPlane:
         self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.not_ready, self.replication,
                                   collect=self.planes.collect, settings=self.settings,
                                   credentials=admin_credentials(s), certs=self.certs,
-                                  wait_certs=self.planes.wait_certs, routecheck=self.routecheck)
+                                  wait_certs=self.planes.wait_certs, routecheck=self.routecheck,
+                                  peer_token=s.peer_token)
         if api.credentials is None:
             log.warning("the admin API on %s:%d is unauthenticated: anyone who reaches it can change routes "
                         "(set ADMIN_USER and ADMIN_PASS, or the secrets dfp_admin_user / dfp_admin_pass)", s.ip, s.port)
@@ -91,6 +92,7 @@ class ControlPlane:
         self.settings = settings
         self.routecheck.longest_match = settings.longest_match  # the next change rebuilds its tables
         self.api.credentials = admin_credentials(settings)
+        self.api.peer_token = self.replication.peers.peer_token = settings.peer_token
         self.api.settings = settings
 
     def _certs_from_state(self, snapshot) -> None:

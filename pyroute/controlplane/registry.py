@@ -259,15 +259,18 @@ class ServiceRegistry:
             callback(snapshot)
 
     # -- whole-state exchange (state file, peers) --------------------------------------
-    def export_json(self) -> bytes:
-        """The state document, serialised: what the state file holds and what peers pull.
+    def export_json(self, certs: bool = True) -> bytes:
+        """The state document, serialised: what the state file holds and what peers pull
+        (`certs=False`: without the certificates, whose PEMs hold private keys).
 
         Joined from each entry's stored serialisation, so the event loop pays a copy of the
         bytes, not a walk over every entry."""
-        head = orjson.dumps({"format": STATE_FORMAT, "revision": self.revision, "hash": format_hash(self._digest_sum)})
+        total = self._digest_sum if certs else (self._digest_sum - sum(self._digests["certs"].values())) % HASH_MODULUS
+        head = orjson.dumps({"format": STATE_FORMAT, "revision": self.revision, "hash": format_hash(total)})
         parts = [head[:-1]]
         for kind in KINDS:
-            parts += (b',"', kind.encode(), b'":{', b",".join(self._exported[kind].values()), b"}")
+            entries = self._exported[kind].values() if certs or kind != "certs" else ()
+            parts += (b',"', kind.encode(), b'":{', b",".join(entries), b"}")
         parts.append(b"}")
         return b"".join(parts)
 

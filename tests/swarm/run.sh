@@ -146,6 +146,7 @@ for _ in $(seq 150); do  # go-demo's tasks leave the network as they stop; the r
   dk network inspect proxy >/dev/null 2>&1 || break; sleep 0.2
 done
 dk network inspect proxy >/dev/null 2>&1 && { echo "FAIL the network proxy of the label run could not be removed"; exit 1; }
+python3 -c 'import secrets; print(secrets.token_hex(32))' | dk secret create dfp_peer_token - >/dev/null  # as the file's header says
 python3 "$HERE/stack_file.py" "$REPO/deploy/docker-stack.yml" "$STATE/stack.yml" "$PY" "$PYHOME" "$REPO" "$APP" "$SOCK"
 log "deploy/docker-stack.yml adapted for this tier (images, runtime mounts, socket source): $STATE/stack.yml"
 dk stack deploy --resolve-image never -c "$STATE/stack.yml" proxy
