@@ -459,3 +459,39 @@ def test_peer_token_carries_certificate_keys_between_replicas_and_to_nobody_else
         assert "CERTIFICATE" in entry["CertContent"]
         status, state = _call(joiner, "GET", "/v1/docker-flow-proxy/state", headers=headers)
         assert status == 200 and (b"PRIVATE KEY" in state) is keys and ("peer" in json.loads(state)["certs"]) is keys
+
+
+def test_prometheus_metrics_with_distribute_merge_every_replica(cluster, dns, replicas):
+    """Issue 17: /metrics?distribute=true is one scrape of the whole proxy service: every
+    replica's counters summed, each process labelled with its replica (DFP only had per-replica
+    numbers)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = cluster(140)
+    c.announce(0, 1)
+    members = [c.start(i) for i in range(2)]
+    dns.set_service("rep-metrics", replicas[0].ip)
+    st, body = members[0].admin("reconfigure", serviceName="rep-metrics", servicePath="/rep-metrics",
+                                port=replicas[0].port, distribute="true")
+    assert st == 200, body
+    for p, n in ((members[0], 2), (members[1], 3)):
+        for _ in range(n):
+            assert served_by(p, "/rep-metrics/x")[0] == 200
+
+    def scrape(p, query=""):
+        status, text = _call(p, "GET", "/metrics" + query)
+        assert status == 200, text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+
+    ok = ("pyroute_requests_total", (("code", "200"), ("method", "GET"), ("service", "rep-metrics")))
+    assert scrape(members[0])[ok] == 2 and scrape(members[1])[ok] == 3
+    merged = scrape(members[1], "?distribute=true")
+    assert merged[ok] == 5
+    backend = (("backend", f"rep-metrics-be{replicas[0].port}_0"), ("code", "2xx"))
+    assert merged[("haproxy_backend_http_responses_total", backend)] == 5
+    processes = {dict(labels)["process"] for name, labels in merged if name == "pyroute_route_table_revision"}
+    assert processes == {f"{c.ips[0]}/pyroute", f"{c.ips[1]}/pyroute"}, processes
+    c.announce(0, 1, extra=("127.0.0.99",))
+    status, text = _call(members[0], "GET", "/metrics?distribute=true")
+    assert status == 500 and b"127.0.0.99" in text
