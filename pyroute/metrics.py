@@ -372,9 +372,10 @@ def _classes(responses) -> dict[str, int]:
 
 def _haproxy_exporter(w: _Writer, snap: dict) -> None:
     """haproxy_exporter's names, types and labels (frontend; backend; backend + server), each
-    family mapped from a pyroute counter as docs/metrics.md tables. Counters pyroute does
-    not keep (queues, denials by rule, downtime) are left out rather than served as zeros,
-    except the queue gauge, which is truly 0: pyroute does not queue requests."""
+    family mapped from a pyroute counter as docs/reference.md ("haproxy_exporter names")
+    tables. Counters pyroute does not keep (limits, rates, denials by rule, downtime) are
+    left out rather than served as zeros, except the queue gauge, which is truly 0: pyroute
+    does not queue requests."""
     services = snap["services"]
     conns = snap["connections"]
     everything = [r for svc in services.values() for r in svc["responses"]]

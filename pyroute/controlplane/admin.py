@@ -244,9 +244,13 @@ class AdminApi:
                 listed = ", ".join(f"{r.address} ({r.error or r.status})" for r in failed)
                 return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]")
             for result in results:
-                snap = orjson.loads(result.body)
-                for process in snap["processes"]:
-                    process["name"] = f"{result.address}/{process['name']}"
+                try:
+                    snap = orjson.loads(result.body)
+                    for process in snap["processes"]:
+                        process["name"] = f"{result.address}/{process['name']}"
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    return json_response(500, f"replica {result.address} did not answer its metrics as JSON: "
+                                              "is it a pyroute of this version?")
                 snaps.append(snap)
             snap = metrics.merge(snaps)
             control = {"rejected": sum(s.get("control", {}).get("rejected", 0) for s in snaps),
