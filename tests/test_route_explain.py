@@ -5,6 +5,8 @@ request takes and why each earlier one lost. Every claim is checked against what
 plane really does with the same request."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from support.upstream import wait_until
@@ -154,3 +156,74 @@ def test_shadowing_found_when_labels_apply(make_pyroute, dns, ups):
         assert '"event":"shadowed","service":"lbl-z1"' in p.log()
     finally:
         engine.close()
+
+
+# -- the shadow analysis against the real matcher (pure, hypothesis) --------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+PATHS = ["/a", "/a/b", "/ab", "/a/b/c", "/x", "/x/y", "/", "/A/B", "/a/B"]
+DOMAINS = ["", "a.com", "*.a.com", "x.a.com", "b.a.com", "a.com.x"]
+
+
+@st.composite
+def service_params(draw, name):
+    params = {"serviceName": name, "port": "80", "servicePath": draw(st.sampled_from(PATHS))}
+    if domain := draw(st.sampled_from(DOMAINS)):
+        params["serviceDomain"] = domain
+        params["serviceDomainAlgo"] = draw(st.sampled_from(["hdr_beg", "hdr", "hdr_dom", "hdr_end"]))
+    params["pathType"] = draw(st.sampled_from(["path_beg", "path_beg", "path", "path_beg -i", "path_sub",
+                                               "path_end", "path_dir"]))
+    if params["pathType"] in ("path_sub", "path_end"):
+        params["servicePath"] = params["servicePath"].rsplit("/", 1)[-1] or "a"
+    if draw(st.booleans()):
+        params["aclName"] = draw(st.sampled_from(["0", "5", "9"])) + name
+    if draw(st.integers(0, 9)) == 0:
+        params["serviceHeader"] = "X-Seen:1"
+    return params
+
+
+# (service number, remove it?): mostly adds and replacements, so tables hold several services
+changes = st.lists(st.tuples(st.integers(0, 10), st.integers(0, 5).map(lambda n: n == 0)), min_size=6, max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data(), changes, st.booleans())
+def test_shadow_findings_are_true_and_incremental_equals_fresh(data, steps, longest):
+    """Every finding holds for the real RouteTable.match (each request the shadowed route's
+    own rules take goes elsewhere), and following a table change by change gives what a
+    fresh analysis of the last table gives."""
+    from pyroute.controlplane.routecheck import RouteCheck
+    from pyroute.dataplane.explain import Shadows, _Connection, _why_not
+    from pyroute.dataplane.headers import normalize_host
+    from pyroute.dataplane.routing import RouteTable, _no_backend
+    from pyroute.services import parse_service
+
+    services = {}
+    check = RouteCheck(longest_match=longest)
+    for revision, (number, remove) in enumerate(steps):
+        name = f"s{number}"
+        if remove:
+            services.pop(name, None)
+        else:
+            services[name] = parse_service(data.draw(service_params(name)))
+        check.published((revision, tuple(services.values())))
+    table = check.plain
+    fresh = Shadows()
+    fresh.update(RouteTable(tuple(services.values()), _no_backend, 0, longest))
+    assert check.findings == fresh.findings
+
+    routes = {(r.service.name, r.destination.index): r for r in table.routes}
+    for finding in check.findings:
+        route = routes[(finding["Service"], finding["Index"])]
+        d = route.destination
+        names = [h.lstrip(".") for h in d.domains] or ["any.test"]
+        hosts = [h for n in names for h in (n, "q." + n, n + ".q", "q" + n, n + "q")]
+        for host in hosts:
+            for tail, headers in itertools.product(("", "/z", "/a", ".x"), ([], [(b"x-seen", b"1")])):
+                for path in (finding["Path"] + tail, "/q/" + finding["Path"].lstrip("/") + tail):
+                    for sample in {path.encode(), path.upper().encode()}:
+                        raw_host = host.encode()
+                        if _why_not(table, route, normalize_host(raw_host), sample, headers, 0) is not None:
+                            continue  # not a request this route's own rules take
+                        won = table.match(raw_host, sample, [(b"host", raw_host), *headers], _Connection(0))
+                        assert won is not route, (finding, host, sample, headers)

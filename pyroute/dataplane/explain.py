@@ -13,6 +13,7 @@ path tested by the catcher's own test, a domain under a wider domain rule, ...).
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from pyroute.dataplane.headers import normalize_host
 from pyroute.dataplane.routing import LONGEST_RANK, Route, RouteTable, _host_matches, _path_test
 
 MAX_SUBSTRINGS = 128  # longest path whose substrings are looked up for path_sub catchers
+MAX_INSERTS = 64  # routes added at once above which the entry lists are sorted whole instead
 
 
 # -- /match ---------------------------------------------------------------------------------
@@ -143,25 +145,204 @@ def _why_not(table: RouteTable, route: Route, host: str, path: bytes, headers, p
 
 
 # -- shadowed routes --------------------------------------------------------------------------
-def shadowed(table: RouteTable) -> list[dict]:
-    """Every (route, servicePath) of `table` that can never match, with the route that
-    always catches its requests first. Looked up through an index of the catchers by host
-    and path key, so the cost grows with the number of routes, not its square."""
-    index = _CatcherIndex(table)
-    found = []
-    for route in table.routes:
+_KINDS = {"path_beg": "beg", "path": "str", "path_end": "end", "path_sub": "sub"}  # catchers looked up by key
+
+
+class Shadows:
+    """The (route, servicePath) entries of one listener's table that can never match, each
+    with the route that always catches its requests first, kept up to date table by table.
+
+    A change costs in proportion to what it touches, not to the table: catchers are indexed
+    by host and path key (so an entry finds the catchers that may cover it with a few dict
+    lookups), every entry is kept in path order (so a new catcher finds the entries it may
+    cover by bisection), and only the entries of changed routes, those whose catcher went,
+    and those a new catcher may cover are judged again."""
+
+    def __init__(self):
+        self.table: RouteTable | None = None
+        self.found: dict[tuple, dict] = {}  # (service, index, path) -> finding
+        # host key (None: any Host) -> path key (kind, ignore case, pattern) -> [(route, pattern)]
+        self._keyed: dict[str | None, dict[tuple, list[tuple[Route, str]]]] = {}
+        self._other: list[tuple[Route, str]] = []  # path_reg/_dir/_dom/_len catchers: tested pairwise
+        self._lengths: dict[tuple[str, bool], dict[int, int]] = {}  # (kind, ignore case) -> pattern length -> count
+        self._entries: list[tuple[str, str, int]] = []  # (path, service, index) of every entry, sorted
+        self._lowered: list[tuple[str, str, int]] = []  # the same with the path lower-case
+        self._routes: dict[tuple[str, int], Route] = {}
+        self._caught_by: dict[tuple[str, int], set[tuple]] = {}  # catcher (service, index) -> finding keys
+
+    def update(self, table: RouteTable) -> list[dict]:
+        """Follow `table`, built with the previous one as its `previous` (its removed and
+        compiled routes are the change); -> the findings that are new."""
+        removed, added = table.removed, table.compiled
+        if self.table is None or len(removed) + len(added) > len(table.routes):  # most of it changed
+            self.__init__()
+            removed, added = (), table.routes
+        self.table = table
+        again: set[tuple] = set()
+        for route in removed:
+            self._remove(route, again)
+        for route in added:
+            self._add(route, sort=len(added) <= MAX_INSERTS)
+        if len(added) > MAX_INSERTS:
+            self._entries.sort()
+            self._lowered.sort()
+        for route in added:
+            d = route.destination
+            again.update((route.service.name, d.index, path) for path in d.paths)
+            if _eligible(route):
+                for pattern in d.paths:
+                    again.update(self._coverable(route, pattern))
+        new = []
+        for key in again:
+            before = self.found.pop(key, None)
+            if before is not None:
+                self._caught_by.get(_catcher_key(before), set()).discard(key)
+            finding = self._judge(key)
+            if finding is not None:
+                self.found[key] = finding
+                self._caught_by.setdefault(_catcher_key(finding), set()).add(key)
+                if before is None or _catcher_key(before) != _catcher_key(finding):
+                    new.append(finding)
+        return new
+
+    @property
+    def findings(self) -> list[dict]:
+        return [self.found[k] for k in sorted(self.found)]
+
+    # -- the index ----------------------------------------------------------------------------
+    def _add(self, route: Route, sort: bool) -> None:
+        d = route.destination
+        key = (route.service.name, d.index)
+        self._routes[key] = route
+        for path in d.paths:
+            if sort:
+                insort(self._entries, (path, *key))
+                insort(self._lowered, (path.lower(), *key))
+            else:  # many at once: sorted once afterwards
+                self._entries.append((path, *key))
+                self._lowered.append((path.lower(), *key))
+        if not _eligible(route):
+            return
+        for pattern in d.paths:
+            kind = _KINDS.get(d.path_type)
+            if kind is None:
+                self._other.append((route, pattern))
+                continue
+            lengths = self._lengths.setdefault((kind, d.path_ignore_case), {})
+            lengths[len(pattern)] = lengths.get(len(pattern), 0) + 1
+            for host in d.domains or (None,):
+                self._keyed.setdefault(host, {}).setdefault((kind, d.path_ignore_case, pattern), []).append(
+                    (route, pattern))
+
+    def _remove(self, route: Route, again: set[tuple]) -> None:
+        d = route.destination
+        key = (route.service.name, d.index)
+        if self._routes.get(key) is route:
+            del self._routes[key]
+        for path in d.paths:
+            _discard(self._entries, (path, *key))
+            _discard(self._lowered, (path.lower(), *key))
+            finding = self.found.pop((*key, path), None)
+            if finding is not None:
+                self._caught_by.get(_catcher_key(finding), set()).discard((*key, path))
+        again.update(self._caught_by.pop(key, ()))  # what it caught may be caught by another, or not at all
+        if not _eligible(route):
+            return
+        for pattern in d.paths:
+            kind = _KINDS.get(d.path_type)
+            if kind is None:
+                self._other = [(r, p) for r, p in self._other if r is not route]
+                continue
+            lengths = self._lengths[(kind, d.path_ignore_case)]
+            lengths[len(pattern)] -= 1
+            if not lengths[len(pattern)]:
+                del lengths[len(pattern)]
+            for host in d.domains or (None,):
+                by_path = self._keyed[host]
+                path_key = (kind, d.path_ignore_case, pattern)
+                left = [(r, p) for r, p in by_path[path_key] if r is not route]
+                if left:
+                    by_path[path_key] = left
+                else:
+                    del by_path[path_key]
+                    if not by_path:
+                        del self._keyed[host]
+
+    def _coverable(self, catcher: Route, pattern: str) -> Iterator[tuple]:
+        """Keys of the entries `catcher`'s `pattern` may cover (a superset, judged afterwards)."""
+        d = catcher.destination
+        if _KINDS.get(d.path_type) not in ("beg", "str"):
+            for path, name, index in self._entries:
+                yield name, index, path
+            return
+        entries = self._lowered if d.path_ignore_case else self._entries
+        at = bisect_left(entries, (pattern,))
+        while at < len(entries) and entries[at][0].startswith(pattern):
+            path, name, index = entries[at]
+            if not d.path_ignore_case:
+                yield name, index, path
+            else:  # the lowered list names the entry by its lowered path: yield the entry's own
+                route = self._routes.get((name, index))
+                yield from ((name, index, p) for p in (route.destination.paths if route else ()) if p.lower() == path)
+            at += 1
+
+    # -- judging one entry --------------------------------------------------------------------
+    def _judge(self, key: tuple) -> dict | None:
+        name, index, path = key
+        route = self._routes.get((name, index))
+        if route is None or path not in route.destination.paths:
+            return None
         d = route.destination
         if route.service.is_default_backend or d.redirect_from:
-            continue  # reachable anyway: unmatched requests, or its redirect hosts
-        for path in d.paths:
-            catcher = index.first_catcher(route, path)
-            if catcher is not None:
-                by, by_path = catcher
-                found.append({"Service": route.service.name, "Index": d.index, "Path": path,
-                              "ShadowedBy": {"Service": by.service.name, "Index": by.destination.index,
-                                             "Path": by_path},
-                              "Reason": _reason(table, route, path, by, by_path)})
-    return found
+            return None  # reachable anyway: unmatched requests, or its redirect hosts
+        best = None
+        rank = _entry_rank(self.table, route, path)
+        for catcher, pattern in self._candidates(route, path):
+            if catcher is route and pattern == path:
+                continue
+            catcher_rank = _entry_rank(self.table, catcher, pattern)
+            if catcher_rank < rank and (best is None or catcher_rank < best[0]) \
+                    and _covers(catcher, pattern, route, path):
+                best = (catcher_rank, catcher, pattern)
+        if best is None:
+            return None
+        _, by, by_path = best
+        return {"Service": name, "Index": index, "Path": path,
+                "ShadowedBy": {"Service": by.service.name, "Index": by.destination.index, "Path": by_path},
+                "Reason": _reason(self.table, route, path, by, by_path)}
+
+    def _candidates(self, route: Route, path: str) -> Iterator[tuple[Route, str]]:
+        yield from self._other
+        keys = [*self._path_keys(path, False), *self._path_keys(path.lower(), True)]  # -i catchers: lower-case
+        for host in (None, *_host_keys(route)):
+            by_path = self._keyed.get(host)
+            if by_path is not None:
+                for key in keys:
+                    yield from by_path.get(key, ())
+
+    def _path_keys(self, path: str, ignore_case: bool) -> Iterator[tuple]:
+        for length in self._lengths.get(("beg", ignore_case), ()):
+            if length <= len(path):
+                yield "beg", ignore_case, path[:length]
+        if self._lengths.get(("str", ignore_case)):
+            yield "str", ignore_case, path
+        for length in self._lengths.get(("end", ignore_case), ()):
+            if length <= len(path):
+                yield "end", ignore_case, path[len(path) - length:]
+        if self._lengths.get(("sub", ignore_case)) and len(path) <= MAX_SUBSTRINGS:
+            for length in self._lengths[("sub", ignore_case)]:
+                for start in range(len(path) - length + 1):
+                    yield "sub", ignore_case, path[start:start + length]
+
+
+def _catcher_key(finding: dict) -> tuple[str, int]:
+    return finding["ShadowedBy"]["Service"], finding["ShadowedBy"]["Index"]
+
+
+def _discard(entries: list, item: tuple) -> None:
+    at = bisect_left(entries, item)
+    if at < len(entries) and entries[at] == item:
+        del entries[at]
 
 
 def _reason(table: RouteTable, route: Route, path: str, by: Route, by_path: str) -> str:
@@ -179,62 +360,6 @@ def _eligible(route: Route) -> bool:
     """A route whose match depends on its path and Host alone (srcPort is compared per pair)."""
     d = route.destination
     return not (d.header_match or d.user_agents or d.path_excludes)
-
-
-class _CatcherIndex:
-    def __init__(self, table: RouteTable):
-        self.table = table
-        # host key (None: any Host) -> path key (kind, ignore case, pattern) -> [(route, pattern)]
-        self.keyed: dict[str | None, dict[tuple, list[tuple[Route, str]]]] = {}
-        self.other: list[tuple[Route, str]] = []  # path_reg, path_dir, path_dom, path_len catchers: tested pairwise
-        self.kinds: set[str] = set()
-        for route in table.routes:
-            if not _eligible(route):
-                continue
-            d = route.destination
-            for pattern in d.paths:
-                kind = {"path_beg": "beg", "path": "str", "path_end": "end", "path_sub": "sub"}.get(d.path_type)
-                if kind is None:
-                    self.other.append((route, pattern))
-                    continue
-                self.kinds.add(kind)
-                for host in d.domains or (None,):
-                    self.keyed.setdefault(host, {}).setdefault((kind, d.path_ignore_case, pattern), []).append(
-                        (route, pattern))
-
-    def first_catcher(self, route: Route, path: str) -> tuple[Route, str] | None:
-        best = None
-        rank = _entry_rank(self.table, route, path)
-        for catcher, pattern in self._candidates(route, path):
-            if catcher is route and pattern == path:
-                continue
-            catcher_rank = _entry_rank(self.table, catcher, pattern)
-            if catcher_rank < rank and (best is None or catcher_rank < best[0]) \
-                    and _covers(catcher, pattern, route, path):
-                best = (catcher_rank, catcher, pattern)
-        return (best[1], best[2]) if best is not None else None
-
-    def _candidates(self, route: Route, path: str) -> Iterator[tuple[Route, str]]:
-        yield from self.other
-        keys = [*self._path_keys(path, False), *self._path_keys(path.lower(), True)]  # -i catchers: lower-case
-        for host in (None, *_host_keys(route)):
-            by_path = self.keyed.get(host)
-            if by_path is None:
-                continue
-            for key in keys:
-                yield from by_path.get(key, ())
-
-    def _path_keys(self, path: str, ignore_case: bool) -> Iterator[tuple]:
-        for end in range(1, len(path) + 1):
-            yield "beg", ignore_case, path[:end]
-        yield "str", ignore_case, path
-        if "end" in self.kinds:
-            for start in range(len(path)):
-                yield "end", ignore_case, path[start:]
-        if "sub" in self.kinds and len(path) <= MAX_SUBSTRINGS:
-            for start in range(len(path)):
-                for end in range(start + 1, len(path) + 1):
-                    yield "sub", ignore_case, path[start:end]
 
 
 def _host_keys(route: Route) -> Iterator[str]:
