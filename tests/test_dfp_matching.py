@@ -114,6 +114,34 @@ def test_domain_algorithms(proxy, dns, two, algo, domain, hits, misses):
         assert who(proxy, "/x", {"Host": host})[0] == 503, host
 
 
+def test_service_domain_match_all_is_hdr_dom(proxy, dns, two):
+    """DFP's deprecated serviceDomainMatchAll=true: the domain or any subdomain (hdr_dom)."""
+    register(proxy, dns, two[0], serviceName="dom-all", serviceDomain="all.example", serviceDomainMatchAll="true")
+    for host in ("all.example", "x.all.example"):
+        assert who(proxy, "/x", {"Host": host}) == (200, two[0].addr), host
+    assert who(proxy, "/x", {"Host": "xall.example"})[0] == 503
+
+
+def test_parameter_names_are_case_insensitive(proxy, dns, two):
+    """DFP reads its parameters case-insensitively: SERVICENAME, ServicePath, PORT work."""
+    dns.set_service("ci-svc", two[0].ip)
+    status, body = proxy.admin("reconfigure", {"SERVICENAME": "ci-svc", "ServicePath": "/ci-a,/ci-b",
+                                               "PORT": two[0].port, "PathType": "path_beg"})
+    try:
+        assert status == 200 and body["ServiceName"] == "ci-svc", body
+        assert who(proxy, "/ci-a/x") == who(proxy, "/ci-b/x") == (200, two[0].addr)
+    finally:
+        proxy.remove("ci-svc")
+
+
+def test_separator_setting_splits_lists(make_pyroute, dns, replicas):
+    """SEPARATOR (DFP's, default ","): the character lists are split on."""
+    p = make_pyroute(SEPARATOR=";")
+    dns.set_service("sep-svc", replicas[0].ip)
+    p.reconfigure(serviceName="sep-svc", servicePath="/sep-a;/sep-b", port=replicas[0].port)
+    assert who(p, "/sep-a/x") == who(p, "/sep-b/x") == (200, replicas[0].addr)
+
+
 def test_wildcard_domain_is_suffix_match(proxy, dns, two):
     register(proxy, dns, two[0], serviceName="dom-wild", serviceDomain="*.wild.example")
     assert who(proxy, "/", {"Host": "a.b.wild.example"}) == (200, two[0].addr)
