@@ -1,6 +1,6 @@
 """Routes that explain themselves: which route a request matches and why the earlier ones
 lost (`explain`), and which routes can never match because an earlier one always catches
-their requests first (`shadowed`). Both read a compiled RouteTable: the winner is what
+their requests first (`Shadows`). Both read a compiled RouteTable: the winner is what
 `RouteTable.match` answers, and each test is built by the constructors the table's
 conditions are built with (routing._path_test, routing._host_matches).
 
@@ -52,8 +52,10 @@ def explain(table: RouteTable, host: str, path: str, headers: list[tuple[bytes, 
     for route in table.routes:
         if route is winner:
             continue
-        reason = _why_not(table, route, normalized, path.encode(), headers, port)
-        if reason is None:  # it matches too, and lost on precedence
+        reason = _why_not(route, normalized, path.encode(), headers, port)
+        if reason is None and redirect:
+            reason = f"matches too, but the Host is {_name(winner)}'s redirectFromDomain, which takes every path"
+        elif reason is None:  # it matches too, and lost on precedence
             reason = (f"matches too, but {_name(winner)} is matched first ({_order(table, winner, route, path)})"
                       if winner is not None else "matches")
         elif winner is not None and _before(table, winner, route, path):
@@ -67,7 +69,7 @@ def explain(table: RouteTable, host: str, path: str, headers: list[tuple[bytes, 
     elif redirect:
         answer["Why"] = (f"the Host starts with {winner.service.name}'s redirectFromDomain: every path is "
                          "redirected to its first serviceDomain")
-    elif winner is table.default and _why_not(table, winner, normalized, path.encode(), headers, port) is not None:
+    elif winner is table.default and _why_not(winner, normalized, path.encode(), headers, port) is not None:
         answer["Why"] = "no route matches: the default backend (isDefaultBackend) takes it"
     else:
         answer["Why"] = "the first route whose rules all match, in " + (
@@ -120,7 +122,7 @@ def _order(table: RouteTable, winner: Route, loser: Route, path: str) -> str:
         if winner.service.acl_name != loser.service.acl_name else "precedence"
 
 
-def _why_not(table: RouteTable, route: Route, host: str, path: bytes, headers, port: int) -> str | None:
+def _why_not(route: Route, host: str, path: bytes, headers, port: int) -> str | None:
     """Why `route` does not match this request, or None when it does."""
     d = route.destination
     algo = route.service.domain_algo
