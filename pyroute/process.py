@@ -75,7 +75,8 @@ log = logging.getLogger("pyroute")
 
 # Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
 RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
-                "dns_timeout", "separator", "service_name", "header_env_allow")
+                "dns_timeout", "separator", "service_name", "header_env_allow", "preferred_certificate",
+                "ssl_bind_options", "ssl_bind_ciphers", "ssl_bind_ciphersuites", "trusted_proxies", "stats_port")
 
 
 class LocalPlanes:
@@ -123,8 +124,7 @@ class Pyroute:
         self.data.serve_stats_from(*self.control.admin_address())
         await self.data.start()
         settle_memory()
-        waiting = [f"{spec.port} (TLS, opens with the first certificate)" for spec in self.data.tls_waiting]
-        log.info("%s", ready_summary(self.settings, ", ".join([addresses(self.data.servers), *waiting]),
+        log.info("%s", ready_summary(self.settings, addresses(self.data.servers),
                                      addresses(self.control.servers), self.control))
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -423,6 +423,9 @@ class AdminApi:
         if not statspage.authorized(self.settings, request.authorization):
             return Response(401, b"401 Unauthorized: the stats page needs STATS_USER/STATS_PASS\n",
                             "text/plain", 'WWW-Authenticate: Basic realm="pyroute stats"\r\n')
+        if request.target == self.settings.stats_uri + statspage.DATA_SUFFIX:
+            return Response(200, orjson.dumps(statspage.recent(await self.collect())), "application/json",
+                            "Cache-Control: no-store\r\n")
         return Response(200, statspage.render(await self.collect(), self.registry.revision),
                         "text/html; charset=utf-8", "Cache-Control: no-store\r\n")
 

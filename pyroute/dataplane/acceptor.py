@@ -7,9 +7,11 @@ that the final owner must see:
 1. PROXY header (``accept-proxy`` ports, peers in PROXY_PROTOCOL_TRUSTED only): once
    complete, exactly its bytes are consumed and the client address is taken from it.
    Other peers are served with their own address.
-2. SNI (TLS ports while ``reqMode=sni`` services use that port): the ClientHello's
-   server name picks an sni service, which gets the raw stream (not terminated);
-   no match: the proxy terminates TLS itself as usual.
+2. SNI (TLS ports while ``reqMode=sni`` services use that port, or while the proxy has
+   no certificate): the ClientHello's server name picks an sni service, which gets the
+   raw stream (not terminated); no match: the proxy terminates TLS itself as usual, or,
+   without a certificate, answers a TLS unrecognized_name alert and closes (written here:
+   a handshake failing inside the TLS transport closes without flushing its alert).
 
 Then ``serve(sock, client_ip, sni_target)`` hands the socket over. While waiting for more
 bytes, SO_RCVLOWAT is raised so epoll wakes only when the next byte is in (peeked data
@@ -26,7 +28,7 @@ import socket
 from collections.abc import Callable
 
 from pyroute.dataplane.proxyproto import PEEK, BadHeader, parse_header
-from pyroute.dataplane.l4 import MAX_CLIENT_HELLO, NotTls, Port, client_hello_sni
+from pyroute.dataplane.l4 import MAX_CLIENT_HELLO, UNRECOGNIZED_NAME_ALERT, NotTls, Port, client_hello_sni
 
 log = logging.getLogger("pyroute.dataplane.acceptor")
 
@@ -61,7 +63,8 @@ class _Pending:
 
 class PeekingListener:
     def __init__(self, sock: socket.socket, serve: Callable, *, accept_proxy: bool = False, trusted=(),
-                 sni_port: Callable[[], Port | None] = lambda: None, timeout: float = 5.0):
+                 sni_port: Callable[[], Port | None] = lambda: None,
+                 can_terminate: Callable[[], bool] = lambda: True, timeout: float = 5.0):
         self.loop = asyncio.get_running_loop()
         self.sock = sock
         self.sockets = [sock]  # like asyncio.Server, for the start-up log
@@ -69,6 +72,7 @@ class PeekingListener:
         self.accept_proxy = accept_proxy
         self.trusted = trusted
         self.sni_port = sni_port  # the sni services on this port right now (None: none)
+        self.can_terminate = can_terminate  # a TLS port: the proxy has a certificate to answer with
         self.timeout = timeout
         self.pending: dict[int, _Pending] = {}
         self.paused = False
@@ -98,7 +102,7 @@ class PeekingListener:
                 return
             client.setblocking(False)
             needs_header = self.accept_proxy and self._is_trusted(peer[0])
-            if not needs_header and self.sni_port() is None:
+            if not needs_header and self.sni_port() is None and self.can_terminate():
                 self.serve(client, None, None)  # nothing to look at: straight to the server
                 continue
             fd = client.fileno()
@@ -135,7 +139,8 @@ class PeekingListener:
                 state.needs_header = False
             target = None
             port = self.sni_port()
-            if port is not None:
+            can_terminate = self.can_terminate()
+            if port is not None or not can_terminate:
                 data = sock.recv(MAX_CLIENT_HELLO, socket.MSG_PEEK)
                 if not data:
                     return self._drop(fd, "closed before the ClientHello")
@@ -147,7 +152,10 @@ class PeekingListener:
                     if len(data) < MAX_CLIENT_HELLO:
                         return self._wait_for_more(fd, len(data), MAX_CLIENT_HELLO, "")
                     name = ""
-                target = port.for_sni(name) if name else None
+                target = port.for_sni(name) if name and port is not None else None
+                if target is None and not can_terminate:
+                    sock.send(UNRECOGNIZED_NAME_ALERT)
+                    return self._drop(fd, f"no sni service and no certificate for {name!r}")
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
