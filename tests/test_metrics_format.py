@@ -86,7 +86,7 @@ def test_haproxy_exporter_families_beside_pyroute_ones():
     counters as the pyroute_* families."""
     snap = metrics.merge([worker_snapshot("w1", 3, "up", 10.0), worker_snapshot("w2", 5, "down", 20.0)])
     snap["routes"][0]["haproxy_backend"] = "01-svc-be80_0"
-    snap["services"][""] = metrics.ServiceStats("").to_json()
+    snap["services"][""] = metrics.ServiceStats("").to_json(0)
     snap["services"][""]["responses"] = [["GET", 503, 2], ["GET", 400, 1]]  # unrouted, and one refused head
     text = metrics.render_prometheus(snap, {"rejected": 2, "shadowed": 1}).decode()
     got = parse(text)
