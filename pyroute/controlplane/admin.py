@@ -253,8 +253,9 @@ class AdminApi:
                                               "is it a pyroute of this version?")
                 snaps.append(snap)
             snap = metrics.merge(snaps)
-            control = {"rejected": sum(s.get("control", {}).get("rejected", 0) for s in snaps),
-                       "shadowed": max((s.get("control", {}).get("shadowed", 0) for s in snaps), default=0)}
+            # Every replica judges the same labels and routes: the most any of them counts, not a sum.
+            control = {key: max((s.get("control", {}).get(key, 0) for s in snaps), default=0)
+                       for key in ("rejected", "shadowed")}
         else:
             snap = await self.collect()
             control = {"rejected": len(self.registry.rejected),
