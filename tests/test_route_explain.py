@@ -140,22 +140,25 @@ def test_routes_match_prints_it(proxy, dns, ups):
                for line in lines), result.stdout
 
 
-def test_shadowing_found_when_labels_apply(make_pyroute, dns, ups):
-    """Label apply (the built-in Swarm listener) is checked like a reconfigure: logged and listed."""
+@pytest.fixture
+def engine():
     from support.engine import FakeEngine
+    fake = FakeEngine()
+    yield fake
+    fake.close()
+
+
+def test_shadowing_found_when_labels_apply(engine, make_pyroute, dns, ups):
+    """Label apply (the built-in Swarm listener) is checked like a reconfigure: logged and listed."""
     a, b = ups
-    engine = FakeEngine()
-    try:
-        dns.set_service("lbl-z", a.ip)
-        dns.set_service("lbl-z1", b.ip)
-        engine.create("lbl-z", {"com.df.notify": "true", "com.df.servicePath": "/lblz", "com.df.port": str(a.port)})
-        engine.create("lbl-z1", {"com.df.notify": "true", "com.df.servicePath": "/lblz1", "com.df.port": str(b.port)})
-        p = make_pyroute(DOCKER_HOST=engine.docker_host)
-        wait_until(lambda: len(p.admin("config", type="json")[1]) == 2, what="labels applied")
-        assert [(f["Service"], f["ShadowedBy"]["Service"]) for f in shadowed(p)] == [("lbl-z1", "lbl-z")]
-        assert '"event":"shadowed","service":"lbl-z1"' in p.log()
-    finally:
-        engine.close()
+    dns.set_service("lbl-z", a.ip)
+    dns.set_service("lbl-z1", b.ip)
+    engine.create("lbl-z", {"com.df.notify": "true", "com.df.servicePath": "/lblz", "com.df.port": str(a.port)})
+    engine.create("lbl-z1", {"com.df.notify": "true", "com.df.servicePath": "/lblz1", "com.df.port": str(b.port)})
+    p = make_pyroute(DOCKER_HOST=engine.docker_host)  # stopped before the engine closes (fixture order)
+    wait_until(lambda: len(p.admin("config", type="json")[1]) == 2, what="labels applied")
+    assert [(f["Service"], f["ShadowedBy"]["Service"]) for f in shadowed(p)] == [("lbl-z1", "lbl-z")]
+    assert '"event":"shadowed","service":"lbl-z1"' in p.log()
 
 
 # -- the shadow analysis against the real matcher (pure, hypothesis) --------------------------
