@@ -21,13 +21,13 @@ import hmac
 import secrets
 from collections.abc import Iterable
 
-from passlib.hash import bcrypt, md5_crypt, sha256_crypt, sha512_crypt
-
-# The $id$ prefixes pyroute verifies, and how: SHA-512/SHA-256-crypt (mkpasswd -m sha-512 /
-# sha-256, openssl passwd -6 / -5), MD5-crypt (old glibc and musl default), and bcrypt
-# as htpasswd -B writes it ($2y$) or OpenBSD and the bcrypt libraries do ($2b$, $2a$).
-HASHERS = {"$6$": sha512_crypt, "$5$": sha256_crypt, "$1$": md5_crypt,
-           "$2y$": bcrypt, "$2b$": bcrypt, "$2a$": bcrypt}
+# The $id$ prefixes pyroute verifies, and libpass's hasher for each (passlib.hash.<name>):
+# SHA-512/SHA-256-crypt (mkpasswd -m sha-512 / sha-256, openssl passwd -6 / -5), MD5-crypt
+# (old glibc and musl default), and bcrypt as htpasswd -B writes it ($2y$) or OpenBSD and
+# the bcrypt libraries do ($2b$, $2a$). libpass (~3.8 MiB resident) is imported by the first
+# hash that needs it: a proxy without hashed passwords never loads it.
+HASHERS = {"$6$": "sha512_crypt", "$5$": "sha256_crypt", "$1$": "md5_crypt",
+           "$2y$": "bcrypt", "$2b$": "bcrypt", "$2a$": "bcrypt"}
 BCRYPT_MAX = 72
 SUPPORTED = "$6$ (mkpasswd -m sha-512), $5$, $1$ or bcrypt $2y$/$2b$/$2a$ (htpasswd -B)"
 # Names for the schemes an operator is likely to paste that pyroute does not verify.
@@ -48,10 +48,20 @@ def hash_scheme(hashed: str) -> str:
     return "$" + hashed[1:].partition("$")[0] + "$"
 
 
+def _hasher(scheme: str):
+    """libpass's hasher for a $id$ prefix, None for a scheme pyroute does not verify."""
+    name = HASHERS.get(scheme)
+    if name is None:
+        return None
+    import passlib.hash  # (lazily: see HASHERS)
+
+    return getattr(passlib.hash, name)
+
+
 def hash_problem(hashed: str) -> str:
     """'' when `hashed` is a hash pyroute can verify, else why not, naming its scheme."""
     scheme = hash_scheme(hashed)
-    hasher = HASHERS.get(scheme)
+    hasher = _hasher(scheme)
     if hasher is None:
         if not scheme:
             named = "has no $id$ scheme prefix (traditional DES crypt, or not a hash at all)"
@@ -80,8 +90,9 @@ def _credentials(header: bytes | None) -> tuple[bytes, bytes] | None:
 def _hash_check(password: bytes, hashed: str) -> bool:
     """Does `password` hash to `hashed`? False for a hash no hasher takes (the random
     lock-out user's); libpass compares the result in constant time."""
-    hasher = HASHERS.get(hash_scheme(hashed))
-    if hasher is bcrypt:  # bcrypt reads 72 bytes; crypt(3) and htpasswd drop the rest, bcrypt 5 refuses it
+    scheme = hash_scheme(hashed)
+    hasher = _hasher(scheme)
+    if HASHERS.get(scheme) == "bcrypt":  # bcrypt reads 72 bytes; crypt(3) and htpasswd drop the rest, bcrypt 5 refuses it
         password = password[:BCRYPT_MAX]
     try:
         return hasher is not None and hasher.verify(password, hashed)
@@ -105,8 +116,11 @@ class Userlist:
         self._key = secrets.token_bytes(32) if encrypted else b""
         self._verified: dict[bytes, bytes] = {}  # user -> HMAC of the password that verified
         self._decoy = next(iter(self._table.values()), "" if encrypted else b"")  # checked for unknown users
-        if encrypted and any(HASHERS.get(hash_scheme(hashed)) is bcrypt for hashed in self._table.values()):
-            bcrypt.get_backend()  # libpass's one-time bcrypt self-test, here rather than in a request
+        if encrypted:  # libpass's import (and its one-time bcrypt self-test) here, rather than in a request
+            for scheme in {hash_scheme(hashed) for hashed in self._table.values()}:
+                hasher = _hasher(scheme)
+                if HASHERS.get(scheme) == "bcrypt":
+                    hasher.get_backend()
 
     def allows(self, header: bytes | None) -> bool:
         """Does the Authorization header value name a user of the list with its password?"""

@@ -38,6 +38,9 @@ TRACEPARENT_MODES = ("pass", "generate")  # TRACEPARENT
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")  # DFP's balance values, plus p2c
 DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")  # DFP's serviceDomainAlgo values
 COMPRESSION_ALGOS = ("gzip", "deflate", "raw-deflate", "identity")  # HAProxy's
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")  # the ACME challenges pyroute answers itself
+ACME_DOMAINS_CHOICES = ("", "auto")  # auto: every exact serviceDomain of an HTTPS service too
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 class SettingsError(Exception):
@@ -107,6 +110,13 @@ def _seconds(value: Any, setting: str) -> float:
     number = _float(value)
     if number is None or not (math.isfinite(number) and number > 0):
         raise _bad(setting, "a number of seconds > 0", value)
+    return number
+
+
+def _non_negative_seconds(value: Any, setting: str) -> float:
+    number = _float(value)
+    if number is None or not (math.isfinite(number) and number >= 0):
+        raise _bad(setting, "a number of seconds >= 0", value)
     return number
 
 
@@ -594,9 +604,36 @@ class Settings:
                                     "and to nobody else")
     timeout_admin: float = _setting(30.0, parse=_seconds,
                                     help="seconds an admin API connection may stay idle or take to send a request")
+    acme_email: str = _setting("", parse=_optional_text, shown='""',
+                               help="turns ACME on: the account contact for certificates ordered for "
+                                    "letsencrypt.host (a service's letsencrypt.email wins) and ACME_DOMAINS")
+    acme_domains: str = _setting("", parse=_choice(ACME_DOMAINS_CHOICES), shown='""',
+                                 help="auto: also order for every exact serviceDomain of a service with "
+                                      "httpsOnly or a :ssl listener (turns ACME on too)")
+    acme_directory: str = _setting(LETS_ENCRYPT, parse=_text,
+                                   help="ACME directory URL (Let's Encrypt's production one by default; "
+                                        "try its staging directory first)")
+    acme_ca_file: str = _setting("", parse=_optional_text, shown='""',
+                                 help="extra PEM CA bundle trusted for the ACME directory (a private CA, a test server)")
+    acme_challenge: str = _setting("http-01", parse=_choice(ACME_CHALLENGES),
+                                   help="http-01 (answered on the plain listeners) or tls-alpn-01 (the :ssl listeners)")
+    acme_renew_before: float = _setting(0.0, parse=_non_negative_seconds, shown="0",
+                                        help="renew this many seconds before expiry; 0: the CA's renewalInfo "
+                                             "window where offered, else a third of the lifetime")
+    acme_lease: float = _setting(300.0, parse=_seconds,
+                                 help="seconds a replica's claim on an order lasts (a replica that dies "
+                                      "mid-order blocks that name this long at most)")
+    acme_retry: float = _setting(60.0, parse=_seconds,
+                                 help="seconds before the first retry of a failed order; doubled per failure "
+                                      "up to a day, never sooner than the CA's Retry-After")
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+
+    @property
+    def acme_enabled(self) -> bool:
+        """ACME runs (and the challenge paths are answered) once ACME_EMAIL or ACME_DOMAINS is set."""
+        return bool(self.acme_email or self.acme_domains)
 
     @property
     def stats_enabled(self) -> bool:

@@ -533,6 +533,20 @@ def _haproxy_exporter(w: _Writer, snap: dict) -> None:
                lambda a: a["failures"])
 
 
+def render_certificates(expiry: dict[str, float], orders: dict[str, int] | None) -> bytes:
+    """The control plane's certificate metrics: each certificate's expiry (Unix time) and,
+    with ACME on, this replica's finished orders by result."""
+    w = _Writer()
+    w.family("pyroute_certificate_expiry_timestamp_seconds", "gauge", "When each certificate expires (Unix time)")
+    for name, when in sorted(expiry.items()):
+        w.lines.append(f"pyroute_certificate_expiry_timestamp_seconds{_labels(name=name)} {_number(when)}")
+    if orders is not None:
+        w.family("pyroute_acme_orders_total", "counter", "ACME orders this replica finished, by result")
+        for result, n in orders.items():
+            w.sample("pyroute_acme_orders_total", n, result=result)
+    return ("\n".join(w.lines) + "\n").encode()
+
+
 # -- HAProxy's stats CSV (the columns that apply) ---------------------------------------------
 CSV_COLUMNS = (
     "pxname", "svname", "qcur", "qmax", "scur", "smax", "slim", "stot", "bin", "bout", "dreq", "dresp", "ereq",

@@ -76,7 +76,9 @@ log = logging.getLogger("pyroute")
 # Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
 RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
                 "dns_timeout", "separator", "service_name", "header_env_allow", "preferred_certificate",
-                "ssl_bind_options", "ssl_bind_ciphers", "ssl_bind_ciphersuites", "trusted_proxies", "stats_port")
+                "ssl_bind_options", "ssl_bind_ciphers", "ssl_bind_ciphersuites", "trusted_proxies", "stats_port",
+                "acme_email", "acme_domains", "acme_directory", "acme_ca_file", "acme_challenge", "acme_renew_before",
+                "acme_lease", "acme_retry")
 
 
 class LocalPlanes:
@@ -230,7 +232,8 @@ def settings_from_json(data: dict) -> Settings:
 
 
 def _certs_message(certs: CertStore, generation: int) -> bytes:
-    return orjson.dumps({"certs": certs.pems(), "generation": generation}) + b"\n"
+    return orjson.dumps({"certs": certs.pems(), "challenges": certs.challenge_pems(),
+                         "generation": generation}) + b"\n"
 
 
 def _snapshot_message(snapshot: Snapshot) -> bytes:
@@ -555,6 +558,7 @@ async def _worker_main(fd: int) -> int:
                 plane.serve_stats_from(*message["stats_route"])
             elif "certs" in message:
                 plane.certs.replace_all(message["certs"])
+                plane.certs.set_challenges(message["challenges"])
                 writer.write(orjson.dumps({"certs_applied": message["generation"]}) + b"\n")
             elif "revision" in message:
                 try:

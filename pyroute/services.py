@@ -250,6 +250,8 @@ class Service:
     max_request_body: int | None = None  # maxRequestBody (bytes, 0 = unlimited): overrides MAX_REQUEST_BODY
     cert: str | None = None  # serviceCert: PEM installed into the certificate store as cert_name
     cert_name: str = ""
+    acme_hosts: tuple[str, ...] = ()  # letsencrypt.host: names ACME certificates are ordered for (acme.py)
+    acme_email: str = ""  # letsencrypt.email: the ACME account's contact for them (else ACME_EMAIL)
 
     @property
     def dial_hosts(self) -> tuple[str, ...]:
@@ -918,7 +920,31 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         max_request_body=_optional_number(params, "maxrequestbody", "maxRequestBody", integer=True),
         cert=cert,
         cert_name=first_domain or name,
+        acme_hosts=_acme_hosts(params.get("letsencrypt.host", "")),
+        acme_email=_acme_email(params.get("letsencrypt.email", "")),
     )
+
+
+def _acme_hosts(value: str) -> tuple[str, ...]:
+    """letsencrypt.host (the companion's label): a comma list of exact DNS names."""
+    hosts = []
+    for host in (h.strip().lower().rstrip(".") for h in value.split(",")):
+        if not host:
+            continue
+        if "*" in host:
+            raise ServiceError(400, f"letsencrypt.host {host!r}: wildcard names need the dns-01 challenge, "
+                                    "which pyroute does not answer")
+        _check_host(host, "letsencrypt.host")
+        if host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
+
+
+def _acme_email(value: str) -> str:
+    email = value.strip()
+    if email and (email.count("@") != 1 or any(c.isspace() or c in ",<>" for c in email)):
+        raise ServiceError(400, f"letsencrypt.email {email!r} is not an email address")
+    return email
 
 
 def _deprecated_rewrite(params: dict[str, str]) -> tuple[tuple[str, str], ...]:

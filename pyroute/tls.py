@@ -114,6 +114,8 @@ class Certificate:
     context: ssl.SSLContext
     not_after: str
     secret: bool = False  # from a Docker secret: never written to CERTS_DIR, not listed for peers
+    not_before: str = ""
+    issuer: str = ""  # the issuer's commonName (else organizationName), for /certs
 
 
 _CERT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
@@ -189,7 +191,9 @@ def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = Fa
     names = [v.lower() for k, v in decoded.get("subjectAltName", ()) if k == "DNS"]
     if not names:
         names = [v.lower() for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
-    return Certificate(name, pem, tuple(names), ctx, decoded.get("notAfter", ""), secret)
+    issuer = {k: v for rdn in decoded.get("issuer", ()) for k, v in rdn}
+    return Certificate(name, pem, tuple(names), ctx, decoded.get("notAfter", ""), secret,
+                       decoded.get("notBefore", ""), issuer.get("commonName") or issuer.get("organizationName", ""))
 
 
 class CertStore:
@@ -207,6 +211,8 @@ class CertStore:
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
         self._default: ssl.SSLContext | None = None
+        self.challenges: dict[str, ssl.SSLContext] = {}  # ACME TLS-ALPN-01: name -> validation context
+        self._challenge_pems: dict[str, str] = {}
         self._subscribers: list[Callable[[CertStore], None]] = []
         self.dispatch = server_context(None, ca_file, policy)
         self.dispatch.sni_callback = self._choose
@@ -286,10 +292,30 @@ class CertStore:
 
     def list(self) -> list[dict]:
         return [
-            {"Name": c.name, "DnsNames": list(c.names), "NotAfter": c.not_after, "Secret": c.secret,
-             "Pem": c.pem.decode("ascii", "replace")}
+            {"Name": c.name, "DnsNames": list(c.names), "NotAfter": c.not_after, "NotBefore": c.not_before,
+             "Issuer": c.issuer, "Secret": c.secret, "Pem": c.pem.decode("ascii", "replace")}
             for c in self._certs.values()
         ]
+
+    def set_challenges(self, pems: dict[str, str]) -> None:
+        """Take these TLS-ALPN-01 validation certificates (name -> PEM, chain + key): the TLS
+        listeners serve them to clients offering only ALPN acme-tls/1 for that name."""
+        if pems == self._challenge_pems:
+            return
+        contexts = {}
+        for name, pem in pems.items():
+            try:
+                contexts[name] = load_certificate(name, pem.encode("ascii"), policy=self.policy).context
+            except ValueError as exc:
+                log.error("ACME validation certificate for %s skipped: %s", name, exc)
+                continue
+            contexts[name].set_alpn_protocols(["acme-tls/1"])
+        self._challenge_pems, self.challenges = dict(pems), contexts
+        for callback in self._subscribers:
+            callback(self)
+
+    def challenge_pems(self) -> dict[str, str]:
+        return dict(self._challenge_pems)
 
     def pems(self) -> dict[str, str]:
         return {c.name: c.pem.decode("ascii", "replace") for c in self._certs.values()}

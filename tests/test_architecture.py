@@ -8,6 +8,8 @@ domain model, certificates, resolver, metrics, event log) imports either plane."
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pyroute"
@@ -133,3 +135,27 @@ def test_the_checks_catch_a_planted_cycle_and_a_planted_wrong_direction():
     planted["pyroute.dataplane.client"] += "\nfrom pyroute.controlplane import admin\n"
     assert any(e.startswith("pyroute.dataplane.client (dataplane) imports pyroute.controlplane.admin")
                for e in forbidden_edges(import_graph(planted)))
+
+
+# Optional heavy libraries: RE2 (~1.5 MiB resident) serves path_reg and reqPathSearchReplace
+# routes, libpass (~3.8 MiB) hashed basic-auth lists; a proxy with neither kind of route
+# never loads them (issue 16: RSS after start).
+LAZY = ("re2", "passlib", "bcrypt")
+STARTUP = "import pyroute.commands.cli, pyroute.process, pyroute.controlplane.plane, pyroute.dataplane.plane"
+
+
+def _loaded_after(code: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\n"
+                          f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({LAZY!r})))"],
+                         capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    return ast.literal_eval(out.stdout.strip())
+
+
+def test_optional_heavy_libraries_load_with_the_first_route_that_needs_them():
+    assert _loaded_after(STARTUP) == []
+    assert _loaded_after(STARTUP + "\nfrom pyroute.dataplane.routing import check_compiles\n"
+                         "from pyroute.services import parse_service\n"
+                         "check_compiles(parse_service({'serviceName': 'a', 'servicePath': '^/a/[0-9]+$', "
+                         "'pathType': 'path_reg', 'port': '80'}))") == ["re2"]
+    assert "passlib" in _loaded_after(STARTUP + "\nfrom pyroute.basicauth import hash_problem\n"
+                                      "hash_problem('$6$salt$hash')")

@@ -270,3 +270,20 @@ def test_exclude_uses_the_path_type(proxy, dns, two):
     assert who(proxy, "/m-ext/hidden/x")[0] == 503
     assert who(proxy, "/a/b.m-jpg") == (200, two[0].addr)
     assert who(proxy, "/a/secret.m-jpg")[0] == 503
+
+
+def test_regex_engine_loads_with_the_first_path_reg_route(make_pyroute, dns, two):
+    """RE2 (~1.5 MiB resident) is mapped into the process by the first route that needs it,
+    not at start (issue 16: RSS after start)."""
+    proxy = make_pyroute()
+
+    def re2_mapped() -> bool:
+        with open(f"/proc/{proxy.proc.pid}/maps") as maps:
+            return "_re2" in maps.read()
+
+    register(proxy, dns, two[0], serviceName="lazy-plain", servicePath="/lazy-plain")
+    assert who(proxy, "/lazy-plain")[0] == 200
+    assert not re2_mapped()
+    register(proxy, dns, two[0], serviceName="lazy-reg", servicePath="^/lazy-reg/[0-9]+$", pathType="path_reg")
+    assert who(proxy, "/lazy-reg/42")[0] == 200
+    assert re2_mapped()

@@ -37,7 +37,10 @@ log = logging.getLogger("pyroute.controlplane.registry")
 
 Snapshot = tuple[int, tuple[Service, ...]]
 Stamp = tuple[int, str]  # (Lamport counter, "<replica id>.<sequence>"): unique per change
-KINDS = ("services", "certs")  # services: name -> params pairs; certs: name -> PEM; None = removed
+KINDS = ("services", "certs", "acme")  # services: name -> params pairs; certs: name -> PEM;
+# acme: ACME records (account keys, leases, challenge answers, order status; acme.py) -> JSON object; None = removed
+KINDS_V1 = ("services", "certs")  # what format-1 documents held
+SECRET_KINDS = ("certs", "acme")  # entries holding private keys: only replicas and admins get them
 STATE_FORMAT = 2  # 2: hash = sum of per-entry digests; 1: sha256 of the whole content (read only)
 READABLE_FORMATS = (1, 2)
 HASH_MODULUS = 2 ** 256
@@ -67,7 +70,7 @@ def content_hash(entries: Mapping[str, Mapping[str, tuple[Stamp, object]]]) -> s
 def content_hash_v1(entries: Mapping[str, Mapping[str, tuple[Stamp, object]]]) -> str:
     """The format-1 hash: sha256 over the canonical JSON of the whole content."""
     canonical = {kind: {name: [list(stamp), value] for name, (stamp, value) in entries.get(kind, {}).items()}
-                 for kind in KINDS}
+                 for kind in KINDS_V1}
     return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -124,6 +127,10 @@ class ServiceRegistry:
         """Certificate name -> PEM (cert + key), for the TLS side."""
         return {name: pem for name, (_, pem) in self._entries["certs"].items() if pem is not None}
 
+    def acme(self) -> dict[str, dict]:
+        """The ACME records (controlplane/acme.py), removed ones left out."""
+        return {name: value for name, (_, value) in self._entries["acme"].items() if value is not None}
+
     def new_stamp(self) -> Stamp:
         """A stamp newer than everything this replica has seen."""
         self._sequence += 1
@@ -160,6 +167,10 @@ class ServiceRegistry:
         existed = name in self.certs()
         self._change("certs", name, None, stamp or self.new_stamp(), None)
         return existed
+
+    def put_acme(self, name: str, value: dict | None) -> None:
+        """Store (None: remove) an ACME record; published and saved like every other change."""
+        self._change("acme", name, value, self.new_stamp(), None)
 
     def upsert_many(self, items: list[Mapping[str, str]], source: str = "") -> tuple[int, list[str]]:
         """Apply a whole list of reconfigure params as one publication (one table swap).
@@ -226,6 +237,8 @@ class ServiceRegistry:
         if self._store(kind, name, value, stamp, service):
             if kind == "services":
                 self._publish("remove" if value is None else "reconfigure", service=name)
+            elif kind == "acme":
+                self._publish("acme-remove" if value is None else "acme-store", record=name.split(" ", 1)[0])
             else:
                 self._publish("cert-remove" if value is None else "cert-store", cert=name)
 
@@ -259,17 +272,19 @@ class ServiceRegistry:
             callback(snapshot)
 
     # -- whole-state exchange (state file, peers) --------------------------------------
-    def export_json(self, certs: bool = True) -> bytes:
+    def export_json(self, secrets: bool = True) -> bytes:
         """The state document, serialised: what the state file holds and what peers pull
-        (`certs=False`: without the certificates, whose PEMs hold private keys).
+        (`secrets=False`: without the certificates, whose PEMs hold private keys, and the
+        ACME records, which hold the account key).
 
         Joined from each entry's stored serialisation, so the event loop pays a copy of the
         bytes, not a walk over every entry."""
-        total = self._digest_sum if certs else (self._digest_sum - sum(self._digests["certs"].values())) % HASH_MODULUS
+        left_out = () if secrets else SECRET_KINDS
+        total = (self._digest_sum - sum(sum(self._digests[k].values()) for k in left_out)) % HASH_MODULUS
         head = orjson.dumps({"format": STATE_FORMAT, "revision": self.revision, "hash": format_hash(total)})
         parts = [head[:-1]]
         for kind in KINDS:
-            entries = self._exported[kind].values() if certs or kind != "certs" else ()
+            entries = self._exported[kind].values() if kind not in left_out else ()
             parts += (b',"', kind.encode(), b'":{', b",".join(entries), b"}")
         parts.append(b"}")
         return b"".join(parts)
@@ -330,6 +345,8 @@ def read_document(document: Mapping) -> dict[str, dict[str, tuple[Stamp, object]
                     value = tuple((str(k), str(v)) for k, v in value)
                 elif kind == "certs" and value is not None and not isinstance(value, str):
                     raise StateError(f"certs/{name}: PEM is not a string")
+                elif kind == "acme" and value is not None and not isinstance(value, dict):
+                    raise StateError(f"acme/{name}: not a JSON object")
                 entries[kind][name] = ((counter, tag), value)
     except StateError:
         raise

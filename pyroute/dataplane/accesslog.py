@@ -3,8 +3,10 @@
 Off by default, and then it costs nothing: the proxy holds no AccessLog and skips the
 call. When on, lines are collected and written in one go at the end of the event loop
 iteration (one write per batch, not per request). The lines of one batch share one
-timestamp (but HAProxy's, whose date is the request's start). ACCESS_LOG_FORMAT picks
-the line:
+timestamp (but HAProxy's, whose date is the request's start). Timings (request_ms,
+connect_ms, response_ms, total_ms) are milliseconds as floats at microsecond resolution
+(0.137 = 137 us), the differences of the exchange's clock.clock() stamps; None for a
+phase that never happened. ACCESS_LOG_FORMAT picks the line:
 
 - ``json`` (default): pyroute's fields, encoded with orjson (below);
 - ``clf``: the Common Log Format (``%h %l %u %t "%r" %>s %b``), as Apache and nginx write it;
@@ -113,10 +115,10 @@ class AccessLog:
             "bytes_in": received,
             "service": route.service.name if route is not None else "",
             "upstream": f"{address[0]}:{address[1]}" if address is not None else "",
-            "request_ms": int((head_done - started) * 1000.0 + 0.5),
-            "connect_ms": int((sent_at - head_done) * 1000.0 + 0.5) if sent_at else None,
-            "response_ms": int((response_at - sent_at) * 1000.0 + 0.5) if response_at else None,
-            "total_ms": int((now - started) * 1000.0 + 0.5),
+            "request_ms": round((head_done - started) * 1000.0, 3),
+            "connect_ms": round((sent_at - head_done) * 1000.0, 3) if sent_at else None,
+            "response_ms": round((response_at - sent_at) * 1000.0, 3) if response_at else None,
+            "total_ms": round((now - started) * 1000.0, 3),
             "termination": termination,
             "retried": ex.retried,
             "request_id": ex.request_id.decode("latin-1") if ex.request_id is not None else None,

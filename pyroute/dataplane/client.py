@@ -26,6 +26,7 @@ import httptools
 
 from pyroute.dataplane import features
 from pyroute.dataplane.balancer import sticky_cookie
+from pyroute.dataplane.clock import clock
 from pyroute.dataplane.exchange import UNLIMITED, Exchange
 from pyroute.dataplane.forwarded import forwarded_client, is_trusted
 from pyroute.dataplane.flow import PEER_FULL, ReadPauses
@@ -213,7 +214,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if not self.client_ip:
             peer = transport.get_extra_info("peername")
             self.client_ip = peer[0].encode() if peer else b"unknown"
-        self.last_io = self.loop.time()
+        self.last_io = clock()
         server = self.server
         if server.trusted_proxies:
             self.forwarded = self.peer_trusted = is_trusted(self.client_ip, server.trusted_proxies)
@@ -227,7 +228,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         server.accepted += 1
 
     def data_received(self, data: bytes) -> None:
-        self.last_io = now = self.loop.time()
+        self.last_io = now = clock()
         size = len(data)
         self.received += size
         if self.in_head or self.in_trailers:
@@ -290,7 +291,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         server.connections.discard(self)
         server.limit.closed(self.client_ip)
         if self.queue:  # requests that never got (all of) their response
-            now = self.loop.time()
+            now = clock()
             for ex in self.queue:
                 self._account(ex, ex.status, ex.broken or "CD", now)
         server.closed_received += self.received
@@ -527,7 +528,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
     def _attach(self, ex: Exchange, upstream: UpstreamConnection) -> None:
         ex.upstream = upstream
         ex.address = upstream.address
-        ex.sent_at = now = self.loop.time()
+        ex.sent_at = now = clock()
         upstream.bind(self, ex, now)
         if ex.pending:
             upstream.transport.writelines([ex.head, *ex.pending])
@@ -576,13 +577,15 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         queue = self.queue
         ex = queue.popleft()
         if upstream is not None:
+            now = upstream.last_io  # the read that completed the response
             ex.upstream = None
             if reusable and ex.request_done and ex.http11:
                 self.pool.release(upstream)
             else:
                 upstream.close()
+        else:
+            now = clock()
         self.flush()
-        now = self.loop.time()
         self._account(ex, ex.local or ex.status, "", now)
         if ex.close_after:
             self.transport.close()
@@ -672,6 +675,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         sent = self.sent - self.sent_mark
         self.received_mark = self.received
         self.sent_mark = self.sent
+        ex.finished = now
         ex.stats.count(ex, status, now, received, sent)
         if self.server.access_log is not None:
             self.server.access_log.exchange(self, ex, status, termination, now, received, sent)
@@ -740,7 +744,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         log.debug("refusing request from %s: %s", self.client_ip.decode(), why)
         queue = self.queue
         reading = self.reading
-        now = self.loop.time()
+        now = clock()
         termination = "cR" if status == 408 else "PR"
         if reading is not None and len(queue) > 1:  # its body broke while it waited behind others
             queue.pop()

@@ -6,6 +6,11 @@ response transforms of its route. The upstream side (upstream.UpstreamConnection
 bound to it while the response comes back. Every transform a response may go through is
 a field here, applied in one place, the client's response path (response_head and
 response_body): nothing is swapped in for the client's output or for its owner.
+
+Its timestamps are seconds from clock.clock() (time.monotonic): a duration is the
+difference of two, exact to the microsecond. A plain request's stamps come from the two
+clock reads it costs: `started`, `head_done` and `sent_at` from the read of its head,
+`response_at` and `finished` from the read that completed its response.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ class Exchange:
         "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
-        "started", "head_done", "sent_at", "response_at", "status", "address", "broken", "upgrade", "body_left",
+        "started", "head_done", "sent_at", "response_at", "finished", "status", "address", "broken", "upgrade", "body_left",
         "chunk_mark", "client_ip", "request_id", "log_headers",
     )
 
@@ -46,7 +51,11 @@ class Exchange:
         self.response_edit = None  # features.ResponseEdit: the route's header edits and compression
         self.set_cookie: bytes | None = None  # sticky-session cookie name to set on the response
         self.body_transform = None  # features.Compressor, started by a response head it compresses
-        # For metrics and the access log (loop.time() stamps; see metrics.py, accesslog.py):
+        # Timestamps, clock.clock() seconds, for metrics, the access log
+        # and anything else that reports durations. Set by the client side as they happen:
+        # `started` (the first byte of the request head was read) and `head_done` (the head was
+        # complete) at creation, `finished` (the response completed, or the exchange was
+        # abandoned) when it is counted; these two stay 0.0 until they happen:
         self.sent_at = 0.0  # request head written upstream
         self.response_at = 0.0  # response head arrived
         self.status = 0  # the upstream's status

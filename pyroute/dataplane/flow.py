@@ -8,10 +8,12 @@ ending never resumes a read another still holds back.
 
 `ReadPauses` is a mixin (no slots of its own, no call layer added: `_pause`/`_resume` are
 the protocol's methods) for protocols that have `transport`, `paused` (int), `closed`,
-`last_io` and `loop`.
+and `last_io`.
 """
 
 from __future__ import annotations
+
+from pyroute.dataplane.clock import clock
 
 PEER_FULL = 1  # the socket this one's bytes go to has a full send buffer
 
@@ -28,7 +30,7 @@ class ReadPauses:
         if self.paused & reason:
             self.paused &= ~reason
             if not self.paused and not self.closed:
-                self.last_io = self.loop.time()  # not idle while we did not read
+                self.last_io = clock()  # not idle while we did not read
                 self.transport.resume_reading()
 
     def peer_writable(self, writable: bool) -> None:

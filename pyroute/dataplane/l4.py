@@ -50,6 +50,46 @@ def client_hello_sni(data: bytes) -> str | None:
     Returns None when more bytes are needed, "" when the ClientHello carries no SNI;
     raises NotTls for anything that is not a TLS handshake.
     """
+    body = _hello_body(data)
+    return None if body is None else _sni_in_hello(body)
+
+
+def client_hello_alpn(data: bytes) -> tuple[bytes, ...]:
+    """The ALPN protocols a complete ClientHello (client_hello_sni answered) offers."""
+    body = _hello_body(data)
+    if body is None:
+        return ()
+    try:
+        pos = _extensions_start(body)
+        if pos == len(body):
+            return ()  # no extensions
+        end = pos + 2 + struct.unpack_from("!H", body, pos)[0]
+        pos += 2
+        while pos + 4 <= end:
+            ext_type, ext_len = struct.unpack_from("!HH", body, pos)
+            pos += 4
+            if ext_type == 16:  # application_layer_protocol_negotiation
+                protocols, p = [], pos + 2
+                while p < pos + ext_len:
+                    protocols.append(body[p + 1 : p + 1 + body[p]])
+                    p += 1 + body[p]
+                return tuple(protocols)
+            pos += ext_len
+        return ()
+    except (IndexError, struct.error):
+        return ()
+
+
+def _extensions_start(body: bytes) -> int:
+    pos = 2 + 32  # client_version, random
+    pos += 1 + body[pos]  # session id
+    pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
+    return pos + 1 + body[pos]  # compression methods
+
+
+def _hello_body(data: bytes) -> bytes | None:
+    """The ClientHello message's body, reassembled from the handshake records at the start
+    of `data`; None when more bytes are needed. Raises NotTls."""
     # Reassemble the handshake message from consecutive handshake records.
     handshake = bytearray()
     pos = 0
@@ -70,15 +110,12 @@ def client_hello_sni(data: bytes) -> str | None:
             need = 4 + int.from_bytes(handshake[1:4], "big")
             if need > MAX_CLIENT_HELLO:
                 raise NotTls("ClientHello too large")
-    return _sni_in_hello(bytes(handshake[4:need]))
+    return bytes(handshake[4:need])
 
 
 def _sni_in_hello(body: bytes) -> str:
     try:
-        pos = 2 + 32  # client_version, random
-        pos += 1 + body[pos]  # session id
-        pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
-        pos += 1 + body[pos]  # compression methods
+        pos = _extensions_start(body)
         if pos == len(body):
             return ""  # no extensions
         end = pos + 2 + struct.unpack_from("!H", body, pos)[0]

@@ -17,6 +17,7 @@ from pyroute.dataplane.accesslog import AccessLog
 from pyroute.dataplane.balancer import Sticky, TaskSet
 from pyroute.dataplane.client import ClientLimit, ProxyServer
 from pyroute.dataplane.clientcert import ClientCertConnection
+from pyroute.dataplane.clock import clock
 from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners
 from pyroute.dataplane.routing import RouteTable
@@ -29,6 +30,8 @@ from pyroute.tls import CertStore, cert_store
 log = logging.getLogger("pyroute")
 
 STATS_SERVICE = "pyroute-stats"  # the service name of the stats page's own route
+ACME_SERVICE = "pyroute-acme"  # the route of ACME's HTTP-01 challenges (answered by the admin listener)
+ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"
 TLS_HANDSHAKE_TIMEOUT = 10.0
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 MAXCONN_LOG_EVERY = 60.0  # seconds between "MAXCONN reached" log lines
@@ -100,7 +103,7 @@ class DataPlane:
         self.revision = 0
         self.services: tuple[Service, ...] = ()
         self.stats = metrics.DataStats()
-        self.stats_service: tuple[Service, ...] = ()  # the stats page's route, once its address is known
+        self.stats_service: tuple[Service, ...] = ()  # the admin listener's own routes, once its address is known
         self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
         self._next_tasksets: dict[tuple, TaskSet] = {}
         self._tls_services: set[str] = set()  # services with an httpsPort or verifyClientSsl: a TLS table of its own
@@ -227,7 +230,7 @@ class DataPlane:
         # TLS ports (which sni services may share) and accept-proxy ports look at the first bytes.
         loop = asyncio.get_running_loop()
 
-        def serve(sock: socket.socket, client_ip: str | None, sni_target) -> None:
+        def serve(sock: socket.socket, client_ip: str | None, sni_target, tls_context) -> None:
             if sni_target is not None:
                 tunnel_port = Port("tcp", (sni_target,))
                 ip = client_ip.encode() if client_ip is not None else b""  # the PROXY header's address
@@ -241,7 +244,8 @@ class DataPlane:
                     conn = proxy.factory()
                     conn.client_ip = ip
                     return conn
-            kwargs = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if context else {}
+            ssl_context = tls_context or context  # tls_context: an ACME TLS-ALPN-01 validation
+            kwargs = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if ssl_context else {}
             task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
             task.add_done_callback(_log_handover_error)
 
@@ -252,6 +256,7 @@ class DataPlane:
         return PeekingListener(sock, serve, accept_proxy=accept_proxy, trusted=s.proxy_protocol_trusted,
                                sni_port=lambda: self.tcp.tls_sni.get(spec.port),
                                can_terminate=lambda: not spec.ssl or len(self.certs) > 0,
+                               challenges=lambda: self.certs.challenges if spec.ssl else {},
                                timeout=s.timeout_http_request)
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
@@ -315,14 +320,20 @@ class DataPlane:
                     self.resolver.forget_host(host)
 
     def serve_stats_from(self, host: str, port: int) -> None:
-        """Route STATS_URI on the public ports (on STATS_PORT only, when set: a srcPort, its
-        listener opened as srcPort listeners are) to the stats page at host:port (the admin listener)."""
+        """Route what the admin listener at host:port serves on the public ports, ahead of
+        every service: STATS_URI (the stats page; on STATS_PORT only, when set: a srcPort, its
+        listener opened as srcPort listeners are) and, with ACME on, the HTTP-01 challenge
+        path (answered from the replicated state, so whichever replica the CA reaches)."""
         s = self.settings
-        if not s.stats_enabled:
+        own = []
+        if s.stats_enabled:
+            own.append({"serviceName": STATS_SERVICE, "servicePath": s.stats_path, "srcPort": str(s.stats_port)})
+        if s.acme_enabled and s.acme_challenge == "http-01":
+            own.append({"serviceName": ACME_SERVICE, "servicePath": ACME_CHALLENGE_PATH})
+        if not own:
             return
-        self.stats_service = (parse_service(
-            {"serviceName": STATS_SERVICE, "servicePath": s.stats_path, "port": str(port), "outboundHostname": host,
-             "srcPort": str(s.stats_port)}),)
+        self.stats_service = tuple(parse_service({**params, "port": str(port), "outboundHostname": host})
+                                   for params in own)
         self.apply(self.revision, self.services)
         if s.stats_port and self._tick_handle is not None:
             asyncio.get_running_loop().create_task(self.sync_src_ports())
@@ -368,7 +379,7 @@ class DataPlane:
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            now = loop.time()
+            now = clock()
             self.proxy.check_timeouts(now)
             self.tls_proxy.check_timeouts(now)
             self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from pyroute.dataplane.clock import clock
 from pyroute.dataplane.flow import ReadPauses
 
 log = logging.getLogger("pyroute.dataplane.tunnel")
@@ -61,7 +62,7 @@ class Tunnel:
         self.client.peer = self.upstream
         self.upstream.peer = self.client
         self.timeout = 0.0  # of the current phase: first bytes, connect, then inactivity
-        self.started = loop.time()  # when the current phase began (until connected)
+        self.started = clock()  # when the current phase began (until connected)
         self.connected = False
         self.counted = False  # holds one place in `limit`, given back when the client socket closes
         self.closed = False
@@ -119,7 +120,7 @@ class Tunnel:
                 return self._give_up(str(exc))
             if target is not None:
                 self.target = target
-                self.started = self.loop.time()
+                self.started = clock()
                 self.timeout = target.timeout_connect
                 self.loop.create_task(self._connect(target))
         elif self.pending_size > MAX_PENDING:
@@ -146,7 +147,7 @@ class Tunnel:
     def _established(self, timeout: float) -> None:
         self.connected = True
         self.timeout = timeout
-        self.client.last_io = self.upstream.last_io = self.loop.time()
+        self.client.last_io = self.upstream.last_io = clock()
 
     def _give_up(self, why: str) -> None:
         if not self.closed:
@@ -205,7 +206,7 @@ class TunnelEnd(ReadPauses, asyncio.Protocol):
             self.attach(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.last_io = self.loop.time()
+        self.last_io = clock()
         peer = self.peer.transport
         if peer is None:  # a tcp/sni client before its upstream connection is open
             return self.tunnel._first_bytes(data)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import httptools
 
+from pyroute.dataplane.clock import clock
 from pyroute.dataplane.exchange import Exchange
 from pyroute.dataplane.headers import AmbiguousResponse, inspect_interim_head, inspect_response_head
 from pyroute.resolver import Resolver, is_ip
@@ -231,7 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.responded = True
-        self.last_io = owner.loop.time()
+        self.last_io = clock()
         in_head = self.in_head
         if in_head:
             partial = self.partial
@@ -307,6 +308,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pool.discard(self)
             return
         if self.close_delimited and not self.in_head and exc is None:  # a clean close ends the body
+            self.last_io = clock()
             self._complete(False)
             return
         self.owner = self.exchange = None
@@ -432,7 +434,7 @@ class UpstreamPool:
         if conn.closed or len(conns) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = conn.last_io or clock()  # (the read that completed its last response)
         conns.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
