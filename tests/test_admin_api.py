@@ -1,5 +1,7 @@
 """DFP admin API: status codes, NOK envelopes, remove, replicas=0, config, indexed
 destinations, precedence and domain matching -- each observed through real requests."""
+import http.client
+
 import pytest
 
 API_BAD = [
@@ -236,3 +238,30 @@ def test_outbound_hostname_and_ip_literal(proxy, dns, replicas):
                       port=replicas[2].port)
     assert who(proxy, "/obip/x") == (200, replicas[2].addr)
     assert not [q for q in dns.queries if q[1] == replicas[2].ip]
+
+
+def test_latency_endpoint_merges_workers_behind_admin_credentials(make_pyroute, dns, replicas):
+    """GET /latency: STATS_URI;data's JSON (every worker's slots added up) on the admin port,
+    behind the admin credentials, with no stats page configured."""
+    up = replicas[0]
+    dns.set_service("adm-lat", up.ip)
+    p = make_pyroute(ADMIN_USER="ops", ADMIN_PASS="pw", WORKERS="2")
+    p.reconfigure(serviceName="adm-lat", servicePath="/adm-lat", port=up.port)
+    c = http.client.HTTPConnection("127.0.0.1", p.admin_port, timeout=10)
+    c.request("GET", "/v1/docker-flow-proxy/latency")
+    r = c.getresponse()
+    assert r.status == 401 and b'"Status":"NOK"' in r.read()
+    c.close()
+
+    st, idle = p.admin("latency")
+    assert st == 200 and idle["slot_seconds"] == 10 and idle["slots"] == 90
+    assert idle["services"].get("adm-lat", {}).get("p99_ms") is None
+    n = 30
+    for _ in range(n):  # a new connection each: the kernel spreads them over both workers
+        assert p.get("/adm-lat/hello")[0] == 200
+    st, doc = p.admin("latency")
+    view = doc["services"]["adm-lat"]
+    assert st == 200 and view["requests_minute"] == n and round(sum(view["request_rate"]) * 10) == n
+    assert 0 < view["p50_ms"] <= view["p95_ms"] <= view["p99_ms"]
+    task = view["tasks"][f"{up.ip}:{up.port}"]
+    assert task["requests_minute"] == n and task["p99_ms"] > 0 and task["health"] == "up"

@@ -29,7 +29,8 @@ def test_credentials_from_env_guard_every_endpoint(make_pyroute, dns, replicas):
     up = replicas[0]
     dns.set_service("auth-a", up.ip)
     for path in ("/ping", "/config", "/reconfigure?serviceName=auth-a&servicePath=/auth&port=%d" % up.port,
-                 "/remove?serviceName=auth-a", "/reload", "/nope"):
+                 "/remove?serviceName=auth-a", "/reload", "/routes", "/latency", "/rejected", "/shadowed",
+                 "/match?host=a&path=/", "/certs", "/nope"):
         for auth in (None, "ops:wrong", "other:s3cret", "ops"):
             status, challenge, body = call(p, path, auth)
             assert status == 401 and challenge.startswith("Basic "), (path, auth, status)

@@ -1,20 +1,22 @@
 """`pyroute top [--admin URL]`: what a running pyroute is doing now, refreshed in place.
 
-One row per route in match order (as `pyroute routes`): its service's request rate, error
-rate (5xx and requests that got no response) and p99 latency over the last interval, its
-request count so far, and the health of its tasks. Read from the admin API: the counters
-and the request-duration histogram from ``/metrics``, routes and task health from
-``/v1/docker-flow-proxy/routes``. Rates are differences between two readings, so the first
-screen shows them as "-". curses (stdlib) draws it; q quits.
+One row per route in match order (as `pyroute routes`): its service's request and error
+rates (5xx and requests that got no response) over the last interval, its p99 latency over
+the last minute, its request count so far, and the health of its tasks. Read from the admin
+API: the counters from ``/metrics``, the p99 from ``/v1/docker-flow-proxy/latency`` (what the
+stats page shows), routes and task health from ``/v1/docker-flow-proxy/routes``. Rates are
+differences between two readings, so the first screen shows them as "-". curses (stdlib)
+draws it; q quits.
 """
 
 from __future__ import annotations
 
 import curses
+import json
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyroute.commands.adminclient import credentials, default_admin_url, get
 from pyroute.commands.routes import fetch as fetch_routes
@@ -22,7 +24,7 @@ from pyroute.commands.routes import rule
 from pyroute.metrics import UNROUTED
 
 METRICS_PATH = "/metrics"
-DURATION_BUCKETS = "pyroute_request_duration_seconds_bucket"
+LATENCY_PATH = "/v1/docker-flow-proxy/latency"
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
@@ -34,33 +36,31 @@ class ServiceCounts:
     """One service's counters at one reading."""
     requests: int = 0
     errors: int = 0  # 5xx, and requests that got no response (status 0)
-    durations: dict[float, int] = field(default_factory=dict)  # histogram: upper bound -> cumulative count
 
 
 @dataclass
 class Reading:
-    """One reading of the admin API: when, every service's counters, the routes document."""
+    """One reading of the admin API: when, every service's counters, the routes document,
+    every service's recent latency (the latency document's "services")."""
     at: float
     services: dict[str, ServiceCounts]
     routes: dict
+    latency: dict[str, dict]
 
 
 def parse_metrics(text: str) -> dict[str, ServiceCounts]:
-    """The per-service request counters and duration histogram from pyroute's /metrics text."""
+    """The per-service request counters from pyroute's /metrics text."""
     services: dict[str, ServiceCounts] = {}
     for line in text.splitlines():
         match = SAMPLE.match(line)
         if match is None:
             continue
         name, labels_text, value = match.groups()
-        if name not in ("pyroute_requests_total", DURATION_BUCKETS):
+        if name != "pyroute_requests_total":
             continue
         labels = {k: re.sub(r"\\[\\\"n]", lambda m: UNESCAPE[m.group(0)], v)
                   for k, v in LABEL.findall(labels_text or "")}
         counts = services.setdefault(labels.get("service", UNROUTED), ServiceCounts())
-        if name == DURATION_BUCKETS:
-            counts.durations[float(labels["le"])] = int(float(value))
-            continue
         n = int(float(value))
         counts.requests += n
         code = int(labels.get("code", "0"))
@@ -71,32 +71,23 @@ def parse_metrics(text: str) -> dict[str, ServiceCounts]:
 
 def read(admin_url: str, auth: tuple[str, str] | None) -> Reading:
     metrics = get(admin_url, METRICS_PATH, auth).decode("utf-8", "replace")
-    return Reading(time.monotonic(), parse_metrics(metrics), fetch_routes(admin_url, auth))
+    routes = fetch_routes(admin_url, auth)  # first: its error says when this is not pyroute's admin port
+    latency = json.loads(get(admin_url, LATENCY_PATH, auth))["services"]
+    return Reading(time.monotonic(), parse_metrics(metrics), routes, latency)
 
 
-def p99(before: ServiceCounts | None, now: ServiceCounts) -> str:
-    """The 99th percentile of request durations between two readings, as shown.
-
-    From the request-duration histogram: the upper bound of the bucket it falls in (so
-    "<=1ms" reads "at most 1 ms"). The one place latency is read: switch it here when
-    the admin API serves exact percentiles."""
-    if before is None:
+def p99(latency: dict[str, dict], service: str) -> str:
+    """The service's 99th percentile of request durations over the last minute, as shown
+    ("0.84ms", "12ms", "1.50s"; "-" without requests in that minute): the admin API's
+    latency figure, the one the stats page shows (log-scale buckets, within ~5%)."""
+    ms = latency.get(service, {}).get("p99_ms")
+    if ms is None:
         return "-"
-    bounds = sorted(now.durations)
-    counts = [now.durations[b] - before.durations.get(b, 0) for b in bounds]
-    if not counts or counts[-1] <= 0:
-        return "-"
-    rank = 0.99 * counts[-1]
-    for bound, count in zip(bounds, counts):
-        if count >= rank:
-            if bound == float("inf"):
-                return f">{seconds(bounds[-2])}" if len(bounds) > 1 else "-"
-            return f"<={seconds(bound)}"
-    return "-"
-
-
-def seconds(value: float) -> str:
-    return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+    if ms < 10:
+        return f"{ms:.2f}ms"
+    if ms < 1000:
+        return f"{ms:.0f}ms"
+    return f"{ms / 1000:.2f}s"
 
 
 def rate(before: int, now: int, elapsed: float) -> str:
@@ -122,12 +113,12 @@ def rows(before: Reading | None, now: Reading) -> list[tuple[str, ...]]:
         counts = now.services.get(service, empty)
         was = before.services.get(service, empty) if before is not None else None
         if was is None or elapsed <= 0:
-            return "-", "-", "-", p99(None, counts), str(counts.requests)
+            return "-", "-", "-", p99(now.latency, service), str(counts.requests)
         requests = counts.requests - was.requests
         errors = counts.errors - was.errors
         share = f"{100 * errors / requests:.1f}" if requests > 0 else "-"
         return (rate(was.requests, counts.requests, elapsed), rate(was.errors, counts.errors, elapsed), share,
-                p99(was, counts), str(counts.requests))
+                p99(now.latency, service), str(counts.requests))
 
     table = [COLUMNS]
     shown: set[str] = set()
@@ -147,7 +138,7 @@ def rows(before: Reading | None, now: Reading) -> list[tuple[str, ...]]:
 def render(table: list[tuple[str, ...]]) -> list[str]:
     """Columns aligned: text to the left, numbers to the right."""
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    numeric = {2, 3, 4, 6}
+    numeric = {2, 3, 4, 5, 6}
     return ["  ".join(cell.rjust(w) if i in numeric else cell.ljust(w)
                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in table]
 

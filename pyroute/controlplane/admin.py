@@ -117,6 +117,7 @@ class AdminApi:
             "cert": self.cert,
             "certs": self.list_certs,
             "routes": self.route_table,
+            "latency": self.latency,
             "rejected": self.rejected,
             "shadowed": self.shadowed,
             "match": self.match,
@@ -456,13 +457,19 @@ class AdminApi:
         revisions = sorted({p["revision"] for p in snap["processes"] if "revision" in p})
         return json_response(200, "", Revision=self.registry.revision, Served=revisions, Routes=routes)
 
+    async def latency(self, request: Request) -> Response:
+        """pyroute's own: STATS_URI;data's recent-traffic figures (statspage.recent, all
+        workers merged) behind the admin credentials, for tools such as `pyroute top`."""
+        if self.collect is None:
+            return json_response(404, "latency figures are not available")
+        return Response(200, orjson.dumps(statspage.recent(await self.collect())), headers="Cache-Control: no-store\r\n")
+
     async def stats_page(self, request: Request) -> Response:
         if not statspage.authorized(self.settings, request.authorization):
             return Response(401, b"401 Unauthorized: the stats page needs STATS_USER/STATS_PASS\n",
                             "text/plain", 'WWW-Authenticate: Basic realm="pyroute stats"\r\n')
         if request.target == self.settings.stats_uri + statspage.DATA_SUFFIX:
-            return Response(200, orjson.dumps(statspage.recent(await self.collect())), "application/json",
-                            "Cache-Control: no-store\r\n")
+            return await self.latency(request)
         return Response(200, statspage.render(await self.collect(), self.registry.revision),
                         "text/html; charset=utf-8", "Cache-Control: no-store\r\n")
 

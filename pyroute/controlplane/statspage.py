@@ -9,7 +9,8 @@ minute, and request rate, error rate and p99 per 10 s slot over the last 15 minu
 inline SVG bar charts. Everything is drawn here, in HTML and SVG: a few lines of inline
 script fetch the page again every REFRESH seconds and swap its live part in (no reload,
 no framework, nothing external); without script a meta refresh reloads it.
-STATS_URI;data answers the recent-traffic figures as JSON (`recent`), for tools.
+STATS_URI;data answers the recent-traffic figures as JSON (`recent`), for tools; the admin
+API serves the same at /v1/docker-flow-proxy/latency behind the admin credentials.
 """
 
 from __future__ import annotations
