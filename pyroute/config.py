@@ -457,7 +457,7 @@ class Settings:
     timeout_client: float = _setting(20.0, parse=_seconds, help="seconds of client inactivity allowed")
     timeout_server: float = _setting(20.0, parse=_seconds, help="seconds of upstream inactivity allowed")
     timeout_queue: float = _setting(30.0, parse=_seconds,
-                                    help="DFP's queue timeout; accepted for compatibility, no effect yet (no server queue)")
+                                    help="seconds a request of a service at its maxConn/maxRequestsInFlight waits for room (then 503)")
     timeout_tunnel: float = _setting(3600.0, parse=_seconds,
                                      help="seconds of inactivity on a tunnel (WebSocket, CONNECT)")
     timeout_http_request: float = _setting(5.0, parse=_seconds, help="seconds to receive a full request head")
@@ -799,22 +799,12 @@ RAW_HAPROXY_ENV = ("EXTRA_GLOBAL", "EXTRA_FRONTEND", "CFG_TEMPLATE_PATH", "CAPTU
                    "DEBUG_HTTP_FORMAT", "DEBUG_TCP_FORMAT", "RESOLVERS")
 
 
-# DFP settings pyroute accepts, so a DFP service definition keeps starting, but does not act on
-# yet: setting one draws a warning saying why.
-NO_EFFECT_YET = {
-    "timeout_queue": "pyroute has no server queue yet: a request goes straight to an upstream connection, "
-                     "bounded by TIMEOUT_CONNECT",
-}
-
 
 def startup_warnings(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
-    """One warning per raw-HAProxy env var that is set and per set setting that has no effect yet
-    (logged at start, printed by check-config)."""
+    """One warning per raw-HAProxy env var that is set (logged at start, printed by check-config)."""
     environ = os.environ if environ is None else environ
-    return ([f"{name} is set but ignored: pyroute does not take raw HAProxy config (see docs/dfp-compatibility.md)"
-             for name in RAW_HAPROXY_ENV if environ.get(name, "").strip()]
-            + [f"{name.upper()} is set but has no effect: {why} (see docs/dfp-compatibility.md)"
-               for name, why in NO_EFFECT_YET.items() if settings.sources.get(name, "default") != "default"])
+    return [f"{name} is set but ignored: pyroute does not take raw HAProxy config (see docs/dfp-compatibility.md)"
+            for name in RAW_HAPROXY_ENV if environ.get(name, "").strip()]
 
 
 def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:

@@ -399,7 +399,7 @@ def render_prometheus(snap: dict, control: dict | None = None) -> bytes:
     for key, help_text in (("connects", "New upstream connections opened"),
                            ("reuses", "Requests sent on a pooled (reused) upstream connection"),
                            ("failures", "Upstream connections that could not be opened (refused, timeout)"),
-                           ("retries", "Requests retried on a new connection after a pooled one failed"),
+                           ("retries", "Requests retried after failing at this address (connect failure, or a pooled connection closed before any response byte)"),
                            ("timeouts", "Upstream responses that timed out (TIMEOUT_SERVER)")):
         metric = f"pyroute_upstream_{key}_total"
         w.family(metric, "counter", f"{help_text}, per service and task address")

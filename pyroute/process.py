@@ -19,6 +19,9 @@ has a socketpair to the control process carrying newline-delimited JSON messages
                                                          revision B: services added or replaced
                                                          and names removed
                         {"stats_route": [host, port]}    route STATS_URI to the admin listener there
+                        {"tasks": host, "not_running": [ip, ...]}  the Swarm listener's view of a
+                                                         service's tasks (drain those), at start
+                                                         for every service and after each change
                         {"collect": K}                   send your counters (a /metrics scrape)
     worker -> control   {"ready": true}  after its listeners are bound (it has a table by then)
                         {"applied": N}   after it swapped in revision N
@@ -105,6 +108,9 @@ class LocalPlanes:
 
     async def collect(self) -> dict:
         return metrics.merge([self.plane.stats_snapshot("pyroute")])
+
+    def publish_tasks(self, host: str, not_running: frozenset[str]) -> None:
+        self.plane.follow_tasks(host, not_running)
 
 
 class Pyroute:
@@ -237,6 +243,10 @@ def _certs_message(certs: CertStore, generation: int) -> bytes:
                          "generation": generation}) + b"\n"
 
 
+def _tasks_message(host: str, not_running: frozenset[str]) -> bytes:
+    return orjson.dumps({"tasks": host, "not_running": sorted(not_running)}) + b"\n"
+
+
 def _snapshot_message(snapshot: Snapshot) -> bytes:
     revision, services = snapshot
     return orjson.dumps({"revision": revision, "services": [s.params for s in services]}) + b"\n"
@@ -321,6 +331,7 @@ class Supervisor:
         self.stopping = False
         self.started = False  # every first worker is up: a death from now on is restarted, not fatal
         self.stats_route: tuple[str, int] | None = None
+        self.not_running: dict[str, frozenset[str]] = {}  # the Swarm listener's task view, per host
         self._collects = 0
         self._watchers: set[asyncio.Task] = set()
 
@@ -348,6 +359,8 @@ class Supervisor:
             worker.send(orjson.dumps({"stats_route": self.stats_route}) + b"\n")
         worker.send(_certs_message(self.certs, self.certs_generation))
         worker.send(_snapshot_message(self.snapshot))
+        for host, ips in self.not_running.items():
+            worker.send(_tasks_message(host, ips))
         task = asyncio.ensure_future(self._watch(worker, reader))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -479,6 +492,13 @@ class Supervisor:
         merged["processes"].insert(0, metrics.process_info("control"))
         return merged
 
+    def publish_tasks(self, host: str, not_running: frozenset[str]) -> None:
+        """The Swarm listener's view of a service's tasks, for every worker and later ones."""
+        self.not_running[host] = not_running
+        message = _tasks_message(host, not_running)
+        for worker in self.workers:
+            worker.send(message)
+
     def serve_stats_from(self, host: str, port: int) -> None:
         """Tell every worker (and every future one) to route STATS_URI to the admin listener."""
         self.stats_route = (host, port)
@@ -557,6 +577,8 @@ async def _worker_main(fd: int) -> int:
                 writer.write(orjson.dumps(reply) + b"\n")
             elif "stats_route" in message:
                 plane.serve_stats_from(*message["stats_route"])
+            elif "tasks" in message:
+                plane.follow_tasks(message["tasks"], message["not_running"])
             elif "certs" in message:
                 plane.certs.replace_all(message["certs"])
                 plane.certs.set_challenges(message["challenges"])

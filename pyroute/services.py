@@ -206,6 +206,28 @@ class Destination:
 
 
 SESSION_TYPES = ("sticky-server",)
+# retryOn conditions, named as HAProxy's retry-on names them.
+RETRY_CONDITIONS = ("connect-failure", "empty-response")
+DEFAULT_RETRY_ON = frozenset({"connect-failure", "empty-response"})
+DEFAULT_RETRIES = 2
+RATE_UNITS = {"s": 1.0, "m": 60.0}  # rateLimit=R/s or R/m
+
+
+@dataclass(frozen=True, slots=True)
+class Protection:
+    """What protects a service from failures and from its clients: the retry policy and the
+    per-service limits. Every limit is per pyroute process (see docs/reference.md)."""
+
+    retries: int = DEFAULT_RETRIES  # tries after the first, on another task where there is one
+    retry_on: frozenset[str] = DEFAULT_RETRY_ON  # of RETRY_CONDITIONS
+    max_conn: int = 0  # maxConn: requests in flight per task; more wait in a queue (0 = no limit)
+    max_in_flight: int = 0  # maxRequestsInFlight: requests in flight for the whole service (0 = no limit)
+    rate: float = 0.0  # rateLimit: requests per second per client address (0 = no limit)
+    burst: int = 0  # rateLimitBurst: requests a client may send at once before the rate applies
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.max_conn or self.max_in_flight or self.rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +246,7 @@ class Balancing:
     health_rise: int | None = None
     health_fall: int | None = None
     sticky_cookie: str | None = None  # cookie name when sessionType=sticky-server
+    slow_start: float = 0.0  # slowStart: seconds over which a new task's share ramps up to a full one
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +272,7 @@ class Service:
     compression_algo: str = ""  # space-separated COMPRESSION_ALGOS, in preference order ("" = off)
     compression_types: tuple[str, ...] = ()
     balancing: Balancing = Balancing()
+    protection: Protection = Protection()
     max_request_body: int | None = None  # maxRequestBody (bytes, 0 = unlimited): overrides MAX_REQUEST_BODY
     cert: str | None = None  # serviceCert: PEM installed into the certificate store as cert_name
     cert_name: str = ""
@@ -466,7 +490,70 @@ def _parse_balancing(params: Mapping[str, str], name: str) -> Balancing:
         health_rise=number("healthcheckrise", "healthCheckRise", int),
         health_fall=number("healthcheckfall", "healthCheckFall", int),
         sticky_cookie=cookie if session else None,
+        slow_start=_parse_duration(params.get("slowstart"), "slowStart") or 0.0,
     )
+
+
+def _parse_duration(value: str | None, name: str) -> float | None:
+    """Seconds, as a number or with a unit (`10s`, `500ms`, `1m`); None when absent."""
+    text = (value or "").strip().lower()
+    if not text:
+        return None
+    scale = 1.0
+    for unit, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(unit):
+            text, scale = text[: -len(unit)], factor
+            break
+    try:
+        seconds = float(text) * scale
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ServiceError(400, f"{name} must be a duration > 0 (e.g. 10s, 500ms), got {value!r}")
+    return seconds
+
+
+def _count(params: Mapping[str, str], key: str, name: str, default: int = 0) -> int:
+    text = params.get(key, "").strip()
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()) or int(text) > 1_000_000:
+        raise ServiceError(400, f"{name} must be an integer 0..1000000, got {text!r}")
+    return int(text)
+
+
+def _parse_protection(params: Mapping[str, str], separator: str) -> Protection:
+    """retries, retryOn, maxConn, maxRequestsInFlight, rateLimit, rateLimitBurst."""
+    retries = _count(params, "retries", "retries", DEFAULT_RETRIES)
+    if retries > 10:
+        raise ServiceError(400, f"retries must be 0..10, got {retries}")
+    retry_on = DEFAULT_RETRY_ON
+    if params.get("retryon", "").strip():
+        retry_on = frozenset(c.lower() for c in _split(params["retryon"], separator))
+        unknown = sorted(retry_on - set(RETRY_CONDITIONS) - {"none"})
+        if unknown:
+            raise ServiceError(400, f"retryOn: {', '.join(unknown)} is not one of {', '.join(RETRY_CONDITIONS)} "
+                               "(or none)")
+        retry_on -= {"none"}
+    rate = 0.0
+    rate_text = params.get("ratelimit", "").strip().lower()
+    if rate_text:
+        number, _, unit = rate_text.partition("/")
+        try:
+            rate = float(number) / RATE_UNITS[unit or "s"]
+        except (ValueError, KeyError):
+            rate = -1.0
+        if not 0 < rate < float("inf"):
+            raise ServiceError(400, f"rateLimit must be requests per second or minute > 0 (e.g. 10/s, 600/m), "
+                               f"got {params['ratelimit']!r}")
+    burst = _count(params, "ratelimitburst", "rateLimitBurst")
+    if burst and not rate:
+        raise ServiceError(400, "rateLimitBurst needs a rateLimit")
+    if rate and not burst:
+        burst = max(1, int(rate + 0.999))  # one second's worth
+    return Protection(retries=retries, retry_on=retry_on, max_conn=_count(params, "maxconn", "maxConn"),
+                      max_in_flight=_count(params, "maxrequestsinflight", "maxRequestsInFlight"),
+                      rate=rate, burst=burst)
 
 
 def _indexes(params: Mapping[str, str]) -> list[int]:
@@ -905,6 +992,11 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
     compression_type = params.get("compressiontype", "").strip() or defaults.compression_type
     cert = params.get("servicecert", "").replace("\\n", "\n").strip() or None
     first_domain = next((d.domains[0] for d in destinations if d.domains), "")
+    balancing = _parse_balancing(params, name)
+    protection = _parse_protection(params, separator)
+    if protection.limited and balancing.sticky_cookie is not None:
+        raise ServiceError(400, "maxConn, maxRequestsInFlight and rateLimit cannot be combined with "
+                           "sessionType=sticky-server yet")
     return Service(
         name=name,
         acl_name=acl_name,
@@ -930,7 +1022,8 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         redirect_unless_https_proto=_bool(params.get("redirectunlesshttpsproto"), "redirectUnlessHttpsProto"),
         compression_algo=compression_algo,
         compression_types=tuple(t.lower() for t in compression_type.replace(",", " ").split()) if compression_algo else (),
-        balancing=_parse_balancing(params, name),
+        balancing=balancing,
+        protection=protection,
         max_request_body=_optional_number(params, "maxrequestbody", "maxRequestBody", integer=True),
         cert=cert,
         cert_name=first_domain or name,

@@ -347,15 +347,13 @@ def test_example_defaults_are_the_real_defaults(tmp_path):
 # --- accepted for DFP, without effect yet -------------------------------------------
 
 
-def test_timeout_queue_set_anywhere_warns_that_it_has_no_effect(tmp_path):
-    """TIMEOUT_QUEUE is DFP's name and still parses, but pyroute has no server queue: set in
-    the environment or the file it draws a warning; left at its default, none."""
+def test_timeout_queue_is_read_and_draws_no_warning(tmp_path):
+    """TIMEOUT_QUEUE (DFP's name) bounds the wait of a request queued at a service's maxConn /
+    maxRequestsInFlight (issue 20): read from the environment or the file, it draws no warning."""
     path = write_toml(tmp_path, "timeout_queue = 12\n")
     for settings in (load_settings([], {"TIMEOUT_QUEUE": "12"}), load_settings(["--config", path], {})):
         assert settings.timeout_queue == 12
-        [warning] = config.startup_warnings(settings, {})
-        assert warning.startswith("TIMEOUT_QUEUE is set but has no effect: pyroute has no server queue yet")
-    assert config.startup_warnings(load_settings([], {}), {}) == []
+        assert config.startup_warnings(settings, {}) == []
 
 
 def test_startup_warnings_name_each_raw_haproxy_variable_set():

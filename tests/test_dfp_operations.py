@@ -103,13 +103,13 @@ def test_raw_haproxy_parameters_are_400(proxy, replicas, param):
     assert proxy.get("/raw-svc")[0] == 503
 
 
-def test_raw_haproxy_env_and_timeout_queue_warn_at_start(make_pyroute):
+def test_raw_haproxy_env_warns_at_start(make_pyroute):
     p = make_pyroute(EXTRA_GLOBAL="tune.ssl.default-dh-param 4096", EXTRA_FRONTEND="option httplog",
                      TIMEOUT_QUEUE="10")
     wait_until(lambda: "EXTRA_FRONTEND is set but ignored" in p.log(), what="warning logged")
     log = p.log()
     assert "EXTRA_GLOBAL is set but ignored: pyroute does not take raw HAProxy config" in log
-    assert "TIMEOUT_QUEUE is set but has no effect: pyroute has no server queue yet" in log
+    assert "TIMEOUT_QUEUE" not in log  # it has an effect now: the queue of maxConn (issue 20)
 
 
 def test_features_in_worker_processes(make_pyroute, dns, replicas):

@@ -19,7 +19,7 @@ import trustme
 
 from conftest import start_pyroute, stop_pyroute
 from support.proxy import REPO, register
-from support.upstream import ThreadedTlsServer, free_port
+from support.upstream import ThreadedTlsServer, free_port, wait_until
 from test_tls import client_context, pem, served_names
 
 
@@ -177,8 +177,10 @@ def test_trusted_proxies_decide_who_sets_the_forwarded_headers(behind_balancer, 
         assert received(data, "X-Forwarded-Proto") == ["http"]
         assert received(data, "X-Src") == ["127.0.0.1"]
         assert received(data, "X-Forwarded-For") == ["127.0.0.1"]
-        log = [json.loads(line[line.index("{"):]) for line in p.log().splitlines() if '"path":"/x-lb?from=' in line]
-        assert [(entry["path"], entry["client"]) for entry in log] == [
+        def logged():  # access log lines are written after the response, at the end of the loop iteration
+            return [json.loads(line[line.index("{"):]) for line in p.log().splitlines() if '"path":"/x-lb?from=' in line]
+        wait_until(lambda: len(logged()) == 2, what="both access log lines")
+        assert [(entry["path"], entry["client"]) for entry in logged()] == [
             ("/x-lb?from=lb", "9.9.9.9"), ("/x-lb?from=client", "127.0.0.1")]
     finally:
         p.remove_all()

@@ -11,12 +11,13 @@ import pytest
 from support.memory import Rig
 
 DEMO = {"serviceName": "demo", "servicePath": "/demo"}
+NO_RETRY = {"serviceName": "once", "servicePath": "/once", "retries": "0"}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 @pytest.fixture
 def rig():
-    r = Rig([DEMO], {"MAX_URI_SIZE": "100", "MAX_HEADER_SIZE": "512", "MAX_REQUEST_BODY": "50"})
+    r = Rig([DEMO, NO_RETRY], {"MAX_URI_SIZE": "100", "MAX_HEADER_SIZE": "512", "MAX_REQUEST_BODY": "50"})
     yield r
     r.close()
 
@@ -194,11 +195,11 @@ def test_bytes_after_the_end_of_a_response_never_reach_the_client(rig):
     assert up.transport.aborted
 
 
-def test_a_post_is_never_replayed_when_its_pooled_connection_dies(rig):
+def test_a_post_is_never_replayed_when_its_service_says_retries_0(rig):
     up = rig.idle_upstream()
     up.conn.reused = True  # a pooled connection the upstream may have closed while it idled
     client = rig.client()
-    client.send(b"POST /demo HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+    client.send(b"POST /once HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
     assert up.received().endswith(b"\r\n\r\nhi")
     up.hang_up()
     assert client.received().startswith(b"HTTP/1.1 502 ")  # (a replay would dial port 9: 503)

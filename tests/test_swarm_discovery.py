@@ -65,6 +65,8 @@ def swarm_proxy(engine, make_pyroute, replicas, dns):
     engine.create("sw-before", labels(replicas[0].port, **{"com.df.servicePath": "/sw-before"}))
     engine.create("sw-plain", {"com.df.port": "80"})  # not labelled notify=true
     p = make_pyroute(DOCKER_HOST=engine.docker_host, SWARM_POLL_INTERVAL="0.2")
+    # A service a test creates must find the event stream open (the listener also lists tasks at start).
+    wait_until(lambda: engine.open_streams > 0, what="the listener's event stream open")
     return p
 
 

@@ -73,7 +73,7 @@ class ControlPlane:
             problem = socket_problem(s.docker_host)
             if problem is not None:
                 raise StartupError(problem)
-            self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval)
+            self.listener = SwarmListener(self.registry, client, s.swarm_poll_interval, self.planes.publish_tasks)
         self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.not_ready, self.replication,
                                   collect=self.planes.collect, settings=self.settings,
                                   credentials=admin_credentials(s), certs=self.certs,
@@ -133,6 +133,8 @@ class ControlPlane:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.listener is not None:
+            self.listener.close()
         self.replication.close()
         if self.acme is not None:
             self.acme.close()

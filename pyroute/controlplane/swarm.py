@@ -8,6 +8,13 @@ follows ``/events`` so a created, updated, scaled or removed service changes the
 routes at once. When the event stream breaks it polls the service list until the
 stream is back, so nothing is missed either way.
 
+It also follows the tasks of every routed service, so a rolling update loses no request:
+Swarm emits no task events, so after each event of a service (and at each full listing)
+the listener lists its tasks every TASK_POLL seconds while the service's UpdateStatus says
+it is rolling, and until SETTLE_POLLS listings in a row changed nothing. The IPs of tasks
+that are not running, or whose desired state is no longer running (Swarm is about to
+stop them), go to the data planes (`publish_tasks`), whose task sets drain them at once.
+
 The Engine API is spoken over its unix socket (or tcp://) with pyroute's own HTTP client
 (httpclient.py): one connection per request, JSON bodies, and a stream for ``/events``.
 """
@@ -33,6 +40,9 @@ NOTIFY_FILTER = {"label": ["com.df.notify=true"]}
 LABEL_PREFIX = "com.df."
 STACK_LABEL = "com.docker.stack.namespace"
 RETRY_STREAM = 1.0  # seconds between attempts to reopen a broken event stream
+TASK_POLL = 0.5  # seconds between task listings of a service being followed
+SETTLE_POLLS = 6  # unchanged listings (outside an update) after which a service is no longer followed
+ROLLING = frozenset({"updating", "rollback_started"})  # UpdateStatus.State while tasks are replaced
 
 
 class EngineError(Exception):
@@ -138,6 +148,21 @@ class EngineClient:
             response.close()
 
 
+def not_running_ips(tasks: list) -> frozenset[str]:
+    """The IPs (on every network) of tasks that are not running or are being stopped,
+    except those a running task holds (Swarm may give a freed address to a new task)."""
+    running: set[str] = set()
+    stopping: set[str] = set()
+    for task in tasks:
+        if not isinstance(task, dict):
+            continue
+        ips = {address.split("/")[0] for attachment in task.get("NetworksAttachments") or ()
+               for address in attachment.get("Addresses") or ()}
+        state = (task.get("Status") or {}).get("State")
+        (running if task.get("DesiredState") == "running" and state == "running" else stopping).update(ips)
+    return frozenset(stopping - running)
+
+
 def service_params(service: dict) -> dict[str, str] | None:
     """Docker Flow Swarm Listener's conversion of one service (Engine API JSON) to
     reconfigure parameters, or None when it is not labelled com.df.notify=true.
@@ -175,10 +200,16 @@ class SwarmListener:
     goes away or loses its label; routes added through the admin API are left alone.
     """
 
-    def __init__(self, registry: ServiceRegistry, client: EngineClient, poll_interval: float):
+    def __init__(self, registry: ServiceRegistry, client: EngineClient, poll_interval: float,
+                 publish_tasks=None, task_poll: float = TASK_POLL):
         self.registry = registry
         self.client = client
         self.poll_interval = poll_interval
+        self.publish_tasks = publish_tasks  # (route name, not-running task IPs) -> None: the data planes
+        self.task_poll = task_poll
+        self.followers: dict[str, asyncio.Task] = {}  # service id -> its task follower
+        self.poked: set[str] = set()  # services with an event since their follower's last listing
+        self.not_running: dict[str, frozenset[str]] = {}  # route name -> last published
         self.names: dict[str, str] = {}  # service id -> route name we applied
         self.applied: dict[str, dict[str, str]] = {}  # service id -> params last applied
         self.refused: dict[str, str] = {}  # service id -> name of its refused labels (registry.rejected)
@@ -221,6 +252,8 @@ class SwarmListener:
                 self._apply(service["ID"], service_params(service))
         for service_id in [i for i in self.names if i not in seen]:
             self._apply(service_id, None)
+        for service_id in seen:
+            self._follow(service_id)
         self.synced.set()
 
     async def _on_event(self, event: dict) -> None:
@@ -238,6 +271,51 @@ class SwarmListener:
         if status != 200 or not isinstance(service, dict):
             raise EngineError(f"GET /services/{service_id} answered {status}")
         self._apply(service_id, service_params(service))
+        self._follow(service_id)
+
+    # -- following tasks ------------------------------------------------------------------
+    def _follow(self, service_id: str) -> None:
+        """Follow the tasks of a routed service (again) from now on."""
+        if self.publish_tasks is None or service_id not in self.names:
+            return
+        follower = self.followers.get(service_id)
+        if follower is None or follower.done():
+            self.followers[service_id] = asyncio.ensure_future(self._follow_tasks(service_id))
+        else:
+            self.poked.add(service_id)
+
+    async def _follow_tasks(self, service_id: str) -> None:
+        quiet = 0
+        while quiet < SETTLE_POLLS and service_id in self.names:
+            self.poked.discard(service_id)
+            try:
+                changed, rolling = await self._list_tasks(service_id, self.names[service_id])
+            except EngineError as exc:
+                log.info("tasks of service %s: %s", self.names.get(service_id), exc)
+                changed = rolling = False
+            quiet = 0 if changed or rolling or service_id in self.poked else quiet + 1
+            await asyncio.sleep(self.task_poll)
+
+    async def _list_tasks(self, service_id: str, name: str) -> tuple[bool, bool]:
+        """List the service's tasks and publish what changed; (changed, still rolling)."""
+        filters = urllib.parse.quote(json.dumps({"service": [service_id]}, separators=(",", ":")))
+        status, tasks = await self.client.get_json(f"/tasks?filters={filters}")
+        if status != 200 or not isinstance(tasks, list):
+            raise EngineError(f"GET /tasks answered {status}")
+        status, service = await self.client.get_json(f"/services/{urllib.parse.quote(service_id)}")
+        rolling = status == 200 and isinstance(service, dict) and \
+            ((service.get("UpdateStatus") or {}).get("State") in ROLLING)
+        not_running = not_running_ips(tasks)
+        if self.not_running.get(name) == not_running or self.names.get(service_id) != name:
+            return False, rolling
+        self.not_running[name] = not_running
+        log.info("service %s: tasks not running: %s", name, ", ".join(sorted(not_running)) or "none")
+        self.publish_tasks(name, not_running)
+        return True, rolling
+
+    def close(self) -> None:
+        for follower in self.followers.values():
+            follower.cancel()
 
     def _apply(self, service_id: str, params: dict[str, str] | None) -> None:
         """Reconfigure (params) or remove (None) the route of one service, if it changed."""

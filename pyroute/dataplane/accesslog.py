@@ -120,7 +120,8 @@ class AccessLog:
             "response_ms": round((response_at - sent_at) * 1000.0, 3) if response_at else None,
             "total_ms": round((now - started) * 1000.0, 3),
             "termination": termination,
-            "retried": ex.retried,
+            "retried": ex.retries > 0,
+            "retries": ex.retries,
             "request_id": ex.request_id.decode("latin-1") if ex.request_id is not None else None,
         }))
 
@@ -138,7 +139,7 @@ class AccessLog:
                     f"{f'{address[0]}:{address[1]}' if address is not None else '<NOSRV>'} "
                     f"{_ms(started, head_done)}/0/{_ms(head_done, sent_at) if sent_at else -1}/"
                     f"{_ms(sent_at, response_at) if response_at else -1}/{_ms(started, now)} "
-                    f"{status or -1} {sent} - - {termination}-- {active}/{active}/0/0/{1 if ex.retried else 0} 0/0"
+                    f"{status or -1} {sent} - - {termination}-- {active}/{active}/0/0/{ex.retries} 0/0"
                     f"{captured} \"{request}\"")
         line = f"{conn.client_ip.decode('latin-1')} - - [{self.stamp}] \"{request}\" {status or NO_RESPONSE} {sent or '-'}"
         if self.format == "combined":
@@ -176,7 +177,7 @@ class AccessLog:
             "time": self.stamp, "client": conn.client_ip.decode("latin-1"), "method": "", "path": "",
             "status": status, "bytes": 0, "bytes_in": 0, "service": "", "upstream": "",
             "request_ms": None, "connect_ms": None, "response_ms": None, "total_ms": None,
-            "termination": "cR" if status == 408 else "PR", "retried": False, "request_id": None,
+            "termination": "cR" if status == 408 else "PR", "retried": False, "retries": 0, "request_id": None,
         }))
 
     def _start_batch(self) -> None:

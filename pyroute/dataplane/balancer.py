@@ -8,6 +8,13 @@ c-ares would otherwise serve from its cache), each address a :class:`Task` carry
 its requests in flight and its health. New tasks join the rotation at the next
 lookup, removed ones leave it; requests already on a removed task finish there.
 
+With the built-in Swarm listener the control plane also tells each set which of its
+addresses belong to tasks that are not (or no longer) running (`exclude`): a task Swarm
+is about to stop leaves the rotation the moment its desired state changes, before it
+stops listening and before DNS drops it. Leaving is draining: no new request goes
+there, requests in flight (and tunnels) finish, pooled idle connections are closed and
+busy ones are closed when their response ends.
+
 Picking is round-robin, least-connections or power-of-two-choices over the tasks in
 rotation. In-flight counts come from :class:`TrackedConnection`, the upstream
 connection class used only for task addresses, so routes without task balancing run
@@ -32,7 +39,6 @@ from pyroute.dataplane.upstream import UpstreamConnection, UpstreamPool
 log = logging.getLogger("pyroute.dataplane.balancer")
 
 NO_ANSWER = (1, 4)  # aiodns: "no data" and NXDOMAIN mean the service has no task
-MAX_REDISPATCH = 3  # other tasks tried after a failed connect (HAProxy's retries)
 
 
 def task_cookie(address: tuple[str, int]) -> str:
@@ -52,10 +58,11 @@ def _load(task: Task) -> int:
 class Task:
     """One task address with its load and health."""
 
-    __slots__ = ("address", "cookie", "inflight", "in_rotation", "fails", "passes", "gone")
+    __slots__ = ("address", "cookie", "inflight", "in_rotation", "fails", "passes", "gone", "joined")
 
-    def __init__(self, address: tuple[str, int]):
+    def __init__(self, address: tuple[str, int], joined: float = float("-inf")):
         self.address = address
+        self.joined = joined  # loop time it joined a running set (slowStart ramps from there)
         self.cookie = task_cookie(address)
         self.inflight = 0  # requests bound to a connection to this task now
         self.in_rotation = True
@@ -103,7 +110,7 @@ class TrackedConnection(UpstreamConnection):
 
     def _complete(self, reusable: bool) -> None:
         self._uncount()
-        super()._complete(reusable)
+        super()._complete(reusable and not self.task.gone)  # a draining task's connection is not pooled
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -189,6 +196,9 @@ class PinnedBackend:
     def redispatch(self, failed: tuple[str, int], tried: tuple) -> tuple[str, int] | None:
         return self.taskset.redispatch(failed, tried)
 
+    def alternative(self, failed: tuple[str, int], tried: tuple = ()) -> tuple[str, int] | None:
+        return self.taskset.alternative(failed, tried)
+
 
 class TaskSet:
     """The tasks of one service port (``tasks.<host>``), refreshed on an interval, balanced.
@@ -197,8 +207,10 @@ class TaskSet:
     they are when the set is made; a set lives as long as its route's options stay."""
 
     def __init__(self, host: str, port: int, algorithm: str, settings, pool: UpstreamPool, health: HealthPolicy,
-                 known: set[tuple[str, int]] | None = None):
+                 known: set[tuple[str, int]] | None = None, slow_start: float = 0.0):
         self.host, self.port, self.algorithm, self.pool = host, port, algorithm, pool
+        self.slow_start = slow_start  # seconds over which a new task's share ramps up to a full one
+        self.warming: tuple[Task, ...] = ()  # tasks still ramping up
         self.nameservers = list(settings.dns_nameservers)
         self.dns_timeout = settings.dns_timeout
         self.refresh_interval = settings.task_refresh_interval
@@ -207,6 +219,8 @@ class TaskSet:
         self.rotation: tuple[Task, ...] = ()
         self.ready = asyncio.Event()  # the first lookup is done (with or without tasks)
         self.error = ""
+        self.excluded: frozenset[str] = frozenset()  # task IPs the Swarm says are not running
+        self._wake = asyncio.Event()  # look up now (a task may have started running)
         self._turn = 0
         self._pick = {"roundrobin": self._round_robin, "leastconn": self._least_connections,
                       "p2c": self._two_choices}[algorithm]
@@ -222,7 +236,24 @@ class TaskSet:
         rotation = self.rotation
         if not rotation:
             return None
-        return self._pick(rotation).address
+        task = self._pick(rotation)
+        if self.warming:
+            task = self._ramp(task, rotation)
+        return task.address
+
+    def _ramp(self, task: Task, rotation) -> Task:
+        """slowStart: a task that joined `age` seconds ago keeps a pick with probability
+        age/slowStart; otherwise another task in rotation takes it."""
+        age = asyncio.get_running_loop().time() - task.joined
+        if age >= self.slow_start:
+            if task in self.warming:
+                self.warming = tuple(t for t in self.warming if t is not task)
+            return task
+        if random.random() * self.slow_start < age:
+            return task
+        others = [t for t in rotation if t is not task and t not in self.warming] or \
+            [t for t in rotation if t is not task]
+        return random.choice(others) if others else task
 
     async def resolve(self) -> tuple[str, int]:
         if not self.ready.is_set():
@@ -240,12 +271,15 @@ class TaskSet:
         task = self.tasks.get(failed)
         if task is not None:
             self.failed(task, "connect failed")
-        if len(tried) > MAX_REDISPATCH:
-            return None
-        others = [t for t in self.rotation if t.address not in tried]
+        return self.alternative(failed, tried)
+
+    def alternative(self, failed: tuple[str, int], tried: tuple = ()) -> tuple[str, int] | None:
+        """The least busy task in rotation other than `failed` and `tried` (for a retry), or
+        None when there is none (then the set's own pick decides). The turn order is left alone."""
+        others = [t for t in self.rotation if t.address != failed and t.address not in tried]
         if not others:
             return None
-        return min(others, key=_load).address  # the least busy other task (leaves the turn order alone)
+        return min(others, key=_load).address
 
     def _round_robin(self, rotation) -> Task:
         self._turn += 1
@@ -290,6 +324,9 @@ class TaskSet:
 
     def _rebuild(self) -> None:
         self.rotation = tuple(t for t in self.tasks.values() if t.in_rotation)
+        if self.slow_start:
+            now = asyncio.get_running_loop().time()
+            self.warming = tuple(t for t in self.rotation if now - t.joined < self.slow_start)
 
     # -- discovery ------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
@@ -297,7 +334,11 @@ class TaskSet:
         while True:
             await self.refresh()
             self.ready.set()
-            await asyncio.sleep(self.refresh_interval)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.refresh_interval)
+            except asyncio.TimeoutError:
+                pass
 
     async def refresh(self) -> None:
         """Look up tasks.<host> once (fresh channel: no c-ares cache) and apply the answer."""
@@ -318,12 +359,29 @@ class TaskSet:
         self.error = "" if ips else f"{name}: no task"
         self.apply({(ip, self.port) for ip in ips})
 
+    def exclude(self, ips) -> None:
+        """The Engine API's word on this service's tasks: `ips` are addresses of tasks that are
+        not running or are being stopped. They leave (drain) now; a lookup follows at once,
+        so a task that started running joins without waiting for the refresh interval."""
+        excluded = frozenset(ips)
+        if excluded == self.excluded:
+            return
+        self.excluded = excluded
+        draining = [a for a in self.tasks if a[0] in excluded]
+        if draining:
+            log.info("%s: draining %s (stopping in Swarm)", self.host, ", ".join(f"{ip}:{port}" for ip, port in draining))
+            self.apply(set(self.tasks))
+        self._wake.set()
+
     def apply(self, addresses: set[tuple[str, int]]) -> None:
         """Make `addresses` the task set: new ones join, missing ones leave (in-flight requests finish)."""
+        if self.excluded:
+            addresses = {a for a in addresses if a[0] not in self.excluded}
         if addresses == self.tasks.keys():
             return
+        joined = asyncio.get_running_loop().time() if self.slow_start and self.ready.is_set() else float("-inf")
         for address in addresses - self.tasks.keys():
-            task = self.tasks[address] = Task(address)
+            task = self.tasks[address] = Task(address, joined)
             self.by_cookie[task.cookie] = task
             self.pool.connection_factories[address] = self._factory(task)
         for address in self.tasks.keys() - addresses:

@@ -42,13 +42,14 @@ from pyroute.dataplane.headers import (
 )
 from pyroute.resolver import ResolveError
 from pyroute.dataplane.routing import RouteTable
+from pyroute.dataplane.servicelimits import LimitReached
 from pyroute.dataplane.tunnel import Tunnel
 from pyroute.dataplane.upstream import CHUNK_END, ExchangeOwner, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("pyroute.dataplane.client")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens
+MAX_REPLAY_BODY = 64 * 1024  # body bytes kept to retry a request sent on a reused connection
 HEAD_LINE_ROOM = 64  # raw bytes per head line beyond the limits' count: method, version, ": ", CRLF
 
 # Why reading from the client is paused (a bit each, reading resumes when none is left: flow.py).
@@ -416,7 +417,6 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                         url, headers = req.path + req.query, req.headers
                 if not ex.local:
                     ex.route = route
-                    ex.idempotent = method in IDEMPOTENT
                     if self.server.request_ids is not None:  # (requestid.py)
                         ex.request_id, headers = self.server.request_ids.tag(headers, self.peer_trusted)
                     ex.head = request_head(
@@ -443,6 +443,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 ex.sent_at = self.last_io
                 upstream.bind(self, ex, self.last_io)
                 upstream.transport.write(ex.head)
+                if ex.has_body:  # a pooled connection may turn out closed: keep the body to retry
+                    ex.replay = _replay_buffer(ex)
                 return
         self.loop.create_task(self._connect(ex, address))
 
@@ -461,6 +463,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if upstream is not None:
             upstream.last_io = self.last_io
             upstream.transport.write(body)
+            if ex.replay is not None:
+                self._keep_for_replay(ex, body)
         else:
             self._buffer(ex, body)
 
@@ -482,6 +486,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             if not ex.local:
                 if ex.upstream is not None:
                     ex.upstream.transport.write(CHUNK_END)
+                    if ex.replay is not None:
+                        self._keep_for_replay(ex, CHUNK_END)
                 else:
                     self._buffer(ex, CHUNK_END)
 
@@ -503,6 +509,14 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex.pending_size > MAX_PENDING_BODY:
             self._pause(PAUSE_BUFFER)
 
+    def _keep_for_replay(self, ex: Exchange, body: bytes) -> None:
+        """Keep body bytes sent on a reused connection until the response starts; past
+        MAX_REPLAY_BODY the request can no longer be retried."""
+        replay = ex.replay
+        replay += body
+        if len(replay) > MAX_REPLAY_BODY:
+            ex.replay = None
+
     def _start(self, ex: Exchange) -> None:
         """Begin the exchange now at the head of the queue (it waited behind another)."""
         if ex.local:
@@ -514,8 +528,12 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 return self._attach(ex, upstream)
         self.loop.create_task(self._connect(ex, address))
 
-    async def _connect(self, ex: Exchange, address: tuple[str, int] | None) -> None:
-        tried: tuple[tuple[str, int], ...] = ()
+    async def _connect(self, ex: Exchange, address: tuple[str, int] | None, tried: tuple = ()) -> None:
+        gate = getattr(ex.route.backend, "gate", None)  # a limited service (servicelimits.py)
+        if gate is not None and ex.slot is None:
+            address = await self._admit(ex, gate)
+            if address is None:
+                return
         while True:
             try:
                 if address is None:
@@ -528,20 +546,48 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             except (OSError, asyncio.TimeoutError) as exc:
                 log.info("%s: cannot connect to %s:%s: %s", ex.route.service.name, *address, str(exc) or "timeout")
                 tried += (address,)
-                other = ex.route.backend.redispatch(address, tried)  # option redispatch (task balancing)
-                if other is None or not ex.idempotent:
+                # Nothing was sent: any request may go to another task (None: the name's balancing picks).
+                other = ex.route.backend.redispatch(address, tried)
+                if not _may_retry(ex, "connect-failure") or self.closed:
                     return self._fail(ex, 503)
+                ex.retries += 1
+                ex.route.stats.address(address).retries += 1
                 address = other
         if self.closed or not self.queue or self.queue[0] is not ex:
             self.pool.release(upstream)  # the client went away meanwhile; keep the connection
             return
         self._attach(ex, upstream)
 
+    async def _admit(self, ex: Exchange, gate) -> tuple[str, int] | None:
+        """Pass the service's limits: the address admitted to, or None when answered (429/503)."""
+        try:
+            if gate.protection.rate:
+                gate.take_token(ex.client_ip)  # the address the access log shows (TRUSTED_PROXIES)
+            slot = await gate.admit(ex.route.backend.inner)
+        except LimitReached as refused:
+            if refused.retry_after:
+                ex.reply = features.Reply(refused.status, b"Retry-After: %d\r\n" % refused.retry_after)
+            self._fail(ex, refused.status)
+            return None
+        except ResolveError as exc:
+            log.info("%s: %s", ex.route.service.name, exc)
+            self._fail(ex, 503)
+            return None
+        if self.closed or not self.queue or self.queue[0] is not ex:
+            slot.release()  # the client went away while it waited
+            return None
+        ex.slot = slot
+        return slot.address
+
     def _attach(self, ex: Exchange, upstream: UpstreamConnection) -> None:
         ex.upstream = upstream
         ex.address = upstream.address
         ex.sent_at = now = clock()
         upstream.bind(self, ex, now)
+        if ex.has_body:  # a pooled connection may turn out closed: keep the body to retry
+            ex.replay = _replay_buffer(ex) if upstream.reused else None
+            if ex.replay is not None and ex.pending:
+                ex.replay += b"".join(ex.pending)
         if ex.pending:
             upstream.transport.writelines([ex.head, *ex.pending])
             ex.pending = None
@@ -688,6 +734,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.received_mark = self.received
         self.sent_mark = self.sent
         ex.finished = now
+        if ex.slot is not None:
+            ex.slot.release()
         ex.stats.count(ex, status, now, received, sent)
         if self.server.access_log is not None:
             self.server.access_log.exchange(self, ex, status, termination, now, received, sent)
@@ -697,11 +745,17 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             return
         ex = self.queue[0]
         ex.upstream = None
-        if retryable and ex.idempotent and not ex.has_body and ex.request_done and not ex.retried:
-            # The pooled connection had been closed by the upstream: one new try.
-            ex.retried = True
+        if retryable and (ex.replay is not None or not ex.has_body) and _may_retry(ex, "empty-response"):
+            # A reused connection closed before any response byte: the upstream had closed it
+            # idle and processed nothing, so any request (its body kept in replay) goes again.
+            ex.retries += 1
             upstream.stats.retries += 1
-            self.loop.create_task(self._connect(ex, upstream.address))
+            if ex.replay:
+                ex.pending = [bytes(ex.replay), *(ex.pending or ())]
+                ex.pending_size = sum(map(len, ex.pending))
+            ex.replay = None
+            failed = upstream.address
+            self.loop.create_task(self._connect(ex, ex.route.backend.alternative(failed), (failed,)))
             return
         log.info("%s via %s:%s: %s", ex.route.service.name, *upstream.address, reason)
         self._fail(ex, status)
@@ -731,6 +785,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex is None or ex.upstream is not upstream or ex.upgrade is None:
             return False
         ex.upstream = None
+        if ex.slot is not None:
+            ex.slot.release()  # a tunnel is no request in flight
         upstream.owner = upstream.exchange = None
         self.pool.busy.discard(upstream)
         self.queue.clear()
@@ -809,6 +865,18 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             if now - self.last_io > idle:
                 self.closed = True
                 self.transport.close()
+
+
+def _may_retry(ex: Exchange, condition: str) -> bool:
+    """Whether the service's retry policy allows one more try after `condition`."""
+    protection = ex.route.service.protection
+    return condition in protection.retry_on and ex.retries < protection.retries
+
+
+def _replay_buffer(ex: Exchange) -> bytearray | None:
+    """Where to keep the body while it may have to be sent again, or None when the
+    service retries no empty response."""
+    return bytearray() if _may_retry(ex, "empty-response") else None
 
 
 def _unusual_head(version: str, host: bytes | None, upgrade: bytes | None, ex: Exchange, method: bytes) -> int:

@@ -22,11 +22,11 @@ class Exchange:
     """One request/response pair on a client connection."""
 
     __slots__ = (
-        "route", "head", "keep_alive", "http11", "is_head", "idempotent", "has_body", "chunked",
-        "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
+        "route", "head", "keep_alive", "http11", "is_head", "has_body", "chunked",
+        "pending", "pending_size", "request_done", "upstream", "responded", "retries", "replay", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
-        "started", "head_done", "sent_at", "response_at", "finished", "status", "address", "broken", "upgrade", "body_left",
-        "chunk_mark", "client_ip", "request_id", "log_headers",
+        "slot", "started", "head_done", "sent_at", "response_at", "finished", "status", "address", "broken",
+        "upgrade", "body_left", "chunk_mark", "client_ip", "request_id", "log_headers",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -36,14 +36,14 @@ class Exchange:
         self.chunked = chunked
         self.has_body = has_body
         self.route = None
-        self.idempotent = False
         self.head = b""  # the request head for the upstream (headers.request_head)
         self.pending: list[bytes] | None = None  # body chunks waiting for the upstream connection
         self.pending_size = 0
         self.request_done = False
         self.upstream = None  # the UpstreamConnection bound to it while the response is awaited
         self.responded = False
-        self.retried = False
+        self.retries = 0  # tries after the first (the service's retry policy)
+        self.replay: bytearray | None = None  # body bytes sent on a reused connection, kept to retry
         self.local = 0  # status pyroute answers itself, 0 = forward
         self.close_after = False
         self.reply = None  # features.Reply when a route feature answers (401, 403, 30x)
@@ -51,6 +51,7 @@ class Exchange:
         self.response_edit = None  # features.ResponseEdit: the route's header edits and compression
         self.set_cookie: bytes | None = None  # sticky-session cookie name to set on the response
         self.body_transform = None  # features.Compressor, started by a response head it compresses
+        self.slot = None  # servicelimits.Slot: its place in a limited service, released when it ends
         # Timestamps, clock.clock() seconds, for metrics, the access log
         # and anything else that reports durations. Set by the client side as they happen:
         # `started` (the first byte of the request head was read) and `head_done` (the head was

@@ -24,6 +24,7 @@ from pyroute.dataplane.h2upstream import Relay
 from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners
 from pyroute.dataplane.routing import RouteTable
+from pyroute.dataplane.servicelimits import Gate, GatedBackend
 from pyroute.dataplane.upstream import Backend, UpstreamPool
 from pyroute.listen import LISTEN_BACKLOG, StartupError, listen_error
 from pyroute.resolver import Resolver, is_ip
@@ -110,6 +111,8 @@ class DataPlane:
         self.stats_service: tuple[Service, ...] = ()  # the admin listener's own routes, once its address is known
         self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
         self._next_tasksets: dict[tuple, TaskSet] = {}
+        self.gates: dict[str, Gate] = {}  # service name -> its limits (servicelimits.py), kept across tables
+        self.not_running: dict[str, frozenset[str]] = {}  # host -> task IPs Swarm is not running (follow_tasks)
         self._tls_services: set[str] = set()  # services with an httpsPort or verifyClientSsl: a TLS table of its own
         self._dialed: dict[str, int] = {}  # host -> services dialing it (the resolver's cache follows)
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -120,7 +123,21 @@ class DataPlane:
     def _backend(self, host: str, port: int, service: Service, tls: bool = False):
         """The service name (Overlay: the VIP balances) or, for DNS discovery and sticky
         sessions, the TaskSet of tasks.<host> (kept across tables while its options stay).
-        `tls` (sslVerifyNone): TLS to the upstream, always through the service name."""
+        `tls` (sslVerifyNone): TLS to the upstream, always through the service name.
+        A service with limits gets it wrapped in a GatedBackend."""
+        backend = self._plain_backend(host, port, service, tls)
+        protection = service.protection
+        if not protection.limited:
+            return backend
+        gate = self.gates.get(service.name)
+        if gate is None:
+            gate = self.gates[service.name] = Gate(protection, self.settings.timeout_queue, asyncio.get_running_loop(),
+                                                   self.settings.workers)
+        else:
+            gate.configure(protection, self.settings.timeout_queue)
+        return GatedBackend(backend, gate)
+
+    def _plain_backend(self, host: str, port: int, service: Service, tls: bool):
         tasksets = self._next_tasksets
         balancing = service.balancing
         discovery = balancing.discovery or self.settings.discovery_type
@@ -130,13 +147,22 @@ class DataPlane:
         policy = HealthPolicy(balancing.health_path, balancing.health_interval or s.health_check_interval,
                               balancing.health_timeout or s.health_check_timeout,
                               balancing.health_rise or s.health_rise, balancing.health_fall or s.health_fall)
-        key = (host, port, balancing.algorithm or s.balance, policy)
+        key = (host, port, balancing.algorithm or s.balance, policy, balancing.slow_start)
         taskset = tasksets.get(key) or self.tasksets.get(key)
         if taskset is None:
             known = next((set(t.tasks) for k, t in self.tasksets.items() if k[:2] == (host, port)), None)
-            taskset = TaskSet(host, port, key[2], s, self.proxy.pool, policy, known)
+            taskset = TaskSet(host, port, key[2], s, self.proxy.pool, policy, known, balancing.slow_start)
+            taskset.exclude(self.not_running.get(host, ()))
         tasksets[key] = taskset
         return taskset
+
+    def follow_tasks(self, host: str, not_running) -> None:
+        """The Swarm listener's view of the tasks of service `host`: the IPs of tasks that are
+        not running or are being stopped leave every task set of that host (they drain)."""
+        self.not_running[host] = frozenset(not_running)
+        for taskset in {*self.tasksets.values(), *self._next_tasksets.values()}:
+            if taskset.host == host:
+                taskset.exclude(self.not_running[host])
 
     def prepare(self) -> None:
         """Create the proxy (without listening yet) so a snapshot can be applied first."""
@@ -311,6 +337,10 @@ class DataPlane:
         self.stats.reloads += 1
         came = {s.name for s in table.came}
         self.stats.forget({s.name for s in table.gone if s.name not in came})
+        limited = {s.name for s in table.came if s.protection.limited}
+        for service in table.gone:
+            if service.name not in limited:  # removed, or no limits any more
+                self.gates.pop(service.name, None)
         self._count_dial_hosts(table.gone, -1)
         self._count_dial_hosts(table.came, 1)
         if self._tick_handle is not None and any(d.src_port for s in changed for d in s.destinations):
@@ -318,9 +348,9 @@ class DataPlane:
 
     def _close_unused_tasksets(self, *tables: RouteTable) -> None:
         """Close the task sets only routes of the previous tables used."""
-        candidates = {id(r.backend) for t in tables for r in t.removed if isinstance(r.backend, TaskSet)}
+        candidates = {id(_unwrapped(r)) for t in tables for r in t.removed if isinstance(_unwrapped(r), TaskSet)}
         if candidates:
-            used = {id(r.backend) for t in tables for r in t.routes}
+            used = {id(_unwrapped(r)) for t in tables for r in t.routes}
             for key, taskset in list(self._next_tasksets.items()):
                 if id(taskset) in candidates and id(taskset) not in used:
                     taskset.close()
@@ -410,6 +440,11 @@ class DataPlane:
             self.stats.rotate()  # recent traffic: a new slot when the clock left the open one
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
+
+
+def _unwrapped(route):
+    """A route's backend without the GatedBackend of a limited service."""
+    return getattr(route.backend, "inner", route.backend)
 
 
 def _access_log(settings: Settings, loop) -> AccessLog | None:

@@ -101,6 +101,10 @@ class Backend:
         """Another address after a failed connect: none, the name's own balancing decides."""
         return None
 
+    def alternative(self, failed: tuple[str, int], tried: tuple = ()) -> tuple[str, int] | None:
+        """Another address for a retry: none, the name's own balancing decides."""
+        return None
+
     async def resolve(self) -> tuple[str, int]:
         """Resolve (or wait for the lookup in flight) and pick an address; ResolveError if none."""
         if self.fixed is not None:

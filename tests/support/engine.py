@@ -3,6 +3,10 @@
 
 - ``GET /v1.41/services?filters={"label":["k=v"]}`` -> list of services (label filters ANDed);
 - ``GET /v1.41/services/<id or name>`` -> one service, or 404 ``{"message": ...}``;
+- ``GET /v1.41/tasks?filters={"service":["<id>"]}`` -> the service's tasks (DesiredState,
+  Status.State, NetworksAttachments[].Addresses), set by ``set_tasks``: Swarm emits no
+  task events, so changing them emits nothing; ``rolling()`` sets UpdateStatus as
+  ``docker service update`` does, with its service update event;
 - ``GET /v1.41/events?filters={"type":["service"]}`` -> chunked stream, one JSON event per
   line: ``{"Type":"service","Action":"create|update|remove","Actor":{"ID":..,"Attributes":{"name":..}}}``.
   Events carry no labels (a reader must GET the service), and a create is followed by
@@ -29,6 +33,7 @@ class FakeEngine:
         self.dir = tempfile.mkdtemp(prefix="fake-engine-")
         self.path = os.path.join(self.dir, "docker.sock")
         self.services: dict[str, dict] = {}
+        self.tasks: dict[str, list[dict]] = {}  # service id -> its tasks
         self.requests: list[str] = []  # request targets, in order
         self.streams_refused = False
         self._streams: set[asyncio.Queue] = set()
@@ -113,6 +118,22 @@ class FakeEngine:
         self._call(self._set(service_id, service, "update", {
             "name": service["Spec"]["Name"], "replicas.new": str(replicas), "replicas.old": str(old)}))
 
+    def set_tasks(self, service_id: str, tasks: list[tuple[str, str, str]]) -> None:
+        """The service's tasks as (ip, desired state, state); no event, as in Swarm."""
+        self.tasks[service_id] = [{
+            "ID": f"task{service_id[:7]}{n:03d}", "ServiceID": service_id, "Slot": n + 1,
+            "DesiredState": desired, "Status": {"State": state, "Message": state},
+            "NetworksAttachments": [{"Network": {"Spec": {"Name": "proxy"}}, "Addresses": [f"{ip}/24"]}],
+        } for n, (ip, desired, state) in enumerate(tasks)]
+
+    def rolling(self, service_id: str, state: str) -> None:
+        """UpdateStatus.State ("updating", "completed", ...), with Docker's update event."""
+        service = json.loads(json.dumps(self.services[service_id]))
+        service["UpdateStatus"] = {"State": state, "Message": f"update {state}"}
+        service["Version"]["Index"] = next(self._version)
+        self._call(self._set(service_id, service, "update", {
+            "name": service["Spec"]["Name"], "updatestate.new": state}))
+
     def remove(self, service_id: str) -> None:
         name = self.services[service_id]["Spec"]["Name"]
         self._call(self._set(service_id, None, "remove", {"name": name}))
@@ -166,6 +187,10 @@ class FakeEngine:
                 if service is None:
                     return await self._json(writer, 404, {"message": f"service {key} not found"})
                 return await self._json(writer, 200, service)
+            if path == "/tasks":
+                wanted = filters.get("service", [])
+                found = [t for sid, tasks in self.tasks.items() for t in tasks if not wanted or sid in wanted]
+                return await self._json(writer, 200, found)
             if path == "/events":
                 return await self._events(writer, filters)
             await self._json(writer, 404, {"message": "page not found"})

@@ -19,6 +19,7 @@ Endpoints (matched anywhere in the path, so any route prefix works: /demo/hello,
   .../garbage          -> writes bytes that are not HTTP and closes
   .../drop-reused      -> closes without answering when the request arrived on a
                           connection that already served a request; answers otherwise
+  .../read-drop        -> reads the whole request, then closes without answering
   anything else        -> echo: JSON of the request head (+ body len/sha256)
 Every response carries ``X-Upstream: <ip>:<port>``.
 """
@@ -88,6 +89,9 @@ class Upstream:
     server: asyncio.base_events.Server | None = None
     received: list[Received] = field(default_factory=list)
     connections: int = 0
+    open: int = 0  # connections open now (pyroute closed the others)
+    busy: int = 0  # requests being answered now
+    peak: int = 0  # the most requests it answered at once
 
     @property
     def addr(self) -> str:
@@ -176,6 +180,7 @@ class Fleet:
         writer._pyroute_upstream = u
         self._open_writers.add(writer)
         u.connections += 1
+        u.open += 1
         conn_id = next(self._conn_ids)
         conn = h11.Connection(h11.SERVER)
         ident = [("X-Upstream", u.addr)]
@@ -231,7 +236,15 @@ class Fleet:
                     elif isinstance(bev, h11.ConnectionClosed):
                         return
                 rec.body_len, rec.body_sha256, rec.complete = n, h.hexdigest(), True
-                keep = await self._respond(u, conn, writer, rec, ident)
+                if "/read-drop" in path:
+                    rec.dropped = True
+                    return  # the whole request read, then gone without a response byte (a task that died)
+                u.busy += 1
+                u.peak = max(u.peak, u.busy)
+                try:
+                    keep = await self._respond(u, conn, writer, rec, ident)
+                finally:
+                    u.busy -= 1
                 await writer.drain()
                 index += 1
                 if not keep or conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -240,6 +253,7 @@ class Fleet:
         except (ConnectionError, OSError):
             return
         finally:
+            u.open -= 1
             self._open_writers.discard(writer)
             try:
                 writer.close()

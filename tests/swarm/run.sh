@@ -28,6 +28,7 @@ APP="$STATE/app"
 export DOCKER_HOST="unix://$SOCK"
 DOCKER=/usr/bin/docker  # the CLI that ships with the daemon (API 1.41)
 T0=$(date +%s.%N)
+source "$HERE/rolling.sh"  # rolling_checks (issue 20)
 log() { printf '[swarm-e2e %5ss] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}')" "$*" >&2; }
 dk() { "$DOCKER" "$@"; }
 DOCKERD_PID=""
@@ -161,6 +162,7 @@ echo "PASS the image's HEALTHCHECK went healthy: $(dk inspect -f '{{json .Config
 # -- the checks -----------------------------------------------------------------------------------------
 env DOCKER_HOST="unix://$SOCK" DOCKER_CLI="$DOCKER" PYROUTE_HTTP=127.0.0.1:8081 PYROUTE_ADMIN=127.0.0.1:8082 \
   nsenter -t "$NETNS_PID" -n -- python3 "$HERE/check.py"
+rolling_checks  # rolling updates under load (rolling.sh)
 
 # -- the shipped stack file: docker stack deploy -c deploy/docker-stack.yml proxy ------------------------------
 # The label-discovery run above used its own network `proxy`; the stack creates its own by that name.
