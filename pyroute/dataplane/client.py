@@ -599,6 +599,11 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex.set_cookie is not None or ex.response_edit is not None:
             self._transform_head(ex, head, forwardable, close_delimited, close)
             return False
+        if forwardable is not None and not close and ex.http11:  # (client_response_head's common case)
+            if forwardable is head:
+                return True
+            self.out.append(forwardable)
+            return False
         sent = client_response_head(head, forwardable, close, ex.http11)
         if sent is head:
             return True
