@@ -17,12 +17,14 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from pyroute import tls
 from pyroute.dockersecrets import read_secret
 
 RESOLV_CONF = "/etc/resolv.conf"  # module constant so tests can point it elsewhere
@@ -31,9 +33,14 @@ CONFIG_ENV = "PYROUTE_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STATE_CORRUPT_CHOICES = ("wait", "start-empty")  # what a replica does when no state file copy is usable
 DISCOVERY_TYPES = ("Overlay", "DNS")  # DFP's discoveryType values
+ACCESS_LOG_FORMATS = ("json", "clf", "combined", "haproxy")  # ACCESS_LOG_FORMAT
+TRACEPARENT_MODES = ("pass", "generate")  # TRACEPARENT
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")  # DFP's balance values, plus p2c
 DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")  # DFP's serviceDomainAlgo values
-COMPRESSION_ALGOS = ("gzip", "deflate", "identity")  # HAProxy's, less raw-deflate (no HTTP client asks for it)
+COMPRESSION_ALGOS = ("gzip", "deflate", "identity")
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")  # the ACME challenges pyroute answers itself
+ACME_DOMAINS_CHOICES = ("", "auto")  # auto: every exact serviceDomain of an HTTPS service too
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"  # HAProxy's, less raw-deflate (no HTTP client asks for it)
 
 
 class SettingsError(Exception):
@@ -106,6 +113,13 @@ def _seconds(value: Any, setting: str) -> float:
     return number
 
 
+def _non_negative_seconds(value: Any, setting: str) -> float:
+    number = _float(value)
+    if number is None or not (math.isfinite(number) and number >= 0):
+        raise _bad(setting, "a number of seconds >= 0", value)
+    return number
+
+
 def _text(value: Any, setting: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _bad(setting, "a non-empty string", value)
@@ -153,6 +167,48 @@ def _optional_text(value: Any, setting: str) -> str:
     if not isinstance(value, str):
         raise _bad(setting, "a string", value)
     return value.strip()
+
+
+def _globs(value: Any, setting: str) -> tuple[str, ...]:
+    """A comma list (or TOML list) of file-name globs, in order; "" for none."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise _bad(setting, "a comma list of certificate file names or globs", value)
+    return tuple(g.strip() for g in value.split(",") if g.strip())
+
+
+def _ssl_bind_options(value: Any, setting: str) -> str:
+    text = _optional_text(value, setting)
+    try:
+        tls.bind_options(text)
+    except ValueError as exc:
+        raise SettingsError(f"{setting}: {exc}") from None
+    return " ".join(text.split())
+
+
+def _ssl_bind_ciphers(value: Any, setting: str) -> str:
+    text = _optional_text(value, setting)
+    try:
+        tls.bind_options("", text)
+    except ValueError:
+        raise _bad(setting, "an OpenSSL cipher list selecting at least one cipher", text) from None
+    return text
+
+
+def _ssl_bind_ciphersuites(value: Any, setting: str) -> str:
+    """TLS 1.3 suites: Python's ssl cannot set them, OpenSSL's configuration can. The value is
+    checked against what this process's OpenSSL offers, so it is honoured or pyroute stops."""
+    text = _optional_text(value, setting)
+    wanted = [s for s in text.split(":") if s]
+    offered = tls.tls13_suites()
+    if wanted and set(wanted) != set(offered):
+        raise SettingsError(
+            f"{setting}: {text!r} cannot be applied by pyroute itself (Python's ssl module has no call for TLS 1.3 "
+            f"suites; this OpenSSL offers {':'.join(offered)}). Write an OpenSSL config with "
+            f"'Ciphersuites = {text}' in its system_default section, point OPENSSL_CONF at it, and start again "
+            "(docs/reference.md shows the file); or restrict versions with SSL_BIND_OPTIONS")
+    return text
 
 
 def _domain_algo(value: Any, setting: str) -> str:
@@ -237,6 +293,13 @@ def _log_level(value: Any, setting: str) -> str:
     if level not in LOG_LEVELS:
         raise _bad(setting, "one of " + ", ".join(LOG_LEVELS), value)
     return level
+
+
+def _header_name(value: Any, setting: str) -> str:
+    """An HTTP field name (RFC 9110 token)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value.strip()):
+        raise _bad(setting, "an HTTP header name", value)
+    return value.strip()
 
 
 def _choice(options: tuple[str, ...]) -> Parser:
@@ -334,6 +397,15 @@ def _resolv_conf_nameservers() -> tuple[str, ...]:
     return found or (DOCKER_DNS,)
 
 
+DFP_ERROR_PAGES = "/errorfiles"  # where DFP's image reads its <code>.http pages from
+
+
+def _dfp_error_pages() -> str:
+    """ERROR_PAGES_DIR's default: DFP's /errorfiles when that directory exists (DFP loads it
+    unconditionally, so a migrated stack mounting pages there keeps them), else none."""
+    return DFP_ERROR_PAGES if os.path.isdir(DFP_ERROR_PAGES) else ""
+
+
 def _cpu_count() -> int:
     return os.cpu_count() or 1
 
@@ -407,13 +479,29 @@ class Settings:
                                    help="keep fetching from the Swarm Listener every RELOAD_INTERVAL")
     certs_dir: str = _setting("/certs", parse=_text,
                               help="directory of PEM certificates (chain + key per file); API-installed ones are saved here")
-    preferred_certificate: str = _setting("", parse=_optional_text, shown='""',
-                                          help="certificate served when SNI matches none (name or file name); default the first")
+    preferred_certificate: tuple[str, ...] = _setting(
+        (), parse=_globs, shown='""',
+        help="certificate file names or globs, comma list, in preference order (DFP's crt-list order): the first "
+             "match is served when SNI matches none, and matches win names they share with others")
+    ssl_bind_options: str = _setting("no-sslv3", parse=_ssl_bind_options,
+                                     help="TLS versions and options of the TLS listeners in HAProxy's words: no-tlsv12, "
+                                          "no-tlsv13, force-tlsv12, force-tlsv13, ssl-min-ver/ssl-max-ver TLSv1.2|TLSv1.3, "
+                                          "no-tls-tickets, prefer-client-ciphers (TLS 1.2 is the lowest offered)")
+    ssl_bind_ciphers: str = _setting("", parse=_ssl_bind_ciphers, shown='""',
+                                     help="TLS 1.2 cipher list (OpenSSL syntax); empty: ECDHE with AES-GCM or ChaCha20")
+    ssl_bind_ciphersuites: str = _setting("", parse=_ssl_bind_ciphersuites, shown='""',
+                                          help="TLS 1.3 cipher suites, colon list: checked at start against what OpenSSL "
+                                               "offers (set them through OPENSSL_CONF); empty: OpenSSL's")
     ca_file: str = _setting("", parse=_optional_text, shown='""',
                             help="PEM CA bundle that client certificates are checked against (verifyClientSsl)")
     proxy_protocol_trusted: tuple = _setting(
         _networks(_PRIVATE_NETS, "default"), parse=_networks, shown=_PRIVATE_NETS,
         help="CIDRs allowed to send a PROXY protocol header on accept-proxy listeners")
+    trusted_proxies: tuple = _setting(
+        (), parse=_networks, shown='""',
+        help="CIDRs of load balancers in front: only they may set X-Forwarded-For/-Proto, and behind them the "
+             "client address (allowedIPs, %[src], access log) is the rightmost X-Forwarded-For address outside "
+             "this list; empty: DFP's behaviour (X-Forwarded-Proto passed from anyone, the TCP peer is the client)")
     log_level: str = _setting("info", parse=_log_level, help="one of " + ", ".join(LOG_LEVELS))
     service_domain_algo: str = _setting("hdr_beg", parse=_domain_algo,
                                         help="default serviceDomainAlgo: " + ", ".join(DOMAIN_ALGOS))
@@ -443,10 +531,21 @@ class Settings:
                                        help="with DEBUG: log only errors (status >= 400, aborted requests)")
     access_log_sample: float = _setting(1.0, parse=_fraction,
                                         help="with DEBUG: the fraction of requests logged (0 < x <= 1)")
+    access_log_format: str = _setting("json", parse=_choice(ACCESS_LOG_FORMATS),
+                                      help="with DEBUG: json (pyroute's fields), clf, combined (Apache/nginx), "
+                                           "haproxy (HAProxy's HTTP log format, as DFP's DEBUG printed)")
+    request_id: bool = _setting(True, parse=_boolean,
+                                help="a request ID on every routed request, its response and its access log line")
+    request_id_header: str = _setting("X-Request-ID", parse=_header_name, help="the request ID's header")
+    traceparent: str = _setting("pass", parse=_choice(TRACEPARENT_MODES),
+                                help="W3C traceparent: pass (untouched), generate (start one where absent)")
     stats_user: str = _setting("", parse=_optional_text, shown='""', env_indirect=True,
                                help="stats page user; the page is off unless user and password are set "
                                     "(none/none: no authentication)")
     stats_pass: str = _setting("", parse=_optional_text, shown='""', env_indirect=True, help="stats page password")
+    stats_port: int = _setting(0, parse=_PORT, shown="0 (every public port)",
+                               help="serve the stats page on this port only (an HTTP listener opened for it unless "
+                                    "DEFAULT_PORTS/BIND_PORTS has it; not the admin PORT)")
     stats_uri: str = _setting("/admin?stats", parse=_stats_uri, env_indirect=True,
                               help="where the stats page is served on the public ports")
     docker_host: str = _setting("unix:///var/run/docker.sock", parse=_text,
@@ -481,16 +580,45 @@ class Settings:
                                        "plus 1 s per MIN_BODY_RATE bytes (slower: 408), 0 = off")
     drain_grace: float = _setting(10.0, parse=_seconds,
                                   help="seconds requests in flight may take to finish after SIGTERM")
-    error_pages_dir: str = _setting("", parse=_optional_text, shown='""',
-                                    help="directory of <code>.http or <code>.html files replacing pyroute's error pages")
+    error_pages_dir: str = _setting(parse=_optional_text, factory=_dfp_error_pages,
+                                    shown=f'{DFP_ERROR_PAGES} when that directory exists, else ""',
+                                    help="directory of <code>.http or <code>.html files replacing pyroute's error "
+                                         "pages (\"\" = none)")
     admin_user: str = _setting("", parse=_optional_text, shown='""',
                                help="admin API user; with ADMIN_PASS every admin call needs them (basic auth)")
     admin_pass: str = _setting("", parse=_optional_text, shown='""', help="admin API password")
     timeout_admin: float = _setting(30.0, parse=_seconds,
                                     help="seconds an admin API connection may stay idle or take to send a request")
+    acme_email: str = _setting("", parse=_optional_text, shown='""',
+                               help="turns ACME on: the account contact for certificates ordered for "
+                                    "letsencrypt.host (a service's letsencrypt.email wins) and ACME_DOMAINS")
+    acme_domains: str = _setting("", parse=_choice(ACME_DOMAINS_CHOICES), shown='""',
+                                 help="auto: also order for every exact serviceDomain of a service with "
+                                      "httpsOnly or a :ssl listener (turns ACME on too)")
+    acme_directory: str = _setting(LETS_ENCRYPT, parse=_text,
+                                   help="ACME directory URL (Let's Encrypt's production one by default; "
+                                        "try its staging directory first)")
+    acme_ca_file: str = _setting("", parse=_optional_text, shown='""',
+                                 help="extra PEM CA bundle trusted for the ACME directory (a private CA, a test server)")
+    acme_challenge: str = _setting("http-01", parse=_choice(ACME_CHALLENGES),
+                                   help="http-01 (answered on the plain listeners) or tls-alpn-01 (the :ssl listeners)")
+    acme_renew_before: float = _setting(0.0, parse=_non_negative_seconds, shown="0",
+                                        help="renew this many seconds before expiry; 0: the CA's renewalInfo "
+                                             "window where offered, else a third of the lifetime")
+    acme_lease: float = _setting(300.0, parse=_seconds,
+                                 help="seconds a replica's claim on an order lasts (a replica that dies "
+                                      "mid-order blocks that name this long at most)")
+    acme_retry: float = _setting(60.0, parse=_seconds,
+                                 help="seconds before the first retry of a failed order; doubled per failure "
+                                      "up to a day, never sooner than the CA's Retry-After")
     config_file: str | None = None  # where the TOML came from, for display only
     # field name -> "default" | "file" | "env" | "cli"; filled by settings_from_args
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+
+    @property
+    def acme_enabled(self) -> bool:
+        """ACME runs (and the challenge paths are answered) once ACME_EMAIL or ACME_DOMAINS is set."""
+        return bool(self.acme_email or self.acme_domains)
 
     @property
     def stats_enabled(self) -> bool:
@@ -590,7 +718,21 @@ def settings_from_args(namespace: argparse.Namespace, environ: Mapping[str, str]
             continue
         sources[f.name] = source
     _check_indirect_secrets(values, environ, problems)
+    _check_stats_port(values, problems)
     return Settings(**values, config_file=config_file, sources=MappingProxyType(sources))
+
+
+def _check_stats_port(values: dict[str, Any], problems: list[SettingsError] | None) -> None:
+    """STATS_PORT names a public port for the stats page: the admin PORT is not one."""
+    stats_port = values.get("stats_port", 0)
+    admin_port = values.get("port", next(f.default for f in _SETTINGS if f.name == "port"))
+    if stats_port and stats_port == admin_port:
+        error = SettingsError(f"STATS_PORT: {stats_port} is the admin PORT, which serves STATS_URI already; name a "
+                              "public port, or 0 for every public port")
+        if problems is None:
+            raise error
+        problems.append(error)
+        values.pop("stats_port")
 
 
 def _check_indirect_secrets(values: dict[str, Any], environ: Mapping[str, str],

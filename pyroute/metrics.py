@@ -6,6 +6,10 @@ swaps) and an AddressStats per (service, task address) hung on each upstream
 connection. Everything else (the JSON snapshot a worker sends to the control process,
 the merge across workers, Prometheus text, HAProxy-style CSV) happens when someone asks.
 
+Recent traffic (latency percentiles of the last minute, rates of the last 15 minutes) is
+latency.py's: each ServiceStats and AddressStats holds a latency.Recent the same
+per-request call feeds, closed slot by slot by the data plane's tick (DataStats.rotate).
+
 Health is passive: a task address is "up" after a connection to it succeeded and
 "down" after one failed (refused, unreachable, connect timeout); each change is logged
 once, as a structured line.
@@ -20,6 +24,7 @@ from bisect import bisect_left
 
 import orjson
 
+from pyroute import latency
 from pyroute.eventlog import event
 from pyroute.resolver import is_ip
 
@@ -39,7 +44,8 @@ def method_class(method: str) -> str:
 class AddressStats:
     """Upstream connection counters and passive health for one task address of one service."""
 
-    __slots__ = ("service", "address", "connects", "reuses", "failures", "retries", "timeouts", "health", "changed")
+    __slots__ = ("service", "address", "connects", "reuses", "failures", "retries", "timeouts", "health", "changed",
+                 "recent", "connect", "connect_sum", "errors", "errors_counted")
 
     def __init__(self, service: str, address: str):
         self.service = service
@@ -51,9 +57,17 @@ class AddressStats:
         self.timeouts = 0
         self.health = "unknown"
         self.changed = 0.0  # wall-clock time of the last health change
+        self.recent = latency.Recent()  # its requests' total durations, per slot
+        self.errors = 0  # 5xx responses of requests sent to it
+        self.errors_counted = 0  # ... up to the open slot
+        self.connect = [0] * (len(DURATION_BOUNDS) + 1)  # new connections' connect time (histogram buckets)
+        self.connect_sum = 0.0
 
-    def connected(self) -> None:
+    def connected(self, took: float) -> None:
+        """A new connection opened, `took` seconds after the attempt began (TCP, and TLS if any)."""
         self.connects += 1
+        self.connect[bisect_left(DURATION_BOUNDS, took)] += 1
+        self.connect_sum += took
         if self.health != "up":
             self._set_health("up", "")
 
@@ -68,16 +82,18 @@ class AddressStats:
         self.changed = time.time()
         event(log, "health", service=self.service, address=self.address, to=health, before=before, reason=reason)
 
-    def to_json(self) -> dict:
+    def to_json(self, slot: int) -> dict:
         return {"connects": self.connects, "reuses": self.reuses, "failures": self.failures,
-                "retries": self.retries, "timeouts": self.timeouts, "health": self.health, "changed": self.changed}
+                "retries": self.retries, "timeouts": self.timeouts, "health": self.health, "changed": self.changed,
+                "connect": self.connect, "connect_sum": self.connect_sum,
+                "recent": self.recent.to_json(slot, self.errors - self.errors_counted)}
 
 
 class ServiceStats:
     """Request counters of one service (or of UNROUTED requests)."""
 
-    __slots__ = ("name", "responses", "total", "total_sum", "upstream", "upstream_sum", "bytes_in", "bytes_out",
-                 "addresses")
+    __slots__ = ("name", "responses", "total", "total_sum", "upstream", "upstream_sum", "first_byte",
+                 "first_byte_sum", "bytes_in", "bytes_out", "addresses", "recent", "errors_counted")
 
     def __init__(self, name: str):
         self.name = name
@@ -86,9 +102,13 @@ class ServiceStats:
         self.total_sum = 0.0
         self.upstream = [0] * (len(DURATION_BOUNDS) + 1)
         self.upstream_sum = 0.0
+        self.first_byte = [0] * (len(DURATION_BOUNDS) + 1)  # request sent upstream -> response head arrived
+        self.first_byte_sum = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
         self.addresses: dict[tuple[str, int], AddressStats] = {}
+        self.recent = latency.Recent()  # total durations per slot, and 5xx per closed slot
+        self.errors_counted = 0  # 5xx responses up to the open slot
 
     def address(self, address: tuple[str, int]) -> AddressStats:
         stats = self.addresses.get(address)
@@ -96,29 +116,67 @@ class ServiceStats:
             stats = self.addresses[address] = AddressStats(self.name, f"{address[0]}:{address[1]}")
         return stats
 
-    def count(self, method: bytes, status: int, took: float, upstream_took: float, received: int, sent: int) -> None:
-        """One finished (or abandoned) exchange; upstream_took < 0 when no upstream answered."""
+    def count(self, ex, status: int, now: float, received: int, sent: int) -> None:
+        """One finished (or abandoned) exchange (exchange.Exchange), ended at `now`."""
+        method = ex.method
         try:
             codes = self.responses[method]
         except KeyError:
             codes = self.responses[method] = {}
         codes[status] = codes.get(status, 0) + 1
-        # Most proxied requests take under 1 ms (the first bucket): skip the bisect.
+        took = now - ex.started
+        # Most requests land in the first bucket: skip the bisect.
         self.total[0 if took <= FIRST_BOUND else bisect_left(DURATION_BOUNDS, took)] += 1
         self.total_sum += took
-        if upstream_took >= 0:
-            self.upstream[0 if upstream_took <= FIRST_BOUND else bisect_left(DURATION_BOUNDS, upstream_took)] += 1
-            self.upstream_sum += upstream_took
+        recent = bisect_left(latency.BOUNDS, took)
+        self.recent.counts[recent] += 1
+        address = ex.address
+        if address is not None:
+            task = self.addresses.get(address)
+            if task is not None:
+                task.recent.counts[recent] += 1
+                if status >= 500:
+                    task.errors += 1
+        sent_at = ex.sent_at
+        if sent_at:
+            took = now - sent_at
+            self.upstream[0 if took <= FIRST_BOUND else bisect_left(DURATION_BOUNDS, took)] += 1
+            self.upstream_sum += took
+            if ex.response_at:
+                took = ex.response_at - sent_at
+                self.first_byte[0 if took <= FIRST_BOUND else bisect_left(DURATION_BOUNDS, took)] += 1
+                self.first_byte_sum += took
         self.bytes_in += received
         self.bytes_out += sent
 
-    def to_json(self) -> dict:
+    def count_refused(self, status: int) -> None:
+        """A request refused before it was parsed whole: no method, no duration."""
+        codes = self.responses.setdefault(b"", {})
+        codes[status] = codes.get(status, 0) + 1
+        self.total[0] += 1
+
+    def errors(self) -> int:
+        """5xx responses so far (what the error rate counts)."""
+        return sum(n for codes in self.responses.values() for status, n in codes.items() if status >= 500)
+
+    def close_slot(self, slot: int) -> None:
+        """The open slot (number `slot`) ends, for the service and each of its tasks."""
+        errors = self.errors()
+        self.recent.close(slot, errors - self.errors_counted)
+        self.errors_counted = errors
+        for task in self.addresses.values():
+            task.recent.close(slot, task.errors - task.errors_counted)
+            task.errors_counted = task.errors
+
+    def to_json(self, slot: int) -> dict:
         return {
             "responses": [[m.decode("latin-1"), s, n] for m, codes in self.responses.items() for s, n in codes.items()],
             "total": self.total, "total_sum": self.total_sum,
             "upstream": self.upstream, "upstream_sum": self.upstream_sum,
+            "first_byte": self.first_byte, "first_byte_sum": self.first_byte_sum,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-            "addresses": {a.address: a.to_json() for a in self.addresses.values()},
+            "addresses": {a.address: a.to_json(slot) for a in self.addresses.values()},
+            "recent": self.recent.to_json(slot, self.errors() - self.errors_counted),
         }
 
 
@@ -129,6 +187,15 @@ class DataStats:
         self.services: dict[str, ServiceStats] = {}
         self.unrouted = ServiceStats(UNROUTED)
         self.reloads = 0
+        self.slot = latency.slot_now()  # the wall-clock slot the counters' open slot belongs to
+
+    def rotate(self) -> None:
+        """Called by the data plane's tick: close the open slot once the clock has left it."""
+        slot = latency.slot_now()
+        if slot != self.slot:
+            for stats in (self.unrouted, *self.services.values()):
+                stats.close_slot(self.slot)
+            self.slot = slot
 
     def service(self, name: str) -> ServiceStats:
         stats = self.services.get(name)
@@ -180,7 +247,7 @@ def snapshot(plane, name: str) -> dict:
         })
     process = process_info(name)
     process.update(revision=plane.revision, reloads=stats.reloads)
-    services = {s.name: s.to_json() for s in [stats.unrouted, *stats.services.values()]}
+    services = {s.name: s.to_json(stats.slot) for s in [stats.unrouted, *stats.services.values()]}
     resolved: dict[str, set[str]] = {}
     for route in routes:
         resolved.setdefault(route["service"], set()).update(route["addresses"])
@@ -228,17 +295,20 @@ def merge(snapshots: list[dict]) -> dict:
             for m, s, n in svc["responses"]:
                 counts[(m, s)] = counts.get((m, s), 0) + n
             have["responses"] = [[m, s, n] for (m, s), n in counts.items()]
-            for key in ("total", "upstream"):
+            for key in ("total", "upstream", "first_byte"):
                 have[key] = _add_lists(have[key], svc[key])
-            for key in ("total_sum", "upstream_sum", "bytes_in", "bytes_out"):
+            for key in ("total_sum", "upstream_sum", "first_byte_sum", "bytes_in", "bytes_out"):
                 have[key] += svc[key]
+            have["recent"] = latency.merge(have["recent"], svc["recent"])
             for address, a in svc["addresses"].items():
                 mine = have["addresses"].get(address)
                 if mine is None:
                     have["addresses"][address] = dict(a)
                     continue
-                for key in ("connects", "reuses", "failures", "retries", "timeouts"):
+                for key in ("connects", "reuses", "failures", "retries", "timeouts", "connect_sum"):
                     mine[key] += a[key]
+                mine["connect"] = _add_lists(mine["connect"], a["connect"])
+                mine["recent"] = latency.merge(mine["recent"], a["recent"])
                 if a["changed"] > mine["changed"]:
                     mine["health"], mine["changed"] = a["health"], a["changed"]
                 mine["resolved"] = mine.get("resolved", True) or a.get("resolved", True)
@@ -295,11 +365,20 @@ def render_prometheus(snap: dict) -> bytes:
     for key, metric, what in (("total", "pyroute_request_duration_seconds", "from the first byte of the request "
                                "head to the last byte of the response"),
                               ("upstream", "pyroute_upstream_duration_seconds", "from sending the request upstream "
-                               "to the end of the upstream's response")):
+                               "to the end of the upstream's response"),
+                              ("first_byte", "pyroute_upstream_first_byte_seconds", "from sending the request "
+                               "upstream to its response head (time to first byte)")):
         w.family(metric, "histogram", f"Request duration by service, {what}")
         for name, svc in services.items():
             if any(svc[key]):
                 w.histogram(metric, svc[key], svc[f"{key}_sum"], service=name)
+    w.family("pyroute_upstream_connect_seconds", "histogram",
+             "Time to open a new upstream connection (TCP, and TLS if any), per service and task address")
+    for name, svc in services.items():
+        for address, a in sorted(svc["addresses"].items()):
+            if any(a["connect"]):
+                w.histogram("pyroute_upstream_connect_seconds", a["connect"], a["connect_sum"],
+                            service=name, address=address)
     for key, metric, what in (("bytes_in", "pyroute_service_received_bytes_total", "received from clients"),
                               ("bytes_out", "pyroute_service_sent_bytes_total", "sent to clients")):
         w.family(metric, "counter", f"Bytes {what} per service")
@@ -344,6 +423,20 @@ def render_prometheus(snap: dict) -> bytes:
         for process in snap["processes"]:
             if key in process:
                 w.sample(metric, process[key], process=process["name"])
+    return ("\n".join(w.lines) + "\n").encode()
+
+
+def render_certificates(expiry: dict[str, float], orders: dict[str, int] | None) -> bytes:
+    """The control plane's certificate metrics: each certificate's expiry (Unix time) and,
+    with ACME on, this replica's finished orders by result."""
+    w = _Writer()
+    w.family("pyroute_certificate_expiry_timestamp_seconds", "gauge", "When each certificate expires (Unix time)")
+    for name, when in sorted(expiry.items()):
+        w.lines.append(f"pyroute_certificate_expiry_timestamp_seconds{_labels(name=name)} {_number(when)}")
+    if orders is not None:
+        w.family("pyroute_acme_orders_total", "counter", "ACME orders this replica finished, by result")
+        for result, n in orders.items():
+            w.sample("pyroute_acme_orders_total", n, result=result)
     return ("\n".join(w.lines) + "\n").encode()
 
 

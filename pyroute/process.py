@@ -75,7 +75,10 @@ log = logging.getLogger("pyroute")
 
 # Settings a SIGHUP cannot change in a running process (sockets, processes, resolver).
 RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
-                "dns_timeout", "separator", "service_name", "header_env_allow")
+                "dns_timeout", "separator", "service_name", "header_env_allow", "preferred_certificate",
+                "ssl_bind_options", "ssl_bind_ciphers", "ssl_bind_ciphersuites", "trusted_proxies", "stats_port",
+                "acme_email", "acme_domains", "acme_directory", "acme_ca_file", "acme_challenge", "acme_renew_before",
+                "acme_lease", "acme_retry")
 
 
 class LocalPlanes:
@@ -123,8 +126,7 @@ class Pyroute:
         self.data.serve_stats_from(*self.control.admin_address())
         await self.data.start()
         settle_memory()
-        waiting = [f"{spec.port} (TLS, opens with the first certificate)" for spec in self.data.tls_waiting]
-        log.info("%s", ready_summary(self.settings, ", ".join([addresses(self.data.servers), *waiting]),
+        log.info("%s", ready_summary(self.settings, addresses(self.data.servers),
                                      addresses(self.control.servers), self.control))
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -230,7 +232,8 @@ def settings_from_json(data: dict) -> Settings:
 
 
 def _certs_message(certs: CertStore, generation: int) -> bytes:
-    return orjson.dumps({"certs": certs.pems(), "generation": generation}) + b"\n"
+    return orjson.dumps({"certs": certs.pems(), "challenges": certs.challenge_pems(),
+                         "generation": generation}) + b"\n"
 
 
 def _snapshot_message(snapshot: Snapshot) -> bytes:
@@ -555,6 +558,7 @@ async def _worker_main(fd: int) -> int:
                 plane.serve_stats_from(*message["stats_route"])
             elif "certs" in message:
                 plane.certs.replace_all(message["certs"])
+                plane.certs.set_challenges(message["challenges"])
                 writer.write(orjson.dumps({"certs_applied": message["generation"]}) + b"\n")
             elif "revision" in message:
                 try:

@@ -27,6 +27,10 @@ DEFAULT_DOMAIN_ALGO = "hdr_beg"
 REQ_MODES = ("http", "tcp", "sni")
 PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+# reqMode=sni: HAProxy's SNI fetch and match methods, as DFP's sni-routing tutorial writes
+# `pathType=req_ssl_sni -i -m beg` (`-m`: exact, prefix, suffix, substring, regex, dot-delimited run).
+SNI_FETCHES = ("req_ssl_sni", "req.ssl_sni")
+SNI_MATCHES = ("str", "beg", "end", "sub", "reg", "dom")
 # DFP parameters that carry raw HAProxy configuration: pyroute has no HAProxy to hand them to.
 RAW_HAPROXY_PARAMS = {"templatefepath": "templateFePath", "templatebepath": "templateBePath",
                       "backendextra": "backendExtra"}
@@ -42,8 +46,56 @@ FETCH = re.compile(r"%\[([^\]]*)\]")
 REQ_HDR = re.compile(r"req\.hdr\(([!#$%&'*+.^_`|~0-9A-Za-z-]+)\)\Z")
 ENV = re.compile(r"env\(([A-Za-z_][A-Za-z0-9_]*)\)\Z")
 ENV_FETCH = re.compile(r"%\[env\(([A-Za-z_][A-Za-z0-9_]*)\)\]")  # the variables a header template reads
+# HAProxy's condition after a header edit's value: "if"/"unless" starts one, as DFP users write
+# `X-Forwarded-Ssl on if { ssl_fc }`. pyroute evaluates the TLS flag of the client connection only.
+_CONDITION_START = re.compile(r"(?:\A|\s)(if|unless)(?:\s+(.*))?\Z", re.S)
+_SSL_FC = re.compile(r"(!?)\s*\{\s*ssl_fc\s*\}\Z")
 MAX_HEADER_VALUE = 8192  # characters of one configured header value (templates included)
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")  # RFC 9110 field-value without obs-text
+
+
+def parse_sni_type(text: str) -> tuple[str, bool]:
+    """`req_ssl_sni [-i] [-m METHOD]` (either spelling, flags in any order) -> (method, ignore_case).
+    Raises ValueError naming the part pyroute does not take."""
+    words = text.split()
+    if not words or words[0].lower() not in SNI_FETCHES:
+        raise ValueError(f"{text!r} is not an SNI match: with reqMode sni, pathType is "
+                         "'req_ssl_sni [-i] [-m str|beg|end|sub|reg|dom]' (or req.ssl_sni), e.g. 'req_ssl_sni -i -m end'")
+    method, ignore_case, rest = "str", False, words[1:]
+    while rest:
+        flag = rest.pop(0)
+        if flag == "-i":
+            ignore_case = True
+        elif flag == "-m" and rest and rest[0].lower() in SNI_MATCHES:
+            method = rest.pop(0).lower()
+        else:
+            raise ValueError(f"{flag + (' ' + rest[0] if flag == '-m' and rest else '')!r} in {text!r} is not "
+                             f"supported: pyroute takes -i and -m {'|'.join(SNI_MATCHES)}")
+    return method, ignore_case
+
+
+def sni_type_text(method: str, ignore_case: bool) -> str:
+    """The one spelling a parsed SNI pathType is stored and shown in."""
+    return f"req_ssl_sni{' -i' if ignore_case else ''} -m {method}"
+
+
+def split_condition(text: str) -> tuple[str, bool | None]:
+    """A header edit's value and its condition: (value, True) for `if { ssl_fc }` (only when
+    the client connection is TLS), (value, False) for `unless { ssl_fc }` / `if !{ ssl_fc }`,
+    (text, None) without one. Raises ValueError naming any other condition (HAProxy reads a
+    standalone if/unless as one; it is never forwarded as text)."""
+    match = _CONDITION_START.search(text)
+    if match is None:
+        return text, None
+    keyword, condition = match.group(1), (match.group(2) or "").strip()
+    acl = _SSL_FC.match(condition)
+    if acl is None:
+        raise ValueError(f"the condition {keyword + ' ' + condition!r} is not supported: pyroute evaluates "
+                         "'if { ssl_fc }', 'unless { ssl_fc }' and 'if !{ ssl_fc }' only")
+    value = text[: match.start()].strip()
+    if not value:
+        raise ValueError(f"no value before the condition {keyword + ' ' + condition!r}")
+    return value, (keyword == "if") != bool(acl.group(1))
 
 
 def check_header_value(text: str) -> str:
@@ -132,6 +184,7 @@ class Destination:
     req_mode: str = "http"  # one of REQ_MODES; tcp/sni destinations are served by tcp.py on src_port
     verify_client_ssl: bool = False  # 403 on TLS without a client certificate verified against CA_FILE
     https_port: int = 0  # requests that arrived over TLS go to this port instead (0 = port)
+    src_https_port: int = 0  # srcHttpsPort: the https_port route takes TLS requests of this proxy port only (0: any)
     ssl_verify_none: bool = False  # speak TLS to the upstream, without verifying its certificate
     timeout_client: float | None = None  # per-destination overrides of the global timeouts
     timeout_server: float | None = None
@@ -191,6 +244,8 @@ class Service:
     max_request_body: int | None = None  # maxRequestBody (bytes, 0 = unlimited): overrides MAX_REQUEST_BODY
     cert: str | None = None  # serviceCert: PEM installed into the certificate store as cert_name
     cert_name: str = ""
+    acme_hosts: tuple[str, ...] = ()  # letsencrypt.host: names ACME certificates are ordered for (acme.py)
+    acme_email: str = ""  # letsencrypt.email: the ACME account's contact for them (else ACME_EMAIL)
 
     @property
     def dial_hosts(self) -> tuple[str, ...]:
@@ -227,6 +282,7 @@ class Service:
                     "SrcPort": d.src_port,
                     "VerifyClientSsl": d.verify_client_ssl,
                     "HttpsPort": d.https_port,
+                    "SrcHttpsPort": d.src_https_port,
                     "SslVerifyNone": d.ssl_verify_none,
                     "TimeoutClient": _shown(d.timeout_client),
                     "TimeoutServer": _shown(d.timeout_server),
@@ -267,6 +323,18 @@ def _check_src_port(port: int, mode: str, label: str, defaults: ServiceDefaults)
         if setting == "PORT" or mode == "tcp" or (mode == "sni" and not tls):
             what = "the admin port (PORT)" if setting == "PORT" else f"a public port ({setting})"
             raise ServiceError(400, f"{label} {port} is {what}, which a reqMode={mode} service cannot use")
+
+
+def _check_src_https_port(port: int, https_port: int, mode: str, label: str, defaults: ServiceDefaults) -> None:
+    """DFP's srcHttpsPort is the TLS entry port of the httpsPort destination: it needs an httpsPort
+    and one of the proxy's :ssl ports (pyroute opens no TLS listener elsewhere)."""
+    if mode != "http" or not https_port:
+        raise ServiceError(400, f"{label} needs httpsPort (it is the entry port of the httpsPort destination) "
+                                "and reqMode http")
+    tls_ports = [taken for taken, setting, tls in defaults.proxy_ports if tls]
+    if port not in tls_ports:
+        raise ServiceError(400, f"{label} {port} is not one of the proxy's TLS ports (DEFAULT_PORTS/BIND_PORTS "
+                                f":ssl: {', '.join(map(str, tls_ports)) or 'none'}): no TLS request arrives there")
 
 
 def _optional_number(params: Mapping[str, str], key: str, name: str, integer: bool) -> float | int | None:
@@ -428,7 +496,11 @@ def _header_edits(value: str | None, separator: str, name: str, env_allow: froze
         if not _HEADER_NAME.match(header):
             raise ServiceError(400, f"{name}: {header!r} is not a header name (expected 'Name value')")
         _check_editable(header, name)
-        problem = check_header_value(text.strip())
+        try:
+            text = " ".join(_condition_text(*split_condition(text.strip())))
+        except ValueError as exc:
+            raise ServiceError(400, f"{name}: {header}: {exc}") from None
+        problem = check_header_value(split_condition(text)[0])
         if problem:
             raise ServiceError(400, f"{name}: {header}: {problem}")
         for variable in ENV_FETCH.findall(text):
@@ -439,6 +511,27 @@ def _header_edits(value: str | None, separator: str, name: str, env_allow: froze
                                    "HEADER_ENV_ALLOW to send its value")
         out.append((header, text.strip()))
     return tuple(out)
+
+
+def _sni_patterns(patterns: tuple[str, ...], method: str, ignore_case: bool, name: str) -> tuple[str, ...]:
+    """SNI patterns for an HAProxy match: a regex must compile (RE2, linear time); others are
+    one word of visible ASCII. With -i they are stored lower-case (SNI names are matched so)."""
+    out = []
+    for pattern in patterns:
+        if method == "reg":
+            try:
+                compile_pattern(pattern)
+            except PatternError as exc:
+                raise ServiceError(400, f"{name}: {pattern!r} is not a usable regex for -m reg: {exc}") from None
+        elif any(not "!" <= c <= "~" for c in pattern):
+            raise ServiceError(400, f"{name}: {pattern!r} holds a space, control or non-ASCII character")
+        out.append(pattern.lower() if ignore_case and method != "reg" else pattern)
+    return tuple(out)
+
+
+def _condition_text(value: str, tls: bool | None) -> tuple[str, ...]:
+    """The stored form of a conditional value (one spelling per meaning, as /config shows it)."""
+    return (value,) if tls is None else (value, "if { ssl_fc }" if tls else "unless { ssl_fc }")
 
 
 def _check_editable(header: str, name: str) -> None:
@@ -604,6 +697,10 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         src_port = _parse_port(src_text, "srcPort" + suffix) if src_text not in ("", "0") else 0
         if src_port:
             _check_src_port(src_port, mode, "srcPort" + suffix, defaults)
+        src_https_text = (value("srchttpsport", index) or "").strip()
+        src_https_port = _parse_port(src_https_text, "srcHttpsPort" + suffix) if src_https_text else 0
+        if src_https_port:
+            _check_src_https_port(src_https_port, https_port, mode, "srcHttpsPort" + suffix, defaults)
         timeouts = {
             key: _parse_seconds(value(key.lower().replace("_", ""), index), key.title().replace("_", "") + suffix)
             for key in ("timeout_client", "timeout_server", "timeout_tunnel")
@@ -616,13 +713,23 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             _check_host(domain.lower().lstrip(".") if wildcard else domain.lower(), "serviceDomain" + suffix)
             domains.append(domain.lower())  # "*.a.com" keeps its dot: a suffix match on ".a.com"
         if mode == "sni":  # servicePath holds the SNI patterns
-            patterns = tuple(_check_host(p.lower().lstrip("*."), "servicePath" + suffix) and p.lower()
-                             for p in _split(value("servicepath", index), separator))
+            sni_type = (value("pathtype", index) or "").strip()
+            if sni_type:  # HAProxy's match (DFP's tutorial), each pattern as written
+                try:
+                    method, ignore_case = parse_sni_type(sni_type)
+                except ValueError as exc:
+                    raise ServiceError(400, f"pathType{suffix}: {exc}") from None
+                patterns = _sni_patterns(_split(value("servicepath", index), separator), method, ignore_case,
+                                         "servicePath" + suffix)
+                sni_type = sni_type_text(method, ignore_case)
+            else:  # names: exact, "*.example.com" or ".example.com"
+                patterns = tuple(_check_host(p.lower().lstrip("*."), "servicePath" + suffix) and p.lower()
+                                 for p in _split(value("servicepath", index), separator))
             if not patterns:
                 raise ServiceError(400, "When using reqMode sni, servicePath must hold the SNI names")
             outbound = (value("outboundhostname", index) or "").strip() or None
             destinations.append(Destination(index, patterns, (), port, outbound, src_port=src_port, req_mode=mode,
-                                            **timeouts))
+                                            path_type=sni_type or "path_beg", **timeouts))
             continue
         if mode == "tcp":
             outbound = (value("outboundhostname", index) or "").strip() or None
@@ -687,6 +794,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             req_mode=mode,
             verify_client_ssl=verify_client,
             https_port=https_port,
+            src_https_port=src_https_port,
             ssl_verify_none=ssl_verify_none,
             **timeouts,
         ))
@@ -736,7 +844,31 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         max_request_body=_optional_number(params, "maxrequestbody", "maxRequestBody", integer=True),
         cert=cert,
         cert_name=first_domain or name,
+        acme_hosts=_acme_hosts(params.get("letsencrypt.host", "")),
+        acme_email=_acme_email(params.get("letsencrypt.email", "")),
     )
+
+
+def _acme_hosts(value: str) -> tuple[str, ...]:
+    """letsencrypt.host (the companion's label): a comma list of exact DNS names."""
+    hosts = []
+    for host in (h.strip().lower().rstrip(".") for h in value.split(",")):
+        if not host:
+            continue
+        if "*" in host:
+            raise ServiceError(400, f"letsencrypt.host {host!r}: wildcard names need the dns-01 challenge, "
+                                    "which pyroute does not answer")
+        _check_host(host, "letsencrypt.host")
+        if host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
+
+
+def _acme_email(value: str) -> str:
+    email = value.strip()
+    if email and (email.count("@") != 1 or any(c.isspace() or c in ",<>" for c in email)):
+        raise ServiceError(400, f"letsencrypt.email {email!r} is not an email address")
+    return email
 
 
 def _deprecated_rewrite(params: dict[str, str]) -> tuple[tuple[str, str], ...]:

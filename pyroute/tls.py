@@ -2,10 +2,12 @@
 
 Certificates come from CERTS_DIR (one PEM file each: chain + key), Docker secrets named
 ``cert-*``/``cert_*``, and the admin API (``install``). Every certificate gets its own
-server SSLContext (TLS 1.2+, modern ciphers, ALPN http/1.1). A listener holds one
-*dispatch* context whose SNI callback swaps in the chosen certificate's context: exact
-name, then wildcard (``*.example.com``), then the default (PREFERRED_CERTIFICATE or the
-first loaded). Hot add/replace replaces the name -> context maps in one assignment, so
+server SSLContext (TLS 1.2+, modern ciphers, ALPN http/1.1, narrowed by SSL_BIND_OPTIONS /
+SSL_BIND_CIPHERS: `TlsPolicy`). A listener holds one *dispatch* context whose SNI callback
+swaps in the chosen certificate's context: exact name, then wildcard (``*.example.com``),
+then the default. PREFERRED_CERTIFICATE is DFP's list of globs over certificate file
+names: matching certificates come first, in list order, so the first is the default and
+they win a name two certificates share. Hot add/replace replaces the name -> context maps in one assignment, so
 handshakes in progress keep the context they picked and open connections are untouched.
 
 API-installed certificates are written with files.atomic_write so a restart serves them again.
@@ -13,6 +15,7 @@ API-installed certificates are written with files.atomic_write so a restart serv
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -30,6 +33,79 @@ SECRET_PREFIXES = ("cert-", "cert_")
 MAX_PEM = 1024 * 1024
 
 
+_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
+_BELOW_1_2 = ("sslv3", "tlsv1.0", "tlsv1.1", "tlsv10", "tlsv11")
+# HAProxy bind options that only refuse versions pyroute never offers (DFP's default is no-sslv3).
+_ALREADY_OFF = ("no-sslv3", "no-tlsv10", "no-tlsv11")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    """What every server context of the TLS listeners allows (SSL_BIND_OPTIONS, SSL_BIND_CIPHERS)."""
+
+    minimum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    maximum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3
+    ciphers: str = CIPHERS  # TLS 1.2 cipher list (OpenSSL syntax)
+    no_tickets: bool = False  # no-tls-tickets
+    client_order: bool = False  # prefer-client-ciphers
+
+
+def bind_options(text: str, ciphers: str = "") -> TlsPolicy:
+    """SSL_BIND_OPTIONS in HAProxy's words (``no-tlsv12 no-tls-tickets``, ``ssl-min-ver TLSv1.3``,
+    ``force-tlsv13`` ...) and SSL_BIND_CIPHERS -> TlsPolicy. Raises ValueError naming the word
+    pyroute cannot honour (versions below TLS 1.2, options that are not about TLS versions,
+    tickets or cipher order), never ignoring one."""
+    words = text.lower().split()
+    minimum, maximum = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
+    no_tickets = client_order = False
+    while words:
+        word = words.pop(0)
+        if word in _ALREADY_OFF:
+            continue
+        if word == "no-tlsv12":
+            minimum = max(minimum, ssl.TLSVersion.TLSv1_3)
+        elif word == "no-tlsv13":
+            maximum = min(maximum, ssl.TLSVersion.TLSv1_2)
+        elif word in ("force-tlsv12", "force-tlsv13"):
+            minimum = maximum = _VERSIONS[f"tlsv1.{word[-1]}"]
+        elif word in ("ssl-min-ver", "ssl-max-ver"):
+            version = words.pop(0) if words else ""
+            if version in _BELOW_1_2:
+                raise ValueError(f"{word} {version}: pyroute offers TLS 1.2 and 1.3 only")
+            if version not in _VERSIONS:
+                raise ValueError(f"{word} expects TLSv1.2 or TLSv1.3, got {version or 'nothing'!r}")
+            if word == "ssl-min-ver":
+                minimum = _VERSIONS[version]
+            else:
+                maximum = _VERSIONS[version]
+        elif word == "no-tls-tickets":
+            no_tickets = True
+        elif word == "prefer-client-ciphers":
+            client_order = True
+        elif word.startswith("force-"):
+            raise ValueError(f"{word}: pyroute offers TLS 1.2 and 1.3 only (force-tlsv12 or force-tlsv13)")
+        else:
+            raise ValueError(f"{word!r} is not supported: pyroute takes no-sslv3, no-tlsv10, no-tlsv11, no-tlsv12, "
+                             "no-tlsv13, force-tlsv12, force-tlsv13, ssl-min-ver/ssl-max-ver TLSv1.2|TLSv1.3, "
+                             "no-tls-tickets and prefer-client-ciphers")
+    if minimum > maximum:
+        raise ValueError(f"{text!r} leaves no TLS version to offer (pyroute has TLS 1.2 and 1.3)")
+    policy = TlsPolicy(minimum, maximum, ciphers or CIPHERS, no_tickets, client_order)
+    if ciphers and minimum <= ssl.TLSVersion.TLSv1_2:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
+        except ssl.SSLError:
+            raise ValueError(f"SSL_BIND_CIPHERS {ciphers!r} selects no cipher OpenSSL knows") from None
+    return policy
+
+
+def tls13_suites() -> tuple[str, ...]:
+    """The TLS 1.3 cipher suites this process's OpenSSL offers. Python's ssl module cannot set
+    them; OpenSSL reads them from its configuration (OPENSSL_CONF, `Ciphersuites =`)."""
+    return tuple(c["name"] for c in ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).get_ciphers()
+                 if c["protocol"] == "TLSv1.3")
+
+
 @dataclass(frozen=True, slots=True)
 class Certificate:
     name: str
@@ -38,6 +114,8 @@ class Certificate:
     context: ssl.SSLContext
     not_after: str
     secret: bool = False  # from a Docker secret: never written to CERTS_DIR, not listed for peers
+    not_before: str = ""
+    issuer: str = ""  # the issuer's commonName (else organizationName), for /certs
 
 
 _CERT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
@@ -63,12 +141,18 @@ def _refuse_pass_phrase() -> bytes:
     raise ValueError("the private key is encrypted; pyroute needs an unencrypted key")
 
 
-def server_context(pem_path: str | None = None, ca_file: str = "") -> ssl.SSLContext:
+def server_context(pem_path: str | None = None, ca_file: str = "", policy: TlsPolicy = TlsPolicy()) -> ssl.SSLContext:
     """A server context with pyroute's TLS policy; loads `pem_path` (chain + key) if given."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    ctx.minimum_version = policy.minimum
+    ctx.maximum_version = policy.maximum
+    if policy.minimum <= ssl.TLSVersion.TLSv1_2:
+        ctx.set_ciphers(policy.ciphers)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if not policy.client_order:
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    if policy.no_tickets:
+        ctx.options |= ssl.OP_NO_TICKET
     ctx.set_alpn_protocols(["http/1.1"])
     if ca_file:
         ctx.load_verify_locations(ca_file)
@@ -78,7 +162,8 @@ def server_context(pem_path: str | None = None, ca_file: str = "") -> ssl.SSLCon
     return ctx
 
 
-def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = False) -> Certificate:
+def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = False,
+                     policy: TlsPolicy = TlsPolicy()) -> Certificate:
     """Validate PEM text (certificate chain + matching private key) into a Certificate.
 
     Raises ValueError saying what is wrong (an encrypted key included: never a prompt).
@@ -94,7 +179,7 @@ def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = Fa
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
         try:
-            ctx = server_context(path, ca_file)
+            ctx = server_context(path, ca_file, policy)
             decoded = ssl._ssl._test_decode_cert(path)  # the first certificate of the chain
         except ssl.SSLError as exc:
             reason = exc.reason or str(exc)
@@ -106,25 +191,30 @@ def load_certificate(name: str, pem: bytes, ca_file: str = "", secret: bool = Fa
     names = [v.lower() for k, v in decoded.get("subjectAltName", ()) if k == "DNS"]
     if not names:
         names = [v.lower() for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
-    return Certificate(name, pem, tuple(names), ctx, decoded.get("notAfter", ""), secret)
+    issuer = {k: v for rdn in decoded.get("issuer", ()) for k, v in rdn}
+    return Certificate(name, pem, tuple(names), ctx, decoded.get("notAfter", ""), secret,
+                       decoded.get("notBefore", ""), issuer.get("commonName") or issuer.get("organizationName", ""))
 
 
 class CertStore:
     """The certificates in use; `install`/`remove`/`list` are the API other modules call."""
 
-    def __init__(self, certs_dir: str, secrets_dir: str = "", preferred: str = "", ca_file: str = "",
-                 persist: bool = True):
+    def __init__(self, certs_dir: str, secrets_dir: str = "", preferred: tuple[str, ...] = (), ca_file: str = "",
+                 persist: bool = True, policy: TlsPolicy = TlsPolicy()):
         self.certs_dir = certs_dir
         self.secrets_dir = secrets_dir
-        self.preferred = preferred
+        self.preferred = preferred  # globs over file names, in order (PREFERRED_CERTIFICATE)
         self.ca_file = ca_file
+        self.policy = policy
         self.persist = persist  # False in worker processes: the control process writes the files
         self._certs: dict[str, Certificate] = {}
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
         self._default: ssl.SSLContext | None = None
+        self.challenges: dict[str, ssl.SSLContext] = {}  # ACME TLS-ALPN-01: name -> validation context
+        self._challenge_pems: dict[str, str] = {}
         self._subscribers: list[Callable[[CertStore], None]] = []
-        self.dispatch = server_context(None, ca_file)
+        self.dispatch = server_context(None, ca_file, policy)
         self.dispatch.sni_callback = self._choose
 
     # -- loading ------------------------------------------------------------------------
@@ -151,7 +241,7 @@ class CertStore:
         for entry, path, secret in found:
             try:
                 with open(path, "rb") as fh:
-                    cert = load_certificate(entry, fh.read(MAX_PEM + 1), self.ca_file, secret)
+                    cert = load_certificate(entry, fh.read(MAX_PEM + 1), self.ca_file, secret, self.policy)
             except (OSError, ValueError) as exc:
                 log.error("certificate %s skipped: %s", path, exc)
                 continue
@@ -166,7 +256,7 @@ class CertStore:
     def install(self, name: str, pem: bytes) -> Certificate:
         """Add or replace certificate `name`; raises ValueError (and changes nothing) if invalid."""
         name = file_name(_check_name(name))
-        cert = load_certificate(name, pem, self.ca_file)
+        cert = load_certificate(name, pem, self.ca_file, policy=self.policy)
         if self.persist:
             try:
                 atomic_write(self.certs_dir, name, pem)
@@ -194,7 +284,7 @@ class CertStore:
         certs = {}
         for name, pem in pems.items():
             try:
-                certs[name] = load_certificate(name, pem.encode("ascii"), self.ca_file)
+                certs[name] = load_certificate(name, pem.encode("ascii"), self.ca_file, policy=self.policy)
             except ValueError as exc:
                 log.error("certificate %s skipped: %s", name, exc)
         self._certs = certs
@@ -202,10 +292,30 @@ class CertStore:
 
     def list(self) -> list[dict]:
         return [
-            {"Name": c.name, "DnsNames": list(c.names), "NotAfter": c.not_after, "Secret": c.secret,
-             "Pem": c.pem.decode("ascii", "replace")}
+            {"Name": c.name, "DnsNames": list(c.names), "NotAfter": c.not_after, "NotBefore": c.not_before,
+             "Issuer": c.issuer, "Secret": c.secret, "Pem": c.pem.decode("ascii", "replace")}
             for c in self._certs.values()
         ]
+
+    def set_challenges(self, pems: dict[str, str]) -> None:
+        """Take these TLS-ALPN-01 validation certificates (name -> PEM, chain + key): the TLS
+        listeners serve them to clients offering only ALPN acme-tls/1 for that name."""
+        if pems == self._challenge_pems:
+            return
+        contexts = {}
+        for name, pem in pems.items():
+            try:
+                contexts[name] = load_certificate(name, pem.encode("ascii"), policy=self.policy).context
+            except ValueError as exc:
+                log.error("ACME validation certificate for %s skipped: %s", name, exc)
+                continue
+            contexts[name].set_alpn_protocols(["acme-tls/1"])
+        self._challenge_pems, self.challenges = dict(pems), contexts
+        for callback in self._subscribers:
+            callback(self)
+
+    def challenge_pems(self) -> dict[str, str]:
+        return dict(self._challenge_pems)
 
     def pems(self) -> dict[str, str]:
         return {c.name: c.pem.decode("ascii", "replace") for c in self._certs.values()}
@@ -214,21 +324,27 @@ class CertStore:
         return len(self._certs)
 
     # -- SNI ----------------------------------------------------------------------------
+    def ordered(self) -> list[Certificate]:
+        """The certificates in DFP's crt-list order: those matching PREFERRED_CERTIFICATE's globs
+        first (in list order; a glob also matches the name without .pem), then the rest."""
+        def rank(cert: Certificate) -> int:
+            bare = cert.name[:-4] if cert.name.endswith(".pem") else cert.name
+            return next((i for i, glob in enumerate(self.preferred)
+                         if fnmatch.fnmatchcase(cert.name, glob) or fnmatch.fnmatchcase(bare, glob)),
+                        len(self.preferred))
+        return sorted(self._certs.values(), key=rank)  # (stable: load order within a rank)
+
     def _rebuild(self) -> None:
         exact: dict[str, ssl.SSLContext] = {}
         wildcard: dict[str, ssl.SSLContext] = {}
-        for cert in self._certs.values():
+        ordered = self.ordered()
+        for cert in ordered:
             for dns in cert.names:
                 if dns.startswith("*."):
                     wildcard.setdefault(dns[2:], cert.context)
                 else:
                     exact.setdefault(dns, cert.context)
-        default = None
-        if self.preferred:
-            preferred = self._certs.get(file_name(self.preferred)) or self._certs.get(self.preferred)
-            default = preferred.context if preferred else None
-        if default is None and self._certs:
-            default = next(iter(self._certs.values())).context
+        default = ordered[0].context if ordered else None
         self._exact, self._wildcard, self._default = exact, wildcard, default
         for callback in self._subscribers:
             callback(self)
@@ -256,6 +372,7 @@ class CertStore:
 
 def cert_store(settings, persist: bool = True) -> CertStore:
     """The certificate store the settings describe (CERTS_DIR, secrets, PREFERRED_CERTIFICATE,
-    CA_FILE); `persist` False for a worker, whose control process writes the files."""
+    CA_FILE, SSL_BIND_OPTIONS/SSL_BIND_CIPHERS); `persist` False for a worker, whose control
+    process writes the files."""
     return CertStore(settings.certs_dir, settings.secrets_dir, settings.preferred_certificate, settings.ca_file,
-                     persist=persist)
+                     persist=persist, policy=bind_options(settings.ssl_bind_options, settings.ssl_bind_ciphers))

@@ -111,3 +111,15 @@ def make_pyroute(dns):
     yield make
     for p in started:
         stop_pyroute(p)
+
+
+@pytest.fixture
+def artifacts(request):
+    """A directory kept after the run for what a test leaves to look at (screenshots):
+    $PYROUTE_TEST_ARTIFACTS/<test name>, by default build/test-artifacts/<test name> in the repo."""
+    import os
+    from pathlib import Path
+    root = os.environ.get("PYROUTE_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
+    path = Path(root) / request.node.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -169,10 +169,13 @@ def test_x_forwarded_for_added_when_absent(proxy, up):
     assert rec.header("x-forwarded-proto") == ["http"]
 
 
-def test_client_cannot_spoof_forwarded_proto(proxy, up):
-    st, _, _ = proxy.get("/fw/echo?spoof", headers={"X-Forwarded-Proto": "https"})
+def test_client_forwarded_proto_passes_on_plain_http_as_in_dfp(proxy, up):
+    """DFP sets X-Forwarded-Proto only over TLS (`add-header ... https if { ssl_fc }`) and passes a
+    plain-HTTP client's value on (TLS ended by a balancer in front); TRUSTED_PROXIES narrows who
+    may (test_dfp_parity.py)."""
+    st, _, _ = proxy.get("/fw/echo?lb", headers={"X-Forwarded-Proto": "https"})
     assert st == 200
-    assert up.requests("/fw/echo?spoof")[-1].header("x-forwarded-proto") == ["http"]
+    assert up.requests("/fw/echo?lb")[-1].header("x-forwarded-proto") == ["https"]
 
 
 def test_post_content_length_body(proxy, up):

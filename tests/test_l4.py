@@ -203,6 +203,26 @@ def test_client_hello_parser_needs_whole_hello():
         client_hello_sni(b"GET / HTTP/1.1\r\n\r\n")
 
 
+def test_client_hello_alpn_lists_the_offered_protocols():
+    """What the TLS acceptor checks for ACME's TLS-ALPN-01 (exactly acme-tls/1 offered)."""
+    from pyroute.dataplane.l4 import client_hello_alpn
+
+    def hello(protocols):
+        ctx = ssl.create_default_context()
+        if protocols:
+            ctx.set_alpn_protocols(protocols)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(incoming, outgoing, server_hostname="alpn.example.test")
+        with pytest.raises(ssl.SSLWantReadError):
+            obj.do_handshake()
+        return outgoing.read()
+
+    assert client_hello_alpn(hello(["acme-tls/1"])) == (b"acme-tls/1",)
+    assert client_hello_alpn(hello(["h2", "http/1.1"])) == (b"h2", b"http/1.1")
+    assert client_hello_alpn(hello([])) == ()
+    assert client_hello_alpn(hello(["acme-tls/1"])[:40]) == ()  # incomplete: nothing offered yet
+
+
 # -- PROXY protocol ----------------------------------------------------------------------------
 TRUSTED_SOURCE = "127.0.0.2"
 

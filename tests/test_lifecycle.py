@@ -4,7 +4,9 @@ refused with a log line and the old settings stay), with one process or with wor
 ERROR_PAGES_DIR replaces pyroute's own pages."""
 import signal
 import socket
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +121,31 @@ def test_error_pages_directory(make_pyroute, dns, replicas, tmp_path):
     assert (st, body, h["Content-Type"]) == (502, b"<p>custom 502</p>", "text/html")
     st, _, body = p.get("/lc/x", method="CONNECT")
     assert st == 405 and b"Method Not Allowed" in body   # not replaced: the built-in page
+
+
+def _can_mount_namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_namespaces(), reason="needs root for a private mount namespace (unshare --mount)")
+def test_errorfiles_directory_is_used_without_setting_anything(make_pyroute, tmp_path):
+    """DFP loads /errorfiles/<code>.http unconditionally: a stack that mounts its pages there keeps
+    them after the swap with no ERROR_PAGES_DIR set. pyroute runs with `tmp_path` at /errorfiles
+    (a private mount namespace, so this machine gets no /errorfiles); ERROR_PAGES_DIR="" opts out."""
+    (tmp_path / "503.http").write_bytes(
+        b"HTTP/1.0 503 Service Unavailable\r\nCache-Control: no-cache\r\nConnection: close\r\n"
+        b"Content-Type: text/plain\r\n\r\nfrom /errorfiles\n")
+    wrapper = ("unshare", "--mount", "--propagation", "private", "sh",
+               str(Path(__file__).parent / "support" / "mounted_at.sh"), str(tmp_path), "/errorfiles")
+    p = make_pyroute(wrapper=wrapper)
+    st, h, body = p.get("/nothing/here")
+    assert (st, body, h["Content-Type"]) == (503, b"from /errorfiles\n", "text/plain")
+    off = make_pyroute(wrapper=wrapper, ERROR_PAGES_DIR="")
+    st, _, body = off.get("/nothing/here")
+    assert st == 503 and b"Docker Flow Proxy: 503 Service Unavailable" in body
 
 
 def test_builtin_error_pages_are_dfp_style(proxy):

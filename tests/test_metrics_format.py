@@ -5,18 +5,30 @@ import io
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyroute import metrics
+from pyroute import latency, metrics
+from pyroute.dataplane.exchange import Exchange
+
+
+def exchange(method, took, upstream_took, address=None):
+    """An exchange that ended at time 100.0, `took` s after it began (sent upstream `upstream_took` before the end)."""
+    ex = Exchange(True, True, False, False, False)
+    ex.method, ex.started, ex.address = method, 100.0 - took, address
+    if upstream_took >= 0:
+        ex.sent_at = 100.0 - upstream_took
+        ex.response_at = ex.sent_at + upstream_took * 0.6
+    return ex
 
 
 def worker_snapshot(name, requests, health, changed, took=0.004):
     stats = metrics.ServiceStats('we"ird\\svc')
-    for _ in range(requests):
-        stats.count(b"GET", 200, took, took / 2, 10, 20)
-    stats.count(b"PROPFIND", 207, took, -1.0, 0, 0)
     address = stats.address(("10.0.0.5", 80))
+    address.connected(0.0003)
+    for _ in range(requests):
+        stats.count(exchange(b"GET", took, took / 2, ("10.0.0.5", 80)), 200, 100.0, 10, 20)
+    stats.count(exchange(b"PROPFIND", took, -1.0), 207, 100.0, 0, 0)
     address.connects, address.reuses, address.health, address.changed = 1, requests - 1, health, changed
     return {
-        "services": {stats.name: stats.to_json()},
+        "services": {stats.name: stats.to_json(latency.slot_now())},
         "connections": {"active": 1, "total": 2, "bytes_in": 3, "bytes_out": 4},
         "dns": {"lookups": 5, "failures": 1},
         "routes": [{"service": stats.name, "index": 0, "paths": ["/x"], "domains": [], "backend": "svc:80",
@@ -40,6 +52,11 @@ def test_merge_sums_and_latest_health_wins():
     assert got[("pyroute_request_duration_seconds_bucket", (("le", "0.0025"), ("service", svc)))] == 0
     assert got[("pyroute_request_duration_seconds_bucket", (("le", "0.005"), ("service", svc)))] == 10
     assert got[("pyroute_upstream_duration_seconds_count", (("service", svc),))] == 8
+    assert got[("pyroute_upstream_first_byte_seconds_bucket", (("le", "0.001"), ("service", svc)))] == 0
+    assert got[("pyroute_upstream_first_byte_seconds_bucket", (("le", "0.0025"), ("service", svc)))] == 8
+    assert got[("pyroute_upstream_connect_seconds_count", (("address", "10.0.0.5:80"), ("service", svc)))] == 2
+    assert got[("pyroute_upstream_connect_seconds_bucket",
+                (("address", "10.0.0.5:80"), ("le", "0.001"), ("service", svc)))] == 2
     assert got[("pyroute_upstream_reuses_total", (("address", "10.0.0.5:80"), ("service", svc)))] == 6
     assert got[("pyroute_upstream_up", (("address", "10.0.0.5:80"), ("service", svc)))] == 0  # w2's change is later
     assert got[("pyroute_client_connections", ())] == 2
@@ -57,3 +74,33 @@ def test_csv_has_haproxy_columns():
     assert server["status"] == "UP" and server["lbtot"] == "3"
     backend = next(r for r in rows if r["svname"] == "BACKEND")
     assert backend["hrsp_2xx"] == "4" and backend["req_tot"] == "4"
+
+
+def test_recent_latency_percentiles_merge_across_workers():
+    """Two workers' slots add up: p50/p95 from the many fast requests, p99 from the slow ones."""
+    merged = metrics.merge([worker_snapshot("w1", 97, "up", 10.0, took=0.004),
+                            worker_snapshot("w2", 1, "up", 10.0, took=0.25)])
+    svc = merged["services"]['we"ird\\svc']
+    got = latency.summary(svc["recent"], latency.slot_now())
+    assert got["requests_minute"] == 100
+    assert 0.004 * 0.95 < got["p50_ms"] / 1000 < 0.004 * 1.05 and got["p95_ms"] == got["p50_ms"]
+    assert 0.25 * 0.95 < got["p99_ms"] / 1000 < 0.25 * 1.05
+    task = latency.summary(svc["addresses"]["10.0.0.5:80"]["recent"], latency.slot_now())
+    assert task["requests_minute"] == 98 and task["p99_ms"] == got["p99_ms"]  # PROPFIND had no upstream
+
+
+def test_recent_rates_per_slot():
+    stats = metrics.ServiceStats("rates")
+    stats.address(("10.0.0.7", 80))
+    for i in range(20):
+        stats.count(exchange(b"GET", 0.001, 0.0005, ("10.0.0.7", 80)), 502 if i % 4 == 0 else 200, 100.0, 0, 0)
+    stats.close_slot(500)
+    for _ in range(10):
+        stats.count(exchange(b"GET", 0.001, 0.0005), 200, 100.0, 0, 0)
+    got = latency.summary(stats.to_json(501)["recent"], 501)
+    assert got["request_rate"][-2:] == [20 / latency.SLOT, 10 / latency.SLOT]
+    assert got["error_rate"][-2:] == [5 / latency.SLOT, 0.0]
+    assert got["requests_minute"] == 30 and len(got["request_rate"]) == latency.HISTORY_SLOTS
+    assert latency.summary(stats.to_json(501)["recent"], 501 + latency.MINUTE_SLOTS)["requests_minute"] == 0
+    task = latency.summary(stats.to_json(501)["addresses"]["10.0.0.7:80"]["recent"], 501)
+    assert task["request_rate"][-2:] == [20 / latency.SLOT, 0.0] and task["error_rate"][-2:] == [5 / latency.SLOT, 0.0]

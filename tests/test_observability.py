@@ -105,6 +105,10 @@ def test_metrics_move_with_traffic(proxy, svc):
     assert moved("pyroute_requests_total", service="obs-dead", method="GET", code=503) == 1
     assert moved("pyroute_request_duration_seconds_count", service="obs-a") == 6
     assert moved("pyroute_upstream_duration_seconds_count", service="obs-a") == 6
+    assert moved("pyroute_upstream_first_byte_seconds_count", service="obs-a") == 6
+    assert moved("pyroute_upstream_connect_seconds_count", service="obs-a", address=addr) == \
+        moved("pyroute_upstream_connects_total", service="obs-a", address=addr) >= 1
+    assert moved("pyroute_upstream_connect_seconds_sum", service="obs-a", address=addr) > 0  # (perf_counter: us)
     assert value(after, "pyroute_request_duration_seconds_bucket", service="obs-a", le="+Inf") == \
         value(after, "pyroute_request_duration_seconds_count", service="obs-a")
     assert moved("pyroute_service_sent_bytes_total", service="obs-a") > 6 * len("hello")
@@ -239,6 +243,10 @@ def test_workers_are_aggregated(make_pyroute, dns, replicas):
     assert all(served.values()), served
     st, _, body = p.get("/admin?stats")
     assert st == 200 and b"obs-w" in body
+    st, _, body = p.get("/admin?stats;data")  # recent traffic: every worker's slots, added up
+    recent = json.loads(body)["services"]["obs-w"]
+    assert st == 200 and recent["requests_minute"] == n and round(sum(recent["request_rate"]) * 10) == n
+    assert recent["tasks"][f"{up.ip}:{up.port}"]["requests_minute"] == n and recent["p99_ms"] > 0
 
 
 def test_refused_request_is_logged_and_counted(proxy, svc):

@@ -44,7 +44,7 @@ def serving_env(tmp_path, **extra):
 def test_help_lists_every_command_with_examples():
     result = pyroute("--help")
     assert result.returncode == 0
-    for command in ("serve", "check-config", "routes", "demo", "version"):
+    for command in ("serve", "check-config", "routes", "top", "demo", "version"):
         assert f"\n    {command}" in result.stdout
     assert "examples:" in result.stdout
     assert "pyroute check-config /etc/pyroute.toml" in result.stdout

@@ -1,4 +1,4 @@
-"""The `pyroute` command: serve (the default), check-config, routes, demo, version."""
+"""The `pyroute` command: serve (the default), check-config, routes, top, demo, version."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pyroute import __version__, eventlog
 from pyroute.commands.check_config import main as check_config
 from pyroute.commands.demo import run_demo
 from pyroute.commands.routes import main as show_routes
+from pyroute.commands.top import main as top
 from pyroute.config import SettingsError, add_setting_flags, settings_from_args
 from pyroute.listen import StartupError
 from pyroute.process import run, serve
@@ -23,6 +24,7 @@ examples:
   pyroute check-config /etc/pyroute.toml     validate file + env + secrets, show each setting's source
   pyroute routes                             the live route table of the pyroute on 127.0.0.1:$PORT
   pyroute routes --admin http://proxy:8080   ... of another one (ADMIN_USER/ADMIN_PASS are sent)
+  pyroute top                                routes with live request and error rates, p99, task health
   pyroute demo                               a proxy plus a demo service, ready to curl
   pyroute version
 
@@ -31,9 +33,9 @@ then, as with Docker Flow Proxy:
 
 on Swarm: docker stack deploy -c deploy/docker-stack.yml proxy   (see README.md)
 """
-COMMANDS = ("serve", "check-config", "routes", "demo", "version")
+COMMANDS = ("serve", "check-config", "routes", "top", "demo", "version")
 # What `pyroute version` reports besides pyroute itself: the libraries a bug report needs.
-LIBRARIES = ("uvloop", "httptools", "aiodns", "orjson", "google-re2", "libpass", "bcrypt")
+LIBRARIES = ("uvloop", "httptools", "aiodns", "orjson", "google-re2", "libpass", "bcrypt", "acme", "josepy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("--admin", metavar="URL", help="its admin API (default http://127.0.0.1:$PORT, PORT 8080)")
     routes.add_argument("--user", help="admin user (default env ADMIN_USER or the secret dfp_admin_user)")
     routes.add_argument("--password", help="admin password (default env ADMIN_PASS or the secret dfp_admin_pass)")
+    watch = commands.add_parser("top", help="watch a running pyroute: routes with live rates, p99 and task health",
+                                description="Routes in match order with their request rate, error rate (5xx "
+                                            "and no response), p99 latency over the last interval, requests so "
+                                            "far and task health, refreshed in place from the admin API. q quits.")
+    watch.add_argument("--admin", metavar="URL", help="its admin API (default http://127.0.0.1:$PORT, PORT 8080)")
+    watch.add_argument("--user", help="admin user (default env ADMIN_USER or the secret dfp_admin_user)")
+    watch.add_argument("--password", help="admin password (default env ADMIN_PASS or the secret dfp_admin_pass)")
+    watch.add_argument("--interval", type=interval, default=2.0, metavar="SECONDS",
+                       help="seconds between readings (default 2)")
     demo = commands.add_parser("demo", help="run the proxy with a built-in demo service and register it")
     demo.add_argument("--http-port", type=int, default=8000, help="public HTTP port (default 8000)")
     demo.add_argument("--admin-port", type=int, default=8080, help="admin API port (default 8080)")
     commands.add_parser("version", help="print the version, with Python's and the libraries'")
     return parser
+
+
+def interval(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds between 0.1 and 3600")
+    return value
 
 
 def version_report() -> str:
@@ -94,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.file)
     if args.command == "routes":
         return show_routes(args.admin, args.user, args.password)
+    if args.command == "top":
+        return top(args.admin, args.user, args.password, args.interval)
 
     try:
         if args.command == "demo":

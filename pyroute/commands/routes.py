@@ -2,59 +2,24 @@
 
 Reads the admin API's ``/v1/docker-flow-proxy/routes`` (the table the data planes serve,
 in match order, with resolved addresses and their passive health) and prints one line
-per route and address. Admin credentials: --user/--password, else ADMIN_USER/ADMIN_PASS,
-else the secrets dfp_admin_user / dfp_admin_pass in SECRETS_DIR.
+per route and address (admin address and credentials: commands/adminclient.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import urllib.error
-import urllib.request
 
-from pyroute.basicauth import authorization
-from pyroute.dockersecrets import read_secret
+from pyroute.commands.adminclient import credentials, default_admin_url, get
 
 PATH = "/v1/docker-flow-proxy/routes"
 
 
-def default_admin_url(environ=os.environ) -> str:
-    return f"http://127.0.0.1:{environ.get('PORT') or 8080}"
-
-
-def credentials(user: str | None, password: str | None, environ=os.environ) -> tuple[str, str] | None:
-    secrets = environ.get("SECRETS_DIR") or "/run/secrets"
-
-    def secret(name: str) -> str | None:
-        try:
-            return read_secret(secrets, name) or None
-        except OSError:
-            return None
-
-    user = user or environ.get("ADMIN_USER") or secret("dfp_admin_user")
-    password = password or environ.get("ADMIN_PASS") or secret("dfp_admin_pass")
-    return (user, password) if user and password else None
-
-
 def fetch(admin_url: str, auth: tuple[str, str] | None, timeout: float = 10.0) -> dict:
     """The routes document; raises RuntimeError with a message saying what to do."""
-    request = urllib.request.Request(admin_url.rstrip("/") + PATH)
-    if auth is not None:
-        request.add_header("Authorization", authorization(*auth))
+    body = get(admin_url, PATH, auth, timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            raise RuntimeError(f"{admin_url}: the admin API needs credentials: set ADMIN_USER and ADMIN_PASS "
-                               "(or --user/--password)") from None
-        raise RuntimeError(f"{admin_url}{PATH} answered {exc.code}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise RuntimeError(f"cannot reach the admin API at {admin_url} ({reason}): is pyroute running? "
-                           "Give its address with --admin http://HOST:PORT") from None
+        return json.loads(body)
     except ValueError:
         raise RuntimeError(f"{admin_url}{PATH} did not answer JSON: is this pyroute's admin port?") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
@@ -22,12 +23,13 @@ from pyroute.controlplane import statspage
 from pyroute.controlplane.adminauth import BROWSER_HEADERS, STATE_CHANGING, allowed, cross_site
 from pyroute.resolver import ResolveError
 from pyroute.services import Service, ServiceError, is_removal, precedence_key
-from pyroute.controlplane.registry import ServiceRegistry, format_stamp, parse_stamp
+from pyroute.controlplane.registry import ServiceRegistry, StateError, format_stamp, parse_stamp
 from pyroute.tls import load_certificate
 
 log = logging.getLogger("pyroute.controlplane.admin")
 
 PREFIX = "/v1/docker-flow-proxy/"
+ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"  # routed here from the public ports when ACME is on
 MAX_ADMIN_BODY = 1024 * 1024
 MAX_ADMIN_HEAD = 64 * 1024
 MAX_ADMIN_PIPELINE = 8  # queued requests per connection before reading pauses
@@ -97,6 +99,7 @@ class AdminApi:
         self.replication = replication  # replication.Replication: durability, peers, listener
         self.collect = collect  # -> the data planes' counters, merged (metrics.merge)
         self.settings = settings
+        self.acme = None  # acme.AcmeManager once ACME is on: challenge answers, /certs status, metrics
         self.routes: dict[str, Callable[[Request], Response]] = {
             "reconfigure": self.reconfigure,
             "remove": self.remove,
@@ -118,6 +121,8 @@ class AdminApi:
             if request.target.startswith(settings.stats_uri):
                 return await self.stats_page(request)  # behind STATS_USER/STATS_PASS, not the admin credentials
             return Response(404, b"404 Not Found\n", "text/plain")
+        if self.acme is not None and request.path.startswith(ACME_CHALLENGE_PATH):
+            return self.acme_challenge(request)  # the CA asks anonymously, through any replica
         if not allowed(request.authorization, self.credentials):
             response = json_response(401, "the admin API needs a user and password (HTTP basic auth)")
             response.headers = 'WWW-Authenticate: Basic realm="pyroute admin"\r\n'
@@ -128,7 +133,8 @@ class AdminApi:
             if why is not None:
                 return json_response(403, f"a cross-site request cannot change the proxy ({why})")
         if request.path == "/metrics" and self.collect is not None:
-            return Response(200, metrics.render_prometheus(await self.collect()), "text/plain; version=0.0.4")
+            text = metrics.render_prometheus(await self.collect()) + self.certificate_metrics()
+            return Response(200, text, "text/plain; version=0.0.4")
         if request.path.startswith(PREFIX):
             handler = self.routes.get(request.path[len(PREFIX) :].strip("/"))
             if handler is not None:
@@ -222,26 +228,56 @@ class AdminApi:
         return json_response(200, "")
 
     def list_certs(self, request: Request) -> Response:
-        """DFP's certificate list. Private keys go only to callers who authenticated: with no
+        """DFP's certificate list, with issuer, names, expiry and where each came from (and
+        the ACME orders' status). Private keys go only to callers who authenticated: with no
         ADMIN_USER/ADMIN_PASS set nobody has, and CertContent holds the certificates alone."""
         keys = self.credentials is not None  # (handle() already refused a caller without them)
         certs = [
             {"ProxyServiceName": c["Name"], "CertsDir": self.certs.certs_dir,
              "CertContent": c["Pem"] if keys else _without_private_keys(c["Pem"]),
-             "ServicePort": "", "DnsNames": c["DnsNames"], "NotAfter": c["NotAfter"]}
+             "ServicePort": "", "DnsNames": c["DnsNames"], "NotAfter": c["NotAfter"], "Issuer": c["Issuer"],
+             "Source": self._source(c)}
             for c in self.certs.list() if not c["Secret"]
         ]
-        return json_response(200, "", Certs=certs)
+        return json_response(200, "", Certs=certs, Acme=self.acme.status() if self.acme is not None else [])
+
+    def _source(self, cert: dict) -> str:
+        """acme, api (PUT /cert or serviceCert, kept in the replicated state) or file (CERTS_DIR)."""
+        if cert["Secret"]:
+            return "secret"
+        if self.acme is not None and self.acme.ordered(cert["Name"]):
+            return "acme"
+        stored = self.registry.certs()
+        return "api" if cert["Name"] in stored or cert["Name"].removesuffix(".pem") in stored else "file"
+
+    def certificate_metrics(self) -> bytes:
+        expiry = {c["Name"]: float(ssl.cert_time_to_seconds(c["NotAfter"]))
+                  for c in (self.certs.list() if self.certs is not None else ()) if c["NotAfter"]}
+        return metrics.render_certificates(expiry, self.acme.orders if self.acme is not None else None)
+
+    def acme_challenge(self, request: Request) -> Response:
+        """HTTP-01: the key authorization for the token, from the replicated state."""
+        answer = self.acme.http01_answer(request.path[len(ACME_CHALLENGE_PATH):])
+        if answer is None:
+            return Response(404, b"no such ACME challenge\n", "text/plain")
+        return Response(200, answer.encode("ascii"), "application/octet-stream")
 
     def ping(self, request: Request) -> Response:
         extra = self.replication.counters() if self.replication is not None else {}
         return json_response(200, "", Revision=self.registry.revision, Hash=self.registry.hash,
                              Replica=self.registry.replica_id, **extra)
 
-    def state(self, request: Request) -> Response:
-        """The whole state document (services, removals, certificates): what joining and
-        repairing peers pull."""
-        return Response(200, self.registry.export_json())
+    async def state(self, request: Request) -> Response:
+        """GET: the whole state document (services, removals, certificates, ACME records):
+        what joining and repairing peers pull. POST: a peer's document to merge now (what
+        a replica pushes when its peers cannot wait for their repair, e.g. ACME challenges)."""
+        if request.method != "POST":
+            return Response(200, self.registry.export_json())
+        try:
+            self.registry.merge(orjson.loads(request.body), "a peer's push")
+        except (orjson.JSONDecodeError, StateError) as exc:
+            return json_response(400, f"not a usable state document: {exc}")
+        return await self._applied(json_response(200, ""))
 
     async def reload(self, request: Request) -> Response:
         # Routes are applied in-process on every change, so a plain reload has nothing to do.
@@ -332,6 +368,9 @@ class AdminApi:
         if not statspage.authorized(self.settings, request.authorization):
             return Response(401, b"401 Unauthorized: the stats page needs STATS_USER/STATS_PASS\n",
                             "text/plain", 'WWW-Authenticate: Basic realm="pyroute stats"\r\n')
+        if request.target == self.settings.stats_uri + statspage.DATA_SUFFIX:
+            return Response(200, orjson.dumps(statspage.recent(await self.collect())), "application/json",
+                            "Cache-Control: no-store\r\n")
         return Response(200, statspage.render(await self.collect(), self.registry.revision),
                         "text/html; charset=utf-8", "Cache-Control: no-store\r\n")
 

@@ -49,7 +49,7 @@ def allowed(header: bytes | None, credentials: tuple[str, str] | None) -> bool:
 # another site in any of them is refused; reads are left alone (a cross-site page cannot
 # read the answer). Browsers without Fetch metadata (before 2023 for Safari) that also
 # strip Referer are the gap; admin credentials should not live in a browser at all.
-STATE_CHANGING = frozenset({"reconfigure", "remove", "reload", "cert"})
+STATE_CHANGING = frozenset({"reconfigure", "remove", "reload", "cert", "state"})  # state: POST merges
 BROWSER_HEADERS = frozenset({b"origin", b"referer", b"sec-fetch-site", b"host"})
 SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})  # "none": typed in the address bar, a bookmark
 

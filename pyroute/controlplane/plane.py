@@ -11,6 +11,7 @@ import logging
 import os
 
 from pyroute.config import Settings, startup_warnings
+from pyroute.controlplane.acme import AcmeManager
 from pyroute.controlplane.admin import AdminApi, AdminConnection
 from pyroute.controlplane.adminauth import admin_credentials
 from pyroute.controlplane.envservices import env_services
@@ -37,6 +38,7 @@ class ControlPlane:
         self.certs = certs
         self.servers: list[asyncio.AbstractServer] = []
         self.listener: SwarmListener | None = None
+        self.acme: AcmeManager | None = None
         self.restored = (0, 0)  # (services, revision) in STATE_DIR at start, for the start-up summary
         self._tasks: list[asyncio.Future] = []  # the DNS check and the Swarm listener, cancelled by close()
 
@@ -73,11 +75,19 @@ class ControlPlane:
                                   collect=self.planes.collect, settings=self.settings,
                                   credentials=admin_credentials(s), certs=self.certs,
                                   wait_certs=self.planes.wait_certs)
+        if s.acme_enabled:
+            if api.credentials is None:
+                raise StartupError("ACME needs ADMIN_USER and ADMIN_PASS (or the secrets dfp_admin_user / "
+                                   "dfp_admin_pass): the ACME account key and the certificates' keys travel in "
+                                   "the replicated state, which only authenticated callers may read")
+            self.acme = api.acme = AcmeManager(s, self.registry, self.certs, self.replication, self.planes.wait_certs)
         if api.credentials is None:
             log.warning("the admin API on %s:%d is unauthenticated: anyone who reaches it can change routes "
                         "(set ADMIN_USER and ADMIN_PASS, or the secrets dfp_admin_user / dfp_admin_pass)", s.ip, s.port)
         self.servers.append(await listen(lambda: AdminConnection(api, s.timeout_admin), s.ip, s.port, "admin API"))
         self.replication.start()  # join (pull from peers), then repair; the DFSL listener fetch
+        if self.acme is not None:
+            self.acme.start()
         self._tasks.append(asyncio.ensure_future(report_unreachable_dns(self.replication.resolver, s.service_name)))
         if self.listener is not None:
             self._tasks.append(asyncio.ensure_future(self.listener.run()))
@@ -118,5 +128,7 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         self.replication.close()
+        if self.acme is not None:
+            self.acme.close()
         for server in self.servers:
             server.close()

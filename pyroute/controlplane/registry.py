@@ -37,7 +37,9 @@ log = logging.getLogger("pyroute.controlplane.registry")
 
 Snapshot = tuple[int, tuple[Service, ...]]
 Stamp = tuple[int, str]  # (Lamport counter, "<replica id>.<sequence>"): unique per change
-KINDS = ("services", "certs")  # services: name -> params pairs; certs: name -> PEM; None = removed
+KINDS = ("services", "certs", "acme")  # services: name -> params pairs; certs: name -> PEM;
+# acme: ACME records (account keys, leases, challenge answers, order status; acme.py) -> JSON object; None = removed
+KINDS_V1 = ("services", "certs")  # what format-1 documents held
 STATE_FORMAT = 2  # 2: hash = sum of per-entry digests; 1: sha256 of the whole content (read only)
 READABLE_FORMATS = (1, 2)
 HASH_MODULUS = 2 ** 256
@@ -67,7 +69,7 @@ def content_hash(entries: Mapping[str, Mapping[str, tuple[Stamp, object]]]) -> s
 def content_hash_v1(entries: Mapping[str, Mapping[str, tuple[Stamp, object]]]) -> str:
     """The format-1 hash: sha256 over the canonical JSON of the whole content."""
     canonical = {kind: {name: [list(stamp), value] for name, (stamp, value) in entries.get(kind, {}).items()}
-                 for kind in KINDS}
+                 for kind in KINDS_V1}
     return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -120,6 +122,10 @@ class ServiceRegistry:
         """Certificate name -> PEM (cert + key), for the TLS side."""
         return {name: pem for name, (_, pem) in self._entries["certs"].items() if pem is not None}
 
+    def acme(self) -> dict[str, dict]:
+        """The ACME records (controlplane/acme.py), removed ones left out."""
+        return {name: value for name, (_, value) in self._entries["acme"].items() if value is not None}
+
     def new_stamp(self) -> Stamp:
         """A stamp newer than everything this replica has seen."""
         self._sequence += 1
@@ -156,6 +162,10 @@ class ServiceRegistry:
         existed = name in self.certs()
         self._change("certs", name, None, stamp or self.new_stamp(), None)
         return existed
+
+    def put_acme(self, name: str, value: dict | None) -> None:
+        """Store (None: remove) an ACME record; published and saved like every other change."""
+        self._change("acme", name, value, self.new_stamp(), None)
 
     def upsert_many(self, items: list[Mapping[str, str]]) -> tuple[int, list[str]]:
         """Apply a whole list of reconfigure params as one publication (one table swap).
@@ -207,6 +217,8 @@ class ServiceRegistry:
         if self._store(kind, name, value, stamp, service):
             if kind == "services":
                 self._publish("remove" if value is None else "reconfigure", service=name)
+            elif kind == "acme":
+                self._publish("acme-remove" if value is None else "acme-store", record=name.split(" ", 1)[0])
             else:
                 self._publish("cert-remove" if value is None else "cert-store", cert=name)
 
@@ -307,6 +319,8 @@ def read_document(document: Mapping) -> dict[str, dict[str, tuple[Stamp, object]
                     value = tuple((str(k), str(v)) for k, v in value)
                 elif kind == "certs" and value is not None and not isinstance(value, str):
                     raise StateError(f"certs/{name}: PEM is not a string")
+                elif kind == "acme" and value is not None and not isinstance(value, dict):
+                    raise StateError(f"acme/{name}: not a JSON object")
                 entries[kind][name] = ((counter, tag), value)
     except StateError:
         raise

@@ -75,6 +75,20 @@ class Replication:
         if self.store is not None:
             await self.store.save(self.registry.export_json)
 
+    async def push(self) -> list[str]:
+        """Send this replica's state to every peer now (each merges it), instead of waiting
+        for their next repair: what ACME challenges need. -> the peers that did not take it."""
+        try:
+            addresses = await self.peers.addresses()
+        except ResolveError:
+            return []  # no Swarm DNS: no peers to tell
+        body = self.registry.export_json()
+        results = await asyncio.gather(*(self.peers.request(a, "POST", PREFIX + "state", body) for a in addresses))
+        failed = [f"{r.address} ({r.error or r.status})" for r in results if not r.ok]
+        if failed:
+            log.warning("push: peers did not take the state: %s (their repair pulls it later)", ", ".join(failed))
+        return failed
+
     def state_supplied(self, by: str) -> None:
         """State came from outside (a peer, an operator): corrupt files no longer hold readiness."""
         if self.corrupt:

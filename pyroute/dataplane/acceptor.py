@@ -7,11 +7,16 @@ that the final owner must see:
 1. PROXY header (``accept-proxy`` ports, peers in PROXY_PROTOCOL_TRUSTED only): once
    complete, exactly its bytes are consumed and the client address is taken from it.
    Other peers are served with their own address.
-2. SNI (TLS ports while ``reqMode=sni`` services use that port): the ClientHello's
-   server name picks an sni service, which gets the raw stream (not terminated);
-   no match: the proxy terminates TLS itself as usual.
+2. SNI (TLS ports while ``reqMode=sni`` services use that port, or while the proxy has
+   no certificate): the ClientHello's server name picks an sni service, which gets the
+   raw stream (not terminated); no match: the proxy terminates TLS itself as usual, or,
+   without a certificate, answers a TLS unrecognized_name alert and closes (written here:
+   a handshake failing inside the TLS transport closes without flushing its alert).
+   While ACME TLS-ALPN-01 challenges are pending (``challenges``), a ClientHello offering
+   only ``acme-tls/1`` for a name with a challenge is served with that name's validation
+   certificate.
 
-Then ``serve(sock, client_ip, sni_target)`` hands the socket over. While waiting for more
+Then ``serve(sock, client_ip, sni_target, tls_context)`` hands the socket over. While waiting for more
 bytes, SO_RCVLOWAT is raised so epoll wakes only when the next byte is in (peeked data
 stays readable, so plain level-triggered readiness would spin); it is reset before the
 hand-over. A connection that does not complete its stages in `timeout` is closed.
@@ -26,11 +31,13 @@ import socket
 from collections.abc import Callable
 
 from pyroute.dataplane.proxyproto import PEEK, BadHeader, parse_header
-from pyroute.dataplane.l4 import MAX_CLIENT_HELLO, NotTls, Port, client_hello_sni
+from pyroute.dataplane.l4 import (MAX_CLIENT_HELLO, UNRECOGNIZED_NAME_ALERT, NotTls, Port, client_hello_alpn,
+                                   client_hello_sni)
 
 log = logging.getLogger("pyroute.dataplane.acceptor")
 
 ACCEPT_BATCH = 64
+ACME_TLS = (b"acme-tls/1",)  # what a CA validating TLS-ALPN-01 offers, alone (RFC 8737)
 
 
 def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -61,7 +68,9 @@ class _Pending:
 
 class PeekingListener:
     def __init__(self, sock: socket.socket, serve: Callable, *, accept_proxy: bool = False, trusted=(),
-                 sni_port: Callable[[], Port | None] = lambda: None, timeout: float = 5.0):
+                 sni_port: Callable[[], Port | None] = lambda: None,
+                 can_terminate: Callable[[], bool] = lambda: True,
+                 challenges: Callable[[], dict] = dict, timeout: float = 5.0):
         self.loop = asyncio.get_running_loop()
         self.sock = sock
         self.sockets = [sock]  # like asyncio.Server, for the start-up log
@@ -69,6 +78,8 @@ class PeekingListener:
         self.accept_proxy = accept_proxy
         self.trusted = trusted
         self.sni_port = sni_port  # the sni services on this port right now (None: none)
+        self.can_terminate = can_terminate  # a TLS port: the proxy has a certificate to answer with
+        self.challenges = challenges  # name -> TLS-ALPN-01 validation SSLContext, pending ones only
         self.timeout = timeout
         self.pending: dict[int, _Pending] = {}
         self.paused = False
@@ -98,8 +109,8 @@ class PeekingListener:
                 return
             client.setblocking(False)
             needs_header = self.accept_proxy and self._is_trusted(peer[0])
-            if not needs_header and self.sni_port() is None:
-                self.serve(client, None, None)  # nothing to look at: straight to the server
+            if not needs_header and self.sni_port() is None and self.can_terminate() and not self.challenges():
+                self.serve(client, None, None, None)  # nothing to look at: straight to the server
                 continue
             fd = client.fileno()
             timer = self.loop.call_later(self.timeout, self._drop, fd, "first bytes not complete in time")
@@ -133,9 +144,11 @@ class PeekingListener:
                 sock.recv(length)  # exactly the header: the next byte is the client's first
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
                 state.needs_header = False
-            target = None
+            target = context = None
             port = self.sni_port()
-            if port is not None:
+            can_terminate = self.can_terminate()
+            challenges = self.challenges()
+            if port is not None or not can_terminate or challenges:
                 data = sock.recv(MAX_CLIENT_HELLO, socket.MSG_PEEK)
                 if not data:
                     return self._drop(fd, "closed before the ClientHello")
@@ -147,13 +160,18 @@ class PeekingListener:
                     if len(data) < MAX_CLIENT_HELLO:
                         return self._wait_for_more(fd, len(data), MAX_CLIENT_HELLO, "")
                     name = ""
-                target = port.for_sni(name) if name else None
+                target = port.for_sni(name) if name and port is not None else None
+                if target is None and name in challenges and client_hello_alpn(data) == ACME_TLS:
+                    context = challenges[name]
+                elif target is None and not can_terminate:
+                    sock.send(UNRECOGNIZED_NAME_ALERT)
+                    return self._drop(fd, f"no sni service and no certificate for {name!r}")
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             return self._drop(fd, str(exc))
         self._release(fd)
-        self.serve(sock, state.client_ip, target)
+        self.serve(sock, state.client_ip, target, context)
 
     def _wait_for_more(self, fd: int, have: int, limit: int, too_long: str) -> None:
         if have >= limit:

@@ -28,9 +28,11 @@ from pyroute.dataplane import features
 from pyroute.dataplane.balancer import sticky_cookie
 from pyroute.dataplane.clock import clock
 from pyroute.dataplane.exchange import UNLIMITED, Exchange
+from pyroute.dataplane.forwarded import forwarded_client, is_trusted
 from pyroute.dataplane.flow import PEER_FULL, ReadPauses
 from pyroute.dataplane.pages import error_head_only, error_response
 from pyroute.dataplane.limits import AddressLimit, body_too_slow
+from pyroute.dataplane.requestid import RequestIds
 from pyroute.dataplane.headers import (
     REQUEST_LINE_END_10,
     REQUEST_LINE_END_11,
@@ -127,11 +129,15 @@ class ProxyServer:
         self.max_header_size = settings.max_header_size
         self.max_headers = settings.max_headers
         self.max_body = settings.max_request_body or UNLIMITED
+        self.trusted_proxies = settings.trusted_proxies  # (forwarded.py) () = DFP's default
         # llhttp's caller holds an unfinished head line whole until it ends, so raw head (and
         # trailer) bytes are counted as they arrive and refused past what the limits allow.
         self.max_head_bytes = (settings.max_uri_size + settings.max_header_size
                                + HEAD_LINE_ROOM * (settings.max_headers + 1))
         self.pool.connect_timeout = settings.timeout_connect
+        self.request_ids = (RequestIds(settings.request_id_header if settings.request_id else None,
+                                       settings.traceparent == "generate")
+                            if settings.request_id or settings.traceparent == "generate" else None)
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -166,7 +172,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
         "out", "served", "closed", "received", "sent", "sent_mark", "received_mark", "upgrade",
-        "head_bytes", "in_trailers", "trailers_at", "connection_header",
+        "head_bytes", "in_trailers", "trailers_at", "connection_header", "peer_trusted", "forwarded",
     )
 
     def __init__(self, server: ProxyServer):
@@ -200,6 +206,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.head_size = 0
         self.upgrade: bytes | None = None  # the Upgrade header of the head being read
         self.connection_header = False  # the head being read has a Connection header
+        self.peer_trusted = False  # the peer is one of TRUSTED_PROXIES (forwarded.py)
+        self.forwarded = True  # the peer may set X-Forwarded-For/-Proto (TRUSTED_PROXIES empty, or trusted)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -209,6 +217,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self.client_ip = peer[0].encode() if peer else b"unknown"
         self.last_io = clock()
         server = self.server
+        if server.trusted_proxies:
+            self.forwarded = self.peer_trusted = is_trusted(self.client_ip, server.trusted_proxies)
         if not server.limit.opened(self.client_ip):  # MAXCONN_PER_IP: closed at once, as HAProxy's
             self.parser = None  # `tcp-request connection reject`; connection_lost then has nothing to undo
             self.closed = True
@@ -347,6 +357,10 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.url = self.url
         ex.started = self.head_started
         ex.head_done = self.last_io
+        ex.client_ip = (forwarded_client(self.headers, self.client_ip, self.server.trusted_proxies)
+                        if self.peer_trusted else self.client_ip)
+        if self.server.access_log is not None and self.server.access_log.wants_headers:
+            ex.log_headers = self.headers  # (Referer and User-Agent for the combined log format)
         self.reading = ex
         queue = self.queue
         queue.append(ex)
@@ -399,9 +413,11 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 if not ex.local:
                     ex.route = route
                     ex.idempotent = method in IDEMPOTENT
+                    if self.server.request_ids is not None:  # (requestid.py)
+                        ex.request_id, headers = self.server.request_ids.tag(headers, self.peer_trusted)
                     ex.head = request_head(
                         method, url, headers, self.client_ip, self.server.proto,
-                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade,
+                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade, self.forwarded,
                     )
                     if ex.has_body:
                         self._limit_body(ex, length)
@@ -552,9 +568,13 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.responded = True
         ex.close_after = close
         if ex.reply is not None:
-            self.out.append(ex.reply.encode(close, ex.is_head))
+            response = ex.reply.encode(close, ex.is_head)
         else:
-            self.out.append(error_head_only(status, close) if ex.is_head else error_response(status, close))
+            response = error_head_only(status, close) if ex.is_head else error_response(status, close)
+        if ex.request_id is not None:  # routed, then no upstream answered (503, 502, 504)
+            end = response.index(b"\r\n\r\n") + 4
+            response = self.server.request_ids.on_response(response[:end], ex.request_id) + response[end:]
+        self.out.append(response)
         self.response_complete(None, False)
 
     # -- callbacks from UpstreamConnection (ExchangeOwner) -----------------------------------
@@ -613,6 +633,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self.out.append(forwardable)
             return False
         sent = client_response_head(head, forwardable, close, ex.http11)
+        if ex.request_id is not None:
+            sent = self.server.request_ids.on_response(sent, ex.request_id)
         if sent is head:
             return True
         self.out.append(sent)
@@ -630,7 +652,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex.response_edit is not None:
             head, transform = ex.response_edit.head(ex, head, close_delimited)
             forwardable = None  # an edited head is rebuilt whole
-        self.out.append(client_response_head(head, forwardable, close, ex.http11))
+        head = client_response_head(head, forwardable, close, ex.http11)
+        self.out.append(head if ex.request_id is None else self.server.request_ids.on_response(head, ex.request_id))
         if transform is not None:
             if transform.done:  # an empty body: its transformed form is complete already
                 self.out.append(transform.take())
@@ -666,8 +689,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.received_mark = self.received
         self.sent_mark = self.sent
         ex.finished = now
-        sent_at = ex.sent_at
-        ex.stats.count(ex.method, status, now - ex.started, now - sent_at if sent_at else -1.0, received, sent)
+        ex.stats.count(ex, status, now, received, sent)
         if self.server.access_log is not None:
             self.server.access_log.exchange(self, ex, status, termination, now, received, sent)
 
@@ -753,7 +775,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if not responded:
             self.transport.write(error_response(status, True))
             if self.reading is None:  # the refused request never became an exchange
-                self.server.unrouted.count(b"", status, 0.0, -1.0, 0, 0)
+                self.server.unrouted.count_refused(status)
                 if self.server.access_log is not None:
                     self.server.access_log.refused(self, status)
         self.queue.clear()

@@ -26,7 +26,7 @@ class Exchange:
         "pending", "pending_size", "request_done", "upstream", "responded", "retried", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
         "started", "head_done", "sent_at", "response_at", "finished", "status", "address", "broken", "upgrade", "body_left",
-        "chunk_mark",
+        "chunk_mark", "client_ip", "request_id", "log_headers",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -64,3 +64,6 @@ class Exchange:
         self.upgrade: bytes | None = None  # an Upgrade request: client bytes sent ahead of the 101
         self.body_left = UNLIMITED  # chunked body bytes still allowed (MAX_REQUEST_BODY)
         self.chunk_mark = -1  # body_left at the last chunk-size line (unchanged since: trailers)
+        self.client_ip = b""  # the client address every consumer reads (forwarded.py, TRUSTED_PROXIES)
+        self.request_id: bytes | None = None  # requestid.RequestIds: on the upstream request, response, log
+        self.log_headers = None  # the request's headers, kept only for ACCESS_LOG_FORMAT=combined

@@ -31,7 +31,7 @@ from pyroute.basicauth import Userlist
 from pyroute.dataplane.pages import PAGES, error_response
 from pyroute.dataplane.headers import normalize_host
 from pyroute.patterns import compile_pattern, compile_replacement, substitute_first
-from pyroute.services import ENV, FETCH, REQ_HDR
+from pyroute.services import ENV, FETCH, REQ_HDR, split_condition
 
 _NOT_IN_VALUE = re.compile(r"[^\t\x20-\x7e]")
 UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid user and password "
@@ -41,10 +41,12 @@ UNAUTHORIZED_BODY = (b"<html><body><h1>401 Unauthorized</h1>\nYou need a valid u
 class FeatureRequest:
     """The request as the steps see and edit it."""
 
-    __slots__ = ("conn", "method", "path", "query", "host", "headers")
+    __slots__ = ("conn", "client_ip", "method", "path", "query", "host", "headers")
 
-    def __init__(self, conn, method: bytes, url: bytes, host: bytes | None, headers: list[tuple[bytes, bytes]]):
+    def __init__(self, conn, client_ip: bytes, method: bytes, url: bytes, host: bytes | None,
+                 headers: list[tuple[bytes, bytes]]):
         self.conn = conn
+        self.client_ip = client_ip  # Exchange.client_ip: the address IP lists and %[src] use
         self.method = method
         q = url.find(b"?")
         self.path, self.query = (url, b"") if q < 0 else (url[:q], url[q:])
@@ -100,7 +102,7 @@ def compile_value(text: str) -> Callable[[FeatureRequest], bytes] | bytes:
         parts.append(text[last : match.start()].encode("latin-1"))
         fetch = match.group(1)
         if fetch == "src":
-            parts.append(lambda req: req.conn.client_ip)
+            parts.append(lambda req: req.client_ip)
         elif fetch == "dst_port":
             parts.append(lambda req: str(req.local_port()).encode())
         elif m := REQ_HDR.match(fetch):
@@ -121,16 +123,24 @@ def _value(template, req: FeatureRequest) -> bytes:
 
 
 def _compile_edits(delete, set_, add) -> tuple:
-    """Edits in DFP's order (add-header, set-header, del-header): (drop names, additions) per op."""
-    ops = [(frozenset(), ((n.encode(), compile_value(v)),)) for n, v in add]
-    ops += [(frozenset({n.lower().encode()}), ((n.encode(), compile_value(v)),)) for n, v in set_]
+    """Edits in DFP's order (add-header, set-header, del-header): (drop names, additions, tls)
+    per op; tls True/False: the op applies only when the client connection is / is not TLS
+    (`if { ssl_fc }` / `unless { ssl_fc }`), None: always."""
+    ops = []
+    for names, edits in ((False, add), (True, set_)):
+        for n, text in edits:
+            value, tls = split_condition(text)
+            ops.append((frozenset({n.lower().encode()}) if names else frozenset(),
+                        ((n.encode(), compile_value(value)),), tls))
     if delete:
-        ops.append((frozenset(n.lower().encode() for n in delete), ()))
+        ops.append((frozenset(n.lower().encode() for n in delete), (), None))
     return tuple(ops)
 
 
 def _apply_edits(ops, headers: list, req) -> list:
-    for drop, additions in ops:
+    for drop, additions, tls in ops:
+        if tls is not None and (req.conn.server.proto == b"https") != tls:
+            continue
         if drop:
             headers = [(n, v) for n, v in headers if n.lower() not in drop]
         for name, template in additions:
@@ -145,7 +155,7 @@ def _ip_step(allowed: tuple[str, ...], denied: tuple[str, ...]):
 
     def ip_rules(req: FeatureRequest) -> Reply | None:
         try:
-            ip = ipaddress.ip_address(req.conn.client_ip.decode())
+            ip = ipaddress.ip_address(req.client_ip.decode())
         except ValueError:
             return FORBIDDEN
         if any(ip in n for n in deny) or (allow and not any(ip in n for n in allow)):
@@ -172,7 +182,9 @@ def _proto_header_step(code: int, redirect_when: bytes | None):
     """redirectWhenHttpProto (X-Forwarded-Proto is http) / redirectUnlessHttpsProto (is not https)."""
 
     def proto_redirect(req: FeatureRequest) -> Reply | None:
-        proto = (req.header(b"x-forwarded-proto") or b"").strip().lower()
+        proto = req.conn.server.proto
+        if proto == b"http" and req.conn.forwarded:  # else the header is replaced with this (headers.py)
+            proto = (req.header(b"x-forwarded-proto") or b"").strip().lower()
         if (proto == b"http") if redirect_when else (proto != b"https"):
             return _redirect(code, b"https://" + (req.host or b"") + req.path + req.query)
         return None
@@ -295,7 +307,8 @@ class ResponsePlan:
 
     def __init__(self, service):
         self.ops = _compile_edits(service.res_del, service.res_set, service.res_add)
-        self.dynamic = any(not isinstance(t, bytes) for _, additions in self.ops for _, t in additions)
+        self.dynamic = any(tls is not None or any(not isinstance(t, bytes) for _, t in additions)
+                           for _, additions, tls in self.ops)  # reads the request (or its connection)
         self.compress = tuple(a.encode() for a in service.compression_algo.split() if a != "identity")
         self.types = tuple(t.encode() for t in service.compression_types)
 
@@ -424,7 +437,7 @@ def run(conn, ex, route, method: bytes, url: bytes, host: bytes | None, headers)
     route's response edits to the exchange. Returns the request as the steps left it
     (target and headers for the upstream head), or None when a step answered it
     (ex.local and ex.reply are set)."""
-    req = FeatureRequest(conn, method, url, host, headers)
+    req = FeatureRequest(conn, ex.client_ip, method, url, host, headers)
     for step in route.request_steps:
         reply = step(req)
         if reply is not None:

@@ -4,7 +4,9 @@ Pure functions on bytes, so they are cheap to benchmark and test alone.
 
 Requests: hop-by-hop headers (Connection and every header it names, Keep-Alive, TE,
 Trailer, Upgrade, Proxy-*) are dropped, X-Forwarded-For gets the client address
-appended and X-Forwarded-Proto is set; Host and everything else pass unchanged. A
+appended and X-Forwarded-Proto set as DFP does (`https` on TLS, else the client's value,
+else `http`; from a peer outside TRUSTED_PROXIES, when set, both are replaced: see
+forwarded.py); Host and everything else pass unchanged. A
 Connection header naming Content-Length, Transfer-Encoding or Host is refused: dropping
 a framing header would forward the body as the next request(s) (request smuggling).
 Transfer-Encoding stays: pyroute keeps chunked framing end to end (re-framing each
@@ -71,6 +73,7 @@ def request_head(
     proto: bytes,
     line_end: bytes = REQUEST_LINE_END_11,
     upgrade: bytes | None = None,
+    forwarded: bool = True,
 ) -> bytes:
     """The head to send upstream, in the client's HTTP version (`line_end`): the one
     builder for every routed request (features only edit `target` and `headers` first).
@@ -78,11 +81,13 @@ def request_head(
     An HTTP/1.0 request stays HTTP/1.0 so that the upstream answers in a form an
     HTTP/1.0 client can read (never chunked); such an upstream connection is not reused.
     `upgrade`: the protocol an Upgrade request asks for, passed on with its Connection
-    header (the only hop-by-hop pair that is). Raises ConnectionNamesFraming (checked
-    only when a Connection header is present).
+    header (the only hop-by-hop pair that is). `forwarded`: the peer may set X-Forwarded-For
+    (appended to) and, on plain HTTP, X-Forwarded-Proto (passed on); False: both are replaced.
+    Raises ConnectionNamesFraming (checked only when a Connection header is present).
     """
     parts = [method, b" ", target, line_end]
     forwarded_for = b""
+    given_proto = b""
     named: set[bytes] | None = None
     for name, value in headers:
         lname = name.lower()
@@ -93,9 +98,12 @@ def request_head(
                     raise ConnectionNamesFraming("Connection names a framing header or Host")
             continue
         if lname == _XFF:
-            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+            if forwarded:
+                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
             continue
         if lname == _XFP:
+            if forwarded and not given_proto and proto == b"http":  # TLS here: always https
+                given_proto = value
             continue
         if named and lname in named:
             continue
@@ -104,7 +112,7 @@ def request_head(
         b"X-Forwarded-For: ",
         forwarded_for + b", " + client_ip if forwarded_for else client_ip,
         b"\r\nX-Forwarded-Proto: ",
-        proto,
+        given_proto or proto,
         b"\r\n\r\n" if upgrade is None else b"\r\nConnection: upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n",
     )
     return b"".join(parts)

@@ -3,7 +3,10 @@
 A tcp listener forwards the raw byte stream to its service's ``serviceName:port``.
 An sni listener reads the TLS ClientHello without terminating it, takes the SNI name,
 and passes the untouched stream (ClientHello included) to the service whose patterns
-(``servicePath`` in sni mode, as in DFP) match; no match closes the connection.
+(``servicePath`` in sni mode, as in DFP) match, matched as its ``pathType`` says
+(``req_ssl_sni -i -m beg|end|sub|reg|dom|str``, HAProxy's methods) or, without one, as
+names (exact, ``*.`` and ``.`` suffixes); no match is answered with a TLS
+unrecognized_name alert and a close.
 An sni service whose srcPort is one of the proxy's own TLS ports gets no listener of
 its own: that port's acceptor (acceptor.py) peeks the SNI and hands matching
 connections over (``tls_sni``), terminating the rest itself.
@@ -25,11 +28,15 @@ from dataclasses import dataclass
 
 from pyroute.dataplane.tunnel import NoTarget, Tunnel, TunnelEnd
 from pyroute.listen import StartupError
-from pyroute.services import Destination, Service
+from pyroute.patterns import compile_pattern
+from pyroute.services import Destination, Service, parse_sni_type
 
 log = logging.getLogger("pyroute.dataplane.l4")
 
 MAX_CLIENT_HELLO = 16 * 1024 + 5 * 4  # a ClientHello spread over a few records at most
+# A TLS alert record (TLS 1.0 record version, as servers answer a ClientHello they cannot
+# place): fatal (2), unrecognized_name (112). The client learns at once that no one serves the name.
+UNRECOGNIZED_NAME_ALERT = bytes((0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x70))
 
 
 # -- the ClientHello SNI parser -------------------------------------------------------------
@@ -43,6 +50,46 @@ def client_hello_sni(data: bytes) -> str | None:
     Returns None when more bytes are needed, "" when the ClientHello carries no SNI;
     raises NotTls for anything that is not a TLS handshake.
     """
+    body = _hello_body(data)
+    return None if body is None else _sni_in_hello(body)
+
+
+def client_hello_alpn(data: bytes) -> tuple[bytes, ...]:
+    """The ALPN protocols a complete ClientHello (client_hello_sni answered) offers."""
+    body = _hello_body(data)
+    if body is None:
+        return ()
+    try:
+        pos = _extensions_start(body)
+        if pos == len(body):
+            return ()  # no extensions
+        end = pos + 2 + struct.unpack_from("!H", body, pos)[0]
+        pos += 2
+        while pos + 4 <= end:
+            ext_type, ext_len = struct.unpack_from("!HH", body, pos)
+            pos += 4
+            if ext_type == 16:  # application_layer_protocol_negotiation
+                protocols, p = [], pos + 2
+                while p < pos + ext_len:
+                    protocols.append(body[p + 1 : p + 1 + body[p]])
+                    p += 1 + body[p]
+                return tuple(protocols)
+            pos += ext_len
+        return ()
+    except (IndexError, struct.error):
+        return ()
+
+
+def _extensions_start(body: bytes) -> int:
+    pos = 2 + 32  # client_version, random
+    pos += 1 + body[pos]  # session id
+    pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
+    return pos + 1 + body[pos]  # compression methods
+
+
+def _hello_body(data: bytes) -> bytes | None:
+    """The ClientHello message's body, reassembled from the handshake records at the start
+    of `data`; None when more bytes are needed. Raises NotTls."""
     # Reassemble the handshake message from consecutive handshake records.
     handshake = bytearray()
     pos = 0
@@ -63,15 +110,12 @@ def client_hello_sni(data: bytes) -> str | None:
             need = 4 + int.from_bytes(handshake[1:4], "big")
             if need > MAX_CLIENT_HELLO:
                 raise NotTls("ClientHello too large")
-    return _sni_in_hello(bytes(handshake[4:need]))
+    return bytes(handshake[4:need])
 
 
 def _sni_in_hello(body: bytes) -> str:
     try:
-        pos = 2 + 32  # client_version, random
-        pos += 1 + body[pos]  # session id
-        pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
-        pos += 1 + body[pos]  # compression methods
+        pos = _extensions_start(body)
         if pos == len(body):
             return ""  # no extensions
         end = pos + 2 + struct.unpack_from("!H", body, pos)[0]
@@ -104,6 +148,22 @@ def sni_matches(pattern: str, name: str) -> bool:
     return name == pattern
 
 
+def sni_matcher(path_type: str, patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """name -> matches any of `patterns`, the way the destination's pathType says (HAProxy's
+    `-m` methods; `-i` lower-cases; SNI names arrive lower-case already), else as DFP's names."""
+    if not path_type.startswith(("req_ssl_sni", "req.ssl_sni")):
+        return lambda name: any(sni_matches(p, name) for p in patterns)
+    method, ignore_case = parse_sni_type(path_type)
+    if method == "reg":
+        regexes = tuple(compile_pattern(("(?i)" if ignore_case else "") + p) for p in patterns)
+        return lambda name: any(r.search(name.encode()) for r in regexes)
+    if method == "dom":  # a run of whole dot-delimited labels
+        runs = tuple(f".{p.strip('.')}." for p in patterns)
+        return lambda name: any(run in f".{name}." for run in runs)
+    test = {"str": str.__eq__, "beg": str.startswith, "end": str.endswith, "sub": str.__contains__}[method]
+    return lambda name: any(test(name, p) for p in patterns)
+
+
 # -- per-port targets ------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -111,7 +171,7 @@ class Target:
 
     service: str
     backend: object  # upstream.Backend
-    patterns: tuple[str, ...]  # sni mode only
+    matches: Callable[[str], bool] | None  # sni mode only: does an SNI name pick this target
     timeout_client: float
     timeout_connect: float
     timeout_tunnel: float
@@ -128,7 +188,7 @@ class Port:
 
     def for_sni(self, name: str) -> Target | None:
         for target in self.targets:
-            if any(sni_matches(p, name) for p in target.patterns):
+            if target.matches(name):
                 return target
         return None
 
@@ -145,7 +205,7 @@ class Port:
             return None
         target = self.for_sni(name)
         if target is None:
-            raise NoTarget(f"no sni service for {name!r}")
+            raise NoTarget(f"no sni service for {name!r}", UNRECOGNIZED_NAME_ALERT)
         return target
 
 
@@ -173,7 +233,7 @@ class TcpListeners:
         return Target(
             service=service.name,
             backend=self.make_backend(d.outbound_hostname or service.name, d.port, service),
-            patterns=d.paths if d.req_mode == "sni" else (),
+            matches=sni_matcher(d.path_type, d.paths) if d.req_mode == "sni" else None,
             timeout_client=d.timeout_client or s.timeout_client,
             timeout_connect=min(s.timeout_connect, d.timeout_server or s.timeout_connect),
             timeout_tunnel=d.timeout_tunnel or s.timeout_tunnel,

@@ -30,6 +30,8 @@ from pyroute.tls import CertStore, cert_store
 log = logging.getLogger("pyroute")
 
 STATS_SERVICE = "pyroute-stats"  # the service name of the stats page's own route
+ACME_SERVICE = "pyroute-acme"  # the route of ACME's HTTP-01 challenges (answered by the admin listener)
+ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"
 TLS_HANDSHAKE_TIMEOUT = 10.0
 DRAIN_POLL = 0.05  # seconds between checks while draining in-flight requests
 MAXCONN_LOG_EVERY = 60.0  # seconds between "MAXCONN reached" log lines
@@ -97,13 +99,11 @@ class DataPlane:
         self.tls_proxy: ProxyServer | None = None  # the same routes, X-Forwarded-Proto: https
         self.tcp: TcpListeners | None = None
         self.certs = certs if certs is not None else cert_store(settings, persist=False)
-        self.certs.subscribe(self._certs_changed)
-        self.tls_waiting: list = []  # :ssl ports not bound until a certificate exists
         self.servers: list = []  # Listener (plain HTTP, pausable at MAXCONN) or PeekingListener (TLS, PROXY)
         self.revision = 0
         self.services: tuple[Service, ...] = ()
         self.stats = metrics.DataStats()
-        self.stats_service: tuple[Service, ...] = ()  # the stats page's route, once its address is known
+        self.stats_service: tuple[Service, ...] = ()  # the admin listener's own routes, once its address is known
         self.tasksets: dict[tuple, TaskSet] = {}  # DNS-discovered task sets of the current table
         self._next_tasksets: dict[tuple, TaskSet] = {}
         self._tls_services: set[str] = set()  # services with an httpsPort or verifyClientSsl: a TLS table of its own
@@ -189,11 +189,10 @@ class DataPlane:
         s = self.settings
         for spec in s.default_ports + s.bind_ports:
             if spec.ssl and not len(self.certs):
-                log.warning("TLS port %d is not opened: no certificate yet (put PEM files in %s, add a cert-* "
-                            "secret, or PUT /v1/docker-flow-proxy/cert); the first certificate opens it",
-                            spec.port, s.certs_dir)
-                self.tls_waiting.append(spec)
-                continue
+                # Open anyway: sni services (TLS ended in the services, DFP's sni tutorial) need no certificate.
+                log.warning("TLS port %d has no certificate yet (put PEM files in %s, add a cert-* secret, or PUT "
+                            "/v1/docker-flow-proxy/cert): until one exists, a ClientHello no reqMode=sni service "
+                            "takes is answered with a TLS unrecognized_name alert", spec.port, s.certs_dir)
             self.servers.append(await self._listen(spec))
         self._tick_handle = asyncio.get_running_loop().call_later(self._tick_interval(), self._tick)
         await self.sync_src_ports()
@@ -231,7 +230,7 @@ class DataPlane:
         # TLS ports (which sni services may share) and accept-proxy ports look at the first bytes.
         loop = asyncio.get_running_loop()
 
-        def serve(sock: socket.socket, client_ip: str | None, sni_target) -> None:
+        def serve(sock: socket.socket, client_ip: str | None, sni_target, tls_context) -> None:
             if sni_target is not None:
                 tunnel_port = Port("tcp", (sni_target,))
                 ip = client_ip.encode() if client_ip is not None else b""  # the PROXY header's address
@@ -245,7 +244,8 @@ class DataPlane:
                     conn = proxy.factory()
                     conn.client_ip = ip
                     return conn
-            kwargs = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if context else {}
+            ssl_context = tls_context or context  # tls_context: an ACME TLS-ALPN-01 validation
+            kwargs = {"ssl": ssl_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if ssl_context else {}
             task = loop.create_task(loop.connect_accepted_socket(factory, sock, **kwargs))
             task.add_done_callback(_log_handover_error)
 
@@ -254,23 +254,10 @@ class DataPlane:
         except OSError as exc:
             raise listen_error(exc, s.bind_address, spec.port, what) from None
         return PeekingListener(sock, serve, accept_proxy=accept_proxy, trusted=s.proxy_protocol_trusted,
-                               sni_port=lambda: self.tcp.tls_sni.get(spec.port), timeout=s.timeout_http_request)
-
-    def _certs_changed(self, certs: CertStore) -> None:
-        if self.tls_waiting and len(certs) and self._tick_handle is not None:
-            waiting, self.tls_waiting = self.tls_waiting, []
-            asyncio.get_running_loop().create_task(self._open_tls(waiting))
-
-    async def _open_tls(self, specs) -> None:
-        for spec in specs:
-            try:
-                listener = await self._listen(spec)
-                if self.proxy.limit.full:
-                    listener.pause()
-                self.servers.append(listener)
-                log.info("TLS port %d opened: the first certificate is in", spec.port)
-            except StartupError as exc:
-                log.error("%s", exc)
+                               sni_port=lambda: self.tcp.tls_sni.get(spec.port),
+                               can_terminate=lambda: not spec.ssl or len(self.certs) > 0,
+                               challenges=lambda: self.certs.challenges if spec.ssl else {},
+                               timeout=s.timeout_http_request)
 
     def apply(self, revision: int, services: tuple[Service, ...]) -> None:
         """Compile and swap in a new route table: requests in flight keep the one they matched on.
@@ -283,7 +270,8 @@ class DataPlane:
         for service in table.gone:
             self._tls_services.discard(service.name)
         self._tls_services.update(s.name for s in table.came
-                                  if any(d.https_port or d.verify_client_ssl for d in s.destinations))
+                                  if any(d.https_port or d.verify_client_ssl or d.src_https_port
+                                         for d in s.destinations))
         tls_table = table
         if self._tls_services:
             separate = self.tls_proxy.table if self.tls_proxy.table is not self.proxy.table else None
@@ -332,13 +320,23 @@ class DataPlane:
                     self.resolver.forget_host(host)
 
     def serve_stats_from(self, host: str, port: int) -> None:
-        """Route STATS_URI on the public ports to the stats page at host:port (the admin listener)."""
+        """Route what the admin listener at host:port serves on the public ports, ahead of
+        every service: STATS_URI (the stats page; on STATS_PORT only, when set: a srcPort, its
+        listener opened as srcPort listeners are) and, with ACME on, the HTTP-01 challenge
+        path (answered from the replicated state, so whichever replica the CA reaches)."""
         s = self.settings
-        if not s.stats_enabled:
+        own = []
+        if s.stats_enabled:
+            own.append({"serviceName": STATS_SERVICE, "servicePath": s.stats_path, "srcPort": str(s.stats_port)})
+        if s.acme_enabled and s.acme_challenge == "http-01":
+            own.append({"serviceName": ACME_SERVICE, "servicePath": ACME_CHALLENGE_PATH})
+        if not own:
             return
-        self.stats_service = (parse_service(
-            {"serviceName": STATS_SERVICE, "servicePath": s.stats_path, "port": str(port), "outboundHostname": host}),)
+        self.stats_service = tuple(parse_service({**params, "port": str(port), "outboundHostname": host})
+                                   for params in own)
         self.apply(self.revision, self.services)
+        if s.stats_port and self._tick_handle is not None:
+            asyncio.get_running_loop().create_task(self.sync_src_ports())
 
     def stats_snapshot(self, name: str) -> dict:
         return metrics.snapshot(self, name)
@@ -386,13 +384,15 @@ class DataPlane:
             self.tls_proxy.check_timeouts(now)
             self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)
             self.tcp.check_timeouts(now)
+            self.stats.rotate()  # recent traffic: a new slot when the clock left the open one
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)
 
 
 def _access_log(settings: Settings, loop) -> AccessLog | None:
-    """DEBUG=true: one JSON line per request (DEBUG_ERRORS_ONLY, ACCESS_LOG_SAMPLE narrow it)."""
-    return AccessLog(loop, settings.debug_errors_only, settings.access_log_sample) if settings.debug else None
+    """DEBUG=true: one line per request in ACCESS_LOG_FORMAT (DEBUG_ERRORS_ONLY, ACCESS_LOG_SAMPLE narrow it)."""
+    return AccessLog(loop, settings.debug_errors_only, settings.access_log_sample,
+                     log_format=settings.access_log_format) if settings.debug else None
 
 
 def _log_handover_error(task: asyncio.Task) -> None:

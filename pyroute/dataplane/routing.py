@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from pyroute.dataplane.features import ResponsePlan, compile_request_steps
@@ -313,6 +314,8 @@ class RouteTable:
             if destination.req_mode != "http":
                 continue  # tcp/sni destinations have their own listeners (tcp.py)
             port = (destination.https_port or destination.port) if self.tls_listener else destination.port
+            if self.tls_listener and destination.src_https_port:  # DFP: the https backend's own entry port
+                destination = replace(destination, src_port=destination.src_https_port)
             if not port or (destination.verify_client_ssl and not self.tls_listener):
                 continue  # only an httpsPort, or client certificates required: not over plain HTTP
             host = destination.outbound_hostname or service.name

@@ -36,7 +36,12 @@ PENDING_FULL = 2  # a TunnelEnd's read-pause reason: MAX_PENDING bytes wait for 
 
 
 class NoTarget(Exception):
-    """The connection's first bytes pick no target (not TLS, no sni service for the name)."""
+    """The connection's first bytes pick no target (not TLS, no sni service for the name);
+    `reply`: bytes the client gets before the close (a TLS alert)."""
+
+    def __init__(self, why: str, reply: bytes = b""):
+        super().__init__(why)
+        self.reply = reply
 
 
 class Tunnel:
@@ -110,6 +115,8 @@ class Tunnel:
             try:
                 target = self.port.pick(b"".join(self.pending))
             except NoTarget as exc:
+                if exc.reply:
+                    self.client.transport.write(exc.reply)
                 return self._give_up(str(exc))
             if target is not None:
                 self.target = target

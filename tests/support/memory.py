@@ -93,7 +93,8 @@ class Rig:
     def __init__(self, services: list[dict], env: dict | None = None):
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.settings = load_settings([], {"DNS_NAMESERVERS": "127.0.0.1", **(env or {})})
+        # (REQUEST_ID off: these tests compare exact bytes; test_request_id.py covers the IDs)
+        self.settings = load_settings([], {"DNS_NAMESERVERS": "127.0.0.1", "REQUEST_ID": "false", **(env or {})})
         self.resolver = Resolver(self.settings.dns_nameservers, self.settings.dns_ttl_cap, self.settings.dns_timeout)
         s = self.settings
         self.pool = UpstreamPool(self.loop, s.upstream_max_idle, s.upstream_idle_timeout, s.timeout_connect)

@@ -29,7 +29,8 @@ class PyrouteDied(RuntimeError):
 
 
 class Pyroute:
-    def __init__(self, dns_nameserver: str, **env: str):
+    def __init__(self, dns_nameserver: str, wrapper: tuple[str, ...] = (), **env: str):
+        self.wrapper = wrapper  # a command the process runs under (e.g. support/mounted_at.sh)
         self.admin_port = free_port()
         self.http_port = free_port()
         self.env = {
@@ -59,7 +60,7 @@ class Pyroute:
         terminal = {} if self.terminal is None else {
             "stdin": self.terminal, "start_new_session": True,
             "preexec_fn": lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0)}  # as under `docker run -it`
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyroute"], env=env, cwd=self._logdir,
+        self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "pyroute"], env=env, cwd=self._logdir,
                                      **{"stdin": subprocess.DEVNULL, **terminal},
                                      stdout=self._stderr, stderr=self._stderr)
         deadline = time.monotonic() + timeout

@@ -1,5 +1,5 @@
-"""The stack-file checks, run by run.sh in the network namespace of a container on the
-stack's `proxy` network after `docker stack deploy -c deploy/docker-stack.yml proxy`.
+"""The stack-file checks, run by run.sh in a container of the built image on the stack's
+`proxy` network after `docker stack deploy -c deploy/docker-stack.yml proxy`.
 
 Talks to the proxy task by its overlay address (tasks.proxy_proxy through Docker's DNS):
 the go-demo route appears from the stack's labels alone, requests on port 80 reach it, a
@@ -8,14 +8,12 @@ service registered through the admin API is routed too, and `pyroute routes` pri
 import asyncio
 import http.client
 import json
-import os
 import subprocess
 import sys
 import time
 
 import aiodns
 
-REPO = os.environ["PYROUTE_REPO"]
 T0 = time.monotonic()
 
 
@@ -81,8 +79,8 @@ def main():
     wait(lambda: get(ip, 80, "/by-admin/x")[0] == 200, 30, "GET :80/by-admin/x -> 200")
     say("PASS", "a service registered by an admin call is routed next to the labelled one")
 
-    shown = subprocess.run([sys.executable, "-m", "pyroute", "routes", "--admin", f"http://{ip}:8080"],
-                           env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=30)
+    shown = subprocess.run(["pyroute", "routes", "--admin", f"http://{ip}:8080"],  # the image's command
+                           capture_output=True, text=True, timeout=30)
     if shown.returncode != 0 or "go-demo" not in shown.stdout or "by-admin" not in shown.stdout:
         fail(f"pyroute routes: {shown.returncode} {shown.stdout} {shown.stderr}")
     print(shown.stdout, flush=True)
