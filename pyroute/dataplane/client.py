@@ -628,11 +628,9 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self._transform_head(ex, head, forwardable, close_delimited, close)
             return False
         if forwardable is not None and not close and ex.http11:  # (client_response_head's common case)
-            if forwardable is head:
-                return True
-            self.out.append(forwardable)
-            return False
-        sent = client_response_head(head, forwardable, close, ex.http11)
+            sent = forwardable
+        else:
+            sent = client_response_head(head, forwardable, close, ex.http11)
         if ex.request_id is not None:
             sent = self.server.request_ids.on_response(sent, ex.request_id)
         if sent is head:
