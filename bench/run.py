@@ -1,6 +1,6 @@
 """Load harness: pyroute side by side with HAProxy, nginx, a naive aiohttp proxy and the floor.
 
-    python bench/run.py [--rounds 5] [--duration 10] [--workloads small,c1,64k,upload,https,https-new]
+    python bench/run.py [--rounds 5] [--duration 10] [--workloads small,c1,64k,upload,https,https-new,h2]
                         [--targets pyroute,pyroute-log,haproxy,nginx,aiohttp,floor] [--workers 1,2]
                         [--out bench/out/results.md]
 
@@ -81,6 +81,7 @@ class Workload:
     upload: int = 0  # request body size; 0 means GET
     tls: bool = False  # over the target's TLS port (targets without one skip it)
     close: bool = False  # "Connection: close": every request is a new connection (a full TLS handshake)
+    streams: int = 0  # HTTP/2 (ALPN h2) with h2load, this many concurrent streams per connection; 0: HTTP/1.1 with wrk
 
     @property
     def method(self) -> str:
@@ -94,6 +95,7 @@ WORKLOADS = {
     "upload": Workload("upload", "/upload", 8, UPLOAD_REPLY, upload=UPLOAD_SIZE),
     "https": Workload("https", "/demo/hello", 64, HELLO_BODY, tls=True),
     "https-new": Workload("https-new", "/demo/hello", 16, HELLO_BODY, tls=True, close=True),
+    "h2": Workload("h2", "/demo/hello", 64, HELLO_BODY, tls=True, streams=10),
 }
 TLS_TARGETS = ("pyroute", "haproxy")  # the ones started with a TLS port (the same certificate)
 
@@ -386,7 +388,7 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{port}
-    bind 127.0.0.1:{tls_port} ssl crt {cert} alpn http/1.1 ssl-min-ver TLSv1.2
+    bind 127.0.0.1:{tls_port} ssl crt {cert} alpn h2,http/1.1 ssl-min-ver TLSv1.2
     http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
     default_backend upstream
 
@@ -638,7 +640,34 @@ def parse_wrk(output: str) -> WrkResult:
     return WrkResult(int(requests.group(1)), float(rps.group(1)), percentile("50"), percentile("99"), errors)
 
 
+def parse_h2load(output: str) -> WrkResult:
+    """h2load's summary: req/s, requests done, failures and non-2xx; it gives no percentiles
+    (p50 is its mean time per request, p99 its max)."""
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+                     r"(\d+) timeout", output)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
+    if not rps or not done or not codes:
+        raise ValueError("unparseable h2load output:\n" + output)
+    latency = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", output)
+    mean = float(latency.group(5)) * TIME_UNITS_MS[latency.group(6)] if latency else float("nan")
+    worst = float(latency.group(3)) * TIME_UNITS_MS[latency.group(4)] if latency else float("nan")
+    errors = sum(int(n) for n in done.groups()[2:]) + sum(int(n) for n in codes.groups()[2:])
+    return WrkResult(int(done.group(2)), float(rps.group(1)), mean, worst, errors)
+
+
+def run_h2load(port: int, workload: Workload, duration: int) -> WrkResult:
+    cmd = ["taskset", "-c", LOAD_CPUS, "h2load", "-t1", f"-c{workload.connections}", f"-m{workload.streams}",
+           f"-D{duration}", f"https://127.0.0.1:{port}{workload.path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + WRK_SLACK, check=True)
+    if "Application protocol: h2" not in out.stdout:
+        raise ValueError("h2load did not negotiate h2:\n" + out.stdout)
+    return parse_h2load(out.stdout)
+
+
 def run_wrk(port: int, workload: Workload, duration: int, upload_script: Path) -> WrkResult:
+    if workload.streams:
+        return run_h2load(port, workload, duration)
     cmd = ["taskset", "-c", LOAD_CPUS, "wrk", "-t1", f"-c{workload.connections}", f"-d{duration}s",
            "--latency", "--timeout", WRK_TIMEOUT]
     if workload.upload:
@@ -839,6 +868,7 @@ def render_report(targets: list[Target], workloads: list[Workload], args, upstre
             f"{w.name} = {w.method} {w.path} -c{w.connections}"
             + (f" ({w.upload // 1048576} MiB body)" if w.upload else "")
             + (" over TLS" if w.tls else "") + (", Connection: close (a new handshake per request)" if w.close else "")
+            + (f", HTTP/2 (h2load -m{w.streams}; p50 = its mean, p99 = its max)" if w.streams else "")
             for w in workloads),
         f"- DNS queries answered by the harness DNS (pyroute resolves {UPSTREAM_SERVICE} "
         f"through it, TTL {DNS_TTL}; all pyroute targets together): {dns_note}",

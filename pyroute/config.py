@@ -575,6 +575,13 @@ class Settings:
     maxconn_per_ip: int = _setting(0, parse=_integer(0),
                                    help="concurrent client connections per client address (after PROXY protocol), "
                                         "0 = no limit; over it a new connection is closed at once")
+    enable_h2: bool = _setting(True, parse=_boolean,
+                               help="offer HTTP/2 on the TLS listeners (ALPN h2, then http/1.1); false: HTTP/1.1 only")
+    h2c: bool = _setting(False, parse=_boolean,
+                         help="accept HTTP/2 with prior knowledge (cleartext, h2c) on the plain HTTP listeners")
+    h2_max_concurrent_streams: int = _setting(100, parse=_integer(1),
+                                              help="SETTINGS_MAX_CONCURRENT_STREAMS: HTTP/2 streams a client may "
+                                                   "have open on one connection")
     min_body_rate: int = _setting(500, parse=_integer(0),
                                   help="bytes/s a request body must average: it must arrive within TIMEOUT_CLIENT "
                                        "plus 1 s per MIN_BODY_RATE bytes (slower: 408), 0 = off")

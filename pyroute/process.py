@@ -77,6 +77,7 @@ log = logging.getLogger("pyroute")
 RESTART_ONLY = ("port", "ip", "bind_address", "default_ports", "bind_ports", "workers", "dns_nameservers",
                 "dns_timeout", "separator", "service_name", "header_env_allow", "preferred_certificate",
                 "ssl_bind_options", "ssl_bind_ciphers", "ssl_bind_ciphersuites", "trusted_proxies", "stats_port",
+                "enable_h2", "h2c",
                 "acme_email", "acme_domains", "acme_directory", "acme_ca_file", "acme_challenge", "acme_renew_before",
                 "acme_lease", "acme_retry")
 

@@ -25,6 +25,7 @@ MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 _INDEX_MARKERS = ("servicepath", "port", "servicedomain", "httpsport")
 DEFAULT_DOMAIN_ALGO = "hdr_beg"
 REQ_MODES = ("http", "tcp", "sni")
+UPSTREAM_PROTOS = ("http1", "h2c", "h2")  # upstreamProto: HTTP/1.1 (default), cleartext HTTP/2, HTTP/2 over TLS
 PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # reqMode=sni: HAProxy's SNI fetch and match methods, as DFP's sni-routing tutorial writes
@@ -186,6 +187,7 @@ class Destination:
     https_port: int = 0  # requests that arrived over TLS go to this port instead (0 = port)
     src_https_port: int = 0  # srcHttpsPort: the https_port route takes TLS requests of this proxy port only (0: any)
     ssl_verify_none: bool = False  # speak TLS to the upstream, without verifying its certificate
+    upstream_proto: str = "http1"  # one of UPSTREAM_PROTOS; h2c/h2 streams go to the tasks as HTTP/2 (gRPC)
     timeout_client: float | None = None  # per-destination overrides of the global timeouts
     timeout_server: float | None = None
     timeout_tunnel: float | None = None
@@ -284,6 +286,7 @@ class Service:
                     "HttpsPort": d.https_port,
                     "SrcHttpsPort": d.src_https_port,
                     "SslVerifyNone": d.ssl_verify_none,
+                    "UpstreamProto": d.upstream_proto,
                     "TimeoutClient": _shown(d.timeout_client),
                     "TimeoutServer": _shown(d.timeout_server),
                     "TimeoutTunnel": _shown(d.timeout_tunnel),
@@ -694,6 +697,16 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         port = _parse_port(port_text, "port" + suffix) if port_text else 0
         https_port = _parse_port(https_text, "httpsPort" + suffix) if https_text else 0
         ssl_verify_none = _bool(value("sslverifynone", index), "sslVerifyNone" + suffix)
+        upstream_proto = (value("upstreamproto", index) or "").strip().lower() or "http1"
+        if upstream_proto not in UPSTREAM_PROTOS:
+            raise ServiceError(400, f"upstreamProto{suffix} must be one of {', '.join(UPSTREAM_PROTOS)}, "
+                                    f"got {upstream_proto!r}")
+        if upstream_proto != "http1" and mode != "http":
+            raise ServiceError(400, f"upstreamProto{suffix}={upstream_proto} needs reqMode=http, got {mode}")
+        if (upstream_proto == "h2") != ssl_verify_none and upstream_proto != "http1":
+            raise ServiceError(400, f"upstreamProto{suffix}=h2 speaks TLS to the tasks and needs sslVerifyNone=true"
+                                    if upstream_proto == "h2" else
+                                    f"upstreamProto{suffix}=h2c is cleartext: sslVerifyNone=true needs upstreamProto=h2")
         src_port = _parse_port(src_text, "srcPort" + suffix) if src_text not in ("", "0") else 0
         if src_port:
             _check_src_port(src_port, mode, "srcPort" + suffix, defaults)
@@ -796,6 +809,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             https_port=https_port,
             src_https_port=src_https_port,
             ssl_verify_none=ssl_verify_none,
+            upstream_proto=upstream_proto,
             **timeouts,
         ))
 

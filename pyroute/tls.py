@@ -2,9 +2,9 @@
 
 Certificates come from CERTS_DIR (one PEM file each: chain + key), Docker secrets named
 ``cert-*``/``cert_*``, and the admin API (``install``). Every certificate gets its own
-server SSLContext (TLS 1.2+, modern ciphers, ALPN http/1.1, narrowed by SSL_BIND_OPTIONS /
-SSL_BIND_CIPHERS: `TlsPolicy`). A listener holds one *dispatch* context whose SNI callback
-swaps in the chosen certificate's context: exact name, then wildcard (``*.example.com``),
+server SSLContext (TLS 1.2+, modern ciphers, ALPN h2 then http/1.1 or http/1.1 alone
+with ENABLE_H2=false, narrowed by SSL_BIND_OPTIONS / SSL_BIND_CIPHERS: `TlsPolicy`). A
+listener holds one *dispatch* context whose SNI callback swaps in the chosen certificate's context: exact name, then wildcard (``*.example.com``),
 then the default. PREFERRED_CERTIFICATE is DFP's list of globs over certificate file
 names: matching certificates come first, in list order, so the first is the default and
 they win a name two certificates share. Hot add/replace replaces the name -> context maps in one assignment, so
@@ -15,6 +15,7 @@ API-installed certificates are written with files.atomic_write so a restart serv
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -31,6 +32,8 @@ log = logging.getLogger("pyroute.tls")
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.2 suites; TLS 1.3 suites are OpenSSL's defaults
 SECRET_PREFIXES = ("cert-", "cert_")
 MAX_PEM = 1024 * 1024
+ALPN_HTTP1 = ("http/1.1",)
+ALPN_H2 = ("h2", "http/1.1")  # ENABLE_H2: HTTP/2 first, as DFP's `alpn h2,http/1.1`
 
 
 _VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
@@ -48,6 +51,7 @@ class TlsPolicy:
     ciphers: str = CIPHERS  # TLS 1.2 cipher list (OpenSSL syntax)
     no_tickets: bool = False  # no-tls-tickets
     client_order: bool = False  # prefer-client-ciphers
+    alpn: tuple[str, ...] = ALPN_HTTP1  # the protocols offered, in order (ENABLE_H2 puts h2 first)
 
 
 def bind_options(text: str, ciphers: str = "") -> TlsPolicy:
@@ -153,7 +157,7 @@ def server_context(pem_path: str | None = None, ca_file: str = "", policy: TlsPo
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if policy.no_tickets:
         ctx.options |= ssl.OP_NO_TICKET
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(policy.alpn))
     if ca_file:
         ctx.load_verify_locations(ca_file)
         ctx.verify_mode = ssl.CERT_OPTIONAL  # a bad certificate fails the handshake; none is allowed
@@ -375,4 +379,6 @@ def cert_store(settings, persist: bool = True) -> CertStore:
     CA_FILE, SSL_BIND_OPTIONS/SSL_BIND_CIPHERS); `persist` False for a worker, whose control
     process writes the files."""
     return CertStore(settings.certs_dir, settings.secrets_dir, settings.preferred_certificate, settings.ca_file,
-                     persist=persist, policy=bind_options(settings.ssl_bind_options, settings.ssl_bind_ciphers))
+                     persist=persist, policy=dataclasses.replace(
+                         bind_options(settings.ssl_bind_options, settings.ssl_bind_ciphers),
+                         alpn=ALPN_H2 if settings.enable_h2 else ALPN_HTTP1))

@@ -54,7 +54,8 @@ def test_version_names_python_and_the_libraries():
     assert lines[0] == f"pyroute {pyroute.__version__}" and re.fullmatch(r"pyroute \d+\.\d+\.\d+", lines[0])
     assert lines[1].startswith(f"CPython {platform.python_version()} ")
     found = dict(line.split(" ", 1) for line in lines[2:])
-    assert set(found) == {"uvloop", "httptools", "aiodns", "orjson", "google-re2", "libpass", "bcrypt", "acme", "josepy"}
+    assert set(found) == {"uvloop", "httptools", "aiodns", "orjson", "google-re2", "libpass", "bcrypt", "h2",
+                          "hyperframe", "acme", "josepy"}
     assert all(re.match(r"\d+\.\d+", v) for v in found.values()), found  # all installed: dependencies
 
 

@@ -435,7 +435,7 @@ def test_curl_over_tls(tls_proxy, dns, replicas, ca, tmp_path):
     put_cert(p, "curl", pem(ca.issue_cert("curl.test")))
     wait_until(lambda: _connects(p.tls_port), what="TLS port open")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    out = subprocess.run(["curl", "-sS", "-i", "--max-time", "10", "--cacert", str(tmp_path / "ca.pem"),
+    out = subprocess.run(["curl", "-sS", "-i", "--http1.1", "--max-time", "10", "--cacert", str(tmp_path / "ca.pem"),
                           "--resolve", f"curl.test:{p.tls_port}:127.0.0.1", f"https://curl.test:{p.tls_port}/hello"],
                          capture_output=True, timeout=15)
     assert out.returncode == 0, out.stderr

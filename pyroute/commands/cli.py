@@ -35,7 +35,8 @@ on Swarm: docker stack deploy -c deploy/docker-stack.yml proxy   (see README.md)
 """
 COMMANDS = ("serve", "check-config", "routes", "top", "demo", "version")
 # What `pyroute version` reports besides pyroute itself: the libraries a bug report needs.
-LIBRARIES = ("uvloop", "httptools", "aiodns", "orjson", "google-re2", "libpass", "bcrypt", "acme", "josepy")
+LIBRARIES = ("uvloop", "httptools", "aiodns", "orjson", "google-re2", "libpass", "bcrypt", "h2", "hyperframe",
+             "acme", "josepy")
 
 
 def build_parser() -> argparse.ArgumentParser:

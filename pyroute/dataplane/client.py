@@ -219,14 +219,30 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         server = self.server
         if server.trusted_proxies:
             self.forwarded = self.peer_trusted = is_trusted(self.client_ip, server.trusted_proxies)
-        if not server.limit.opened(self.client_ip):  # MAXCONN_PER_IP: closed at once, as HAProxy's
+        if not self._register():  # MAXCONN_PER_IP: closed at once, as HAProxy's
             self.parser = None  # `tcp-request connection reject`; connection_lost then has nothing to undo
             self.closed = True
             log.info("refusing a connection from %s: MAXCONN_PER_IP reached", self.client_ip.decode())
             transport.abort()
             return
+
+    def _register(self) -> bool:
+        """Count this client socket (MAXCONN, MAXCONN_PER_IP) and track it; False: refused.
+        (An HTTP/2 stream, http2.StreamSide, is counted by its connection instead.)"""
+        server = self.server
+        if not server.limit.opened(self.client_ip):
+            return False
         server.connections.add(self)
         server.accepted += 1
+        return True
+
+    def _unregister(self) -> None:
+        """Undo _register at close, and keep the bytes this socket moved."""
+        server = self.server
+        server.connections.discard(self)
+        server.limit.closed(self.client_ip)
+        server.closed_received += self.received
+        server.closed_sent += self.sent
 
     def data_received(self, data: bytes) -> None:
         self.last_io = now = clock()
@@ -288,15 +304,11 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             return  # refused in connection_made: never counted
         self.closed = True
         self.parser = None  # it holds our bound callbacks: without the cycle we die by refcount
-        server = self.server
-        server.connections.discard(self)
-        server.limit.closed(self.client_ip)
+        self._unregister()
         if self.queue:  # requests that never got (all of) their response
             now = clock()
             for ex in self.queue:
                 self._account(ex, ex.status, ex.broken or "CD", now)
-        server.closed_received += self.received
-        server.closed_sent += self.sent
         for ex in self.queue:
             if ex.upstream is not None:
                 ex.upstream.abort()  # mid-exchange: the upstream connection cannot be reused

@@ -6,6 +6,7 @@ housekeeping tick. It never imports the control plane: snapshots arrive through 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 
@@ -15,9 +16,11 @@ from pyroute.dataplane import pages
 from pyroute.dataplane.acceptor import PeekingListener, listen_socket
 from pyroute.dataplane.accesslog import AccessLog
 from pyroute.dataplane.balancer import Sticky, TaskSet
-from pyroute.dataplane.client import ClientLimit, ProxyServer
+from pyroute.dataplane import http2
+from pyroute.dataplane.client import ClientConnection, ClientLimit, ProxyServer
 from pyroute.dataplane.clientcert import ClientCertConnection
 from pyroute.dataplane.clock import clock
+from pyroute.dataplane.h2upstream import Relay
 from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners
 from pyroute.dataplane.routing import RouteTable
@@ -96,6 +99,7 @@ class DataPlane:
         self.settings = settings
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
         self.proxy: ProxyServer | None = None
+        self.relay: Relay | None = None  # HTTP/2 to the tasks of upstreamProto=h2c|h2 routes
         self.tls_proxy: ProxyServer | None = None  # the same routes, X-Forwarded-Proto: https
         self.tcp: TcpListeners | None = None
         self.certs = certs if certs is not None else cert_store(settings, persist=False)
@@ -145,17 +149,33 @@ class DataPlane:
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log, limit)
         self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table, self.stats.unrouted, access_log, limit)
         self.tls_proxy.proto = b"https"
+        self.relay = Relay(loop, s)
         if s.ca_file:
             self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
+        self._offer_h2(s)
         public = {spec.port for spec in s.default_ports + s.bind_ports}
         tls_ports = {spec.port for spec in s.default_ports + s.bind_ports if spec.ssl}
         self.tcp = TcpListeners(s, loop, self._backend, Listener, limit, public, tls_ports)
         pages.use_directory(s.error_pages_dir)
 
+    def _offer_h2(self, s: Settings) -> None:
+        """ENABLE_H2: TLS connections that chose h2 (ALPN) get an H2Connection; H2C: plain
+        connections that open with the HTTP/2 preface too. Others keep their HTTP/1.1 class."""
+        for proxy, on in ((self.tls_proxy, s.enable_h2), (self.proxy, s.h2c)):
+            if not on:
+                continue
+            make_h1 = proxy.factory
+            streams = http2.stream_class(ClientCertConnection if s.ca_file and proxy is self.tls_proxy
+                                         else ClientConnection)
+            make_h2 = functools.partial(http2.H2Connection, proxy, streams, self.relay)
+            select = http2.AlpnSelect if proxy is self.tls_proxy else http2.PrefaceSniff
+            proxy.factory = functools.partial(select, make_h1, make_h2)
+
     def reconfigure(self, settings: Settings) -> None:
         """Apply re-read settings (SIGHUP) at once; RESTART_ONLY ones keep their values."""
         self.settings = settings
         self.proxy.configure(settings)
+        self.relay.settings = settings
         self.tls_proxy.configure(settings)
         pool = self.proxy.pool
         pool.max_idle, pool.idle_timeout = settings.upstream_max_idle, settings.upstream_idle_timeout
@@ -354,6 +374,7 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         proxies = (proxy, self.tls_proxy)
+        http2.announce_drain(proxies)
         while True:
             for conn in [c for p in proxies for c in p.connections]:
                 if not conn.queue and not conn.in_head:
@@ -368,6 +389,7 @@ class DataPlane:
         for taskset in self.tasksets.values():
             taskset.close()
         proxy.pool.close_all()
+        self.relay.close_all()
         if proxy.access_log is not None:
             proxy.access_log.flush()
 
@@ -384,6 +406,7 @@ class DataPlane:
             self.tls_proxy.check_timeouts(now)
             self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)
             self.tcp.check_timeouts(now)
+            self.relay.check_timeouts(now)
             self.stats.rotate()  # recent traffic: a new slot when the clock left the open one
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)

@@ -46,13 +46,15 @@ class TlsAddress(tuple):
         return hash(("tls", *self))
 
 
-def upstream_tls_context() -> ssl.SSLContext:
-    """sslVerifyNone: encrypt to the upstream without checking its certificate (DFP's `ssl verify none`)."""
+def upstream_tls_context(alpn: str = "http/1.1") -> ssl.SSLContext:
+    """sslVerifyNone: encrypt to the upstream without checking its certificate (DFP's `ssl verify none`).
+
+    `alpn`: the one protocol offered (h2 for upstreamProto=h2, h2upstream.py)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols([alpn])
     return ctx
 
 
