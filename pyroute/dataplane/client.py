@@ -205,7 +205,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.length = 0
         self.head_size = 0
         self.upgrade: bytes | None = None  # the Upgrade header of the head being read
-        self.connection_header = False  # the head being read has a Connection header
+        self.connection_header = False  # the head being read has a Connection or Proxy-Connection header
         self.peer_trusted = False  # the peer is one of TRUSTED_PROXIES (forwarded.py)
         self.forwarded = True  # the peer may set X-Forwarded-For/-Proto (TRUSTED_PROXIES empty, or trusted)
 
@@ -346,8 +346,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self.length = int(value)
         elif size == 7 and name.lower() == b"upgrade":
             self.upgrade = value
-        elif size == 10 and name.lower() == b"connection":
-            self.connection_header = True
+        elif (size == 10 and name.lower() == b"connection") or (size == 16 and name.lower() == b"proxy-connection"):
+            self.connection_header = True  # (llhttp reads both for keep-alive)
         self.headers.append((name, value))
         self.head_size += size + len(value)
         server = self.server
@@ -360,8 +360,9 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
         # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0 only, and keeps a connection alive without a
-        # Connection header for 1.1 only: then the version is known without get_http_version()'s
-        # string formatting (a tenth of this callback's cost).
+        # Connection (or Proxy-Connection, which it reads alike) header for 1.1 only: then the
+        # version is known without get_http_version()'s string formatting (a tenth of this
+        # callback's cost).
         version = "1.1" if keep_alive and not self.connection_header else parser.get_http_version()
         http11 = version == "1.1"
         ex = Exchange(keep_alive, http11, method == b"HEAD", self.chunked, self.chunked or self.length > 0)
