@@ -37,10 +37,10 @@ ACCESS_LOG_FORMATS = ("json", "clf", "combined", "haproxy")  # ACCESS_LOG_FORMAT
 TRACEPARENT_MODES = ("pass", "generate")  # TRACEPARENT
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "p2c")  # DFP's balance values, plus p2c
 DOMAIN_ALGOS = ("hdr", "hdr_beg", "hdr_dom", "hdr_end")  # DFP's serviceDomainAlgo values
-COMPRESSION_ALGOS = ("gzip", "deflate", "identity")
+COMPRESSION_ALGOS = ("gzip", "deflate", "raw-deflate", "identity")  # HAProxy's
 ACME_CHALLENGES = ("http-01", "tls-alpn-01")  # the ACME challenges pyroute answers itself
 ACME_DOMAINS_CHOICES = ("", "auto")  # auto: every exact serviceDomain of an HTTPS service too
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"  # HAProxy's, less raw-deflate (no HTTP client asks for it)
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 class SettingsError(Exception):
@@ -167,6 +167,17 @@ def _optional_text(value: Any, setting: str) -> str:
     if not isinstance(value, str):
         raise _bad(setting, "a string", value)
     return value.strip()
+
+
+MIN_PEER_TOKEN = 16  # characters: a shared secret short enough to guess is no secret
+
+
+def _peer_token(value: Any, setting: str) -> str:
+    token = _optional_text(value, setting)
+    if token and (len(token) < MIN_PEER_TOKEN or not token.isascii() or not token.isprintable() or " " in token):
+        raise SettingsError(f"{setting}: expected at least {MIN_PEER_TOKEN} visible ASCII characters without spaces "
+                            f"(e.g. the output of `openssl rand -hex 32`), got {len(token)} characters")
+    return token
 
 
 def _globs(value: Any, setting: str) -> tuple[str, ...]:
@@ -594,6 +605,10 @@ class Settings:
     admin_user: str = _setting("", parse=_optional_text, shown='""',
                                help="admin API user; with ADMIN_PASS every admin call needs them (basic auth)")
     admin_pass: str = _setting("", parse=_optional_text, shown='""', help="admin API password")
+    peer_token: str = _setting("", parse=_peer_token, shown='""',
+                               help="shared secret replicas present to each other (Docker secret dfp_peer_token): "
+                                    "certificate keys travel between replicas, with or without ADMIN_USER/ADMIN_PASS, "
+                                    "and to nobody else")
     timeout_admin: float = _setting(30.0, parse=_seconds,
                                     help="seconds an admin API connection may stay idle or take to send a request")
     acme_email: str = _setting("", parse=_optional_text, shown='""',

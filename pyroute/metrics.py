@@ -242,6 +242,7 @@ def snapshot(plane, name: str) -> dict:
         routes.append({
             "service": route.service.name, "index": d.index, "paths": list(d.paths), "domains": list(d.domains),
             "path_type": d.path_type, "domain_algo": route.service.domain_algo,
+            "haproxy_backend": f"{route.service.acl_name}-be{d.port}_{d.index}",  # DFP's backend name
             "backend": f"{backend.host}:{backend.port}",
             "addresses": addresses,
         })
@@ -350,7 +351,9 @@ class _Writer:
         self.sample(f"{name}_sum", total, **labels)
 
 
-def render_prometheus(snap: dict) -> bytes:
+def render_prometheus(snap: dict, control: dict | None = None) -> bytes:
+    """pyroute's families, the control plane's gauges (`control`: rejected services, shadowed
+    routes), then haproxy_exporter's families computed from the same counters."""
     w = _Writer()
     services = snap["services"]
     w.family("pyroute_requests_total", "counter",
@@ -423,7 +426,111 @@ def render_prometheus(snap: dict) -> bytes:
         for process in snap["processes"]:
             if key in process:
                 w.sample(metric, process[key], process=process["name"])
+    if control is not None:
+        w.family("pyroute_rejected_services", "gauge",
+                 "Labelled services refused (Swarm labels, Swarm Listener): GET /v1/docker-flow-proxy/rejected says why")
+        w.sample("pyroute_rejected_services", control.get("rejected", 0))
+        w.family("pyroute_shadowed_routes", "gauge",
+                 "Service paths that can never match: GET /v1/docker-flow-proxy/shadowed says which route catches them")
+        w.sample("pyroute_shadowed_routes", control.get("shadowed", 0))
+    _haproxy_exporter(w, snap)
     return ("\n".join(w.lines) + "\n").encode()
+
+
+# -- haproxy_exporter's families (what DFP's /metrics served), from the same counters ----------
+HAPROXY_FRONTEND = "services"  # DFP's HTTP/HTTPS frontend
+RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+def _classes(responses) -> dict[str, int]:
+    out = dict.fromkeys(RESPONSE_CLASSES, 0)
+    for _, status, n in responses:
+        out[f"{status // 100}xx" if 100 <= status < 600 else "other"] += n
+    return out
+
+
+def _haproxy_exporter(w: _Writer, snap: dict) -> None:
+    """haproxy_exporter's names, types and labels (frontend; backend; backend + server), each
+    family mapped from a pyroute counter as docs/reference.md ("haproxy_exporter names")
+    tables. Counters pyroute does not keep (limits, rates, denials by rule, downtime) are
+    left out rather than served as zeros, except the queue gauge, which is truly 0: pyroute
+    does not queue requests."""
+    services = snap["services"]
+    conns = snap["connections"]
+    everything = [r for svc in services.values() for r in svc["responses"]]
+    routed = {name: svc for name, svc in services.items() if name != UNROUTED}
+    backends: dict[str, str] = {}
+    for route in snap["routes"]:
+        backends.setdefault(route["service"], route.get("haproxy_backend", route["service"]))
+
+    def family(scope: str, name: str, kind: str, help_text: str, samples) -> None:
+        metric = f"haproxy_{scope}_{name}"
+        w.family(metric, kind, help_text)
+        for value, labels in samples:
+            w.sample(metric, value, **labels)
+
+    w.family("haproxy_up", "gauge", "Was the last scrape of haproxy successful (pyroute: always 1).")
+    w.sample("haproxy_up", 1)
+    fe = {"frontend": HAPROXY_FRONTEND}
+    family("frontend", "current_sessions", "gauge", "Current number of active sessions.", [(conns["active"], fe)])
+    family("frontend", "sessions_total", "counter", "Total number of sessions.", [(conns["total"], fe)])
+    family("frontend", "connections_total", "counter", "Total number of connections.", [(conns["total"], fe)])
+    family("frontend", "bytes_in_total", "counter", "Current total of incoming bytes.", [(conns["bytes_in"], fe)])
+    family("frontend", "bytes_out_total", "counter", "Current total of outgoing bytes.", [(conns["bytes_out"], fe)])
+    family("frontend", "http_requests_total", "counter", "Total HTTP requests.",
+           [(sum(n for _, _, n in everything), fe)])
+    family("frontend", "http_responses_total", "counter", "Total of HTTP responses.",
+           [(n, {**fe, "code": code}) for code, n in _classes(everything).items()])
+    family("frontend", "request_errors_total", "counter", "Total of request errors.",
+           [(sum(n for _, status, n in services.get(UNROUTED, {"responses": []})["responses"]
+                 if 400 <= status < 500), fe)])
+
+    def per_backend(name: str, kind: str, help_text: str, value) -> None:
+        family("backend", name, kind, help_text,
+               [(value(svc), {"backend": backends.get(svc_name, svc_name)}) for svc_name, svc in routed.items()])
+
+    per_backend("up", "gauge", "Current health status of the backend (1 = UP, 0 = DOWN).",
+                lambda svc: int(not svc["addresses"] or any(a["health"] != "down" for a in svc["addresses"].values())))
+    per_backend("current_queue", "gauge", "Current number of queued requests not assigned to any server.",
+                lambda svc: 0)
+    per_backend("sessions_total", "counter", "Total number of sessions.",
+                lambda svc: sum(n for _, _, n in svc["responses"]))
+    per_backend("bytes_in_total", "counter", "Current total of incoming bytes.", lambda svc: svc["bytes_in"])
+    per_backend("bytes_out_total", "counter", "Current total of outgoing bytes.", lambda svc: svc["bytes_out"])
+    per_backend("connection_errors_total", "counter", "Total of connection errors.",
+                lambda svc: sum(a["failures"] for a in svc["addresses"].values()))
+    per_backend("response_errors_total", "counter", "Total of response errors.",
+                lambda svc: sum(a["timeouts"] for a in svc["addresses"].values()))
+    per_backend("retry_warnings_total", "counter", "Total of retry warnings.",
+                lambda svc: sum(a["retries"] for a in svc["addresses"].values()))
+    family("backend", "http_responses_total", "counter", "Total of HTTP responses.",
+           [(n, {"backend": backends.get(name, name), "code": code})
+            for name, svc in routed.items() for code, n in _classes(svc["responses"]).items()])
+    per_backend("http_total_time_average_seconds", "gauge",
+                "Avg. HTTP total time (pyroute: since start, not over the last 1024 requests).",
+                lambda svc: svc["total_sum"] / max(1, sum(svc["total"])))
+    per_backend("http_response_time_average_seconds", "gauge",
+                "Avg. HTTP response time (pyroute: since start, not over the last 1024 requests).",
+                lambda svc: svc["upstream_sum"] / max(1, sum(svc["upstream"])))
+
+    servers = [(name, address, a) for name, svc in routed.items() for address, a in sorted(svc["addresses"].items())]
+
+    def per_server(metric: str, kind: str, help_text: str, value) -> None:
+        family("server", metric, kind, help_text,
+               [(value(a), {"backend": backends.get(name, name), "server": address}) for name, address, a in servers])
+
+    per_server("up", "gauge", "Current health status of the server (1 = UP, 0 = DOWN).",
+               lambda a: int(a["health"] != "down"))
+    per_server("sessions_total", "counter", "Total number of sessions.", lambda a: a["connects"])
+    per_server("server_selected_total", "counter",
+               "Total number of times a server was selected, either for new sessions, or when re-dispatching.",
+               lambda a: a["connects"] + a["reuses"])
+    per_server("connection_errors_total", "counter", "Total of connection errors.", lambda a: a["failures"])
+    per_server("response_errors_total", "counter", "Total of response errors.", lambda a: a["timeouts"])
+    per_server("retry_warnings_total", "counter", "Total of retry warnings.", lambda a: a["retries"])
+    per_server("check_failures_total", "counter",
+               "Total number of failed health checks (pyroute: failed connects, its passive check).",
+               lambda a: a["failures"])
 
 
 def render_certificates(expiry: dict[str, float], orders: dict[str, int] | None) -> bytes:

@@ -29,7 +29,7 @@ class PatternError(ValueError):
     """Why an operator pattern or replacement is refused (the text of the 400 answer)."""
 
 
-def compile_pattern(text: str):
+def compile_pattern(text: str, ignore_case: bool = False):
     """The RE2 form of an operator regex (bytes in, Latin-1 mode); PatternError if RE2 refuses it.
 
     RE2 (~1.5 MiB resident) is imported here, by the first pattern: a proxy whose routes
@@ -39,6 +39,7 @@ def compile_pattern(text: str):
     options = re2.Options()
     options.encoding = re2.Options.Encoding.LATIN1
     options.log_errors = False  # the reason goes into the 400 answer, not to stderr
+    options.case_sensitive = not ignore_case  # HAProxy's -i (pathType "path_reg -i")
     try:
         return re2.compile(text.encode(), options)
     except re2.error as exc:

@@ -24,9 +24,14 @@ MAX_INDEX = 10  # DFP scans servicePath.N / port.N for N = 1..10
 # A destination exists at index N when any of these carries the ".N" suffix (DFP's rule).
 _INDEX_MARKERS = ("servicepath", "port", "servicedomain", "httpsport")
 DEFAULT_DOMAIN_ALGO = "hdr_beg"
+SNI_DOMAIN_ALGO = "req.ssl_sni"  # serviceDomainAlgo matching the TLS ClientHello's name: tcp/sni services only
 REQ_MODES = ("http", "tcp", "sni")
 UPSTREAM_PROTOS = ("http1", "h2c", "h2")  # upstreamProto: HTTP/1.1 (default), cleartext HTTP/2, HTTP/2 over TLS
-PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir")
+PATH_TYPES = ("path_beg", "path", "path_end", "path_reg", "path_dir", "path_sub", "path_dom", "path_len")
+# HAProxy's "-m" match methods on the path fetch, as the path_* fetch each one equals.
+_PATH_METHODS = {"beg": "path_beg", "str": "path", "end": "path_end", "reg": "path_reg", "dir": "path_dir",
+                 "sub": "path_sub", "dom": "path_dom", "len": "path_len"}
+_PATH_LEN = re.compile(r"(?:(eq|ge|gt|le|lt) *)?([0-9]{1,9})\Z|([0-9]{0,9}):([0-9]{0,9})\Z")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # reqMode=sni: HAProxy's SNI fetch and match methods, as DFP's sni-routing tutorial writes
 # `pathType=req_ssl_sni -i -m beg` (`-m`: exact, prefix, suffix, substring, regex, dot-delimited run).
@@ -168,6 +173,7 @@ class Destination:
     port: int
     outbound_hostname: str | None  # dial this host instead of the service name
     path_type: str = "path_beg"  # how `paths` match: one of PATH_TYPES
+    path_ignore_case: bool = False  # pathType "... -i": paths (stored lower-case) match whatever the case
     path_excludes: tuple[str, ...] = ()  # servicePathExclude: prefixes that never match
     header_match: tuple[tuple[str, str], ...] = ()  # serviceHeader: (lower name, exact value), all must match
     user_agents: tuple[str, ...] = ()  # userAgent: lower-case substrings, any may match
@@ -195,7 +201,7 @@ class Destination:
     @property
     def conditional(self) -> bool:
         """Whether matching needs more than a path prefix and the Host."""
-        return bool(self.path_type != "path_beg" or self.path_excludes or self.header_match
+        return bool(self.path_type != "path_beg" or self.path_ignore_case or self.path_excludes or self.header_match
                     or self.user_agents or self.src_port)
 
 
@@ -258,7 +264,7 @@ class Service:
         return {
             "ServiceName": self.name,
             "AclName": self.acl_name,
-            "ServiceDomainAlgo": f"{self.domain_algo}(host)",
+            "ServiceDomainAlgo": self.domain_algo if self.domain_algo == SNI_DOMAIN_ALGO else f"{self.domain_algo}(host)",
             "ServiceDest": [
                 {
                     "Index": d.index,
@@ -266,7 +272,7 @@ class Service:
                     "ServiceDomain": list(d.domains),
                     "Port": str(d.port),
                     "OutboundHostname": d.outbound_hostname or "",
-                    "PathType": d.path_type,
+                    "PathType": d.path_type + (" -i" if d.path_ignore_case else ""),
                     "ServicePathExclude": list(d.path_excludes),
                     "ServiceHeader": dict(d.header_match),
                     "UserAgent": {"Value": list(d.user_agents)},
@@ -648,6 +654,53 @@ def _check_hashes(users: list[tuple[str, str]], setting: str) -> None:
             raise ServiceError(400, f"{setting}: user {user!r}: {problem}")
 
 
+def parse_path_type(text: str, label: str) -> tuple[str, bool, bool]:
+    """pathType as DFP users write it ("path_beg", "path_reg -i", "path -m sub", "url_beg")
+    -> (one of PATH_TYPES, ignore case, written as url_*). What pyroute cannot match the way
+    HAProxy would is a 400 naming the value and what to use instead, never dropped."""
+    words = text.strip().lower().split()
+    if not words:
+        return "path_beg", False, False
+    fetch, rest = words[0], words[1:]
+    ignore_case, method = False, None
+    while rest:
+        flag = rest.pop(0)
+        if flag == "-i":
+            ignore_case = True
+        elif flag == "-m" and rest and method is None:
+            method = rest.pop(0)
+        else:
+            raise ServiceError(400, f"{label} {text.strip()!r}: {flag!r} is not a flag pyroute takes "
+                               f"(-i, -m {'|'.join(_PATH_METHODS)})")
+    if method is not None and fetch in ("path", "url"):
+        if method not in _PATH_METHODS:
+            raise ServiceError(400, f"{label} {text.strip()!r}: -m {method} on {fetch} is not supported: "
+                               f"use path -m {'|'.join(_PATH_METHODS)} (or path_beg, path_end, ...)")
+        fetch = _PATH_METHODS[method].replace("path", fetch, 1)
+    if fetch in PATH_TYPES:
+        if method is not None and _PATH_METHODS.get(method) != fetch:
+            raise ServiceError(400, f"{label} {text.strip()!r}: -m {method} contradicts {fetch}: use path -m {method}")
+        return fetch, ignore_case, False
+    if fetch == "url_beg":  # the URL starts with its path: the same test while the pattern holds no '?'
+        return "path_beg", ignore_case, True
+    if fetch == "url" or fetch.startswith("url_"):
+        instead = "path" + fetch[3:]
+        raise ServiceError(400, f"{label} {text.strip()!r} matches the query string too, and pyroute routes on the "
+                           f"path alone: use {instead if instead in PATH_TYPES else 'path_reg'}")
+    if fetch in ("urlp", "url_param") or fetch.startswith(("urlp(", "url_param(", "urlp_", "url_param")):
+        raise ServiceError(400, f"{label} {text.strip()!r}: pyroute does not route on query parameters: "
+                           "use a path or serviceHeader")
+    if fetch.startswith(("hdr", "req.hdr", "req.fhdr", "fhdr")):
+        raise ServiceError(400, f"{label} {text.strip()!r} matches a header, not the path: use serviceDomain with "
+                           "serviceDomainAlgo (hdr, hdr_beg, hdr_end, hdr_dom) for Host, serviceHeader=Name:value "
+                           "for other headers")
+    if fetch.startswith(("req_ssl_sni", "req.ssl_sni", "ssl_fc_sni")):
+        raise ServiceError(400, f"{label} {text.strip()!r} matches the TLS ClientHello's name, which an http "
+                           "service never sees: use it with reqMode=sni")
+    raise ServiceError(400, f"{label} must be one of {', '.join(PATH_TYPES)} (optionally with -i), "
+                       f"got {text.strip()!r}")
+
+
 def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: ServiceDefaults | None = None) -> Service:
     """Validate DFP reconfigure parameters into a Service, or raise ServiceError.
 
@@ -669,8 +722,11 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
     domain_algo = domain_algo.removesuffix("(host)")
     if params.get("servicedomainmatchall", "").lower() == "true":
         domain_algo = "hdr_dom"
-    if domain_algo not in DOMAIN_ALGOS:
-        raise ServiceError(400, f"serviceDomainAlgo must be one of {', '.join(DOMAIN_ALGOS)}, got {domain_algo!r}")
+    if domain_algo == "req_ssl_sni":
+        domain_algo = SNI_DOMAIN_ALGO  # HAProxy's older spelling of the same fetch
+    if domain_algo not in (*DOMAIN_ALGOS, SNI_DOMAIN_ALGO):
+        raise ServiceError(400, f"serviceDomainAlgo must be one of {', '.join(DOMAIN_ALGOS)} or {SNI_DOMAIN_ALGO}, "
+                           f"got {domain_algo!r}")
 
     def value(key: str, index: int) -> str | None:
         # An indexed value wins; the bare value is the default for every index.
@@ -725,19 +781,27 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
                 wildcard, domain = True, domain.lstrip("*")
             _check_host(domain.lower().lstrip(".") if wildcard else domain.lower(), "serviceDomain" + suffix)
             domains.append(domain.lower())  # "*.a.com" keeps its dot: a suffix match on ".a.com"
+        by_sni = domain_algo == SNI_DOMAIN_ALGO and mode != "http"
+        if by_sni and domains:
+            mode = "sni"  # DFP: serviceDomain matched by req.ssl_sni routes TLS by its ClientHello name
+        elif domain_algo == SNI_DOMAIN_ALGO:
+            raise ServiceError(400, f"serviceDomainAlgo={SNI_DOMAIN_ALGO} matches the TLS ClientHello's name: it needs "
+                               f"reqMode=tcp or sni with serviceDomain{suffix} (an http service is matched after TLS "
+                               "ends: use hdr(host) or hdr_dom(host) there)")
         if mode == "sni":  # servicePath holds the SNI patterns
+            sni_names = [*_split(value("servicepath", index), separator),
+                         *(_split(value("servicedomain", index), separator) if by_sni else ())]
             sni_type = (value("pathtype", index) or "").strip()
             if sni_type:  # HAProxy's match (DFP's tutorial), each pattern as written
                 try:
                     method, ignore_case = parse_sni_type(sni_type)
                 except ValueError as exc:
                     raise ServiceError(400, f"pathType{suffix}: {exc}") from None
-                patterns = _sni_patterns(_split(value("servicepath", index), separator), method, ignore_case,
-                                         "servicePath" + suffix)
+                patterns = _sni_patterns(sni_names, method, ignore_case, "servicePath" + suffix)
                 sni_type = sni_type_text(method, ignore_case)
             else:  # names: exact, "*.example.com" or ".example.com"
                 patterns = tuple(_check_host(p.lower().lstrip("*."), "servicePath" + suffix) and p.lower()
-                                 for p in _split(value("servicepath", index), separator))
+                                 for p in sni_names)
             if not patterns:
                 raise ServiceError(400, "When using reqMode sni, servicePath must hold the SNI names")
             outbound = (value("outboundhostname", index) or "").strip() or None
@@ -749,16 +813,25 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             destinations.append(Destination(index, (), (), port, outbound, src_port=src_port, req_mode=mode,
                                             **timeouts))
             continue
-        path_type = (value("pathtype", index) or "").strip().lower() or "path_beg"
-        if path_type not in PATH_TYPES:
-            raise ServiceError(400, f"pathType{suffix} must be one of {', '.join(PATH_TYPES)}, got {path_type!r}")
+        path_type_text = value("pathtype", index) or ""
+        path_type, ignore_case, from_url = parse_path_type(path_type_text, "pathType" + suffix)
         paths = _split(value("servicepath", index), separator)
-        if path_type in ("path_end", "path_reg"):  # suffixes and regexes need not start with "/"
+        if from_url and any("?" in p for p in paths):
+            raise ServiceError(400, f"pathType{suffix} {path_type_text.strip()!r} with a '?' in servicePath matches the "
+                               "query string, which pyroute does not route on: drop the query from servicePath")
+        if path_type == "path_len":
+            for pattern in paths:
+                if not _PATH_LEN.match(pattern.strip()):
+                    raise ServiceError(400, f"servicePath{suffix} for path_len is a length: N, N:M, :M, N: or "
+                                       f"eq|ge|gt|le|lt N, got {pattern!r}")
+        elif path_type not in ("path_beg", "path", "path_dir"):  # suffixes, parts, regexes need no leading "/"
             for pattern in paths:
                 if any(c.isspace() or ord(c) < 0x20 for c in pattern):
                     raise ServiceError(400, f"servicePath{suffix} entries hold no spaces, got {pattern!r}")
         else:
             paths = tuple(_check_path(p, "servicePath" + suffix) for p in paths)
+        if ignore_case and path_type != "path_reg":
+            paths = tuple(p.lower() for p in paths)
         if not paths and not domains:
             raise ServiceError(409, "When using reqMode http, servicePath or serviceDomain or both must be set")
         outbound = (value("outboundhostname", index) or "").strip() or None
@@ -766,11 +839,13 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             _check_host(outbound, "outboundHostname" + suffix)
         excludes = tuple(_check_path(p, "servicePathExclude" + suffix)
                          for p in _split(value("servicepathexclude", index), separator))
+        if ignore_case and path_type != "path_reg":
+            excludes = tuple(p.lower() for p in excludes)
         if path_type == "path_reg":
             for label, patterns in (("servicePath", paths), ("servicePathExclude", excludes)):
                 for pattern in patterns:
                     try:
-                        compile_pattern(pattern)
+                        compile_pattern(pattern, ignore_case)
                     except PatternError as exc:
                         raise ServiceError(400, f"{label}{suffix} is not a usable regex for path_reg: {exc}") from None
         header_match = []
@@ -788,6 +863,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
         destinations.append(Destination(
             index, paths or ("/",), tuple(domains), port, outbound,
             path_type=path_type,
+            path_ignore_case=ignore_case,
             path_excludes=excludes,
             header_match=tuple(header_match),
             user_agents=tuple(u.lower() for u in _split(value("useragent", index), separator)),
@@ -813,7 +889,7 @@ def parse_service(raw: Mapping[str, str], separator: str = ",", defaults: Servic
             **timeouts,
         ))
 
-    if wildcard:
+    if wildcard and domain_algo != SNI_DOMAIN_ALGO:
         domain_algo = "hdr_end"  # DFP: a leading "*" switches the whole service to suffix matching
     acl_name = params.get("aclname", "").strip() or name
     if not _ACL_NAME.match(acl_name):

@@ -63,6 +63,12 @@ def test_proxy_service_contract(name):
 
     assert proxy["networks"] == ["proxy"]
 
+    # issue 17: the replicas' own credential, a Docker secret whose creation the file explains
+    assert proxy["secrets"] == ["dfp_peer_token"] and stack["secrets"]["dfp_peer_token"] == {"external": True}
+    assert "openssl rand -hex 32 | docker secret create dfp_peer_token -" in (DEPLOY / name).read_text()
+    token_file = "/run/secrets/dfp_peer_token"  # where Swarm mounts it: pyroute's default SECRETS_DIR
+    assert settings.secrets_dir == token_file.rsplit("/", 1)[0]
+
 
 def test_built_in_listener_reads_the_socket_read_only_on_managers():
     stack = load("docker-stack.yml")

@@ -385,6 +385,20 @@ def test_compression_deflate_and_preference_order(proxy, dns, up):
     assert h["Content-Encoding"] == "gzip" and gzip.decompress(body) == b"hello, world!"
 
 
+def test_compression_raw_deflate_as_haproxy_sends_it(proxy, dns, up):
+    """DFP's compressionAlgo takes HAProxy's raw-deflate: a deflate stream without the zlib
+    wrapper, sent as Content-Encoding: deflate (issue 17)."""
+    import zlib
+    register(proxy, dns, up, serviceName="f-rawdefl", compressionAlgo="raw-deflate", compressionType="text/plain")
+    st, h, body = get_gzip(proxy, "/f-rawdefl/hello", "deflate")
+    assert st == 200 and h["Content-Encoding"] == "deflate" and h["Vary"] == "Accept-Encoding"
+    assert zlib.decompress(body, -15) == b"hello, world!"
+    with pytest.raises(zlib.error):
+        zlib.decompress(body)  # no zlib header: raw, as HAProxy's raw-deflate
+    st, h, body = get_gzip(proxy, "/f-rawdefl/hello", "gzip")
+    assert st == 200 and "Content-Encoding" not in h and body == b"hello, world!"
+
+
 def test_compression_of_empty_body(proxy, dns, up):
     register(proxy, dns, up, serviceName="f-gz-empty", compressionAlgo="gzip")
     st, h, body = get_gzip(proxy, "/f-gz-empty/bytes/0")

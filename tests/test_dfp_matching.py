@@ -38,9 +38,18 @@ def register(proxy, dns, upstream, **params):
     ("path_end", ".m-end", ["/a/b.m-end"], ["/a/b.m-end/x"]),
     ("path_reg", "^/m-reg/[0-9]+$", ["/m-reg/42"], ["/m-reg/4x", "/x/m-reg/42"]),
     ("path_dir", "/m-dir", ["/m-dir", "/x/m-dir/y", "/m-dir/"], ["/m-dirx", "/x/m-dirx/y"]),
+    # issue 17: the rest of HAProxy's path fetches DFP users write, as written in DFP's docs
+    ("path_sub", "m-sub", ["/a/m-sub/b", "/xm-subx"], ["/m-su/b", "/M-SUB"]),
+    ("path_dom", "m-dom", ["/a/m-dom/b", "/a/m-dom", "/x.m-dom.y"], ["/a/m-domx", "/am-dom/"]),
+    ("path_len", "13:14", ["/m-len-abcdef", "/m-len-abcdefg"], ["/m-len-abcde", "/m-len-abcdefgh"]),
+    ("path_reg -i", "^/m-rgi/[a-z]+$", ["/m-rgi/abc", "/M-RGI/ABC"], ["/m-rgi/42"]),
+    ("path_beg -i", "/M-Begi", ["/m-begi/x", "/M-BEGI"], ["/m-beg"]),
+    ("path -i", "/m-Exi", ["/m-exi", "/M-EXI"], ["/m-exi/x"]),
+    ("path -m sub", "m-msub", ["/a/m-msub/b"], ["/m-ms/b"]),
+    ("url_beg", "/m-url", ["/m-url/x"], ["/a/m-url"]),
 ])
 def test_path_types(proxy, dns, two, path_type, pattern, hits, misses):
-    name = f"pt-{path_type.replace('_', '-')}"
+    name = "pt-" + "".join(c if c.isalnum() else "-" for c in path_type)
     register(proxy, dns, two[0], serviceName=name, servicePath=pattern, pathType=path_type)
     for path in hits:
         assert who(proxy, path) == (200, two[0].addr), path
@@ -49,11 +58,30 @@ def test_path_types(proxy, dns, two, path_type, pattern, hits, misses):
 
 
 def test_bad_path_type_and_regex_are_400(proxy, two):
-    for params in ({"pathType": "path_sub"}, {"pathType": "path_reg", "servicePath": "/(unclosed"}):
+    for params in ({"pathType": "path_nope"}, {"pathType": "path_reg", "servicePath": "/(unclosed"}):
         q = {"serviceName": "pt-bad", "servicePath": "/pt-bad", "port": two[0].port, **params}
         st, body = proxy.admin("reconfigure", q)
         assert st == 400 and body["Status"] == "NOK", body
     assert who(proxy, "/pt-bad")[0] == 503
+
+
+@pytest.mark.parametrize("path_type,service_path,named,instead", [
+    ("url_sub", "/pt-url", "url_sub", "use path_sub"),
+    ("url_reg", "^/pt-url", "url_reg", "use path_reg"),
+    ("url", "/pt-url", "url", "use path"),
+    ("url_beg", "/pt-url?a=1", "url_beg", "drop the query"),
+    ("hdr_beg(host)", "/pt-url", "hdr_beg(host)", "serviceDomainAlgo"),
+    ("req_ssl_sni -i -m beg", "test.", "req_ssl_sni -i -m beg", "reqMode=sni"),
+    ("path_beg -x", "/pt-url", "path_beg -x", "-i"),
+    ("path_len", "long", "long", "N:M"),
+])
+def test_path_types_pyroute_cannot_match_are_400_naming_them_and_what_to_use(proxy, two, path_type, service_path,
+                                                                            named, instead):
+    st, body = proxy.admin("reconfigure", {"serviceName": "pt-refused", "servicePath": service_path,
+                                           "pathType": path_type, "port": two[0].port})
+    assert st == 400 and body["Status"] == "NOK", body
+    assert named in body["Message"] and instead in body["Message"], body["Message"]
+    assert who(proxy, "/pt-url")[0] == 503
 
 
 def test_service_path_exclude(proxy, dns, two):
@@ -84,6 +112,34 @@ def test_domain_algorithms(proxy, dns, two, algo, domain, hits, misses):
         assert who(proxy, "/x", {"Host": host}) == (200, two[0].addr), host
     for host in misses:
         assert who(proxy, "/x", {"Host": host})[0] == 503, host
+
+
+def test_service_domain_match_all_is_hdr_dom(proxy, dns, two):
+    """DFP's deprecated serviceDomainMatchAll=true: the domain or any subdomain (hdr_dom)."""
+    register(proxy, dns, two[0], serviceName="dom-all", serviceDomain="all.example", serviceDomainMatchAll="true")
+    for host in ("all.example", "x.all.example"):
+        assert who(proxy, "/x", {"Host": host}) == (200, two[0].addr), host
+    assert who(proxy, "/x", {"Host": "xall.example"})[0] == 503
+
+
+def test_parameter_names_are_case_insensitive(proxy, dns, two):
+    """DFP reads its parameters case-insensitively: SERVICENAME, ServicePath, PORT work."""
+    dns.set_service("ci-svc", two[0].ip)
+    status, body = proxy.admin("reconfigure", {"SERVICENAME": "ci-svc", "ServicePath": "/ci-a,/ci-b",
+                                               "PORT": two[0].port, "PathType": "path_beg"})
+    try:
+        assert status == 200 and body["ServiceName"] == "ci-svc", body
+        assert who(proxy, "/ci-a/x") == who(proxy, "/ci-b/x") == (200, two[0].addr)
+    finally:
+        proxy.remove("ci-svc")
+
+
+def test_separator_setting_splits_lists(make_pyroute, dns, replicas):
+    """SEPARATOR (DFP's, default ","): the character lists are split on."""
+    p = make_pyroute(SEPARATOR=";")
+    dns.set_service("sep-svc", replicas[0].ip)
+    p.reconfigure(serviceName="sep-svc", servicePath="/sep-a;/sep-b", port=replicas[0].port)
+    assert who(p, "/sep-a/x") == who(p, "/sep-b/x") == (200, replicas[0].addr)
 
 
 def test_wildcard_domain_is_suffix_match(proxy, dns, two):

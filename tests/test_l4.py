@@ -182,6 +182,27 @@ def test_sni_passthrough_routes_on_the_client_hello(proxy, dns, tls_backend):
         assert s.recv(100) == b""
 
 
+def test_service_domain_algo_req_ssl_sni_routes_tcp_by_the_client_hello(proxy, dns, tls_backend):
+    """DFP's serviceDomainAlgo=req.ssl_sni on a tcp service: serviceDomain is matched against
+    the ClientHello's name, as an sni service's servicePath is (issue 17)."""
+    src = free_port()
+    dns.set_service("l4-sslsni", BACKEND_IP)
+    proxy.reconfigure(serviceName="l4-sslsni", reqMode="tcp", srcPort=src, port=tls_backend.port,
+                      serviceDomain="pass.test", serviceDomainAlgo="req.ssl_sni")
+    wait_until(lambda: _connects(src), what="sni listener open")
+    assert _sni_roundtrip(src, "pass.test", tls_backend.ca) == b"backend:ping"
+    ctx = client_context(tls_backend.ca)
+    with socket.create_connection(("127.0.0.1", src), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+            ctx.wrap_socket(raw, server_hostname="other.test")
+    status, body = proxy.admin("config", {"type": "json"})
+    assert body["l4-sslsni"]["ServiceDomainAlgo"] == "req.ssl_sni"
+    # an http service never sees a ClientHello: refused, naming what to use instead
+    status, body = proxy.admin("reconfigure", {"serviceName": "l4-sslsni-http", "port": "80",
+                                               "serviceDomain": "pass.test", "serviceDomainAlgo": "req.ssl_sni"})
+    assert status == 400 and "req.ssl_sni" in body["Message"] and "hdr(host)" in body["Message"], body
+
+
 def test_client_hello_parser_needs_whole_hello():
     from pyroute.dataplane.l4 import NotTls, client_hello_sni
 

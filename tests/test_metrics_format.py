@@ -76,6 +76,45 @@ def test_csv_has_haproxy_columns():
     assert backend["hrsp_2xx"] == "4" and backend["req_tot"] == "4"
 
 
+def families(text):
+    return {f.name: f.type for f in text_string_to_metric_families(text)}
+
+
+def test_haproxy_exporter_families_beside_pyroute_ones():
+    """Issue 17: DFP's /metrics spoke haproxy_exporter's names; dashboards and alerts on them
+    keep working (names, types, labels frontend/backend/server), computed from the same
+    counters as the pyroute_* families."""
+    snap = metrics.merge([worker_snapshot("w1", 3, "up", 10.0), worker_snapshot("w2", 5, "down", 20.0)])
+    snap["routes"][0]["haproxy_backend"] = "01-svc-be80_0"
+    snap["services"][""] = metrics.ServiceStats("").to_json(0)
+    snap["services"][""]["responses"] = [["GET", 503, 2], ["GET", 400, 1]]  # unrouted, and one refused head
+    text = metrics.render_prometheus(snap, {"rejected": 2, "shadowed": 1}).decode()
+    got = parse(text)
+    kinds = families(text)
+    fe, be = (("frontend", "services"),), (("backend", "01-svc-be80_0"),)
+    server = (("backend", "01-svc-be80_0"), ("server", "10.0.0.5:80"))
+    assert got[("haproxy_up", ())] == 1
+    assert got[("haproxy_frontend_http_requests_total", fe)] == 13  # 8 GET + 2 PROPFIND + 3 unrouted
+    assert got[("haproxy_frontend_http_responses_total", (("code", "2xx"), ("frontend", "services")))] == 10
+    assert got[("haproxy_frontend_http_responses_total", (("code", "5xx"), ("frontend", "services")))] == 2
+    assert got[("haproxy_frontend_request_errors_total", fe)] == 1
+    assert got[("haproxy_frontend_current_sessions", fe)] == got[("pyroute_client_connections", ())] == 2
+    assert got[("haproxy_frontend_connections_total", fe)] == got[("pyroute_client_connections_total", ())]
+    assert got[("haproxy_frontend_bytes_out_total", fe)] == got[("pyroute_client_sent_bytes_total", ())]
+    assert got[("haproxy_backend_http_responses_total", (("backend", "01-svc-be80_0"), ("code", "2xx")))] == 10
+    assert got[("haproxy_backend_sessions_total", be)] == 10
+    assert got[("haproxy_backend_bytes_out_total", be)] == 160
+    assert got[("haproxy_backend_up", be)] == 0  # its one server is down (w2's later change)
+    assert got[("haproxy_backend_current_queue", be)] == 0
+    assert got[("haproxy_server_up", server)] == 0
+    assert got[("haproxy_server_server_selected_total", server)] == 8  # connects + reuses of both workers
+    assert got[("pyroute_rejected_services", ())] == 2 and got[("pyroute_shadowed_routes", ())] == 1
+    assert kinds["haproxy_frontend_http_requests"] == kinds["haproxy_backend_http_responses"] == "counter"
+    assert kinds["haproxy_backend_up"] == kinds["haproxy_server_up"] == kinds["haproxy_frontend_current_sessions"] \
+        == "gauge"
+    assert kinds["pyroute_requests"] == "counter"  # the pyroute families are all still there
+
+
 def test_recent_latency_percentiles_merge_across_workers():
     """Two workers' slots add up: p50/p95 from the many fast requests, p99 from the slow ones."""
     merged = metrics.merge([worker_snapshot("w1", 97, "up", 10.0, took=0.004),

@@ -128,6 +128,32 @@ def test_metrics_move_with_traffic(proxy, svc):
     assert value(after, "pyroute_process_open_fds", process="pyroute") > 3
 
 
+def test_haproxy_exporter_names_move_with_the_same_traffic(proxy, svc):
+    """Issue 17: DFP's dashboards read haproxy_exporter's families; pyroute serves them from
+    the counters the pyroute_* families come from (docs/metrics.md maps each)."""
+    before = samples(proxy)
+    for _ in range(3):
+        assert proxy.get("/obs/hello")[0] == 200
+    assert proxy.get("/obs/status/404")[0] == 404
+    assert proxy.get("/gone/x")[0] == 503
+    after = samples(proxy)
+    backend, dead = {"backend": "obs-a-be%d_0" % svc.port}, {"backend": "obs-dead-be%d_0" % svc.port}
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("haproxy_backend_http_responses_total", code="2xx", **backend) == 3
+    assert moved("haproxy_backend_http_responses_total", code="4xx", **backend) == 1
+    assert moved("haproxy_backend_sessions_total", **backend) == 4
+    assert moved("haproxy_frontend_http_requests_total", frontend="services") == 5
+    assert moved("haproxy_frontend_http_responses_total", code="5xx", frontend="services") == 1
+    assert value(after, "haproxy_server_up", server=f"{svc.ip}:{svc.port}", **backend) == 1
+    assert value(after, "haproxy_server_up", server=f"{DEAD_IP}:{svc.port}", **dead) == 0
+    assert value(after, "haproxy_backend_up", **dead) == 0 and value(after, "haproxy_backend_up", **backend) == 1
+    assert moved("haproxy_backend_connection_errors_total", **dead) >= 1
+    assert value(after, "haproxy_up") == 1 and value(after, "pyroute_rejected_services") == 0
+
+
 def test_retries_and_timeouts_are_counted(proxy, svc):
     addr = f"{svc.ip}:{svc.port}"
     before = samples(proxy)

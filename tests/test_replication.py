@@ -407,3 +407,91 @@ def test_metrics_with_distribute_concatenates_every_replicas_csv(cluster, dns):
     c.announce(0, 1, extra=("127.0.0.99",))
     st, body = members[1].admin("metrics", distribute="true")
     assert st == 500 and "127.0.0.99" in body["Message"], body
+
+
+def _call(p, method: str, target: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
+    try:
+        conn.request(method, target, body=body or None, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("admin", [{}, {"ADMIN_USER": "ops", "ADMIN_PASS": "s3cret"}], ids=["open", "admin-auth"])
+def test_peer_token_carries_certificate_keys_between_replicas_and_to_nobody_else(cluster, dns, tmp_path, admin):
+    """Issue 17: the Docker secret dfp_peer_token is the replicas' own credential. A PUT
+    certificate reaches every replica and a new one with its key, with or without admin
+    credentials; a caller without the token (or the admin credentials) never sees a key."""
+    import trustme
+
+    token = "3f1c9a7be2d64c08a5e1b7d93c2f60aa"
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "dfp_peer_token").write_text(token + "\n")  # as `openssl rand -hex 32 | docker secret create` leaves it
+    leaf = trustme.CA().issue_cert("peer.example.test")
+    pem = b"".join(b.bytes() for b in leaf.cert_chain_pems) + leaf.private_key_pem.bytes()
+    c = cluster(130, SECRETS_DIR=str(secrets), **admin)
+    c.announce(0, 1)
+    members = [c.start(i, CERTS_DIR=str(tmp_path / f"pcerts{i}")) for i in range(2)]
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret").decode()} if admin else {}
+    status, answer = _call(members[0], "PUT", "/v1/docker-flow-proxy/cert?certName=peer&distribute=true", pem, auth)
+    assert status == 200, answer
+
+    c.announce(0, 1, 2)
+    joiner = c.start(2, CERTS_DIR=str(tmp_path / "pcerts2"))
+    wait_until(lambda: ready(joiner), timeout=10, what="the new replica to be ready")
+    for p in (*members, joiner):
+        # the key is on every replica: it serves TLS with that certificate's key file
+        assert b"PRIVATE KEY" in (Path(p.env["CERTS_DIR"]) / "peer.pem").read_bytes()
+
+    as_peer = {"X-Pyroute-Peer-Token": token}
+    for headers, keys in (({}, False), ({"X-Pyroute-Peer-Token": "not-the-token-0123456789"}, False),
+                          (as_peer, True), (auth, bool(admin))):
+        status, body = _call(joiner, "GET", "/v1/docker-flow-proxy/certs", headers=headers)
+        if admin and not headers.get("Authorization") and headers != as_peer:
+            assert status == 401  # admin credentials guard everything; the token stands in for them
+            continue
+        assert status == 200, body
+        [entry] = json.loads(body)["Certs"]
+        assert ("PRIVATE KEY" in entry["CertContent"]) is keys, headers
+        assert "CERTIFICATE" in entry["CertContent"]
+        status, state = _call(joiner, "GET", "/v1/docker-flow-proxy/state", headers=headers)
+        assert status == 200 and (b"PRIVATE KEY" in state) is keys and ("peer" in json.loads(state)["certs"]) is keys
+
+
+def test_prometheus_metrics_with_distribute_merge_every_replica(cluster, dns, replicas):
+    """Issue 17: /metrics?distribute=true is one scrape of the whole proxy service: every
+    replica's counters summed, each process labelled with its replica (DFP only had per-replica
+    numbers)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = cluster(140)
+    c.announce(0, 1)
+    members = [c.start(i) for i in range(2)]
+    dns.set_service("rep-metrics", replicas[0].ip)
+    st, body = members[0].admin("reconfigure", serviceName="rep-metrics", servicePath="/rep-metrics",
+                                port=replicas[0].port, distribute="true")
+    assert st == 200, body
+    for p, n in ((members[0], 2), (members[1], 3)):
+        for _ in range(n):
+            assert served_by(p, "/rep-metrics/x")[0] == 200
+
+    def scrape(p, query=""):
+        status, text = _call(p, "GET", "/metrics" + query)
+        assert status == 200, text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+
+    ok = ("pyroute_requests_total", (("code", "200"), ("method", "GET"), ("service", "rep-metrics")))
+    assert scrape(members[0])[ok] == 2 and scrape(members[1])[ok] == 3
+    merged = scrape(members[1], "?distribute=true")
+    assert merged[ok] == 5
+    backend = (("backend", f"rep-metrics-be{replicas[0].port}_0"), ("code", "2xx"))
+    assert merged[("haproxy_backend_http_responses_total", backend)] == 5
+    processes = {dict(labels)["process"] for name, labels in merged if name == "pyroute_route_table_revision"}
+    assert processes == {f"{c.ips[0]}/pyroute", f"{c.ips[1]}/pyroute"}, processes
+    c.announce(0, 1, extra=("127.0.0.99",))
+    status, text = _call(members[0], "GET", "/metrics?distribute=true")
+    assert status == 500 and b"127.0.0.99" in text

@@ -133,6 +133,42 @@ def test_invalid_labels_are_logged_and_change_nothing(swarm_proxy, engine):
     assert swarm_proxy.alive()
 
 
+def rejected_gauge(proxy) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    c = proxy.conn()
+    c.port = proxy.admin_port
+    try:
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+    finally:
+        c.close()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "pyroute_rejected_services")
+
+
+def test_rejected_labels_are_listed_with_why_and_counted_until_fixed(swarm_proxy, engine, dns, replicas):
+    """Issue 17: a labelled service pyroute refuses is visible to a deploy pipeline
+    (GET /v1/docker-flow-proxy/rejected and pyroute_rejected_services), not one log line."""
+    wait_until(lambda: "sw-before" in routes(swarm_proxy), what="initial route")
+    assert swarm_proxy.admin("rejected")[1]["Rejected"] == [] and rejected_gauge(swarm_proxy) == 0
+    dns.set_service("sw-url", replicas[0].ip)
+    sid = engine.create("sw-url", labels(replicas[0].port, **{"com.df.servicePath": "/sw-url",
+                                                              "com.df.pathType": "url_sub"}))
+    wait_until(lambda: swarm_proxy.admin("rejected")[1]["Rejected"], what="rejection listed")
+    [entry] = swarm_proxy.admin("rejected")[1]["Rejected"]
+    assert entry["ServiceName"] == "sw-url" and entry["Source"] == "swarm labels" and entry["Status"] == 400
+    assert "url_sub" in entry["Reason"] and "path_sub" in entry["Reason"]
+    assert rejected_gauge(swarm_proxy) == 1
+    assert swarm_proxy.get("/sw-url/x")[0] == 503
+    engine.update(sid, labels(replicas[0].port, **{"com.df.servicePath": "sw-url", "com.df.pathType": "path_sub"}))
+    wait_until(lambda: swarm_proxy.get("/a/sw-url/x")[0] == 200, what="fixed labels routed")
+    assert swarm_proxy.admin("rejected")[1]["Rejected"] == [] and rejected_gauge(swarm_proxy) == 0
+    engine.update(sid, labels(replicas[0].port, **{"com.df.compressionAlgo": "brotli"}))
+    wait_until(lambda: swarm_proxy.admin("rejected")[1]["Rejected"], what="second rejection listed")
+    engine.remove(sid)  # the service is gone: so is its rejection
+    wait_until(lambda: swarm_proxy.admin("rejected")[1]["Rejected"] == [], what="rejection dropped")
+
+
 def test_listener_runs_in_the_control_process_with_workers(engine, make_pyroute, replicas, dns):
     dns.set_service("sw-workers", replicas[1].ip)
     engine.create("sw-workers", labels(replicas[1].port, **{"com.df.servicePath": "/sw-workers"}))

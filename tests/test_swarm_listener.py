@@ -41,6 +41,9 @@ def test_initial_fetch_retries_until_the_listener_answers_then_ready(make_pyrout
     assert "lst-bad" not in p.admin("config", type="json")[1]
     assert '"event":"apply-list","changed":2' in p.log()  # one publication, one table swap
     assert "service refused: lst-bad" in p.log()
+    # issue 17: listed with why (a deploy pipeline can fail on it), until the list drops it
+    [entry] = p.admin("rejected")[1]["Rejected"]
+    assert (entry["ServiceName"], entry["Source"], entry["Status"]) == ("lst-bad", "swarm listener", 409)
 
 
 def test_not_ready_while_the_listener_is_unreachable(make_pyroute, dns):
@@ -71,12 +74,21 @@ def test_reload_from_listener_asks_it_to_resend(make_pyroute, listener, dns, rep
     p = make_pyroute(LISTENER_ADDRESS=listener.address, RELOAD_INTERVAL="50", SERVICE_NAME="lst-proxy-4")
     wait_until(lambda: p.admin("successfulinitreload")[0] == 200, timeout=10, what="ready")
     dns.set_service("lst-n", replicas[0].ip)
-    listener.services = [service("lst-n", replicas[0], distribute="false")]
+    listener.services = [service("lst-n", replicas[0], distribute="false"),
+                         service("lst-nbad", replicas[0], distribute="false", pathType="hdr(host)")]
     listener.notify_url = f"http://127.0.0.1:{p.admin_port}/v1/docker-flow-proxy"
     st, body = p.admin("reload", fromListener="true")
     assert st == 200 and body["Status"] == "OK", body
     assert listener.count("/notify-services") == 1
     wait_until(lambda: p.get("/lst-n/hello")[0] == 200, timeout=10, what="re-sent service routed")
+    # issue 17: the listener's reconfigure call that was refused is listed with why
+    wait_until(lambda: p.admin("rejected")[1]["Rejected"], timeout=10, what="refused reconfigure listed")
+    [entry] = p.admin("rejected")[1]["Rejected"]
+    assert (entry["ServiceName"], entry["Source"], entry["Status"]) == ("lst-nbad", "reconfigure", 400)
+    assert listener.refused == [("lst-nbad", 400)]
+    assert "hdr(host)" in entry["Reason"] and "serviceHeader" in entry["Reason"]
+    p.reconfigure(service("lst-nbad", replicas[0], distribute="false"))  # fixed: no longer listed
+    assert p.admin("rejected")[1]["Rejected"] == []
 
 
 def test_reload_from_listener_without_one_is_refused(proxy):

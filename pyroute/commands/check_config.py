@@ -19,7 +19,7 @@ from pyroute.config import _SETTINGS, ListenSpec, Settings, SettingsError, setti
 from pyroute.controlplane.swarm import listener_enabled, socket_problem
 from pyroute.tls import MAX_PEM, SECRET_PREFIXES, load_certificate
 
-MASKED = frozenset({"admin_pass", "stats_pass", "users"})  # shown as *** when set
+MASKED = frozenset({"admin_pass", "stats_pass", "users", "peer_token"})  # shown as *** when set
 
 
 def show(value) -> str:

@@ -10,6 +10,7 @@ from pyroute import __version__, eventlog
 from pyroute.commands.check_config import main as check_config
 from pyroute.commands.demo import run_demo
 from pyroute.commands.routes import main as show_routes
+from pyroute.commands.routes import match as show_match
 from pyroute.commands.top import main as top
 from pyroute.config import SettingsError, add_setting_flags, settings_from_args
 from pyroute.listen import StartupError
@@ -23,6 +24,7 @@ examples:
   pyroute check-config /etc/pyroute.toml     validate file + env + secrets, show each setting's source
   pyroute routes                             the live route table of the pyroute on 127.0.0.1:$PORT
   pyroute routes --admin http://proxy:8080   ... of another one (ADMIN_USER/ADMIN_PASS are sent)
+  pyroute routes --match http://a.com/x      which route a request takes, and why the others lost
   pyroute top                                routes with live request and error rates, p99, task health
   pyroute demo                               a proxy plus a demo service, ready to curl
   pyroute version
@@ -60,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("--admin", metavar="URL", help="its admin API (default http://127.0.0.1:$PORT, PORT 8080)")
     routes.add_argument("--user", help="admin user (default env ADMIN_USER or the secret dfp_admin_user)")
     routes.add_argument("--password", help="admin password (default env ADMIN_PASS or the secret dfp_admin_pass)")
+    routes.add_argument("--match", metavar="URL",
+                        help="which route a request for URL (http[s]://host[:port]/path) takes, and why each "
+                             "route tried before it lost")
+    routes.add_argument("--header", metavar="NAME:VALUE", action="append", default=[],
+                        help="a request header for --match (serviceHeader, userAgent); repeatable")
+    routes.add_argument("--method", default="GET", help="the request method for --match (default GET)")
     watch = commands.add_parser("top", help="watch a running pyroute: routes with live rates, p99 and task health",
                                 description="Routes in match order with their request rate, error rate (5xx "
                                             "and no response), p99 latency over the last interval, requests so "
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "routes":
+        if args.match:
+            return show_match(args.admin, args.user, args.password, args.match, args.header, args.method)
         return show_routes(args.admin, args.user, args.password)
     if args.command == "top":
         return top(args.admin, args.user, args.password, args.interval)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
+import urllib.parse
 
 from pyroute.commands.adminclient import credentials, default_admin_url, get
 
 PATH = "/v1/docker-flow-proxy/routes"
+MATCH_PATH = "/v1/docker-flow-proxy/match"
 
 
 def fetch(admin_url: str, auth: tuple[str, str] | None, timeout: float = 10.0) -> dict:
@@ -65,4 +67,52 @@ def main(admin_url: str | None, user: str | None, password: str | None) -> int:
         print(f"pyroute routes: {exc}", file=sys.stderr)
         return 1
     print(render(document))
+    return 0
+
+
+def match_query(url: str, headers: list[str], method: str) -> str:
+    """The /match query for a URL as a person types it ("http://a.com:8080/x?y", "a.com/x", "/x")."""
+    if "://" not in url:
+        url = "http://" + url  # "/x" becomes "http:///x": no host
+    parts = urllib.parse.urlsplit(url)
+    query = {"host": parts.hostname or "", "path": parts.path or "/", "method": method.upper(),
+             "tls": "true" if parts.scheme == "https" else "false"}
+    if parts.port:
+        query["port"] = str(parts.port)
+    for header in headers:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            raise ValueError(f"--header expects NAME:VALUE, got {header!r}")
+        query[f"header.{name.strip()}"] = value.strip()
+    return urllib.parse.urlencode(query)
+
+
+def render_match(answer: dict) -> str:
+    def named(route: dict) -> str:
+        host, paths = rule(route)
+        service = route["Service"] + (f"#{route['Index']}" if route["Index"] else "")
+        return f"{service} (host {host}, path {paths})"
+
+    won = answer.get("Match")
+    lines = [f"{answer.get('Method', 'GET')} host {answer.get('Host') or '(none)'} path {answer.get('Path')}: "
+             + (named(won) if won else "no route (503)"),
+             f"  why: {answer.get('Why', '')}"]
+    if answer.get("Answer"):
+        lines.append(f"  answer: {answer['Answer']}")
+    for candidate in answer.get("Candidates", []):
+        lines.append(f"  {named(candidate)}: {candidate['Lost']}")
+    return "\n".join(lines)
+
+
+def match(admin_url: str | None, user: str | None, password: str | None, url: str, headers: list[str],
+          method: str) -> int:
+    """`pyroute routes --match URL`: the admin API's /match answer, readable."""
+    admin = admin_url or default_admin_url()
+    try:
+        query = match_query(url, headers, method)
+        answer = json.loads(get(admin, f"{MATCH_PATH}?{query}", credentials(user, password)))
+    except (RuntimeError, ValueError) as exc:
+        print(f"pyroute routes: {exc}", file=sys.stderr)
+        return 1
+    print(render_match(answer))
     return 0

@@ -20,7 +20,7 @@ import orjson
 
 from pyroute import metrics
 from pyroute.controlplane import statspage
-from pyroute.controlplane.adminauth import BROWSER_HEADERS, STATE_CHANGING, allowed, cross_site
+from pyroute.controlplane.adminauth import BROWSER_HEADERS, PEER_HEADER, STATE_CHANGING, allowed, cross_site, is_peer
 from pyroute.resolver import ResolveError
 from pyroute.services import Service, ServiceError, is_removal, precedence_key
 from pyroute.controlplane.registry import ServiceRegistry, StateError, format_stamp, parse_stamp
@@ -38,10 +38,10 @@ STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidd
 
 
 class Request:
-    __slots__ = ("method", "target", "path", "params", "body", "authorization", "browser")
+    __slots__ = ("method", "target", "path", "params", "body", "authorization", "browser", "peer_token")
 
     def __init__(self, method: str, target: str, body: bytes, authorization: bytes | None = None,
-                 browser: dict[bytes, str] | None = None):
+                 browser: dict[bytes, str] | None = None, peer_token: bytes | None = None):
         parts = urlsplit(target)
         self.method = method
         self.target = target
@@ -52,6 +52,7 @@ class Request:
         self.body = body
         self.authorization = authorization
         self.browser = browser or {}  # adminauth.BROWSER_HEADERS the request carried (cross-site check)
+        self.peer_token = peer_token  # the X-Pyroute-Peer-Token header, if any
 
     @classmethod
     def of(cls, method: str, path: str, params: dict[str, str], body: bytes) -> "Request":
@@ -89,7 +90,11 @@ class AdminApi:
         credentials: tuple[str, str] | None = None,
         certs=None,
         wait_certs: Callable[[], Awaitable[list[str]]] | None = None,
+        routecheck=None,
+        peer_token: str = "",
     ):
+        self.peer_token = peer_token  # PEER_TOKEN: the replicas' own credential ("" = none)
+        self.routecheck = routecheck  # routecheck.RouteCheck: shadowed routes and /match
         self.credentials = credentials  # (user, password) every call must present, None = open
         self.registry = registry
         self.certs = certs  # tls.CertStore: install(name, pem) / remove(name) / list()
@@ -112,6 +117,9 @@ class AdminApi:
             "cert": self.cert,
             "certs": self.list_certs,
             "routes": self.route_table,
+            "rejected": self.rejected,
+            "shadowed": self.shadowed,
+            "match": self.match,
         }
 
     async def handle(self, request: Request) -> Response:
@@ -123,7 +131,7 @@ class AdminApi:
             return Response(404, b"404 Not Found\n", "text/plain")
         if self.acme is not None and request.path.startswith(ACME_CHALLENGE_PATH):
             return self.acme_challenge(request)  # the CA asks anonymously, through any replica
-        if not allowed(request.authorization, self.credentials):
+        if not allowed(request.authorization, self.credentials) and not self._from_peer(request):
             response = json_response(401, "the admin API needs a user and password (HTTP basic auth)")
             response.headers = 'WWW-Authenticate: Basic realm="pyroute admin"\r\n'
             return response
@@ -133,8 +141,7 @@ class AdminApi:
             if why is not None:
                 return json_response(403, f"a cross-site request cannot change the proxy ({why})")
         if request.path == "/metrics" and self.collect is not None:
-            text = metrics.render_prometheus(await self.collect()) + self.certificate_metrics()
-            return Response(200, text, "text/plain; version=0.0.4")
+            return await self.prometheus(request)
         if request.path.startswith(PREFIX):
             handler = self.routes.get(request.path[len(PREFIX) :].strip("/"))
             if handler is not None:
@@ -142,8 +149,20 @@ class AdminApi:
                     response = handler(request)
                     return await response if asyncio.iscoroutine(response) else response
                 except ServiceError as exc:
+                    name = request.params.get("serviceName", "").strip()
+                    if handler == self.reconfigure and name:  # what Docker Flow Swarm Listener sends
+                        self.registry.reject(name, "reconfigure", exc)
                     return json_response(exc.status, exc.message, ServiceName=request.params.get("serviceName", ""))
         return json_response(404, f"no such endpoint: {request.path}")
+
+    def _from_peer(self, request: Request) -> bool:
+        """Did a replica send this (it presents PEER_TOKEN)?"""
+        return is_peer(request.peer_token, self.peer_token)
+
+    def _keys_allowed(self, request: Request) -> bool:
+        """May this caller see private keys? Replicas (PEER_TOKEN) and callers who passed the
+        admin credentials; with neither set nobody can be told apart, so nobody."""
+        return self.credentials is not None or self._from_peer(request)
 
     async def _applied(self, ok: Response) -> Response:
         """`ok` once the change is on disk and every data plane serves the current revision
@@ -178,7 +197,78 @@ class AdminApi:
         service = self.registry.reconfigure(request.params, _stamp(request))
         if service is None:
             return await self._applied(json_response(200, "", ServiceName=request.params.get("serviceName", "")))
-        return await self._applied(json_response(200, "", **service.to_json()))
+        return await self._applied(json_response(200, self._shadow_warning(service.name), **service.to_json()))
+
+    def _shadow_warning(self, name: str) -> str:
+        """The reconfigure answer's Message: routes of `name` that can never match, or that it hides."""
+        if self.routecheck is None:
+            return ""
+        found = self.routecheck.involving(name)
+        return "; ".join(f"warning: {f['Reason']}" for f in found)
+
+    def rejected(self, request: Request) -> Response:
+        """Labelled services refused on their way in (Swarm labels, the Swarm Listener's list
+        or its reconfigure calls), each with why: a deploy pipeline can fail on a non-empty list."""
+        return json_response(200, "", Rejected=sorted(self.registry.rejected.values(), key=_by_name))
+
+    def shadowed(self, request: Request) -> Response:
+        """Routes that can never match because an earlier one always catches their requests."""
+        found = self.routecheck.findings if self.routecheck is not None else []
+        return json_response(200, "", Shadowed=found)
+
+    def match(self, request: Request) -> Response:
+        """Which route a request would take, and why each route tried before it lost:
+        ?host=H&path=P[&method=M][&port=N][&tls=true][&header.Name=value...]."""
+        if self.routecheck is None:
+            return json_response(404, "route matching is not available")
+        params = request.params
+        path = params.get("path", "/") or "/"
+        host = params.get("host", "")
+        port_text = params.get("port", "0").strip() or "0"
+        if not path.startswith("/") or not port_text.isdigit() or int(port_text) > 65535:
+            return json_response(400, "path must start with '/' and port be a port number")
+        headers = [(b"host", host.encode("latin-1"))] if host else []
+        for key, value in params.items():
+            if key.lower().startswith("header."):
+                headers.append((key[7:].lower().encode("latin-1"), value.encode("latin-1")))
+        answer = self.routecheck.match(host, path.split("?", 1)[0], headers, int(port_text),
+                                       params.get("method", "GET") or "GET", params.get("tls", "").lower() == "true")
+        return json_response(200, "", **answer)
+
+    async def prometheus(self, request: Request) -> Response:
+        """pyroute's metrics and haproxy_exporter's families; distribute=true: every
+        replica's counters merged into one scrape."""
+        if self._distributing(request):
+            snaps = []
+            try:
+                results = await self.replication.peers.fan_out("GET", "/metrics", {"format": "json"})
+            except ResolveError as exc:
+                return json_response(500, f"could not list the replicas: {exc}")
+            failed = [r for r in results if not r.ok]
+            if failed:
+                listed = ", ".join(f"{r.address} ({r.error or r.status})" for r in failed)
+                return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]")
+            for result in results:
+                try:
+                    snap = orjson.loads(result.body)
+                    for process in snap["processes"]:
+                        process["name"] = f"{result.address}/{process['name']}"
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    return json_response(500, f"replica {result.address} did not answer its metrics as JSON: "
+                                              "is it a pyroute of this version?")
+                snaps.append(snap)
+            snap = metrics.merge(snaps)
+            # Every replica judges the same labels and routes: the most any of them counts, not a sum.
+            control = {key: max((s.get("control", {}).get(key, 0) for s in snaps), default=0)
+                       for key in ("rejected", "shadowed")}
+        else:
+            snap = await self.collect()
+            control = {"rejected": len(self.registry.rejected),
+                       "shadowed": len(self.routecheck.findings) if self.routecheck is not None else 0}
+        if request.params.get("format") == "json":
+            return Response(200, orjson.dumps({**snap, "control": control}))
+        text = metrics.render_prometheus(snap, control) + self.certificate_metrics()  # certificates: one set for all
+        return Response(200, text, "text/plain; version=0.0.4")
 
     async def remove(self, request: Request) -> Response:
         name = request.params.get("serviceName", "").strip()
@@ -220,9 +310,10 @@ class AdminApi:
         failed = await self.wait_certs() if self.wait_certs is not None else []
         if failed:
             return json_response(500, f"the certificate is saved but these workers did not take it: {', '.join(failed)}")
-        if self.credentials is not None:
+        if self.credentials is not None or self.peer_token:
             # Also into the replicated state (saved with it, pulled by joining and repairing
-            # peers), which then holds the private key: only behind admin credentials.
+            # peers), which then holds the private key: only behind admin credentials or the
+            # peer token, which /state checks before it hands certificates out.
             self.registry.put_cert(name, request.body.decode("ascii", "replace"), _stamp(request))
             return await self._applied(json_response(200, ""))
         return json_response(200, "")
@@ -230,8 +321,9 @@ class AdminApi:
     def list_certs(self, request: Request) -> Response:
         """DFP's certificate list, with issuer, names, expiry and where each came from (and
         the ACME orders' status). Private keys go only to callers who authenticated: with no
-        ADMIN_USER/ADMIN_PASS set nobody has, and CertContent holds the certificates alone."""
-        keys = self.credentials is not None  # (handle() already refused a caller without them)
+        ADMIN_USER/ADMIN_PASS set nobody has, and CertContent holds the certificates alone;
+        replicas presenting PEER_TOKEN get the keys either way."""
+        keys = self._keys_allowed(request)  # (handle() already refused a caller without credentials)
         certs = [
             {"ProxyServiceName": c["Name"], "CertsDir": self.certs.certs_dir,
              "CertContent": c["Pem"] if keys else _without_private_keys(c["Pem"]),
@@ -269,10 +361,10 @@ class AdminApi:
 
     async def state(self, request: Request) -> Response:
         """GET: the whole state document (services, removals, certificates, ACME records):
-        what joining and repairing peers pull. POST: a peer's document to merge now (what
+        what joining and repairing peers pull (keys only to callers allowed them). POST: a peer's document to merge now (what
         a replica pushes when its peers cannot wait for their repair, e.g. ACME challenges)."""
         if request.method != "POST":
-            return Response(200, self.registry.export_json())
+            return Response(200, self.registry.export_json(secrets=self._keys_allowed(request)))
         try:
             self.registry.merge(orjson.loads(request.body), "a peer's push")
         except (orjson.JSONDecodeError, StateError) as exc:
@@ -380,6 +472,10 @@ class AdminApi:
         return json_response(503, f"not ready: {reason}") if reason else json_response(200, "")
 
 
+def _by_name(entry: dict) -> str:
+    return entry["ServiceName"]
+
+
 def _stamp(request: Request):
     """The stamp a distributing replica gave this call, or None (a local change)."""
     text = request.params.pop("pyrouteStamp", None)
@@ -433,6 +529,7 @@ class AdminConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.authorization: bytes | None = None
         self.browser: dict[bytes, str] = {}
+        self.peer_token: bytes | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
         self.requests: deque[tuple[Request, bool]] = deque()  # pipelined requests, answered in order
@@ -476,6 +573,7 @@ class AdminConnection(asyncio.Protocol):
         self.size = 0
         self.authorization = None
         self.browser = {}
+        self.peer_token = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.size += len(name) + len(value)
@@ -486,6 +584,8 @@ class AdminConnection(asyncio.Protocol):
             self.authorization = value
         elif name in BROWSER_HEADERS:
             self.browser[name] = value.decode("latin-1")
+        elif name == PEER_HEADER:
+            self.peer_token = value
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -504,7 +604,7 @@ class AdminConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request = Request(self.parser.get_method().decode(), self.url.decode("latin-1"), b"".join(self.body),
-                          self.authorization, self.browser)
+                          self.authorization, self.browser, self.peer_token)
         self.requests.append((request, not self.keep_alive))
         if len(self.requests) >= MAX_ADMIN_PIPELINE:
             self.transport.pause_reading()

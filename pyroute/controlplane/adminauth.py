@@ -3,11 +3,13 @@
 DFP left its admin port open to anyone who reached it. pyroute requires credentials on
 every admin endpoint once they are set, from the Docker secrets ``dfp_admin_user`` /
 ``dfp_admin_pass`` (in SECRETS_DIR) or else the settings. Replicas calling each other
-use the same credentials.
+use the same credentials, and PEER_TOKEN (secret ``dfp_peer_token``) when it is set: a
+request carrying it is a replica's, which may also receive certificate keys.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from pyroute.basicauth import Userlist
@@ -33,6 +35,14 @@ def admin_credentials(settings) -> tuple[str, str] | None:
     if user or password:
         log.error("only one of the admin user and password is set: both are needed, the admin API stays open")
     return None
+
+
+PEER_HEADER = b"x-pyroute-peer-token"  # peers.PEER_TOKEN_HEADER, lower-case as the admin parser sees it
+
+
+def is_peer(presented: bytes | None, token: str) -> bool:
+    """Does a request carry this replica set's PEER_TOKEN (compared in constant time)?"""
+    return bool(token) and presented is not None and hmac.compare_digest(presented, token.encode())
 
 
 def allowed(header: bytes | None, credentials: tuple[str, str] | None) -> bool:

@@ -69,7 +69,7 @@ class ListenerClient:
                 log.warning("swarm listener %s: %s", address, exc)
                 continue
             items = [{str(k): str(v) for k, v in s.items()} for s in services]
-            changed, errors = self.registry.upsert_many(items)
+            changed, errors = self.registry.upsert_many(items, source="swarm listener")
             for error in errors:
                 log.error("swarm listener %s: service refused: %s", address, error)
             if changed:

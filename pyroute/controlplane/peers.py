@@ -19,6 +19,7 @@ log = logging.getLogger("pyroute.controlplane.peers")
 
 PEER_TIMEOUT = 5.0  # seconds for one whole request to a peer or the listener
 USER_AGENT = "pyroute-peer"
+PEER_TOKEN_HEADER = "X-Pyroute-Peer-Token"  # PEER_TOKEN, sent only to the replicas tasks.<SERVICE_NAME> lists
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +38,9 @@ class Peers:
     """The replicas of this proxy, as `tasks.<SERVICE_NAME>` lists them, on the admin PORT."""
 
     def __init__(self, service_name: str, port: int, resolver: Resolver, timeout: float = PEER_TIMEOUT,
-                 credentials: tuple[str, str] | None = None):
+                 credentials: tuple[str, str] | None = None, peer_token: str = ""):
         self.service_name = service_name
+        self.peer_token = peer_token  # PEER_TOKEN: replicas know each other by it (certificate keys)
         self.port = port
         self.resolver = resolver
         self.timeout = timeout
@@ -46,9 +48,12 @@ class Peers:
 
     @property
     def _headers(self) -> dict[str, str]:
-        if self.credentials is None:
-            return {"User-Agent": USER_AGENT}
-        return {"User-Agent": USER_AGENT, "Authorization": authorization(*self.credentials)}
+        headers = {"User-Agent": USER_AGENT}
+        if self.credentials is not None:
+            headers["Authorization"] = authorization(*self.credentials)
+        if self.peer_token:
+            headers[PEER_TOKEN_HEADER] = self.peer_token
+        return headers
 
     async def addresses(self) -> tuple[str, ...]:
         """Every replica's IP (this one included). Raises resolver.ResolveError."""

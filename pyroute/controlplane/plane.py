@@ -17,6 +17,7 @@ from pyroute.controlplane.adminauth import admin_credentials
 from pyroute.controlplane.envservices import env_services
 from pyroute.controlplane.registry import ServiceRegistry
 from pyroute.controlplane.replication import Replication
+from pyroute.controlplane.routecheck import RouteCheck
 from pyroute.controlplane.swarm import EngineClient, EngineError, SwarmListener, listener_enabled, socket_problem
 from pyroute.listen import StartupError, listen
 from pyroute.resolver import report_unreachable_dns
@@ -35,6 +36,7 @@ class ControlPlane:
         instance = settings.proxy_instance_name if settings.filter_proxy_instance_name else None
         self.registry = ServiceRegistry(settings.separator, ServiceDefaults.from_settings(settings), instance)
         self.replication = Replication(settings, self.registry)
+        self.routecheck = RouteCheck(settings.longest_match)
         self.certs = certs
         self.servers: list[asyncio.AbstractServer] = []
         self.listener: SwarmListener | None = None
@@ -58,6 +60,7 @@ class ControlPlane:
                 self.registry.reconfigure(params)
             except ServiceError as exc:
                 raise StartupError(f"DFP_SERVICE_* service {params.get('servicename', '?')!r}: {exc.message}") from None
+        self.registry.subscribe(self.routecheck.published)
         self.registry.subscribe(self.planes.publish)
         self.registry.subscribe(self._certs_from_state)
         self.certs.subscribe(self.planes.publish_certs)
@@ -74,7 +77,8 @@ class ControlPlane:
         self.api = api = AdminApi(self.registry, self.planes.wait_applied, self.not_ready, self.replication,
                                   collect=self.planes.collect, settings=self.settings,
                                   credentials=admin_credentials(s), certs=self.certs,
-                                  wait_certs=self.planes.wait_certs)
+                                  wait_certs=self.planes.wait_certs, routecheck=self.routecheck,
+                                  peer_token=s.peer_token)
         if s.acme_enabled:
             if api.credentials is None:
                 raise StartupError("ACME needs ADMIN_USER and ADMIN_PASS (or the secrets dfp_admin_user / "
@@ -96,7 +100,9 @@ class ControlPlane:
     def reconfigure(self, settings: Settings) -> None:
         """Re-read settings (SIGHUP): the admin credentials may have changed."""
         self.settings = settings
+        self.routecheck.longest_match = settings.longest_match  # the next change rebuilds its tables
         self.api.credentials = admin_credentials(settings)
+        self.api.peer_token = self.replication.peers.peer_token = settings.peer_token
         self.api.settings = settings
 
     def _certs_from_state(self, snapshot) -> None:

@@ -40,6 +40,7 @@ Stamp = tuple[int, str]  # (Lamport counter, "<replica id>.<sequence>"): unique 
 KINDS = ("services", "certs", "acme")  # services: name -> params pairs; certs: name -> PEM;
 # acme: ACME records (account keys, leases, challenge answers, order status; acme.py) -> JSON object; None = removed
 KINDS_V1 = ("services", "certs")  # what format-1 documents held
+SECRET_KINDS = ("certs", "acme")  # entries holding private keys: only replicas and admins get them
 STATE_FORMAT = 2  # 2: hash = sum of per-entry digests; 1: sha256 of the whole content (read only)
 READABLE_FORMATS = (1, 2)
 HASH_MODULUS = 2 ** 256
@@ -104,6 +105,10 @@ class ServiceRegistry:
         self._exported: dict[str, dict[str, bytes]] = {kind: {} for kind in KINDS}  # '"name":{entry}' per entry
         self.hash = format_hash(self._digest_sum)
         self._subscribers: list[Callable[[Snapshot], None]] = []
+        # Labelled services refused on their way in (Swarm labels, the Swarm Listener's list or
+        # its reconfigure calls): name -> {"ServiceName", "Source", "Status", "Reason"}. This
+        # replica's own view, not replicated; an entry goes when the name is stored or removed.
+        self.rejected: dict[str, dict] = {}
 
     def subscribe(self, callback: Callable[[Snapshot], None]) -> None:
         self._subscribers.append(callback)
@@ -167,13 +172,17 @@ class ServiceRegistry:
         """Store (None: remove) an ACME record; published and saved like every other change."""
         self._change("acme", name, value, self.new_stamp(), None)
 
-    def upsert_many(self, items: list[Mapping[str, str]]) -> tuple[int, list[str]]:
+    def upsert_many(self, items: list[Mapping[str, str]], source: str = "") -> tuple[int, list[str]]:
         """Apply a whole list of reconfigure params as one publication (one table swap).
 
         Entries equal to what is stored are skipped, so an unchanged list publishes
-        nothing. Returns (entries changed, error messages of the entries refused).
+        nothing. Returns (entries changed, error messages of the entries refused); with a
+        `source` the refused ones are kept as rejections and that source's earlier
+        rejections of services the list no longer holds are dropped.
         """
         changed, errors = 0, []
+        if source:
+            self.forget_rejected(source, {_param(p, "servicename").strip() for p in items})
         for params in items:
             if self.instance is not None and _param(params, "proxyinstancename").strip() != self.instance:
                 continue
@@ -190,11 +199,22 @@ class ServiceRegistry:
                 service = self._parse(params)
             except ServiceError as exc:
                 errors.append(f"{dict(params).get('serviceName', '?')}: {exc.message}")
+                if source:
+                    self.reject(_param(params, "servicename").strip() or "?", source, exc)
                 continue
             changed += self._store("services", service.name, value, self.new_stamp(), service)
         if changed:
             self._publish("apply-list", changed=changed)
         return changed, errors
+
+    def reject(self, name: str, source: str, error: ServiceError) -> None:
+        """Keep why a labelled service was refused, for /rejected and pyroute_rejected_services."""
+        self.rejected[name] = {"ServiceName": name, "Source": source, "Status": error.status, "Reason": error.message}
+
+    def forget_rejected(self, source: str, keep: set[str] = frozenset()) -> None:
+        """Drop `source`'s rejections except the names in `keep` (the services it still lists)."""
+        for name in [n for n, r in self.rejected.items() if r["Source"] == source and n not in keep]:
+            del self.rejected[name]
 
     def republish(self, why: str) -> None:
         """Hand the same services out again as a new revision (reload?recreate=true)."""
@@ -229,6 +249,7 @@ class ServiceRegistry:
             return False
         self._entries[kind][name] = (stamp, value)
         if kind == "services":
+            self.rejected.pop(name, None)  # stored or removed: whatever was refused before is moot
             if value is None:
                 self._services.pop(name, None)
             else:
@@ -251,15 +272,20 @@ class ServiceRegistry:
             callback(snapshot)
 
     # -- whole-state exchange (state file, peers) --------------------------------------
-    def export_json(self) -> bytes:
-        """The state document, serialised: what the state file holds and what peers pull.
+    def export_json(self, secrets: bool = True) -> bytes:
+        """The state document, serialised: what the state file holds and what peers pull
+        (`secrets=False`: without the certificates, whose PEMs hold private keys, and the
+        ACME records, which hold the account key).
 
         Joined from each entry's stored serialisation, so the event loop pays a copy of the
         bytes, not a walk over every entry."""
-        head = orjson.dumps({"format": STATE_FORMAT, "revision": self.revision, "hash": format_hash(self._digest_sum)})
+        left_out = () if secrets else SECRET_KINDS
+        total = (self._digest_sum - sum(sum(self._digests[k].values()) for k in left_out)) % HASH_MODULUS
+        head = orjson.dumps({"format": STATE_FORMAT, "revision": self.revision, "hash": format_hash(total)})
         parts = [head[:-1]]
         for kind in KINDS:
-            parts += (b',"', kind.encode(), b'":{', b",".join(self._exported[kind].values()), b"}")
+            entries = self._exported[kind].values() if kind not in left_out else ()
+            parts += (b',"', kind.encode(), b'":{', b",".join(entries), b"}")
         parts.append(b"}")
         return b"".join(parts)
 

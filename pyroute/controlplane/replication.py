@@ -42,7 +42,7 @@ class Replication:
         self.registry = registry
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
         self.peers = Peers(settings.service_name, settings.port, self.resolver,
-                           credentials=admin_credentials(settings))
+                           credentials=admin_credentials(settings), peer_token=settings.peer_token)
         self.store = StateFile(settings.state_dir) if settings.state_dir else None
         self.listener = ListenerClient(settings, registry, self.resolver, self.commit) \
             if settings.listener_address else None

@@ -181,6 +181,7 @@ class SwarmListener:
         self.poll_interval = poll_interval
         self.names: dict[str, str] = {}  # service id -> route name we applied
         self.applied: dict[str, dict[str, str]] = {}  # service id -> params last applied
+        self.refused: dict[str, str] = {}  # service id -> name of its refused labels (registry.rejected)
         self.synced = asyncio.Event()  # the first full listing has been applied
 
     async def run(self) -> None:
@@ -243,6 +244,9 @@ class SwarmListener:
         old_name = self.names.get(service_id)
         if params is not None and params.get("replicas") == "0":
             params = None  # DFSL: a service scaled to 0 is removed
+        refused = self.refused.pop(service_id, None)
+        if refused is not None and refused in self.registry.rejected:
+            del self.registry.rejected[refused]  # new labels or no service: judged again below
         if params is None:
             self.applied.pop(service_id, None)
             if old_name is not None:
@@ -255,6 +259,9 @@ class SwarmListener:
             self.registry.reconfigure(params)
         except ServiceError as exc:
             log.warning("service %s: labels rejected (%s): %s", params.get("serviceName"), exc.status, exc.message)
+            name = params.get("serviceName") or service_id
+            self.refused[service_id] = name
+            self.registry.reject(name, "swarm labels", exc)
             return
         self.applied[service_id] = params
         self.names[service_id] = params["serviceName"]

@@ -302,14 +302,20 @@ def compile_request_steps(service, destination) -> tuple:
 class ResponsePlan:
     """What a route does to responses: header edits and/or compression of some MIME types."""
 
-    __slots__ = ("ops", "dynamic", "compress", "types")
-    WBITS = {b"gzip": 31, b"deflate": 15}  # zlib window bits: gzip wrapper, zlib wrapper (HTTP "deflate")
+    __slots__ = ("ops", "dynamic", "compress", "wbits", "types")
+    # compressionAlgo -> (the coding a client accepts and the response names, zlib window bits):
+    # gzip wrapper, zlib wrapper (HTTP "deflate"), and HAProxy's raw-deflate (no wrapper, sent as "deflate")
+    CODINGS = {"gzip": (b"gzip", 31), "deflate": (b"deflate", 15), "raw-deflate": (b"deflate", -15)}
 
     def __init__(self, service):
         self.ops = _compile_edits(service.res_del, service.res_set, service.res_add)
         self.dynamic = any(tls is not None or any(not isinstance(t, bytes) for _, t in additions)
                            for _, additions, tls in self.ops)  # reads the request (or its connection)
-        self.compress = tuple(a.encode() for a in service.compression_algo.split() if a != "identity")
+        self.wbits: dict[bytes, int] = {}
+        for algo in service.compression_algo.split():
+            if algo in self.CODINGS:  # the first algorithm naming a coding wins ("identity" names none)
+                self.wbits.setdefault(*self.CODINGS[algo])
+        self.compress = tuple(self.wbits)
         self.types = tuple(t.encode() for t in service.compression_types)
 
     def __bool__(self) -> bool:
@@ -340,7 +346,7 @@ class ResponsePlan:
                 fields += [(b"Content-Encoding", coding), (b"Transfer-Encoding", b"chunked")]
         fields = _apply_edits(self.ops, fields, req)
         edited = b"\r\n".join([lines[0], *(n + b": " + v for n, v in fields)]) + b"\r\n\r\n"
-        return edited, self.WBITS[coding] if compressing else 0
+        return edited, self.wbits[coding] if compressing else 0
 
     def _type_matches(self, fields) -> bool:
         ctype = next((v for n, v in fields if n.lower() == b"content-type"), None)

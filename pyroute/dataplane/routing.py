@@ -75,28 +75,73 @@ def _host_matches(algo: str, pattern: str, host: str) -> bool:
     return f".{pattern}." in f".{host}."
 
 
-def _path_test(path_type: str, pattern: str) -> Callable[[bytes], bool]:
-    """HAProxy's path fetches: path (exact), path_beg, path_end, path_reg (search, RE2), path_dir."""
+def _path_test(path_type: str, pattern: str, ignore_case: bool = False) -> Callable[[bytes], bool]:
+    """HAProxy's path fetches: path (exact), path_beg, path_end, path_reg (search, RE2), path_dir,
+    path_sub, path_dom, path_len; with -i (`ignore_case`) the pattern is lower-case already
+    and the path is lowered for the test."""
+    if path_type == "path_reg":
+        return compile_pattern(pattern, ignore_case).search
+    test = _case_sensitive_path_test(path_type, pattern)
+    if ignore_case and path_type != "path_len":
+        return lambda path: test(path.lower())
+    return test
+
+
+def _case_sensitive_path_test(path_type: str, pattern: str) -> Callable[[bytes], bool]:
     raw = pattern.encode()
     if path_type == "path":
         return raw.__eq__
     if path_type == "path_end":
         return lambda path: path.endswith(raw)
-    if path_type == "path_reg":
-        return compile_pattern(pattern).search
     if path_type == "path_dir":
         needle = b"/" + raw.strip(b"/") + b"/"
         return lambda path: needle in (path if path.endswith(b"/") else path + b"/")
+    if path_type == "path_sub":
+        return lambda path: raw in path
+    if path_type == "path_dom":
+        return lambda path: _delimited(path, raw)
+    if path_type == "path_len":
+        return _length_test(pattern)
     return lambda path: path.startswith(raw)
+
+
+_DELIMITERS = b"/?.:"  # what bounds a pattern for HAProxy's -m dom
+
+
+def _delimited(text: bytes, pattern: bytes) -> bool:
+    """HAProxy's -m dom: `pattern` occurs in `text` with a delimiter (or the end) on each side."""
+    start = text.find(pattern)
+    while start >= 0:
+        end = start + len(pattern)
+        if (start == 0 or text[start - 1] in _DELIMITERS) and (end == len(text) or text[end] in _DELIMITERS):
+            return True
+        start = text.find(pattern, start + 1)
+    return False
+
+
+def _length_test(pattern: str) -> Callable[[bytes], bool]:
+    """HAProxy's integer match on the path's length: N, N:M, :M, N:, or eq|ge|gt|le|lt N."""
+    words = pattern.split()
+    if len(words) == 2:
+        operator, number = words[0], int(words[1])
+        return {"eq": lambda path: len(path) == number, "ge": lambda path: len(path) >= number,
+                "gt": lambda path: len(path) > number, "le": lambda path: len(path) <= number,
+                "lt": lambda path: len(path) < number}[operator]
+    low, colon, high = pattern.strip().partition(":")
+    if not colon:
+        number = int(low)
+        return lambda path: len(path) == number
+    least, most = int(low or 0), int(high) if high else None
+    return lambda path: len(path) >= least and (most is None or len(path) <= most)
 
 
 def _condition(d: Destination, path_type: str, pattern: str) -> Callable[[bytes, list, Any], bool]:
     """One conditional (route, path) entry: the path test plus every other ACL of the destination."""
     tests: list[Callable[[bytes, list, Any], bool]] = []
-    path_ok = _path_test(path_type, pattern)
+    path_ok = _path_test(path_type, pattern, d.path_ignore_case)
     tests.append(lambda path, headers, conn: bool(path_ok(path)))
     if d.path_excludes:  # DFP matches excludes with the destination's pathType too
-        excluded = tuple(_path_test(path_type, x) for x in d.path_excludes)
+        excluded = tuple(_path_test(path_type, x, d.path_ignore_case) for x in d.path_excludes)
         tests.append(lambda path, headers, conn: not any(t(path) for t in excluded))
     if d.header_match:
         wanted = tuple((n.encode(), v.encode()) for n, v in d.header_match)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,7 @@ class ListenerStandIn:
         self.services: list[dict[str, str]] = []
         self.notify_url = ""  # e.g. http://127.0.0.1:PORT/v1/docker-flow-proxy
         self.calls: list[str] = []
+        self.refused: list[tuple[str | None, int]] = []  # (serviceName, status) of re-sent services refused
         self._fail = 0
         self._lock = threading.Lock()
         owner = self
@@ -67,10 +69,16 @@ class ListenerStandIn:
             return sum(1 for c in self.calls if c.endswith(suffix))
 
     def _notify(self, services):
+        """Re-send each service as DFSL does; a refused one is recorded (DFSL logs it) and the
+        rest are still sent."""
         for params in services:
             url = f"{self.notify_url}/reconfigure?{urllib.parse.urlencode(params)}"
-            with urllib.request.urlopen(url, timeout=10) as r:
-                r.read()
+            try:
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    r.read()
+            except urllib.error.HTTPError as exc:
+                with self._lock:
+                    self.refused.append((params.get("serviceName"), exc.code))
 
     def close(self):
         self.server.shutdown()

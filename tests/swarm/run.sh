@@ -170,6 +170,7 @@ for _ in $(seq 150); do  # go-demo's tasks leave the network as they stop; the r
   dk network inspect proxy >/dev/null 2>&1 || break; sleep 0.2
 done
 dk network inspect proxy >/dev/null 2>&1 && { echo "FAIL the network proxy of the label run could not be removed"; exit 1; }
+python3 -c 'import secrets; print(secrets.token_hex(32))' | dk secret create dfp_peer_token - >/dev/null  # as the file's header says
 # The socket mount's source is this dockerd's socket (a merged file would add a second mount, not replace it).
 sed "s#- /var/run/docker.sock:/var/run/docker.sock:ro#- $SOCK:/var/run/docker.sock:ro#" "$REPO/deploy/docker-stack.yml" \
   >"$STATE/stack.yml"
