@@ -14,6 +14,10 @@ the kernel does.
     python bench/instructions.py [--requests 5000] [--connections 1] [--extra-routes 1000]
         [--target pyroute|floor] [--tree DIR] [--env NAME=VALUE ...] [--keep DIR]
 
+The proxy runs with DNS_TTL_CAP=600 (unless `--env` says otherwise): a background DNS
+refresh is paid per second, not per request, and valgrind's slowdown would spread it over
+fifty times fewer requests than a real run does, as noise.
+
 `--tree` measures another checkout (e.g. `git worktree add /tmp/before <rev>`); `--keep`
 keeps the callgrind output (callgrind_annotate reads it: the C functions' shares).
 """
@@ -132,7 +136,7 @@ def main(argv=None) -> None:
             run.wait_listening(port, proc, STARTUP_TIMEOUT)
         else:
             run.PYROUTE_CMD = [*valgrind, sys.executable, "-m", "pyroute"]
-            env = dict(item.split("=", 1) for item in args.env)
+            env = {"DNS_TTL_CAP": "600", **dict(item.split("=", 1) for item in args.env)}
             target = run.start_pyroute(procs, tmp, upstream_port, dns_port, 1, args.extra_routes,
                                        env=env, tree=args.tree.resolve())
             port, proc = target.port, target.proc

@@ -5,9 +5,9 @@ the full TTL, which would hide a redeploy or a scale change for ten minutes. So 
 lookup runs on a fresh c-ares channel and pyroute caches the answer itself, for the
 record TTL capped by DNS_TTL_CAP (default 5 s).
 
-The hot path only calls :meth:`Resolver.cached`, a dict lookup. An entry is refreshed
-in the background once 3/4 of its life has passed and a request used it, so busy
-routes never wait on DNS. Once a name has resolved, no request waits on DNS again: an
+The hot path only calls :meth:`Resolver.cached`, a dict lookup (no clock read: a timer
+marks an entry due once 3/4 of its life has passed). A due entry is refreshed in the
+background when a request uses it, so busy routes never wait on DNS. Once a name has resolved, no request waits on DNS again: an
 expired answer is still served at once while one background refresh per name runs
 (a DNS server that stops answering would otherwise hold every request for the whole
 lookup timeout each time the entry expires). A failed refresh keeps the last good
@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+import weakref
 
 import aiodns
 
@@ -39,15 +40,21 @@ class ResolveError(Exception):
 
 
 class _Entry:
-    __slots__ = ("addresses", "refresh_at", "expires", "error", "failures")
+    __slots__ = ("addresses", "due", "expires", "error", "failures", "__weakref__")
 
     def __init__(self, addresses: tuple[str, ...], life: float, error: str = "", failures: int = 0):
-        now = time.monotonic()
         self.addresses = addresses
-        self.refresh_at = now + life * REFRESH_AT
-        self.expires = now + life
+        self.due = False  # REFRESH_AT of its life has passed: the next use starts a background refresh
+        self.expires = time.monotonic() + life
         self.error = error
         self.failures = failures  # failed refreshes in a row since the last good answer (backoff)
+        asyncio.get_running_loop().call_later(life * REFRESH_AT, _mark_due, weakref.ref(self))
+
+
+def _mark_due(entry: weakref.ref) -> None:
+    entry = entry()
+    if entry is not None:  # (an entry replaced or forgotten meanwhile is gone)
+        entry.due = True
 
 
 def is_ip(host: str) -> bool:
@@ -74,7 +81,7 @@ class Resolver:
         entry = self._cache.get(host)
         if entry is None or not entry.addresses:
             return None
-        if time.monotonic() >= entry.refresh_at and host not in self._inflight:
+        if entry.due and host not in self._inflight:
             self._start_lookup(host)
         return entry.addresses
 

@@ -138,9 +138,9 @@ def test_the_checks_catch_a_planted_cycle_and_a_planted_wrong_direction():
 
 
 # Optional heavy libraries: RE2 (~1.5 MiB resident) serves path_reg and reqPathSearchReplace
-# routes, libpass (~3.8 MiB) hashed basic-auth lists; a proxy with neither kind of route
-# never loads them (issue 16: RSS after start).
-LAZY = ("re2", "passlib", "bcrypt")
+# routes, libpass (~3.8 MiB) hashed basic-auth lists, h2 (~2.6 MiB with hpack and hyperframe)
+# HTTP/2 connections; a proxy that has none of them never loads them (issue 16: RSS after start).
+LAZY = ("re2", "passlib", "bcrypt", "h2", "hpack", "hyperframe")
 STARTUP = "import pyroute.commands.cli, pyroute.process, pyroute.controlplane.plane, pyroute.dataplane.plane"
 
 
@@ -159,3 +159,4 @@ def test_optional_heavy_libraries_load_with_the_first_route_that_needs_them():
                          "'pathType': 'path_reg', 'port': '80'}))") == ["re2"]
     assert "passlib" in _loaded_after(STARTUP + "\nfrom pyroute.basicauth import hash_problem\n"
                                       "hash_problem('$6$salt$hash')")
+    assert "h2" in _loaded_after(STARTUP + "\nimport pyroute.dataplane.http2")

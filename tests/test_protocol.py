@@ -100,6 +100,16 @@ def test_a_close_delimited_response_ends_the_client_connection_after_it(rig):
     assert client.transport.closed and not client.transport.aborted
 
 
+def test_an_http10_request_with_proxy_connection_keep_alive_stays_http10(rig):
+    # llhttp reads Proxy-Connection as Connection: keep-alive here is not HTTP/1.1's default
+    up = rig.idle_upstream()
+    client = rig.client()
+    client.send(b"GET /demo HTTP/1.0\r\nHost: h\r\nProxy-Connection: keep-alive\r\n\r\n")
+    assert up.received().startswith(b"GET /demo HTTP/1.0\r\n")
+    up.reply(OK)
+    assert head_lines(client.received())[0].startswith(b"HTTP/1.1 200")
+
+
 def test_an_http10_client_gets_connection_close_and_the_socket_closes(rig):
     up = rig.idle_upstream()
     client = rig.client()

@@ -67,6 +67,8 @@ REFUSED = {
     "authority-form GET": b"GET a:80 HTTP/1.1\r\n" + H + b"\r\n",
     "HTTP/0.9": b"GET /hs/x\r\n\r\n",
     "HTTP/2.0 line": b"GET /hs/x HTTP/2.0\r\n" + H + b"\r\n",
+    "HTTP/2.0 line, keep-alive": b"GET /hs/x HTTP/2.0\r\n" + H + b"Connection: keep-alive\r\n\r\n",
+    "HTTP/2.0 line, Proxy-Connection": b"GET /hs/x HTTP/2.0\r\n" + H + b"Proxy-Connection: keep-alive\r\n\r\n",
     "HTTP/1.2": b"GET /hs/x HTTP/1.2\r\n" + H + b"\r\n",
     "space in target": b"GET /hs/x HTTP/1.1 /y HTTP/1.1\r\n" + H + b"\r\n",
     "NUL in target": b"GET /hs/\x00 HTTP/1.1\r\n" + H + b"\r\n",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from pyroute import __version__, eventlog
 from pyroute.commands.check_config import main as check_config
@@ -97,7 +96,11 @@ def interval(text: str) -> float:
 
 
 def version_report() -> str:
-    """pyroute's version, then Python's and each library's (the installed distribution's)."""
+    """pyroute's version, then Python's and each library's (the installed distribution's).
+    importlib.metadata is imported here: it brings the email package (~4 MiB resident with
+    it), which a serving proxy has no use for."""
+    from importlib.metadata import PackageNotFoundError, version
+
     lines = [f"pyroute {__version__}",
              f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})"]
     for name in LIBRARIES:

@@ -236,19 +236,27 @@ class AdminApi:
                                        params.get("method", "GET") or "GET", params.get("tls", "").lower() == "true")
         return json_response(200, "", **answer)
 
+    async def _every_replica(self, method: str, path: str, params: dict):
+        """A read from every replica (metrics?distribute=true): their answers, or the 500 naming
+        the replicas that did not answer (DFP's message)."""
+        try:
+            results = await self.replication.peers.fan_out(method, path, params)
+        except ResolveError as exc:
+            return json_response(500, f"could not list the replicas: {exc}")
+        failed = [r for r in results if not r.ok]
+        if failed:
+            listed = ", ".join(f"{r.address} ({r.error or r.status})" for r in failed)
+            return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]")
+        return results
+
     async def prometheus(self, request: Request) -> Response:
         """pyroute's metrics and haproxy_exporter's families; distribute=true: every
         replica's counters merged into one scrape."""
         if self._distributing(request):
             snaps = []
-            try:
-                results = await self.replication.peers.fan_out("GET", "/metrics", {"format": "json"})
-            except ResolveError as exc:
-                return json_response(500, f"could not list the replicas: {exc}")
-            failed = [r for r in results if not r.ok]
-            if failed:
-                listed = ", ".join(f"{r.address} ({r.error or r.status})" for r in failed)
-                return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]")
+            results = await self._every_replica("GET", "/metrics", {"format": "json"})
+            if isinstance(results, Response):
+                return results
             for result in results:
                 try:
                     snap = orjson.loads(result.body)
@@ -428,14 +436,9 @@ class AdminApi:
         if self.collect is None:
             return json_response(404, "metrics are not available")
         if self._distributing(request):  # DFP: every replica's CSV, one after the other
-            try:
-                results = await self.replication.peers.fan_out(request.method, request.path, request.params)
-            except ResolveError as exc:
-                return json_response(500, f"could not list the replicas: {exc}")
-            failed = [r for r in results if not r.ok]
-            if failed:
-                listed = ", ".join(f"{r.address} ({r.error or r.status})" for r in failed)
-                return json_response(500, f"Could not send distribute request to the following addresses: [{listed}]")
+            results = await self._every_replica(request.method, request.path, request.params)
+            if isinstance(results, Response):
+                return results
             return Response(200, b"".join(r.body for r in results), "text/plain; charset=utf-8")
         return Response(200, metrics.render_csv(await self.collect()), "text/plain; charset=utf-8")
 

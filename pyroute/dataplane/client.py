@@ -174,7 +174,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         "server", "loop", "pool", "transport", "parser", "client_ip", "url", "headers", "host", "chunked",
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
         "out", "served", "closed", "received", "sent", "sent_mark", "received_mark", "upgrade",
-        "head_bytes", "in_trailers", "trailers_at", "peer_trusted", "forwarded",
+        "head_bytes", "in_trailers", "trailers_at", "connection_header", "peer_trusted", "forwarded",
     )
 
     def __init__(self, server: ProxyServer):
@@ -207,6 +207,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.length = 0
         self.head_size = 0
         self.upgrade: bytes | None = None  # the Upgrade header of the head being read
+        self.connection_header = False  # the head being read has a Connection or Proxy-Connection header
         self.peer_trusted = False  # the peer is one of TRUSTED_PROXIES (forwarded.py)
         self.forwarded = True  # the peer may set X-Forwarded-For/-Proto (TRUSTED_PROXIES empty, or trusted)
 
@@ -347,6 +348,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self.length = int(value)
         elif size == 7 and name.lower() == b"upgrade":
             self.upgrade = value
+        elif (size == 10 and name.lower() == b"connection") or (size == 16 and name.lower() == b"proxy-connection"):
+            self.connection_header = True  # (llhttp reads both for keep-alive)
         self.headers.append((name, value))
         self.head_size += size + len(value)
         server = self.server
@@ -357,9 +360,14 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.in_head = False
         parser = self.parser
         method = parser.get_method()
-        version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0 only, and keeps a connection alive without a
+        # Connection (or Proxy-Connection, which it reads alike) header for 1.1 only: then the
+        # version is known without get_http_version()'s string formatting (a tenth of this
+        # callback's cost).
+        version = "1.1" if keep_alive and not self.connection_header else parser.get_http_version()
         http11 = version == "1.1"
-        ex = Exchange(parser.should_keep_alive(), http11, method == b"HEAD", self.chunked, self.chunked or self.length > 0)
+        ex = Exchange(keep_alive, http11, method == b"HEAD", self.chunked, self.chunked or self.length > 0)
         ex.method = method
         ex.url = self.url
         ex.started = self.head_started
@@ -382,6 +390,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.chunked = False
         self.length = 0
         self.head_size = 0
+        self.connection_header = False
         if host is None or not http11 or upgrade is not None:  # the unusual heads, checked off the fast path
             self.upgrade = None
             if upgrade is not None and not parser.should_upgrade():
@@ -482,7 +491,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             if self.headers:  # trailer fields came through on_header: they belong to no head
                 self.headers = []
                 self.host = self.upgrade = None
-                self.chunked = False
+                self.chunked = self.connection_header = False
                 self.length = self.head_size = 0
             if not ex.local:
                 if ex.upstream is not None:
@@ -680,7 +689,10 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if ex.set_cookie is not None or ex.response_edit is not None:
             self._transform_head(ex, head, forwardable, close_delimited, close)
             return False
-        sent = client_response_head(head, forwardable, close, ex.http11)
+        if forwardable is not None and not close and ex.http11:  # (client_response_head's common case)
+            sent = forwardable
+        else:
+            sent = client_response_head(head, forwardable, close, ex.http11)
         if ex.request_id is not None:
             sent = self.server.request_ids.on_response(sent, ex.request_id)
         if sent is head:

@@ -16,11 +16,10 @@ from pyroute.dataplane import pages
 from pyroute.dataplane.acceptor import PeekingListener, listen_socket
 from pyroute.dataplane.accesslog import AccessLog
 from pyroute.dataplane.balancer import Sticky, TaskSet
-from pyroute.dataplane import http2
 from pyroute.dataplane.client import ClientConnection, ClientLimit, ProxyServer
 from pyroute.dataplane.clientcert import ClientCertConnection
 from pyroute.dataplane.clock import clock
-from pyroute.dataplane.h2upstream import Relay
+from pyroute.dataplane.h2select import AlpnSelect, PrefaceSniff
 from pyroute.dataplane.health import HealthPolicy
 from pyroute.dataplane.l4 import Port, TcpListeners
 from pyroute.dataplane.routing import RouteTable
@@ -100,7 +99,10 @@ class DataPlane:
         self.settings = settings
         self.resolver = Resolver(settings.dns_nameservers, settings.dns_ttl_cap, settings.dns_timeout)
         self.proxy: ProxyServer | None = None
-        self.relay: Relay | None = None  # HTTP/2 to the tasks of upstreamProto=h2c|h2 routes
+        # HTTP/2 to the tasks of upstreamProto=h2c|h2 routes (h2upstream.Relay), made with the
+        # first HTTP/2 connection, as are the Stream classes by listener class (_h2_connection)
+        self.relay = None
+        self._h2_streams: dict[type, type] = {}
         self.tls_proxy: ProxyServer | None = None  # the same routes, X-Forwarded-Proto: https
         self.tcp: TcpListeners | None = None
         self.certs = certs if certs is not None else cert_store(settings, persist=False)
@@ -175,7 +177,6 @@ class DataPlane:
         self.proxy = ProxyServer(s, loop, pool, RouteTable((), self._backend), self.stats.unrouted, access_log, limit)
         self.tls_proxy = ProxyServer(s, loop, pool, self.proxy.table, self.stats.unrouted, access_log, limit)
         self.tls_proxy.proto = b"https"
-        self.relay = Relay(loop, s)
         if s.ca_file:
             self.tls_proxy.factory = lambda: ClientCertConnection(self.tls_proxy)
         self._offer_h2(s)
@@ -191,17 +192,31 @@ class DataPlane:
             if not on:
                 continue
             make_h1 = proxy.factory
-            streams = http2.stream_class(ClientCertConnection if s.ca_file and proxy is self.tls_proxy
-                                         else ClientConnection)
-            make_h2 = functools.partial(http2.H2Connection, proxy, streams, self.relay)
-            select = http2.AlpnSelect if proxy is self.tls_proxy else http2.PrefaceSniff
+            base = ClientCertConnection if s.ca_file and proxy is self.tls_proxy else ClientConnection
+            make_h2 = functools.partial(self._h2_connection, proxy, base)
+            select = AlpnSelect if proxy is self.tls_proxy else PrefaceSniff
             proxy.factory = functools.partial(select, make_h1, make_h2)
+
+    def _h2_connection(self, proxy: ProxyServer, base: type):
+        """An HTTP/2 connection (http2.H2Connection) whose streams are `base` connections.
+        h2, hpack and hyperframe (~2.6 MiB resident) are imported here, by the first one:
+        a proxy no HTTP/2 client reaches never loads them (issue 16: RSS after start)."""
+        from pyroute.dataplane import http2
+        from pyroute.dataplane.h2upstream import Relay
+
+        if self.relay is None:
+            self.relay = Relay(asyncio.get_running_loop(), self.settings)
+        streams = self._h2_streams.get(base)
+        if streams is None:
+            streams = self._h2_streams[base] = http2.stream_class(base)
+        return http2.H2Connection(proxy, streams, self.relay)
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply re-read settings (SIGHUP) at once; RESTART_ONLY ones keep their values."""
         self.settings = settings
         self.proxy.configure(settings)
-        self.relay.settings = settings
+        if self.relay is not None:
+            self.relay.settings = settings
         self.tls_proxy.configure(settings)
         pool = self.proxy.pool
         pool.max_idle, pool.idle_timeout = settings.upstream_max_idle, settings.upstream_idle_timeout
@@ -404,7 +419,10 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         proxies = (proxy, self.tls_proxy)
-        http2.announce_drain(proxies)
+        if self.relay is not None:  # (made with the first HTTP/2 connection)
+            from pyroute.dataplane import http2
+
+            http2.announce_drain(proxies)
         while True:
             for conn in [c for p in proxies for c in p.connections]:
                 if not conn.queue and not conn.in_head:
@@ -419,7 +437,8 @@ class DataPlane:
         for taskset in self.tasksets.values():
             taskset.close()
         proxy.pool.close_all()
-        self.relay.close_all()
+        if self.relay is not None:
+            self.relay.close_all()
         if proxy.access_log is not None:
             proxy.access_log.flush()
 
@@ -436,7 +455,8 @@ class DataPlane:
             self.tls_proxy.check_timeouts(now)
             self.proxy.check_upstream_timeouts(now)  # (its pool is the TLS server's too)
             self.tcp.check_timeouts(now)
-            self.relay.check_timeouts(now)
+            if self.relay is not None:
+                self.relay.check_timeouts(now)
             self.stats.rotate()  # recent traffic: a new slot when the clock left the open one
         finally:
             self._tick_handle = loop.call_later(self._tick_interval(), self._tick)

@@ -444,7 +444,9 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        conns = self.idle.setdefault(conn.address, [])
+        conns = self.idle.get(conn.address)
+        if conns is None:
+            conns = self.idle[conn.address] = []
         if conn.closed or len(conns) >= self.max_idle:
             conn.close()
             return
