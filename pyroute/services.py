@@ -206,8 +206,8 @@ class Destination:
 
 
 SESSION_TYPES = ("sticky-server",)
-# retryOn conditions, named as HAProxy's retry-on names them.
-RETRY_CONDITIONS = ("connect-failure", "empty-response")
+# retryOn conditions, named as HAProxy's retry-on names them ("503": the status an upstream answered).
+RETRY_CONDITIONS = ("connect-failure", "empty-response", "503")
 DEFAULT_RETRY_ON = frozenset({"connect-failure", "empty-response"})
 DEFAULT_RETRIES = 2
 RATE_UNITS = {"s": 1.0, "m": 60.0}  # rateLimit=R/s or R/m

@@ -136,3 +136,90 @@ def test_bad_retry_parameters_are_400(proxy):
                                                **params})
         assert st == 400 and body["Status"] == "NOK", (params, body)
     assert proxy.get("/rt-bad/x")[0] == 503  # nothing was stored
+
+
+def two_tasks(proxy, dns, fleet, name, ips, **params):
+    """A service with two tasks found by DNS (tasks.<name>): the upstreams on `ips`."""
+    tasks = fleet.start_group(ips)
+    dns.set(name, "127.0.0.99")
+    dns.set(f"tasks.{name}", [t.ip for t in tasks])
+    proxy.reconfigure(serviceName=name, servicePath=f"/{name}", port=tasks[0].port, discoveryType="DNS", **params)
+    return tasks
+
+
+def retries_of(proxy, service, task):
+    from test_observability import samples, value
+    return value(samples(proxy), "pyroute_upstream_retries_total", service=service, address=task.addr)
+
+
+def test_retry_on_503_sends_an_idempotent_request_to_the_other_task(proxy, dns, fleet):
+    sick, well = two_tasks(proxy, dns, fleet, "r503-get", ["127.0.0.61", "127.0.0.62"], retryOn="503")
+    for i in range(4):
+        st, h, body = proxy.get(f"/r503-get/unavailable-on/{sick.ip}?{i}")
+        assert (st, h["X-Upstream"]) == (200, well.addr)
+    answered_503 = len(sick.requests("/r503-get/unavailable-on"))
+    assert answered_503 >= 1  # round robin sent some first tries there
+    assert len(well.requests("/r503-get/unavailable-on")) == 4
+    lines = [access_line(proxy, f"/r503-get/unavailable-on/{sick.ip}?{i}") for i in range(4)]
+    assert sorted(line["retries"] for line in lines) == sorted([1] * answered_503 + [0] * (4 - answered_503))
+    assert all((line["status"], line["upstream"]) == (200, well.addr) for line in lines)
+    assert retries_of(proxy, "r503-get", sick) == answered_503
+    fleet.stop_upstream(sick)
+    fleet.stop_upstream(well)
+
+
+def test_retry_on_503_replays_an_idempotent_body(proxy, dns, fleet):
+    sick, well = two_tasks(proxy, dns, fleet, "r503-put", ["127.0.0.63", "127.0.0.64"], retryOn="503")
+    for i in range(2):  # one of the two first tries meets the sick task, on a fresh connection
+        st, h, body = proxy.get(f"/r503-put/unavailable-on/{sick.ip}?{i}", method="PUT", body=BODY)
+        assert (st, h["X-Upstream"]) == (200, well.addr)
+        echoed = json.loads(body)
+        assert (echoed["method"], echoed["body_len"], echoed["body_sha256"]) == (
+            "PUT", len(BODY), hashlib.sha256(BODY).hexdigest())
+    assert [r.body_len for r in sick.requests("/r503-put/unavailable-on")] == [len(BODY)]
+    fleet.stop_upstream(sick)
+    fleet.stop_upstream(well)
+
+
+def test_retry_on_503_passes_a_post_on(proxy, dns, fleet):
+    sick, well = two_tasks(proxy, dns, fleet, "r503-post", ["127.0.0.65", "127.0.0.66"], retryOn="503")
+    answers = [proxy.get(f"/r503-post/unavailable-on/{sick.ip}?{i}", method="POST", body=b"x" * 100)
+               for i in range(4)]
+    assert sorted(st for st, _, _ in answers) == [200, 200, 503, 503]
+    assert [body for st, _, body in answers if st == 503] == [f"unavailable: {sick.addr}".encode()] * 2
+    assert len(sick.requests("/r503-post/unavailable-on")) == 2
+    assert retries_of(proxy, "r503-post", sick) == 0
+    fleet.stop_upstream(sick)
+    fleet.stop_upstream(well)
+
+
+def test_503_passes_on_without_retry_on_503_or_with_retries_zero(proxy, dns, fleet):
+    for name, ips, params in (("r503-none", ["127.0.0.67", "127.0.0.68"], {}),
+                              ("r503-zero", ["127.0.0.69", "127.0.0.70"], {"retryOn": "503", "retries": "0"})):
+        sick, well = two_tasks(proxy, dns, fleet, name, ips, **params)
+        statuses = sorted(proxy.get(f"/{name}/unavailable-on/{sick.ip}?{i}")[0] for i in range(4))
+        assert statuses == [200, 200, 503, 503], name
+        assert len(sick.requests(f"/{name}/unavailable-on")) == 2
+        fleet.stop_upstream(sick)
+        fleet.stop_upstream(well)
+
+
+def test_the_last_tries_503_reaches_the_client_intact(proxy, dns, fleet):
+    a, b = two_tasks(proxy, dns, fleet, "r503-all", ["127.0.0.71", "127.0.0.72"],
+                     retryOn="connect-failure,empty-response,503", retries="2")
+    with proxy.raw() as c:
+        c.request("GET", "/r503-all/status/503", [("Host", "t")])
+        resp, body = c.read_response()
+        c.request("GET", "/r503-all/hello", [("Host", "t")])  # the connection goes on after it
+        assert c.read_response()[0].status_code == 200
+    # the first try and two retries, alternating between the tasks: the last on the first's task
+    tries = sorted([(len(t.requests("/r503-all/status/503")), t.addr) for t in (a, b)])
+    assert [n for n, _ in tries] == [1, 2]
+    last = tries[1][1]
+    headers = {k.decode().lower(): v.decode() for k, v in resp.headers}
+    assert (resp.status_code, body) == (503, b"status 503")
+    assert (headers["content-length"], headers["x-upstream"]) == ("10", last)
+    line = access_line(proxy, "/r503-all/status/503")
+    assert (line["status"], line["retries"], line["upstream"]) == (503, 2, last)
+    fleet.stop_upstream(a)
+    fleet.stop_upstream(b)

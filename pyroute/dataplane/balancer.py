@@ -113,12 +113,12 @@ class TrackedConnection(UpstreamConnection):
         super()._complete(reusable and not self.task.gone)  # a draining task's connection is not pooled
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
         status = self.parser.get_status_code()
         if status >= 500:
             self.taskset.failed(self.task, f"answered {status}")
         elif status >= 200:
             self.task.fails = 0
+        super().on_headers_complete()  # (last: a 503 the owner retries ends the parsing there)
 
 
 class Sticky:

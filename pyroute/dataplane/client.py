@@ -44,7 +44,7 @@ from pyroute.resolver import ResolveError
 from pyroute.dataplane.routing import RouteTable
 from pyroute.dataplane.servicelimits import LimitReached
 from pyroute.dataplane.tunnel import Tunnel
-from pyroute.dataplane.upstream import CHUNK_END, ExchangeOwner, UpstreamConnection, UpstreamPool
+from pyroute.dataplane.upstream import CHUNK_END, ExchangeOwner, ResponseRetried, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("pyroute.dataplane.client")
 
@@ -60,6 +60,7 @@ PAUSE_UPGRADE = 8  # an Upgrade request waits for the upstream's 101 (or its ref
 PAUSE_CLOSING = 16  # the last request asked to close: nothing more is read
 CLOSED_CONNECTION = "Data after `Connection: close`"  # llhttp's error for bytes after such a request
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: closing sends a TCP reset
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))  # RFC 9110 §9.2.2: retryOn=503
 
 
 class ClientLimit:
@@ -453,7 +454,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 upstream.bind(self, ex, self.last_io)
                 upstream.transport.write(ex.head)
                 if ex.has_body:  # a pooled connection may turn out closed: keep the body to retry
-                    ex.replay = _replay_buffer(ex)
+                    ex.replay = _replay_buffer(ex, True)
                 return
         self.loop.create_task(self._connect(ex, address))
 
@@ -593,8 +594,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         ex.address = upstream.address
         ex.sent_at = now = clock()
         upstream.bind(self, ex, now)
-        if ex.has_body:  # a pooled connection may turn out closed: keep the body to retry
-            ex.replay = _replay_buffer(ex) if upstream.reused else None
+        if ex.has_body:  # a pooled connection may turn out closed, a task answer 503: keep the body to retry
+            ex.replay = _replay_buffer(ex, upstream.reused)
             if ex.replay is not None and ex.pending:
                 ex.replay += b"".join(ex.pending)
         if ex.pending:
@@ -677,9 +678,11 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         `forwardable` is headers.inspect_response_head's verdict for a keep-alive HTTP/1.1 client.
         """
         ex = self.queue[0]
-        ex.responded = True
         upstream = ex.upstream
-        ex.status = upstream.status
+        ex.status = status = upstream.status
+        if status == 503 and ex.route.retry_503:
+            self._retry_503(ex, upstream)  # raises ResponseRetried when it does
+        ex.responded = True
         ex.response_at = upstream.last_io
         close = not ex.keep_alive or not ex.request_done or close_delimited
         ex.close_after = close
@@ -696,6 +699,30 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             return True
         self.out.append(sent)
         return False
+
+    def _retry_503(self, ex: Exchange, upstream: UpstreamConnection) -> None:
+        """retryOn=503: an idempotent request whose body is kept (or that had none) goes to
+        another task instead of passing this 503 on. The connection is aborted rather than
+        read to the end of the 503, so nothing of it can reach the client or the pool."""
+        if ex.method not in IDEMPOTENT or (ex.has_body and ex.replay is None) or not _may_retry(ex, "503"):
+            return
+        log.info("%s via %s:%s: answered 503, retrying", ex.route.service.name, *upstream.address)
+        ex.upstream = None
+        upstream.abort()
+        self._retry_elsewhere(ex, upstream)
+        raise ResponseRetried
+
+    def _retry_elsewhere(self, ex: Exchange, upstream: UpstreamConnection) -> None:
+        """Send the exchange again, with its kept body, to a task other than `upstream`'s;
+        the retry is counted for the exchange (access log) and for that task (metrics)."""
+        ex.retries += 1
+        upstream.stats.retries += 1
+        if ex.replay:
+            ex.pending = [bytes(ex.replay), *(ex.pending or ())]
+            ex.pending_size = sum(map(len, ex.pending))
+        ex.replay = None
+        failed = upstream.address
+        self.loop.create_task(self._connect(ex, ex.route.backend.alternative(failed), (failed,)))
 
     def _transform_head(self, ex: Exchange, head: bytes, forwardable: bytes | None, close_delimited: bool,
                         close: bool) -> None:
@@ -760,15 +787,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         if retryable and (ex.replay is not None or not ex.has_body) and _may_retry(ex, "empty-response"):
             # A reused connection closed before any response byte: the upstream had closed it
             # idle and processed nothing, so any request (its body kept in replay) goes again.
-            ex.retries += 1
-            upstream.stats.retries += 1
-            if ex.replay:
-                ex.pending = [bytes(ex.replay), *(ex.pending or ())]
-                ex.pending_size = sum(map(len, ex.pending))
-            ex.replay = None
-            failed = upstream.address
-            self.loop.create_task(self._connect(ex, ex.route.backend.alternative(failed), (failed,)))
-            return
+            return self._retry_elsewhere(ex, upstream)
         log.info("%s via %s:%s: %s", ex.route.service.name, *upstream.address, reason)
         self._fail(ex, status)
 
@@ -885,10 +904,13 @@ def _may_retry(ex: Exchange, condition: str) -> bool:
     return condition in protection.retry_on and ex.retries < protection.retries
 
 
-def _replay_buffer(ex: Exchange) -> bytearray | None:
-    """Where to keep the body while it may have to be sent again, or None when the
-    service retries no empty response."""
-    return bytearray() if _may_retry(ex, "empty-response") else None
+def _replay_buffer(ex: Exchange, reused: bool) -> bytearray | None:
+    """Where to keep the body while it may have to be sent again: on a `reused` connection
+    of a service retrying empty responses, or for an idempotent request of one retrying 503s;
+    None otherwise."""
+    if reused and _may_retry(ex, "empty-response"):
+        return bytearray()
+    return bytearray() if ex.route.retry_503 and ex.method in IDEMPOTENT and _may_retry(ex, "503") else None
 
 
 def _unusual_head(version: str, host: bytes | None, upgrade: bytes | None, ex: Exchange, method: bytes) -> int:

@@ -37,7 +37,7 @@ class Route:
     """A destination made ready for the data plane, its features compiled into steps."""
 
     __slots__ = ("service", "destination", "backend", "priority", "request_steps", "response_plan", "features", "stats",
-                 "sticky")
+                 "sticky", "retry_503")
 
     def __init__(self, service: Service, destination: Destination, backend: Any, priority: int, stats: Any = None):
         self.service = service
@@ -49,6 +49,8 @@ class Route:
         self.features = bool(self.request_steps or self.response_plan)  # False: the proxy's plain path
         self.stats = stats  # metrics.ServiceStats, shared by every route of the service and kept across tables
         self.sticky = None  # balancer.Sticky for sessionType=sticky-server: picks the route variant per request
+        protection = service.protection
+        self.retry_503 = "503" in protection.retry_on and protection.retries > 0  # (client.ClientConnection.response_head)
 
     def moved(self, priority: int) -> Route:
         """This route at another priority, sharing everything compiled (a table relabelled

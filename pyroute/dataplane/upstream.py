@@ -31,6 +31,11 @@ MAX_RESPONSE_HEAD = 64 * 1024  # a response head larger than this is refused (50
 CHUNK_END = b"0\r\n\r\n"  # the last chunk of a chunked body (no trailers)
 
 
+class ResponseRetried(Exception):
+    """Raised by ExchangeOwner.response_head for a response it will not take (a 503 it retries
+    on another task): it has aborted the connection, and nothing more of it is read."""
+
+
 class TlsAddress(tuple):
     """(ip, port) of an upstream spoken to over TLS: pooled apart from plain (ip, port)."""
 
@@ -142,7 +147,8 @@ class ExchangeOwner(Protocol):
     def response_head(self, head: bytes, forwardable: bytes | None, close_delimited: bool) -> bool:
         """The final response head (`forwardable`: headers.inspect_response_head's verdict).
         True: it goes out exactly as received, as part of the raw bytes of the read;
-        False: the owner queued its own head in `out`, and raw bytes resume after it."""
+        False: the owner queued its own head in `out`, and raw bytes resume after it.
+        Raises ResponseRetried when the owner let go of the connection to try elsewhere."""
 
     def response_body(self, data: bytes) -> None:
         """Raw body bytes of a response whose exchange transforms its body."""
@@ -260,6 +266,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail("101 to a request that asked for no upgrade")
             return
         except httptools.HttpParserError as exc:
+            if type(exc.__context__) is ResponseRetried:
+                return
             if in_head:
                 owner.retract_response()  # the head this read completed never went out: 502
             return self._fail(f"invalid response: {exc.__context__ or exc}")
