@@ -772,7 +772,6 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         sent = self.sent - self.sent_mark
         self.received_mark = self.received
         self.sent_mark = self.sent
-        ex.finished = now
         if ex.slot is not None:
             ex.slot.release()
         ex.stats.count(ex, status, now, received, sent)

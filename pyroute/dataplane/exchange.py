@@ -10,7 +10,9 @@ response_body): nothing is swapped in for the client's output or for its owner.
 Its timestamps are seconds from clock.clock() (time.monotonic): a duration is the
 difference of two, exact to the microsecond. A plain request's stamps come from the two
 clock reads it costs: `started`, `head_done` and `sent_at` from the read of its head,
-`response_at` and `finished` from the read that completed its response.
+`response_at` from the read of its response head, and the end (the `now` that
+ClientConnection._account passes to the counters and the access log) from the read that
+completed it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Exchange:
         "route", "head", "keep_alive", "http11", "is_head", "has_body", "chunked",
         "pending", "pending_size", "request_done", "upstream", "responded", "retries", "replay", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
-        "slot", "started", "head_done", "sent_at", "response_at", "finished", "status", "address", "broken",
+        "slot", "started", "head_done", "sent_at", "response_at", "status", "address", "broken",
         "upgrade", "body_left", "chunk_mark", "client_ip", "request_id", "log_headers",
     )
 
@@ -55,8 +57,7 @@ class Exchange:
         # Timestamps, clock.clock() seconds, for metrics, the access log
         # and anything else that reports durations. Set by the client side as they happen:
         # `started` (the first byte of the request head was read) and `head_done` (the head was
-        # complete) at creation, `finished` (the response completed, or the exchange was
-        # abandoned) when it is counted; these two stay 0.0 until they happen:
+        # complete) at creation; these two stay 0.0 until they happen:
         self.sent_at = 0.0  # request head written upstream
         self.response_at = 0.0  # response head arrived
         self.status = 0  # the upstream's status
