@@ -120,3 +120,27 @@ def test_request_id_from_a_trusted_balancer_is_kept(make_pyroute, dns, replicas)
     assert access_entries(p, "/rid/echo")[-1]["request_id"] == "lb-4711"
     st, headers, body = curl(p, "/rid/echo", "X-Request-ID: lb-4711")  # from 127.0.0.1: not trusted
     assert st == 200 and upstream_headers(body, "X-Request-ID") == headers["x-request-id"] != ["lb-4711"]
+
+
+def test_request_id_echoed_by_the_upstream_is_not_doubled(make_pyroute, dns, replicas):
+    """A service that copies the request's X-Request-ID onto its response (a common middleware):
+    the client sees the ID once, the upstream's line, not pyroute's beside it."""
+    up = replicas[0]
+    dns.set_service("rid-e", up.ip)
+    p = make_pyroute(DEBUG="true")
+    p.reconfigure(serviceName="rid-e", servicePath="/rid", port=up.port)
+    st, headers, body = curl(p, "/rid/echo-id")
+    assert st == 200 and body == b"id echoed" and len(headers["x-request-id"]) == 1
+    assert access_entries(p, "/rid/echo-id")[-1]["request_id"] == headers["x-request-id"][0]
+
+
+def test_request_id_added_by_a_header_edit_is_replaced(make_pyroute, dns, replicas):
+    """addReqHeader may name the ID header: like a client's, that value is not the request's
+    ID (no trusted peer) and is replaced, not forwarded beside pyroute's."""
+    up = replicas[0]
+    dns.set_service("rid-h", up.ip)
+    p = make_pyroute(DEBUG="true")
+    p.reconfigure(serviceName="rid-h", servicePath="/rid", port=up.port, addReqHeader="X-Request-ID from-edit")
+    st, headers, body = curl(p, "/rid/echo")
+    sent = upstream_headers(body, "X-Request-ID")
+    assert st == 200 and len(sent) == 1 and sent != ["from-edit"] and headers["x-request-id"] == sent

@@ -51,6 +51,7 @@ log = logging.getLogger("pyroute.dataplane.client")
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while the upstream connection opens
 MAX_REPLAY_BODY = 64 * 1024  # body bytes kept to retry a request sent on a reused connection
 HEAD_LINE_ROOM = 64  # raw bytes per head line beyond the limits' count: method, version, ": ", CRLF
+CRLF = b"\r\n"  # the blank line that ends a head
 
 # Why reading from the client is paused (a bit each, reading resumes when none is left: flow.py).
 PAUSE_UPSTREAM = PEER_FULL  # the upstream's socket buffer is full
@@ -175,6 +176,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
         "out", "served", "closed", "received", "sent", "sent_mark", "received_mark", "upgrade",
         "head_bytes", "in_trailers", "trailers_at", "connection_header", "peer_trusted", "forwarded",
+        "id_header_size", "id_header", "id_header_seen",
     )
 
     def __init__(self, server: ProxyServer):
@@ -210,6 +212,12 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.connection_header = False  # the head being read has a Connection or Proxy-Connection header
         self.peer_trusted = False  # the peer is one of TRUSTED_PROXIES (forwarded.py)
         self.forwarded = True  # the peer may set X-Forwarded-For/-Proto (TRUSTED_PROXIES empty, or trusted)
+        request_ids = server.request_ids
+        # The request ID's header, lowercase, noted as the head is parsed (requestid.py: tag()
+        # looks for the client's ID only when it came); size -1: no request ID to look for.
+        self.id_header = request_ids.lower if request_ids is not None else None
+        self.id_header_size = len(self.id_header) if self.id_header is not None else -1
+        self.id_header_seen = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -350,6 +358,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self.upgrade = value
         elif (size == 10 and name.lower() == b"connection") or (size == 16 and name.lower() == b"proxy-connection"):
             self.connection_header = True  # (llhttp reads both for keep-alive)
+        if size == self.id_header_size and name.lower() == self.id_header:
+            self.id_header_seen = True
         self.headers.append((name, value))
         self.head_size += size + len(value)
         server = self.server
@@ -391,6 +401,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.length = 0
         self.head_size = 0
         self.connection_header = False
+        id_header_seen = self.id_header_seen
+        self.id_header_seen = False
         if host is None or not http11 or upgrade is not None:  # the unusual heads, checked off the fast path
             self.upgrade = None
             if upgrade is not None and not parser.should_upgrade():
@@ -427,11 +439,13 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                         url, headers = req.path + req.query, req.headers
                 if not ex.local:
                     ex.route = route
+                    id_line = b""
                     if self.server.request_ids is not None:  # (requestid.py)
-                        ex.request_id, headers = self.server.request_ids.tag(headers, self.peer_trusted)
+                        headers, id_line = self.server.request_ids.tag(
+                            ex, headers, self.peer_trusted, id_header_seen or route.features)
                     ex.head = request_head(
                         method, url, headers, self.client_ip, self.server.proto,
-                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade, self.forwarded,
+                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade, self.forwarded, id_line,
                     )
                     if ex.has_body:
                         self._limit_body(ex, length)
@@ -491,7 +505,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             if self.headers:  # trailer fields came through on_header: they belong to no head
                 self.headers = []
                 self.host = self.upgrade = None
-                self.chunked = self.connection_header = False
+                self.chunked = self.connection_header = self.id_header_seen = False
                 self.length = self.head_size = 0
             if not ex.local:
                 if ex.upstream is not None:
@@ -633,7 +647,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             response = error_head_only(status, close) if ex.is_head else error_response(status, close)
         if ex.request_id is not None:  # routed, then no upstream answered (503, 502, 504)
             end = response.index(b"\r\n\r\n") + 4
-            response = self.server.request_ids.on_response(response[:end], ex.request_id) + response[end:]
+            response = self.server.request_ids.on_response(response[:end], ex) + response[end:]
         self.out.append(response)
         self.response_complete(None, False)
 
@@ -693,8 +707,10 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             sent = forwardable
         else:
             sent = client_response_head(head, forwardable, close, ex.http11)
-        if ex.request_id is not None:
-            sent = self.server.request_ids.on_response(sent, ex.request_id)
+        request_id = ex.request_id
+        if request_id is not None and request_id not in sent:  # (not when the upstream echoed it)
+            self.out += (sent[:-2], ex.request_id_line, CRLF)  # (requestid.py; joined in flush)
+            return False
         if sent is head:
             return True
         self.out.append(sent)
@@ -737,7 +753,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             head, transform = ex.response_edit.head(ex, head, close_delimited)
             forwardable = None  # an edited head is rebuilt whole
         head = client_response_head(head, forwardable, close, ex.http11)
-        self.out.append(head if ex.request_id is None else self.server.request_ids.on_response(head, ex.request_id))
+        self.out.append(head if ex.request_id is None else self.server.request_ids.on_response(head, ex))
         if transform is not None:
             if transform.done:  # an empty body: its transformed form is complete already
                 self.out.append(transform.take())

@@ -28,7 +28,7 @@ class Exchange:
         "pending", "pending_size", "request_done", "upstream", "responded", "retries", "replay", "local",
         "close_after", "reply", "response_edit", "set_cookie", "body_transform", "stats", "method", "url",
         "slot", "started", "head_done", "sent_at", "response_at", "status", "address", "broken",
-        "upgrade", "body_left", "chunk_mark", "client_ip", "request_id", "log_headers",
+        "upgrade", "body_left", "chunk_mark", "client_ip", "request_id", "request_id_line", "log_headers",
     )
 
     def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
@@ -68,4 +68,5 @@ class Exchange:
         self.chunk_mark = -1  # body_left at the last chunk-size line (unchanged since: trailers)
         self.client_ip = b""  # the client address every consumer reads (forwarded.py, TRUSTED_PROXIES)
         self.request_id: bytes | None = None  # requestid.RequestIds: on the upstream request, response, log
+        # (request_id_line, its "Name: ID\r\n" header line, is set with it)
         self.log_headers = None  # the request's headers, kept only for ACCESS_LOG_FORMAT=combined

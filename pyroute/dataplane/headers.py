@@ -74,6 +74,7 @@ def request_head(
     line_end: bytes = REQUEST_LINE_END_11,
     upgrade: bytes | None = None,
     forwarded: bool = True,
+    extra: bytes = b"",
 ) -> bytes:
     """The head to send upstream, in the client's HTTP version (`line_end`): the one
     builder for every routed request (features only edit `target` and `headers` first).
@@ -83,6 +84,7 @@ def request_head(
     `upgrade`: the protocol an Upgrade request asks for, passed on with its Connection
     header (the only hop-by-hop pair that is). `forwarded`: the peer may set X-Forwarded-For
     (appended to) and, on plain HTTP, X-Forwarded-Proto (passed on); False: both are replaced.
+    `extra`: header lines to add as they are (the request ID's, requestid.py).
     Raises ConnectionNamesFraming (checked only when a Connection header is present).
     """
     parts = [method, b" ", target, line_end]
@@ -109,6 +111,7 @@ def request_head(
             continue
         parts += (name, b": ", value, b"\r\n")
     parts += (
+        extra,
         b"X-Forwarded-For: ",
         forwarded_for + b", " + client_ip if forwarded_for else client_ip,
         b"\r\nX-Forwarded-Proto: ",

@@ -36,27 +36,36 @@ class RequestIds:
         self.trace_prefix = os.urandom(8).hex().encode() if generate_traceparent else None
         self.span_base = int.from_bytes(os.urandom(8), "big")
 
-    def tag(self, headers: list[tuple[bytes, bytes]],
-            trusted: bool) -> tuple[bytes | None, list[tuple[bytes, bytes]]]:
-        """(the request's ID or None, its headers with the ID and a started traceparent added).
+    def tag(self, ex, headers: list[tuple[bytes, bytes]], trusted: bool,
+            seen: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """Set `ex.request_id` and `ex.request_id_line` (the header line the response gets);
+        return the request's headers (a started traceparent added) and the line to add to the
+        upstream head (b"" when the client's kept ID is among the headers already).
 
-        `trusted`: the peer is in TRUSTED_PROXIES, so an ID it sent is kept as the request's."""
+        `trusted`: the peer is in TRUSTED_PROXIES, so an ID it sent is kept as the request's.
+        `seen`: the headers may hold the ID header (the client sent it, or a route feature may
+        have added it); False spares the scan, the common case."""
         self.count += 1
         count = self.count
         name = self.name
-        request_id = None
+        line = b""
         if name is not None:
-            lower = self.lower
-            for n, v in headers:  # (a plain loop: the cheapest scan in CPython for a handful of headers)
-                if n.lower() == lower:
-                    if trusted and v:  # a trusted balancer's own ID: kept
-                        request_id = v
+            request_id = None
+            if seen:
+                lower = self.lower
+                for n, v in headers:  # (a plain loop: the cheapest scan in CPython for a handful of headers)
+                    if n.lower() == lower:
+                        if trusted and v:  # a trusted balancer's own ID: kept
+                            request_id = v
+                            break
+                        headers = [(n, v) for n, v in headers if n.lower() != lower]  # anyone else's: dropped
                         break
-                    headers = [(n, v) for n, v in headers if n.lower() != lower]  # anyone else's: dropped
-                    break
             if request_id is None:
                 request_id = b"%s%x" % (self.prefix, count)
-                headers.append((name, request_id))
+                line = ex.request_id_line = b"%b%b\r\n" % (self.response_line, request_id)
+            else:
+                ex.request_id_line = b"%b%b\r\n" % (self.response_line, request_id)
+            ex.request_id = request_id
         if self.trace_prefix is not None:
             for n, _ in headers:
                 if n.lower() == TRACEPARENT:
@@ -64,10 +73,10 @@ class RequestIds:
             else:
                 span = (self.span_base + count) & _SPAN_MASK or 1  # an all-zero parent-id is invalid
                 headers.append((TRACEPARENT, b"00-%s%016x-%016x-01" % (self.trace_prefix, count, span)))
-        return request_id, headers
+        return headers, line
 
-    def on_response(self, head: bytes, request_id: bytes) -> bytes:
+    def on_response(self, head: bytes, ex) -> bytes:
         """A client response head with the request ID added (unless the upstream echoed it)."""
-        if request_id in head:
+        if ex.request_id in head:
             return head
-        return b"%b%b%b\r\n\r\n" % (head[:-2], self.response_line, request_id)
+        return b"%b%b\r\n" % (head[:-2], ex.request_id_line)

@@ -325,6 +325,11 @@ class Fleet:
             body = b"slow done"
             await send(200, [("Content-Length", str(len(body)))], body)
             return True
+        if path.endswith("/echo-id"):  # a service that answers with the request's X-Request-ID, as many do
+            body = b"id echoed"
+            echoed = [("X-Request-ID", v) for v in rec.header("X-Request-ID")]
+            await send(200, [*echoed, ("Content-Length", str(len(body)))], body)
+            return True
         if path.endswith("/garbage"):
             writer.write(b"this is not HTTP at all\r\n\x00\x01\x02\r\n\r\n")
             await writer.drain()
