@@ -10,8 +10,9 @@ the rest by aclName; within a service, destinations in index order. Paths match 
 byte prefixes (``path_beg``); hosts as the service's ``serviceDomainAlgo``.
 
 Speed: per distinct Host value the table keeps a small index of the routes that host
-can reach, bucketed by prefix length, so a match costs one dict lookup per distinct
-prefix length whatever the number of services.
+can reach, bucketed by the prefix's first bytes and length, so a match costs one dict
+lookup for the path's first bytes, then one per prefix length that starts with them,
+whatever the number of services.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ LONGEST_RANK = 1 << 48  # rank = (LONGEST_RANK - pattern length) * LONGEST_RANK 
 NO_RANK = LONGEST_RANK * LONGEST_RANK * 2  # the rank of "no match", below every real one
 PRIORITY_GAP = 1 << 16  # priorities between neighbouring services at a full build: room for later inserts
 MAX_INCREMENTAL = 64  # services changed at once above which (and above 1/8 of all) a table is built whole
+START = 2  # bytes of a path (its "/" and the next one) that pick the prefix lengths worth a lookup
 
 
 class Route:
@@ -162,13 +164,14 @@ def _condition(d: Destination, path_type: str, pattern: str) -> Callable[[bytes,
 
 class PathIndex:
     """Routes one set of routes can reach by path. Plain path_beg routes are bucketed by
-    prefix length (one dict lookup per distinct length, the first route by priority wins
-    per prefix); routes with other conditions (pathType, excludes, headers, userAgent,
-    srcPort) are tested in rank order only when they outrank the best plain match; the
-    default backend catches the rest. `updated()` derives the index of a changed route
-    set, sharing every bucket the change does not touch."""
+    their first START bytes, then by prefix length (the first route by priority wins per
+    prefix): a match looks up the path's first bytes once, then once per prefix length
+    under them, plus once per prefix shorter than START; routes with other conditions
+    (pathType, excludes, headers, userAgent, srcPort) are tested in rank order only when
+    they outrank the best plain match; the default backend catches the rest. `updated()`
+    derives the index of a changed route set, sharing every bucket the change does not touch."""
 
-    __slots__ = ("buckets", "claims", "conditional", "default", "longest", "match")
+    __slots__ = ("groups", "by_start", "short", "claims", "conditional", "default", "longest", "match")
 
     def __init__(self, routes: Iterable[Route], longest: bool = False, default: Route | None = None):
         claims: dict[bytes, tuple[Route, ...]] = {}
@@ -181,19 +184,37 @@ class PathIndex:
                 else:
                     prefix = path.encode()
                     claims[prefix] = (*claims.get(prefix, ()), route)
-        by_length: dict[int, dict[bytes, Route]] = {}
+        groups: dict[bytes | None, dict[int, dict[bytes, Route]]] = {}
         for prefix, claimants in claims.items():
-            by_length.setdefault(len(prefix), {})[prefix] = claimants[0]
+            groups.setdefault(_start(prefix), {}).setdefault(len(prefix), {})[prefix] = claimants[0]
         conditional.sort(key=_rank)
-        self._finish(by_length, claims, tuple(conditional), longest, default)
+        self._finish(groups, claims, tuple(conditional), longest, default, groups)
 
-    def _finish(self, by_length: dict[int, dict[bytes, Route]], claims: dict[bytes, tuple[Route, ...]],
-                conditional: tuple, longest: bool, default: Route | None) -> None:
-        self.buckets = tuple(sorted(by_length.items(), reverse=longest))
+    def _finish(self, groups: dict[bytes | None, dict[int, dict[bytes, Route]]], claims: dict[bytes, tuple[Route, ...]],
+                conditional: tuple, longest: bool, default: Route | None, changed: Iterable[bytes | None],
+                previous: PathIndex | None = None) -> None:
+        """`changed`: the groups whose buckets differ from `previous`'s (every one without it)."""
+        self.groups = groups  # first START bytes (None: shorter prefixes) -> length -> prefix -> route
         self.claims = claims  # prefix -> every plain route claiming it, by priority (for updates)
         self.conditional = conditional
         self.default = default
         self.longest = longest
+        short = groups.get(None)
+        self.short = tuple(sorted(short.items(), reverse=longest)) if short else ()
+        if previous is not None and None not in changed:
+            by_start = dict(previous.by_start)
+        else:  # every group's candidates hold the short buckets
+            by_start, changed = {}, groups.keys()
+        for start in changed:
+            if start is None:
+                continue
+            lengths = groups.get(start)
+            if lengths:
+                own = tuple(sorted(lengths.items(), reverse=longest))  # shorter prefixes: before, or after if longest
+                by_start[start] = (*own, *self.short) if longest else (*self.short, *own)
+            else:
+                by_start.pop(start, None)
+        self.by_start = by_start  # a path's first START bytes -> the (length, bucket) pairs to look up, in order
         if conditional or default is not None:
             self.match = self._match_conditions
         else:
@@ -202,8 +223,9 @@ class PathIndex:
     def updated(self, removed: Iterable[Route], added: Iterable[Route], default: Route | None) -> PathIndex:
         """This index with `removed` routes gone and `added` ones in; self is left as it was."""
         claims = dict(self.claims)
-        by_length = dict(self.buckets)
-        copied: set[int] = set()
+        groups = dict(self.groups)
+        copied: set[tuple[bytes | None, int]] = set()
+        copied_groups: set[bytes | None] = set()
         conditional = self.conditional
         gone = {id(r) for r in removed if r.destination.conditional}
         if gone:
@@ -226,31 +248,34 @@ class PathIndex:
                     claims[prefix] = tuple(sorted((*claims.get(prefix, ()), route), key=_priority))
                     touched.add(prefix)
         for prefix in touched:
-            length = len(prefix)
-            if length not in copied:  # copy-on-write: the previous table keeps its bucket
-                copied.add(length)
-                by_length[length] = dict(by_length.get(length, {}))
-            bucket = by_length[length]
+            start, length = _start(prefix), len(prefix)
+            if (start, length) not in copied:  # copy-on-write: the previous table keeps its buckets
+                if start not in copied_groups:
+                    copied_groups.add(start)
+                    groups[start] = dict(groups.get(start, {}))
+                copied.add((start, length))
+                groups[start][length] = dict(groups[start].get(length, {}))
+            bucket = groups[start][length]
             if claims[prefix]:
                 bucket[prefix] = claims[prefix][0]
             else:
                 del claims[prefix]
                 bucket.pop(prefix, None)
-        for length in copied:
-            if not by_length[length]:
-                del by_length[length]
+        for start, length in copied:
+            lengths = groups.get(start)
+            if lengths is not None and not lengths[length]:
+                del lengths[length]
+                if not lengths:
+                    del groups[start]
         if new_conditional:
             conditional = tuple(sorted((*conditional, *new_conditional), key=_rank))
         index = PathIndex.__new__(PathIndex)
-        index._finish(by_length, claims, conditional, self.longest, default)
+        index._finish(groups, claims, conditional, self.longest, default, copied_groups, self)
         return index
 
     def _match_first(self, path: bytes, headers=None, conn=None) -> Route | None:
         best = None
-        size = len(path)
-        for length, prefixes in self.buckets:
-            if length > size:
-                break
+        for length, prefixes in self.by_start.get(path[:START], self.short):  # a slice past the end misses
             route = prefixes.get(path[:length])
             if route is not None and (best is None or route.priority < best.priority):
                 best = route
@@ -260,12 +285,10 @@ class PathIndex:
         return self._plain_longest(path)[1]
 
     def _plain_longest(self, path: bytes) -> tuple[int, Route | None]:
-        size = len(path)
-        for length, prefixes in self.buckets:  # longest prefixes first
-            if length <= size:
-                route = prefixes.get(path[:length])
-                if route is not None:
-                    return (LONGEST_RANK - length) * LONGEST_RANK + route.priority, route
+        for length, prefixes in self.by_start.get(path[:START], self.short):  # longest prefixes first
+            route = prefixes.get(path[:length])
+            if route is not None:
+                return (LONGEST_RANK - length) * LONGEST_RANK + route.priority, route
         return NO_RANK, None
 
     def best(self, path: bytes, headers, conn) -> tuple[int, Route | None]:
@@ -285,6 +308,11 @@ class PathIndex:
     def _match_conditions(self, path: bytes, headers, conn) -> Route | None:
         route = self.best(path, headers, conn)[1]
         return route if route is not None else self.default
+
+
+def _start(prefix: bytes) -> bytes | None:
+    """The group of a plain prefix: its first START bytes, or None when it is shorter."""
+    return prefix[:START] if len(prefix) >= START else None
 
 
 def _priority(route: Route) -> int:
