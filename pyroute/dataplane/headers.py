@@ -47,6 +47,7 @@ NEVER_HOP_BY_HOP_REQUEST = frozenset({b"content-length", b"transfer-encoding", b
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _FRAMING_HEADER = re.compile(rb"\n(?:content-length|transfer-encoding)[ \t]*:", re.I)
 _CONTENT_LENGTH = (b"Content-Length", b"content-length")
+_CHUNKED_LINE = b"\r\nTransfer-Encoding: chunked\r\n"
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 
@@ -141,12 +142,18 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
     names = _RESPONSE_HEADER.findall(head)
     http11 = head[:9] == b"HTTP/1.1 "  # (cheaper than startswith, which parses its arguments)
     if http11:  # the common cases, decided without match objects
-        if len(names) == 1 and names[0] in _CONTENT_LENGTH:
-            return False, head
-        if len(names) == 2 and names[0] in _CONTENT_LENGTH and names[1] == b"Connection":  # nginx
-            cut = head.replace(b"\r\nConnection: keep-alive\r\n", b"\r\n", 1)
-            if len(cut) < len(head):
-                return False, cut
+        count = len(names)
+        if not count:
+            return True, head
+        # One framing header first: a Content-Length, or a Transfer-Encoding that the one
+        # exact "chunked" line must be (the only line the scan matched with that name).
+        if names[0] in _CONTENT_LENGTH or names[0] == b"Transfer-Encoding" and head.find(_CHUNKED_LINE) >= 0:
+            if count == 1:
+                return False, head
+            if count == 2 and names[1] == b"Connection":  # nginx
+                cut = head.replace(b"\r\nConnection: keep-alive\r\n", b"\r\n", 1)
+                if len(cut) < len(head):
+                    return False, cut
     close_delimited = True
     cuts: list[tuple[int, int]] = []
     rewrite = not http11
