@@ -708,7 +708,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         else:
             sent = client_response_head(head, forwardable, close, ex.http11)
         request_id = ex.request_id
-        if request_id is not None and request_id not in sent:  # (not when the upstream echoed it)
+        if request_id is not None and sent.find(request_id) < 0:  # (not when the upstream echoed it)
             self.out += (sent[:-2], ex.request_id_line, CRLF)  # (requestid.py; joined in flush)
             return False
         if sent is head:
