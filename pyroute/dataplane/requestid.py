@@ -26,7 +26,7 @@ class RequestIds:
     """What ProxyServer binds when either feature is on; `tag` runs once per routed request."""
 
     __slots__ = ("name", "lower", "prefix", "count", "trace_prefix", "span_base", "response_line", "line_start",
-                 "id_start")
+                 "id_start", "plain")
 
     def __init__(self, header: str | None, generate_traceparent: bool):
         self.name = header.encode("ascii") if header else None  # None: no request ID
@@ -39,6 +39,15 @@ class RequestIds:
         self.count = 0
         self.trace_prefix = os.urandom(8).hex().encode() if generate_traceparent else None
         self.span_base = int.from_bytes(os.urandom(8), "big")
+        self.plain = self.name is not None and self.trace_prefix is None  # fresh() is all a request needs
+
+    def fresh(self, ex) -> bytes:
+        """A new ID for `ex` (the common case: the client sent none, no traceparent to start):
+        the header line the upstream head and the response get."""
+        self.count += 1
+        line = ex.request_id_line = b"%b%x\r\n" % (self.line_start, self.count)
+        ex.request_id = line[self.id_start : -2]
+        return line
 
     def tag(self, ex, headers: list[tuple[bytes, bytes]], trusted: bool,
             seen: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -49,8 +58,6 @@ class RequestIds:
         `trusted`: the peer is in TRUSTED_PROXIES, so an ID it sent is kept as the request's.
         `seen`: the headers may hold the ID header (the client sent it, or a route feature may
         have added it); False spares the scan, the common case."""
-        self.count += 1
-        count = self.count
         name = self.name
         line = b""
         if name is not None:
@@ -65,11 +72,14 @@ class RequestIds:
                         headers = [(n, v) for n, v in headers if n.lower() != lower]  # anyone else's: dropped
                         break
             if request_id is None:
-                line = ex.request_id_line = b"%b%x\r\n" % (self.line_start, count)
-                request_id = line[self.id_start : -2]
+                line = self.fresh(ex)
             else:
+                self.count += 1
                 ex.request_id_line = b"%b%b\r\n" % (self.response_line, request_id)
-            ex.request_id = request_id
+                ex.request_id = request_id
+        else:
+            self.count += 1
+        count = self.count
         if self.trace_prefix is not None:
             for n, _ in headers:
                 if n.lower() == TRACEPARENT:
