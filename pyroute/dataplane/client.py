@@ -408,7 +408,16 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         chunked = self.chunked
         length = self.length
         upgrade = self.upgrade
-        raw = None if self.edited else self.raw  # (an edited head is rebuilt)
+        raw = self.raw
+        if raw is not None:
+            # The head as sent, if it can go upstream so: no header to edit, and the request
+            # line as llhttp read it ("M SP target SP HTTP/1.x CRLF": its first CRLF there means
+            # no empty line before it and single spaces). llhttp takes no CR but in a CRLF and
+            # no empty line inside a head, so the head ends at the first CRLF CRLF.
+            if self.edited or raw.find(b"\r\n") != len(method) + len(url) + 10:
+                raw = None
+            else:
+                raw = raw[: raw.find(b"\r\n\r\n") + 4]
         id_header_seen = self.id_header_seen
         ex = Exchange(keep_alive, http11, method, url, chunked, chunked or length > 0, self.head_started, self.last_io,
                       forwarded_client(headers, self.client_ip, server.trusted_proxies) if self.peer_trusted
@@ -489,10 +498,10 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                raw: bytes | None, upgrade: bytes | None, id_header_seen: bool, length: int) -> None:
         """Route the request and make its upstream head (ex.route, ex.head), or set ex.local.
 
-        `raw`: the read this head came in at its start, when no header needs editing: then the
-        head goes upstream as the client sent it, with the request ID and X-Forwarded-* lines
-        added, after one check that llhttp's request line is the raw one (a single space each
-        side of the target, so the target is what llhttp gave); otherwise it is rebuilt."""
+        `raw`: the head's bytes as the client sent them, when no header needs editing and its
+        request line is the one llhttp read (a single space each side of the target, no empty
+        line before it): then the head goes upstream as it came, with the request ID and
+        X-Forwarded-* lines added; otherwise it is rebuilt."""
         server = self.server
         route = server.table.match(host, path, headers, self)
         if route is not None and route.sticky is not None:  # sessionType=sticky-server:
@@ -511,10 +520,8 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             raw = None
         ex.route = route
         request_ids = server.request_ids
-        if raw is not None and (request_ids is None or request_ids.plain) and \
-                raw.find(b"\r\n") == len(method) + len(url) + 10:
-            ex.head = b"".join((raw[: raw.find(b"\r\n\r\n") + 2], request_ids.fresh(ex) if request_ids is not None else b"",
-                                self.forward_tail))
+        if raw is not None and (request_ids is None or request_ids.plain):
+            ex.head = b"".join((raw[:-2], request_ids.fresh(ex) if request_ids is not None else b"", self.forward_tail))
         else:
             id_line = b""
             if request_ids is not None:  # (requestid.py)
@@ -721,7 +728,12 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 upstream.close()
         else:
             now = clock()
-        self.flush()
+        out = self.out
+        if out:  # (flush, inline)
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.sent += len(data)
+            self.transport.write(data)
+            out.clear()
         self._account(ex, ex.local or ex.status, "", now)
         if ex.close_after:
             self.transport.close()
@@ -752,15 +764,14 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self._retry_503(ex, upstream)  # raises ResponseRetried when it does
         ex.responded = True
         ex.response_at = upstream.last_io
-        close = not ex.keep_alive or not ex.request_done or close_delimited
-        ex.close_after = close
+        close = ex.close_after = not ex.keep_alive or not ex.request_done or close_delimited
         if ex.set_cookie is not None or ex.response_edit is not None:
             self._transform_head(ex, head, forwardable, close_delimited, close)
             return False
-        if forwardable is not None and not close and ex.http11:  # (client_response_head's common case)
-            sent = forwardable
-        else:
+        if forwardable is None or close or not ex.http11:  # (else client_response_head's common case)
             sent = client_response_head(head, forwardable, close, ex.http11)
+        else:
+            sent = forwardable
         request_id = ex.request_id
         if request_id is not None and sent.find(request_id) < 0:  # (not when the upstream echoed it)
             self.out += (sent[:-2], ex.request_id_line, CRLF)  # (requestid.py; joined in flush)
