@@ -150,10 +150,16 @@ def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
         if names[0] in _CONTENT_LENGTH or names[0] == b"Transfer-Encoding" and head.find(_CHUNKED_LINE) >= 0:
             if count == 1:
                 return False, head
-            if count == 2 and names[1] == b"Connection":  # nginx
+            # nginx: and "Connection: keep-alive"; Node.js: and "Keep-Alive: timeout=5" after it.
+            node = count == 3 and names[2] == b"Keep-Alive"
+            if (count == 2 or node) and names[1] == b"Connection":
                 cut = head.replace(b"\r\nConnection: keep-alive\r\n", b"\r\n", 1)
                 if len(cut) < len(head):
-                    return False, cut
+                    if not node:
+                        return False, cut
+                    start = cut.find(b"\r\nKeep-Alive:")
+                    if start >= 0:
+                        return False, cut[:start] + cut[cut.find(b"\r\n", start + 13) :]
     close_delimited = True
     cuts: list[tuple[int, int]] = []
     rewrite = not http11
