@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 
 import orjson
 
@@ -35,6 +35,24 @@ DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 FIRST_BOUND = DURATION_BOUNDS[0]
 METHOD_CLASSES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 UNROUTED = ""  # the service label of requests no route matched (or refused before routing)
+
+
+def _duration_buckets() -> tuple[tuple[int, float], ...]:
+    """Per latency bucket (latency.BOUNDS, then the bucket above them): the duration bucket
+    of its durations and the DURATION_BOUNDS bound that splits it (inf: none), so that a
+    request's one bisect gives both buckets. A latency bucket is 9% wide and duration bounds
+    are twice as far apart or more: one bound at most falls inside."""
+    out = []
+    lower = float("-inf")
+    for upper in (*latency.BOUNDS, float("inf")):
+        inside = [bound for bound in DURATION_BOUNDS if lower < bound < upper]
+        out.append((bisect_right(DURATION_BOUNDS, lower), inside[0] if inside else float("inf")))
+        lower = upper
+    return tuple(out)
+
+
+LATENCY_BOUNDS = latency.BOUNDS
+DURATION_OF_LATENCY = _duration_buckets()  # (first duration bucket, bound above which it is the next)
 
 
 def method_class(method: str) -> str:
@@ -125,11 +143,11 @@ class ServiceStats:
             codes = self.responses[method] = {}
         codes[status] = codes.get(status, 0) + 1
         took = now - ex.started
-        # Most requests land in the first bucket: skip the bisect.
-        self.total[0 if took <= FIRST_BOUND else bisect_left(DURATION_BOUNDS, took)] += 1
-        self.total_sum += took
-        recent = bisect_left(latency.BOUNDS, took)
+        recent = bisect_left(LATENCY_BOUNDS, took)
         self.recent.counts[recent] += 1
+        bucket, split = DURATION_OF_LATENCY[recent]
+        self.total[bucket if took <= split else bucket + 1] += 1
+        self.total_sum += took
         address = ex.address
         if address is not None:
             task = self.addresses.get(address)

@@ -2,6 +2,11 @@
 text parser, the csv module): sums across workers, health by the latest change, label escaping."""
 import csv
 import io
+import math
+from bisect import bisect_left
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -143,3 +148,14 @@ def test_recent_rates_per_slot():
     assert latency.summary(stats.to_json(501)["recent"], 501 + latency.MINUTE_SLOTS)["requests_minute"] == 0
     task = latency.summary(stats.to_json(501)["addresses"]["10.0.0.7:80"]["recent"], 501)
     assert task["request_rate"][-2:] == [20 / latency.SLOT, 0.0] and task["error_rate"][-2:] == [5 / latency.SLOT, 0.0]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.floats(min_value=0.0, max_value=200.0),
+                 st.sampled_from([*metrics.DURATION_BOUNDS, *latency.BOUNDS]),
+                 st.sampled_from(metrics.DURATION_BOUNDS).map(lambda b: math.nextafter(b, math.inf))))
+def test_duration_bucket_from_the_latency_bucket(took):
+    """One bisect gives both buckets: the Prometheus one (le, exact) read off the latency one."""
+    bucket, split = metrics.DURATION_OF_LATENCY[bisect_left(latency.BOUNDS, took)]
+    assert (bucket if took <= split else bucket + 1) == bisect_left(metrics.DURATION_BOUNDS, took)
+
