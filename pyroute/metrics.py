@@ -111,7 +111,7 @@ class ServiceStats:
     """Request counters of one service (or of UNROUTED requests)."""
 
     __slots__ = ("name", "responses", "total", "total_sum", "upstream", "upstream_sum", "first_byte",
-                 "first_byte_sum", "bytes_in", "bytes_out", "addresses", "recent", "errors_counted")
+                 "first_byte_sum", "bytes_in", "bytes_out", "addresses", "recent", "errors_counted", "closed_at")
 
     def __init__(self, name: str):
         self.name = name
@@ -127,6 +127,7 @@ class ServiceStats:
         self.addresses: dict[tuple[str, int], AddressStats] = {}
         self.recent = latency.Recent()  # total durations per slot, and 5xx per closed slot
         self.errors_counted = 0  # 5xx responses up to the open slot
+        self.closed_at = 0  # requests counted (the sum of `total`) when the last slot closed
 
     def address(self, address: tuple[str, int]) -> AddressStats:
         stats = self.addresses.get(address)
@@ -179,6 +180,7 @@ class ServiceStats:
 
     def close_slot(self, slot: int) -> None:
         """The open slot (number `slot`) ends, for the service and each of its tasks."""
+        self.closed_at = sum(self.total)
         errors = self.errors()
         self.recent.close(slot, errors - self.errors_counted)
         self.errors_counted = errors
@@ -212,7 +214,10 @@ class DataStats:
         slot = latency.slot_now()
         if slot != self.slot:
             for stats in (self.unrouted, *self.services.values()):
-                stats.close_slot(self.slot)
+                # Every count adds to `total`: when its sum has not moved, the service and its
+                # tasks counted nothing in the slot, and there is nothing to close.
+                if sum(stats.total) != stats.closed_at:
+                    stats.close_slot(self.slot)
             self.slot = slot
 
     def service(self, name: str) -> ServiceStats:

@@ -159,3 +159,23 @@ def test_duration_bucket_from_the_latency_bucket(took):
     bucket, split = metrics.DURATION_OF_LATENCY[bisect_left(latency.BOUNDS, took)]
     assert (bucket if took <= split else bucket + 1) == bisect_left(metrics.DURATION_BOUNDS, took)
 
+
+def test_rotate_closes_only_services_that_counted(monkeypatch):
+    """An idle service closes nothing; one that counted (or refused) closes its slot and its tasks'."""
+    stats = metrics.DataStats()
+    busy, idle = stats.service("busy"), stats.service("idle")
+    busy.address(("10.0.0.7", 80))
+    idle.address(("10.0.0.8", 80))
+    busy.count(exchange(b"GET", 0.002, 0.001, ("10.0.0.7", 80)), 503, 100.0, 0, 0)
+    stats.unrouted.count_refused(400)
+    slot = stats.slot
+    monkeypatch.setattr(latency, "slot_now", lambda: slot + 1)
+    stats.rotate()
+    assert [s[0] for s in busy.recent.slots] == [slot] and busy.recent.slots[0][2] == 1
+    assert [s[0] for s in busy.addresses[("10.0.0.7", 80)].recent.slots] == [slot]
+    assert not stats.unrouted.recent.slots  # a refusal: no duration, no 5xx, nothing to keep
+    assert stats.unrouted.closed_at == 1 and busy.closed_at == 1
+    assert not idle.recent.slots and not idle.addresses[("10.0.0.8", 80)].recent.slots and idle.closed_at == 0
+    monkeypatch.setattr(latency, "slot_now", lambda: slot + 2)
+    stats.rotate()  # nothing counted since: the busy service's slot stays as it was
+    assert len(busy.recent.slots) == 1 and busy.recent.counts == [0] * (len(latency.BOUNDS) + 1)
