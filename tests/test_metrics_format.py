@@ -16,8 +16,8 @@ from pyroute.dataplane.exchange import Exchange
 
 def exchange(method, took, upstream_took, address=None):
     """An exchange that ended at time 100.0, `took` s after it began (sent upstream `upstream_took` before the end)."""
-    ex = Exchange(True, True, False, False, False)
-    ex.method, ex.started, ex.address = method, 100.0 - took, address
+    ex = Exchange(True, True, method, b"/", False, False, 100.0 - took)
+    ex.address = address
     if upstream_took >= 0:
         ex.sent_at = 100.0 - upstream_took
         ex.response_at = ex.sent_at + upstream_took * 0.6

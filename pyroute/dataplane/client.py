@@ -34,6 +34,7 @@ from pyroute.dataplane.pages import error_head_only, error_response
 from pyroute.dataplane.limits import AddressLimit, body_too_slow
 from pyroute.dataplane.requestid import RequestIds
 from pyroute.dataplane.headers import (
+    HOP_BY_HOP,
     REQUEST_LINE_END_10,
     REQUEST_LINE_END_11,
     client_response_head,
@@ -62,6 +63,13 @@ PAUSE_CLOSING = 16  # the last request asked to close: nothing more is read
 CLOSED_CONNECTION = "Data after `Connection: close`"  # llhttp's error for bytes after such a request
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: closing sends a TCP reset
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))  # RFC 9110 §9.2.2: retryOn=503
+# Request header names the upstream never gets as the client sent them: hop-by-hop ones and
+# X-Forwarded-For/-Proto. A head with one goes through headers.request_head, which rebuilds it;
+# a head without goes upstream as it came, its X-Forwarded-* lines added (_forward).
+EDITED = HOP_BY_HOP | {b"x-forwarded-for", b"x-forwarded-proto"}
+# The lengths of every name on_header looks at (these, Host, the framing headers; the request
+# ID's is added per server): a name of another length is passed over with one set lookup.
+WATCHED_SIZES = frozenset(len(name) for name in (*EDITED, b"host", b"content-length", b"transfer-encoding"))
 
 
 class ClientLimit:
@@ -141,6 +149,8 @@ class ProxyServer:
         self.request_ids = (RequestIds(settings.request_id_header if settings.request_id else None,
                                        settings.traceparent == "generate")
                             if settings.request_id or settings.traceparent == "generate" else None)
+        ids = self.request_ids
+        self.watched_sizes = WATCHED_SIZES | {len(ids.lower)} if ids is not None and ids.lower else WATCHED_SIZES
 
     def factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -176,7 +186,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         "length", "head_size", "queue", "reading", "in_head", "head_started", "last_io", "paused",
         "out", "served", "closed", "received", "sent", "sent_mark", "received_mark", "upgrade",
         "head_bytes", "in_trailers", "trailers_at", "connection_header", "peer_trusted", "forwarded",
-        "id_header_size", "id_header", "id_header_seen",
+        "id_header", "id_header_seen", "edited", "raw", "forward_tail", "watched_sizes",
     )
 
     def __init__(self, server: ProxyServer):
@@ -214,10 +224,13 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.forwarded = True  # the peer may set X-Forwarded-For/-Proto (TRUSTED_PROXIES empty, or trusted)
         request_ids = server.request_ids
         # The request ID's header, lowercase, noted as the head is parsed (requestid.py: tag()
-        # looks for the client's ID only when it came); size -1: no request ID to look for.
+        # looks for the client's ID only when it came).
         self.id_header = request_ids.lower if request_ids is not None else None
-        self.id_header_size = len(self.id_header) if self.id_header is not None else -1
         self.id_header_seen = False
+        self.watched_sizes = server.watched_sizes
+        self.edited = False  # the head being read has a header the upstream must not get as is
+        self.raw: bytes | None = None  # the read a head began with at its first byte, else None
+        self.forward_tail = b""  # X-Forwarded-For/-Proto lines and the head's end (connection_made)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -229,6 +242,9 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         server = self.server
         if server.trusted_proxies:
             self.forwarded = self.peer_trusted = is_trusted(self.client_ip, server.trusted_proxies)
+        # What every request of this connection that the upstream gets as the client sent it
+        # ends with (headers.request_head adds the same lines to the heads it rebuilds).
+        self.forward_tail = b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n\r\n" % (self.client_ip, server.proto)
         if not self._register():  # MAXCONN_PER_IP: closed at once, as HAProxy's
             self.parser = None  # `tcp-request connection reject`; connection_lost then has nothing to undo
             self.closed = True
@@ -260,10 +276,14 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         self.received += size
         if self.in_head or self.in_trailers:
             self.head_bytes += size
+            self.raw = None
         elif self.reading is None:  # these bytes start a request head
             self.in_head = True
             self.head_started = now
             self.head_bytes = size
+            self.raw = data
+        else:
+            self.raw = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -344,65 +364,76 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         size = len(name)
         # llhttp has already refused CL+TE, a second or malformed Content-Length, a
         # Transfer-Encoding whose last coding is not chunked, folding and bad characters.
-        if size == 4 and name.lower() == b"host":
-            if self.host is not None:
-                raise _Refused(400)  # two Host headers: which one did the client mean?
-            self.host = value
-        elif size == 17 and name.lower() == b"transfer-encoding":
-            if value.lower() != b"chunked":
-                raise _Refused(400)  # "gzip, chunked" and the like: no upstream is known to decode them
-            self.chunked = True
-        elif size == 14 and name.lower() == b"content-length":
-            self.length = int(value)
-        elif size == 7 and name.lower() == b"upgrade":
-            self.upgrade = value
-        elif (size == 10 and name.lower() == b"connection") or (size == 16 and name.lower() == b"proxy-connection"):
-            self.connection_header = True  # (llhttp reads both for keep-alive)
-        if size == self.id_header_size and name.lower() == self.id_header:
-            self.id_header_seen = True
-        self.headers.append((name, value))
+        if size in self.watched_sizes:  # (most names are none of these: one set lookup)
+            lname = name.lower()
+            if lname == b"host":
+                if self.host is not None:
+                    raise _Refused(400)  # two Host headers: which one did the client mean?
+                self.host = value
+            elif lname == b"content-length":
+                self.length = int(value)
+            elif lname == b"transfer-encoding":
+                if value.lower() != b"chunked":
+                    raise _Refused(400)  # "gzip, chunked" and the like: no upstream is known to decode them
+                self.chunked = True
+            elif lname in EDITED:  # hop-by-hop, X-Forwarded-*: the head is rebuilt (headers.request_head)
+                self.edited = True
+                if lname == b"upgrade":
+                    self.upgrade = value
+                elif lname == b"connection" or lname == b"proxy-connection":
+                    self.connection_header = True  # (llhttp reads both for keep-alive)
+            if lname == self.id_header:
+                self.id_header_seen = self.edited = True
+        headers = self.headers
+        headers.append((name, value))
         self.head_size += size + len(value)
         server = self.server
-        if self.head_size > server.max_header_size or len(self.headers) > server.max_headers:
+        if self.head_size > server.max_header_size or len(headers) > server.max_headers:
             raise _Refused(431)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         parser = self.parser
+        server = self.server
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
         # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0 only, and keeps a connection alive without a
         # Connection (or Proxy-Connection, which it reads alike) header for 1.1 only: then the
-        # version is known without get_http_version()'s string formatting (a tenth of this
-        # callback's cost).
+        # version is known without get_http_version()'s string formatting.
         version = "1.1" if keep_alive and not self.connection_header else parser.get_http_version()
         http11 = version == "1.1"
-        ex = Exchange(keep_alive, http11, method == b"HEAD", self.chunked, self.chunked or self.length > 0)
-        ex.method = method
-        ex.url = self.url
-        ex.started = self.head_started
-        ex.head_done = self.last_io
-        ex.client_ip = (forwarded_client(self.headers, self.client_ip, self.server.trusted_proxies)
-                        if self.peer_trusted else self.client_ip)
-        if self.server.access_log is not None and self.server.access_log.wants_headers:
-            ex.log_headers = self.headers  # (Referer and User-Agent for the combined log format)
-        self.reading = ex
-        queue = self.queue
-        queue.append(ex)
         url = self.url
         host = self.host
         headers = self.headers
+        chunked = self.chunked
         length = self.length
         upgrade = self.upgrade
-        self.url = b""  # ready for the next head (no on_message_begin callback: it costs a call per request)
-        self.headers = []
-        self.host = None
-        self.chunked = False
-        self.length = 0
-        self.head_size = 0
-        self.connection_header = False
+        raw = self.raw
+        if raw is not None:
+            # The head as sent, if it can go upstream so: no header to edit, and the request
+            # line as llhttp read it ("M SP target SP HTTP/1.x CRLF": its first CRLF there means
+            # no empty line before it and single spaces). llhttp takes no CR but in a CRLF and
+            # no empty line inside a head, so the head ends at the first CRLF CRLF.
+            if self.edited or raw.find(b"\r\n") != len(method) + len(url) + 10:
+                raw = None
+            else:
+                raw = raw[: raw.find(b"\r\n\r\n") + 4]
         id_header_seen = self.id_header_seen
-        self.id_header_seen = False
+        ex = Exchange(keep_alive, http11, method, url, chunked, chunked or length > 0, self.head_started, self.last_io,
+                      forwarded_client(headers, self.client_ip, server.trusted_proxies) if self.peer_trusted
+                      else self.client_ip)
+        access_log = server.access_log
+        if access_log is not None and access_log.wants_headers:
+            ex.log_headers = headers  # (Referer and User-Agent for the combined log format)
+        self.reading = ex
+        queue = self.queue
+        queue.append(ex)
+        # Ready for the next head (no on_message_begin callback: it costs a call per request).
+        self.url = b""
+        self.headers = []
+        self.host = self.raw = None
+        self.chunked = self.connection_header = self.edited = self.id_header_seen = False
+        self.length = self.head_size = 0
         if host is None or not http11 or upgrade is not None:  # the unusual heads, checked off the fast path
             self.upgrade = None
             if upgrade is not None and not parser.should_upgrade():
@@ -410,45 +441,15 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             ex.local = _unusual_head(version, host, upgrade, ex, method)
             if ex.local:
                 ex.keep_alive = False
-        route_path = None
-        if url[:1] != b"/":
-            given = host
-            url, host = _origin_form(url, host, method)
-            route_path = b"/" if url == b"*" else None
-            if host != given:  # RFC 9112 §3.2.2: the target's authority replaces the Host header
-                headers = [(name, host if name.lower() == b"host" else value) for name, value in headers]
-        if ex.local:
-            ex.stats = self.server.unrouted
-        elif method == b"CONNECT":
-            ex.local, ex.keep_alive, ex.stats = 405, False, self.server.unrouted
-        elif url is None:
-            ex.local, ex.keep_alive, ex.stats = 400, False, self.server.unrouted
+        if ex.local or method == b"CONNECT" or not url or url[0] != 47:  # (47: "/", an origin-form target)
+            target = self._other_target(ex, method, url, host, headers)
+            if target is not None:
+                url, path, host, headers = target
+                raw = None
         else:
-            query = url.find(b"?")
-            route = self.server.table.match(host, route_path or (url if query < 0 else url[:query]), headers, self)
-            if route is not None and route.sticky is not None:  # sessionType=sticky-server:
-                route = route.sticky.route_for(headers)  # the variant for this client's cookie
-                ex.set_cookie = route.set_cookie  # None when the cookie names a task in rotation
-            if route is None:
-                ex.local, ex.stats = 503, self.server.unrouted
-            else:
-                ex.stats = route.stats
-                if route.features:  # its steps may answer, edit target and headers, bind response edits
-                    req = features.run(self, ex, route, method, url, host, headers)
-                    if req is not None:
-                        url, headers = req.path + req.query, req.headers
-                if not ex.local:
-                    ex.route = route
-                    id_line = b""
-                    if self.server.request_ids is not None:  # (requestid.py)
-                        headers, id_line = self.server.request_ids.tag(
-                            ex, headers, self.peer_trusted, id_header_seen or route.features)
-                    ex.head = request_head(
-                        method, url, headers, self.client_ip, self.server.proto,
-                        REQUEST_LINE_END_11 if http11 else REQUEST_LINE_END_10, upgrade, self.forwarded, id_line,
-                    )
-                    if ex.has_body:
-                        self._limit_body(ex, length)
+            path = url.partition(b"?")[0]
+        if not ex.local:
+            self._route(ex, method, url, path, host, headers, raw, upgrade, id_header_seen, length)
         if len(queue) > 1:
             self._pause(PAUSE_PIPELINE)
             return
@@ -464,13 +465,73 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             if upstream is not None:
                 ex.upstream = upstream
                 ex.address = address
-                ex.sent_at = self.last_io
-                upstream.bind(self, ex, self.last_io)
+                ex.sent_at = now = ex.head_done
+                upstream.bind(self, ex, now)
                 upstream.transport.write(ex.head)
                 if ex.has_body:  # a pooled connection may turn out closed: keep the body to retry
                     ex.replay = _replay_buffer(ex, True)
                 return
         self.loop.create_task(self._connect(ex, address))
+
+    def _other_target(self, ex: Exchange, method: bytes, url: bytes, host: bytes | None,
+                      headers: list) -> tuple[bytes, bytes, bytes | None, list] | None:
+        """A head refused already (ex.local), CONNECT (405) or a target not in origin-form:
+        absolute-form "http://h/p" is routed as "/p" with Host h (RFC 9112 §3.2.2), "*" (OPTIONS)
+        as "/"; (url, path to route, host, headers), or None with ex.local set."""
+        unrouted = self.server.unrouted
+        if ex.local:
+            ex.stats = unrouted
+            return None
+        if method == b"CONNECT":
+            ex.local, ex.keep_alive, ex.stats = 405, False, unrouted
+            return None
+        given = host
+        url, host = _origin_form(url, host, method)
+        if url is None:
+            ex.local, ex.keep_alive, ex.stats = 400, False, unrouted
+            return None
+        if host != given:  # the target's authority replaces the Host header
+            headers = [(name, host if name.lower() == b"host" else value) for name, value in headers]
+        return url, (b"/" if url == b"*" else url.partition(b"?")[0]), host, headers
+
+    def _route(self, ex: Exchange, method: bytes, url: bytes, path: bytes, host: bytes | None, headers: list,
+               raw: bytes | None, upgrade: bytes | None, id_header_seen: bool, length: int) -> None:
+        """Route the request and make its upstream head (ex.route, ex.head), or set ex.local.
+
+        `raw`: the head's bytes as the client sent them, when no header needs editing and its
+        request line is the one llhttp read (a single space each side of the target, no empty
+        line before it): then the head goes upstream as it came, with the request ID and
+        X-Forwarded-* lines added; otherwise it is rebuilt."""
+        server = self.server
+        route = server.table.match(host, path, headers, self)
+        if route is not None and route.sticky is not None:  # sessionType=sticky-server:
+            route = route.sticky.route_for(headers)  # the variant for this client's cookie
+            ex.set_cookie = route.set_cookie  # None when the cookie names a task in rotation
+        if route is None:
+            ex.local, ex.stats = 503, server.unrouted
+            return
+        ex.stats = route.stats
+        if route.features:  # its steps may answer, edit target and headers, bind response edits
+            req = features.run(self, ex, route, method, url, host, headers)
+            if ex.local:
+                return
+            if req is not None:
+                url, headers = req.path + req.query, req.headers
+            raw = None
+        ex.route = route
+        request_ids = server.request_ids
+        if raw is not None and (request_ids is None or request_ids.plain):
+            ex.head = b"".join((raw[:-2], request_ids.fresh(ex) if request_ids is not None else b"", self.forward_tail))
+        else:
+            id_line = b""
+            if request_ids is not None:  # (requestid.py)
+                headers, id_line = request_ids.tag(ex, headers, self.peer_trusted, id_header_seen or route.features)
+            ex.head = request_head(
+                method, url, headers, self.client_ip, server.proto,
+                REQUEST_LINE_END_11 if ex.http11 else REQUEST_LINE_END_10, upgrade, self.forwarded, id_line,
+            )
+        if ex.has_body:
+            self._limit_body(ex, length)
 
     def on_body(self, body: bytes) -> None:
         ex = self.reading
@@ -667,7 +728,12 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
                 upstream.close()
         else:
             now = clock()
-        self.flush()
+        out = self.out
+        if out:  # (flush, inline)
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.sent += len(data)
+            self.transport.write(data)
+            out.clear()
         self._account(ex, ex.local or ex.status, "", now)
         if ex.close_after:
             self.transport.close()
@@ -698,17 +764,16 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
             self._retry_503(ex, upstream)  # raises ResponseRetried when it does
         ex.responded = True
         ex.response_at = upstream.last_io
-        close = not ex.keep_alive or not ex.request_done or close_delimited
-        ex.close_after = close
+        close = ex.close_after = not ex.keep_alive or not ex.request_done or close_delimited
         if ex.set_cookie is not None or ex.response_edit is not None:
             self._transform_head(ex, head, forwardable, close_delimited, close)
             return False
-        if forwardable is not None and not close and ex.http11:  # (client_response_head's common case)
-            sent = forwardable
-        else:
+        if forwardable is None or close or not ex.http11:  # (else client_response_head's common case)
             sent = client_response_head(head, forwardable, close, ex.http11)
+        else:
+            sent = forwardable
         request_id = ex.request_id
-        if request_id is not None and request_id not in sent:  # (not when the upstream echoed it)
+        if request_id is not None and sent.find(request_id) < 0:  # (not when the upstream echoed it)
             self.out += (sent[:-2], ex.request_id_line, CRLF)  # (requestid.py; joined in flush)
             return False
         if sent is head:

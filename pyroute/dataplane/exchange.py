@@ -31,12 +31,21 @@ class Exchange:
         "upgrade", "body_left", "chunk_mark", "client_ip", "request_id", "request_id_line", "log_headers",
     )
 
-    def __init__(self, keep_alive: bool, http11: bool, is_head: bool, chunked: bool, has_body: bool):
+    def __init__(self, keep_alive: bool, http11: bool, method: bytes, url: bytes, chunked: bool, has_body: bool,
+                 started: float = 0.0, head_done: float = 0.0, client_ip: bytes = b""):
         self.keep_alive = keep_alive
         self.http11 = http11
-        self.is_head = is_head
+        self.method = method
+        self.url = url
+        self.is_head = method == b"HEAD"
         self.chunked = chunked
         self.has_body = has_body
+        # Timestamps, clock.clock() seconds, for metrics, the access log and anything else that
+        # reports durations: `started` (the first byte of the request head was read) and
+        # `head_done` (the head was complete); the others stay 0.0 until they happen.
+        self.started = started
+        self.head_done = head_done
+        self.client_ip = client_ip  # the client address every consumer reads (forwarded.py, TRUSTED_PROXIES)
         self.route = None
         self.head = b""  # the request head for the upstream (headers.request_head)
         self.pending: list[bytes] | None = None  # body chunks waiting for the upstream connection
@@ -54,10 +63,6 @@ class Exchange:
         self.set_cookie: bytes | None = None  # sticky-session cookie name to set on the response
         self.body_transform = None  # features.Compressor, started by a response head it compresses
         self.slot = None  # servicelimits.Slot: its place in a limited service, released when it ends
-        # Timestamps, clock.clock() seconds, for metrics, the access log
-        # and anything else that reports durations. Set by the client side as they happen:
-        # `started` (the first byte of the request head was read) and `head_done` (the head was
-        # complete) at creation; these two stay 0.0 until they happen:
         self.sent_at = 0.0  # request head written upstream
         self.response_at = 0.0  # response head arrived
         self.status = 0  # the upstream's status
@@ -66,7 +71,6 @@ class Exchange:
         self.upgrade: bytes | None = None  # an Upgrade request: client bytes sent ahead of the 101
         self.body_left = UNLIMITED  # chunked body bytes still allowed (MAX_REQUEST_BODY)
         self.chunk_mark = -1  # body_left at the last chunk-size line (unchanged since: trailers)
-        self.client_ip = b""  # the client address every consumer reads (forwarded.py, TRUSTED_PROXIES)
         self.request_id: bytes | None = None  # requestid.RequestIds: on the upstream request, response, log
         # (request_id_line, its "Name: ID\r\n" header line, is set with it)
         self.log_headers = None  # the request's headers, kept only for ACCESS_LOG_FORMAT=combined

@@ -82,7 +82,7 @@ class Relay:
             return None
         reply = None
         if route.features:  # the route's request steps, as for HTTP/1.1 (auth, IP rules, header edits, ...)
-            ex = Exchange(True, True, method == b"HEAD", False, False)
+            ex = Exchange(True, True, method, path, False, False)
             req = features.run(client, ex, route, method, path, authority or host, headers)
             if req is None:
                 reply = ex.reply
@@ -186,8 +186,8 @@ class Call:
         headers.append((b"x-forwarded-proto", client.server.proto))
         self.headers = headers
         # For the counters and the access log, as the HTTP/1.1 path keeps them:
-        ex = self.ex = Exchange(True, True, method == b"HEAD", False, False)
-        ex.method, ex.url, ex.route, ex.client_ip = method, path, route, client.client_ip
+        ex = self.ex = Exchange(True, True, method, path, False, False, client_ip=client.client_ip)
+        ex.route = route
         self.upstream: UpstreamH2 | None = None
         self.sid = 0
         self.pending: deque = deque()  # request DATA (bytes), then None for its end, until upstream windows allow

@@ -25,16 +25,29 @@ _SPAN_MASK = (1 << 64) - 1
 class RequestIds:
     """What ProxyServer binds when either feature is on; `tag` runs once per routed request."""
 
-    __slots__ = ("name", "lower", "prefix", "count", "trace_prefix", "span_base", "response_line")
+    __slots__ = ("name", "lower", "prefix", "count", "trace_prefix", "span_base", "response_line", "line_start",
+                 "id_start", "plain")
 
     def __init__(self, header: str | None, generate_traceparent: bool):
         self.name = header.encode("ascii") if header else None  # None: no request ID
         self.lower = self.name.lower() if self.name else None
         self.response_line = self.name + b": " if self.name else None
         self.prefix = os.urandom(6).hex().encode() + b"-"
+        # A made ID's whole header line comes from one format; the ID is a slice of it.
+        self.line_start = self.response_line + self.prefix if self.name else None
+        self.id_start = len(self.response_line) if self.name else 0
         self.count = 0
         self.trace_prefix = os.urandom(8).hex().encode() if generate_traceparent else None
         self.span_base = int.from_bytes(os.urandom(8), "big")
+        self.plain = self.name is not None and self.trace_prefix is None  # fresh() is all a request needs
+
+    def fresh(self, ex) -> bytes:
+        """A new ID for `ex` (the common case: the client sent none, no traceparent to start):
+        the header line the upstream head and the response get."""
+        self.count += 1
+        line = ex.request_id_line = b"%b%x\r\n" % (self.line_start, self.count)
+        ex.request_id = line[self.id_start : -2]
+        return line
 
     def tag(self, ex, headers: list[tuple[bytes, bytes]], trusted: bool,
             seen: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -45,8 +58,6 @@ class RequestIds:
         `trusted`: the peer is in TRUSTED_PROXIES, so an ID it sent is kept as the request's.
         `seen`: the headers may hold the ID header (the client sent it, or a route feature may
         have added it); False spares the scan, the common case."""
-        self.count += 1
-        count = self.count
         name = self.name
         line = b""
         if name is not None:
@@ -61,11 +72,14 @@ class RequestIds:
                         headers = [(n, v) for n, v in headers if n.lower() != lower]  # anyone else's: dropped
                         break
             if request_id is None:
-                request_id = b"%s%x" % (self.prefix, count)
-                line = ex.request_id_line = b"%b%b\r\n" % (self.response_line, request_id)
+                line = self.fresh(ex)
             else:
+                self.count += 1
                 ex.request_id_line = b"%b%b\r\n" % (self.response_line, request_id)
-            ex.request_id = request_id
+                ex.request_id = request_id
+        else:
+            self.count += 1
+        count = self.count
         if self.trace_prefix is not None:
             for n, _ in headers:
                 if n.lower() == TRACEPARENT:
@@ -77,6 +91,6 @@ class RequestIds:
 
     def on_response(self, head: bytes, ex) -> bytes:
         """A client response head with the request ID added (unless the upstream echoed it)."""
-        if ex.request_id in head:
+        if head.find(ex.request_id) >= 0:  # (find: `in` on bytes first tries an int, at a TypeError's cost)
             return head
         return b"%b%b\r\n" % (head[:-2], ex.request_id_line)

@@ -254,7 +254,6 @@ class UpstreamConnection(asyncio.Protocol):
                 self.scan_from = len(partial) - 3 if len(partial) > 3 else 0
             else:
                 self.view = data
-                self.scan_from = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -279,15 +278,17 @@ class UpstreamConnection(asyncio.Protocol):
             return self._fail("data after the end of the response")
         if in_head:
             view = self.view
-            self.view = b""
             if self.in_head:  # the head is not complete yet (or only 1xx heads were)
+                self.view = b""
                 self.partial = view[self.emit_from :]
+                self.scan_from = 0
                 if len(self.partial) > MAX_RESPONSE_HEAD:
                     return self._fail("response head too large")
                 if owner.out:
                     owner.flush()
                 return
-            self.partial = b""
+            if partial:
+                self.partial = b""
             emit_from = self.emit_from
             if not emit_from:
                 owner.out.append(view)  # the head as received, and what followed it in this read
@@ -344,10 +345,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.extra = True
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        status = parser.get_status_code()
         view = self.view
         start = self.emit_from
-        end = view.find(b"\r\n\r\n", self.scan_from)
+        scan_from = self.scan_from
+        end = view.find(b"\r\n\r\n", scan_from) if scan_from else view.find(b"\r\n\r\n")
         if end < 0:  # llhttp accepted a head we cannot delimit: never forward it
             self.extra = True
             return
@@ -366,12 +369,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.in_head = False
         self.status = status
-        self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it when the message ends
+        self.keep_alive = parser.should_keep_alive()  # llhttp resets it when the message ends
         close_delimited, forwardable = inspect_response_head(head)
-        if close_delimited and not self.exchange.is_head and status not in (204, 304):
+        if close_delimited and not self.exchange.is_head and status != 204 and status != 304:
             self.close_delimited = True
             self.keep_alive = False
-        if self.owner.response_head(head, forwardable, self.close_delimited):
+        else:
+            close_delimited = False
+        if self.owner.response_head(head, forwardable, close_delimited):
             self.emit_from = start  # forwarded unchanged: as part of the raw bytes of this read
 
     def on_message_complete(self) -> None:
@@ -385,6 +390,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = self.exchange = None
         self.done = False
         self.in_head = True
+        self.scan_from = 0
         self.pool.busy.discard(self)
         owner.response_complete(self, reusable)
 
