@@ -62,12 +62,11 @@ def method_class(method: str) -> str:
 class AddressStats:
     """Upstream connection counters and passive health for one task address of one service."""
 
-    __slots__ = ("owner", "service", "address", "connects", "reuses", "failures", "retries", "timeouts", "health",
-                 "changed", "recent", "connect", "connect_sum", "errors", "errors_counted")
+    __slots__ = ("service", "address", "connects", "reuses", "failures", "retries", "timeouts", "health", "changed",
+                 "recent", "connect", "connect_sum", "errors", "errors_counted")
 
-    def __init__(self, owner: ServiceStats, address: str):
-        self.owner = owner
-        self.service = owner.name
+    def __init__(self, service: str, address: str):
+        self.service = service
         self.address = address
         self.connects = 0
         self.reuses = 0
@@ -133,16 +132,11 @@ class ServiceStats:
     def address(self, address: tuple[str, int]) -> AddressStats:
         stats = self.addresses.get(address)
         if stats is None:
-            stats = self.addresses[address] = AddressStats(self, f"{address[0]}:{address[1]}")
+            stats = self.addresses[address] = AddressStats(self.name, f"{address[0]}:{address[1]}")
         return stats
 
-    def count(self, ex, status: int, now: float, received: int, sent: int, task: AddressStats | None = None) -> None:
-        """One finished (or abandoned) exchange (exchange.Exchange), ended at `now`.
-
-        `task`: the stats of the upstream connection that answered, when the caller holds them
-        (no lookup by ex.address then); a pooled connection opened for another service of the
-        same address holds that service's, and is looked up past.
-        """
+    def count(self, ex, status: int, now: float, received: int, sent: int) -> None:
+        """One finished (or abandoned) exchange (exchange.Exchange), ended at `now`."""
         method = ex.method
         try:
             codes = self.responses[method]
@@ -155,16 +149,13 @@ class ServiceStats:
         bucket, split = DURATION_OF_LATENCY[recent]
         self.total[bucket if took <= split else bucket + 1] += 1
         self.total_sum += took
-        if task is None:
-            address = ex.address
-            if address is not None:
-                task = self.addresses.get(address)
-        elif task.owner is not self:
-            task = self.addresses.get(ex.address)
-        if task is not None:
-            task.recent.counts[recent] += 1
-            if status >= 500:
-                task.errors += 1
+        address = ex.address
+        if address is not None:
+            task = self.addresses.get(address)
+            if task is not None:
+                task.recent.counts[recent] += 1
+                if status >= 500:
+                    task.errors += 1
         sent_at = ex.sent_at
         if sent_at:
             took = now - sent_at

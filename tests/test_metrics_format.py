@@ -179,16 +179,3 @@ def test_rotate_closes_only_services_that_counted(monkeypatch):
     monkeypatch.setattr(latency, "slot_now", lambda: slot + 2)
     stats.rotate()  # nothing counted since: the busy service's slot stays as it was
     assert len(busy.recent.slots) == 1 and busy.recent.counts == [0] * (len(latency.BOUNDS) + 1)
-
-
-def test_count_with_the_connections_task_stats():
-    """The caller's AddressStats saves the lookup; one of another service (a pooled connection
-    to the same address, opened for it) is looked past, to this service's own task."""
-    mine, other = metrics.ServiceStats("mine"), metrics.ServiceStats("other")
-    address = ("10.0.0.9", 80)
-    task, foreign = mine.address(address), other.address(address)
-    mine.count(exchange(b"GET", 0.002, 0.001, address), 500, 100.0, 0, 0, task)
-    mine.count(exchange(b"GET", 0.002, 0.001, address), 200, 100.0, 0, 0, foreign)
-    mine.count(exchange(b"GET", 0.002, 0.001, address), 200, 100.0, 0, 0)
-    assert sum(task.recent.counts) == 3 and task.errors == 1
-    assert not any(foreign.recent.counts) and foreign.errors == 0
