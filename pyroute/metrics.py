@@ -146,8 +146,11 @@ class ServiceStats:
         took = now - ex.started
         recent = bisect_left(LATENCY_BOUNDS, took)
         self.recent.counts[recent] += 1
-        bucket, split = DURATION_OF_LATENCY[recent]
-        self.total[bucket if took <= split else bucket + 1] += 1
+        if took <= FIRST_BOUND:  # most requests: as cheap as it gets
+            self.total[0] += 1
+        else:
+            bucket, split = DURATION_OF_LATENCY[recent]
+            self.total[bucket if took <= split else bucket + 1] += 1
         self.total_sum += took
         address = ex.address
         if address is not None:
