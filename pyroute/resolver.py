@@ -75,15 +75,22 @@ class Resolver:
         self.lookups = 0
         self.failures = 0
 
-    def cached(self, host: str) -> tuple[str, ...] | None:
-        """Usable addresses for `host` without waiting (stale ones included, a refresh is
-        started for those), or None when the name never resolved: then await resolve()."""
+    def current(self, host: str) -> _Entry | None:
+        """The entry with usable addresses for `host`, without waiting (stale ones included, a
+        refresh is started for those), or None when the name never resolved: then await
+        resolve(). A caller may keep it until it is `due`: that flag also marks an entry a
+        newer answer replaced, or one forgotten."""
         entry = self._cache.get(host)
         if entry is None or not entry.addresses:
             return None
         if entry.due and host not in self._inflight:
             self._start_lookup(host)
-        return entry.addresses
+        return entry
+
+    def cached(self, host: str) -> tuple[str, ...] | None:
+        """Usable addresses for `host` without waiting (see current), or None."""
+        entry = self.current(host)
+        return entry.addresses if entry is not None else None
 
     async def resolve(self, host: str) -> tuple[str, ...]:
         """Addresses for `host`: the cached ones, even expired, else the lookup's answer."""
@@ -116,16 +123,24 @@ class Resolver:
                 log.warning("%s; keeping the last good answer %s", reason, ",".join(stale.addresses))
                 failures = stale.failures + 1
                 backoff = min(self.ttl_cap, NEGATIVE_TTL * 2 ** (failures - 1))  # until the next refresh may start
-                self._cache[host] = _Entry(stale.addresses, backoff / REFRESH_AT, failures=failures)
+                self._replace(host, _Entry(stale.addresses, backoff / REFRESH_AT, failures=failures))
                 future.set_result(stale.addresses)
             else:
-                self._cache[host] = _Entry((), min(self.ttl_cap, NEGATIVE_TTL), reason)
+                self._replace(host, _Entry((), min(self.ttl_cap, NEGATIVE_TTL), reason))
                 future.set_exception(ResolveError(reason))
         else:
-            self._cache[host] = _Entry(addresses, min(self.ttl_cap, max(ttl, MIN_TTL)))
+            self._replace(host, _Entry(addresses, min(self.ttl_cap, max(ttl, MIN_TTL))))
             future.set_result(addresses)
         finally:
             self._inflight.pop(host, None)
+
+    def _replace(self, host: str, entry: _Entry | None) -> None:
+        """Put (or, None, drop) the entry of `host`; the one it replaces turns due."""
+        old = self._cache.pop(host, None)
+        if old is not None:
+            old.due = True
+        if entry is not None:
+            self._cache[host] = entry
 
     async def _query(self, host: str) -> tuple[tuple[str, ...], float]:
         # A fresh channel per lookup: the only way to bypass c-ares' answer cache (see module doc).
@@ -148,11 +163,11 @@ class Resolver:
     def forget(self, keep: set[str]) -> None:
         """Drop every cached name but `keep`."""
         for host in [h for h in self._cache if h not in keep]:
-            del self._cache[host]
+            self._replace(host, None)
 
     def forget_host(self, host: str) -> None:
         """Drop a name no route dials any more (called as the route table changes)."""
-        self._cache.pop(host, None)
+        self._replace(host, None)
 
 
 def _describe(host: str, exc: Exception) -> str:

@@ -69,7 +69,7 @@ class Backend:
     Addresses come from the shared resolver cache; several A records are used in turn.
     """
 
-    __slots__ = ("host", "port", "resolver", "fixed", "_ips", "_addresses", "_turn", "tls")
+    __slots__ = ("host", "port", "resolver", "fixed", "_ips", "_addresses", "_turn", "tls", "_entry")
 
     def __init__(self, host: str, port: int, resolver: Resolver, tls: bool = False):
         self.host = host
@@ -82,6 +82,7 @@ class Backend:
         self._ips: tuple[str, ...] | None = None
         self._addresses: tuple[tuple[str, int], ...] = ()
         self._turn = 0
+        self._entry = None  # the resolver's entry the addresses came from, kept until it is due
 
     def _use(self, ips: tuple[str, ...]) -> None:
         self._ips = ips
@@ -91,11 +92,13 @@ class Backend:
         """An address to dial now, or None when the name must be resolved first."""
         if self.fixed is not None:
             return self.fixed
-        ips = self.resolver.cached(self.host)
-        if ips is None:
-            return None
-        if ips is not self._ips:
-            self._use(ips)
+        entry = self._entry
+        if entry is None or entry.due:  # (due: time to refresh, or a newer answer replaced it)
+            entry = self._entry = self.resolver.current(self.host)
+            if entry is None:
+                return None
+            if entry.addresses is not self._ips:
+                self._use(entry.addresses)
         addresses = self._addresses
         if len(addresses) == 1:
             return addresses[0]
