@@ -7,11 +7,6 @@ import platform
 import sys
 
 from pyroute import __version__, eventlog
-from pyroute.commands.check_config import main as check_config
-from pyroute.commands.demo import run_demo
-from pyroute.commands.routes import main as show_routes
-from pyroute.commands.routes import match as show_match
-from pyroute.commands.top import main as top
 from pyroute.config import SettingsError, add_setting_flags, settings_from_args
 from pyroute.listen import StartupError
 from pyroute.process import run, serve
@@ -124,18 +119,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(version_report())
         return 0
+    # Each subcommand's module is imported when it runs: the proxy itself never loads them.
     if args.command == "check-config":
+        from pyroute.commands.check_config import main as check_config
         return check_config(args.file)
     if args.command == "routes":
         if args.match:
+            from pyroute.commands.routes import match as show_match
             return show_match(args.admin, args.user, args.password, args.match, args.header, args.method)
+        from pyroute.commands.routes import main as show_routes
         return show_routes(args.admin, args.user, args.password)
     if args.command == "top":
+        from pyroute.commands.top import main as top
         return top(args.admin, args.user, args.password, args.interval)
 
     try:
         if args.command == "demo":
             setup_logging("info")
+            from pyroute.commands.demo import run_demo
             run(run_demo(args.http_port, args.admin_port))
             return 0
         settings = settings_from_args(args)
