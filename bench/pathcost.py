@@ -6,7 +6,11 @@ one keep-alive client connection, one pooled upstream connection, the request by
 fed to the client side and the response bytes to the upstream side, N times. What it
 leaves out is exactly what it cannot change: the kernel's read/write/epoll.
 
-    python bench/pathcost.py [--requests 200000] [--routes 1] [--response nginx|plain]
+    python bench/pathcost.py [--requests 200000] [--routes 1] [--response nginx|plain] [--bytecodes]
+
+`--bytecodes`: instead of timing, count the bytecodes each Python function executes per
+request (sys.settrace opcode events over 10 requests): the profile that stays the same on
+any machine, per function, for finding what the interpreter spends its time on.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import sys
 import time
 
 from pyroute.config import Settings
@@ -68,7 +73,9 @@ class MemoryTransport:
     abort = close
 
 
-async def measure(requests: int, routes: int, response: bytes) -> None:
+def rig(routes: int, response: bytes):
+    """One keep-alive client connection and one pooled upstream connection on a table of
+    `routes` routes: -> (one, client_transport, upstream_transport), `one()` a whole exchange."""
     loop = asyncio.get_running_loop()
     settings = Settings(default_ports=(), dns_nameservers=("127.0.0.1",))
     resolver = Resolver(("127.0.0.1",), 5.0)
@@ -96,6 +103,11 @@ async def measure(requests: int, routes: int, response: bytes) -> None:
     for _ in range(1000):  # warm up, and check the exchange really completes
         one()
     assert client_transport.writes == 1000 and upstream_transport.writes == 1000, "not one write per side"
+    return one
+
+
+async def measure(requests: int, routes: int, response: bytes) -> None:
+    one = rig(routes, response)
     gc.collect()
     gc.freeze()
     start = time.perf_counter()
@@ -106,15 +118,42 @@ async def measure(requests: int, routes: int, response: bytes) -> None:
           f"({requests} requests, {routes} route(s), {len(response)}-byte response)")
 
 
+async def count_bytecodes(routes: int, response: bytes, requests: int = 10) -> None:
+    one = rig(routes, response)
+    counts: dict[tuple[str, str], int] = {}
+
+    def trace(frame, event, arg):
+        if event == "call":
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            key = (frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_code.co_name)
+            counts[key] = counts.get(key, 0) + 1
+        return trace
+
+    sys.settrace(trace)
+    for _ in range(requests):
+        one()
+    sys.settrace(None)
+    counts = {key: n for key, n in counts.items() if key[0] != "pathcost.py"}  # (the rig's own)
+    print(f"{sum(counts.values()) / requests:,.0f} bytecodes per request "
+          f"({routes} route(s), {len(response)}-byte response); per function:")
+    for (file, name), n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"{n / requests:7.0f}  {file}:{name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--routes", type=int, default=1)
     parser.add_argument("--response", choices=sorted(RESPONSES), default="nginx")
+    parser.add_argument("--bytecodes", action="store_true", help="count bytecodes per function instead of timing")
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(measure(args.requests, args.routes, RESPONSES[args.response]))
+    if args.bytecodes:
+        uvloop.run(count_bytecodes(args.routes, RESPONSES[args.response]))
+    else:
+        uvloop.run(measure(args.requests, args.routes, RESPONSES[args.response]))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ the full TTL, which would hide a redeploy or a scale change for ten minutes. So 
 lookup runs on a fresh c-ares channel and pyroute caches the answer itself, for the
 record TTL capped by DNS_TTL_CAP (default 5 s).
 
-The hot path only calls :meth:`Resolver.cached`, a dict lookup (no clock read: a timer
-marks an entry due once 3/4 of its life has passed). A due entry is refreshed in the
-background when a request uses it, so busy routes never wait on DNS. Once a name has resolved, no request waits on DNS again: an
+The hot path reads an entry the route's Backend keeps from :meth:`Resolver.current` until
+the entry is due (no clock read: a timer marks it due once 3/4 of its life has passed, and
+a newer answer marks the one it replaces). A due entry is refreshed in the background when
+a request uses it, so busy routes never wait on DNS. Once a name has resolved, no request waits on DNS again: an
 expired answer is still served at once while one background refresh per name runs
 (a DNS server that stops answering would otherwise hold every request for the whole
 lookup timeout each time the entry expires). A failed refresh keeps the last good
