@@ -38,6 +38,7 @@ from pyroute.dataplane.headers import (
     REQUEST_LINE_END_10,
     REQUEST_LINE_END_11,
     client_response_head,
+    forwarded_tail,
     inspect_response_head,
     request_head,
 )
@@ -65,7 +66,7 @@ LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: closing sends a TCP
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))  # RFC 9110 §9.2.2: retryOn=503
 # Request header names the upstream never gets as the client sent them: hop-by-hop ones and
 # X-Forwarded-For/-Proto. A head with one goes through headers.request_head, which rebuilds it;
-# a head without goes upstream as it came, its X-Forwarded-* lines added (_forward).
+# a head without goes upstream as it came, its X-Forwarded-* lines added (_route).
 EDITED = HOP_BY_HOP | {b"x-forwarded-for", b"x-forwarded-proto"}
 # The lengths of every name on_header looks at (these, Host, the framing headers; the request
 # ID's is added per server): a name of another length is passed over with one set lookup.
@@ -242,9 +243,7 @@ class ClientConnection(ReadPauses, asyncio.Protocol, ExchangeOwner):
         server = self.server
         if server.trusted_proxies:
             self.forwarded = self.peer_trusted = is_trusted(self.client_ip, server.trusted_proxies)
-        # What every request of this connection that the upstream gets as the client sent it
-        # ends with (headers.request_head adds the same lines to the heads it rebuilds).
-        self.forward_tail = b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n\r\n" % (self.client_ip, server.proto)
+        self.forward_tail = forwarded_tail(self.client_ip, server.proto)
         if not self._register():  # MAXCONN_PER_IP: closed at once, as HAProxy's
             self.parser = None  # `tcp-request connection reject`; connection_lost then has nothing to undo
             self.closed = True

@@ -125,6 +125,13 @@ def request_head(
     return b"".join(parts)
 
 
+def forwarded_tail(client_ip: bytes, proto: bytes) -> bytes:
+    """The X-Forwarded-For/-Proto lines and the blank line that end a head the client sent
+    with neither header (request_head writes the same lines into the heads it rebuilds):
+    made once per connection for the heads that go upstream as they came."""
+    return b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n\r\n" % (client_ip, proto)
+
+
 def inspect_response_head(head: bytes) -> tuple[bool, bytes | None]:
     """(close_delimited, forwardable) for a final response head, from one scan.
 

@@ -257,6 +257,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.scan_from = len(partial) - 3 if len(partial) > 3 else 0
             else:
                 self.view = data
+                self.scan_from = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -281,10 +282,9 @@ class UpstreamConnection(asyncio.Protocol):
             return self._fail("data after the end of the response")
         if in_head:
             view = self.view
+            self.view = b""  # (no read kept alive by an idle connection)
             if self.in_head:  # the head is not complete yet (or only 1xx heads were)
-                self.view = b""
                 self.partial = view[self.emit_from :]
-                self.scan_from = 0
                 if len(self.partial) > MAX_RESPONSE_HEAD:
                     return self._fail("response head too large")
                 if owner.out:
@@ -352,8 +352,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         view = self.view
         start = self.emit_from
-        scan_from = self.scan_from
-        end = view.find(b"\r\n\r\n", scan_from) if scan_from else view.find(b"\r\n\r\n")
+        end = view.find(b"\r\n\r\n", self.scan_from)
         if end < 0:  # llhttp accepted a head we cannot delimit: never forward it
             self.extra = True
             return
@@ -393,7 +392,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = self.exchange = None
         self.done = False
         self.in_head = True
-        self.scan_from = 0
         self.pool.busy.discard(self)
         owner.response_complete(self, reusable)
 
